@@ -1,0 +1,102 @@
+"""Tiny models and data the tests build themselves: no hub, no network, seconds on a CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Keep every test offline and quiet; W&B writes its run files locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.pop("WANDB_API_KEY", None)
+
+
+def tiny_llama_config(vocab_size: int, layers: int, hidden: int = 64):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+
+
+def save_model(config, tokenizer, path: Path, seed: int) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def arithmetic_rows(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        rows.append({"prompt": f"{a}+{b}=", "response": str(a + b)})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    """A 2-layer teacher, a 1-layer student (64 wide, same char tokenizer) and arithmetic data."""
+    from trainer.demo.tokenizer import build_char_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_char_tokenizer()
+    vocab = len(tokenizer)
+    return {
+        "teacher": save_model(tiny_llama_config(vocab + 3, layers=2), tokenizer, root / "teacher", seed=1),
+        "student": save_model(tiny_llama_config(vocab, layers=1), tokenizer, root / "student", seed=2),
+        "train": write_jsonl(root / "train.jsonl", arithmetic_rows(64, seed=3)),
+        "eval": write_jsonl(root / "eval.jsonl", arithmetic_rows(16, seed=4)),
+        "root": root,
+    }
+
+
+def tiny_overrides(tiny: dict, run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        f"teacher.path={tiny['teacher']}", f"student.path={tiny['student']}",
+        f"data.train={tiny['train']}", f"data.eval={tiny['eval']}",
+        f"hydra.run.dir={run_dir}", f"cache_dir={cache}",
+        "train.max_steps=4", "train.micro_batch_size=4", "train.log_every=1", "train.seq_len=32",
+        "train.warmup_steps=0", "logger=none", *extra,
+    ]
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m trainer` (nproc 1) or `torchrun --nproc_per_node N -m trainer` on free ports."""
+    if nproc == 1:
+        command = [sys.executable, "-m", "trainer", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "trainer", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    from trainer.distributed import free_port
+
+    return free_port()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

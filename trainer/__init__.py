@@ -1,0 +1,1 @@
+"""distill: distil a frozen teacher language model into a LoRA student."""

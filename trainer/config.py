@@ -1,0 +1,192 @@
+"""Typed schema of every config key, and the checks Hydra cannot express.
+
+The dataclasses back `conf/`: Hydra merges each group's YAML into them, so a mistyped key
+(`train.lrr=1`) fails at start-up by name. `validate` then checks values and cross-key rules,
+raising `ConfigError` with one line that says what to change.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from trainer.losses import validate_loss_params
+
+DEMO_SCHEME = "demo://"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message says which key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING
+    """A local Hugging Face model folder or a hub id; `demo://teacher` builds the demo's own."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit); ignored for local folders."""
+    dtype: str = "auto"
+    """Weights' dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."""
+    attn_implementation: Optional[str] = "sdpa"
+    """Passed to from_pretrained; null lets transformers choose."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the checkpoint; off unless you trust its author."""
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    shard: Optional[bool] = None
+    """Partition the teacher over ranks with ZeRO-3; null means: when the student runs ZeRO-3."""
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    pass
+
+
+@dataclass
+class PeftConfig:
+    kind: str = "lora"
+    """lora: train a LoRA adapter; none: fine-tune every student weight."""
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"
+    """'all-linear' finds every linear layer of the blocks (not the LM head); or a list of names."""
+    merge: bool = False
+    """Also write the student with the adapter merged in, to `merged/`."""
+
+
+@dataclass
+class DataConfig:
+    train: Any = MISSING
+    """A .jsonl/.parquet file, a list of them, a saved dataset folder or a `datasets` name."""
+    eval: Any = None
+    """Held-out data in the same forms; null holds out `eval_fraction` of `train`."""
+    eval_fraction: float = 0.05
+    max_eval_rows: int = 1000
+    """Evaluate on at most this many held-out rows, so evaluation stays cheap."""
+
+
+@dataclass
+class LossConfig:
+    kind: str = "fkl"
+    """fkl, rkl, jsd, skl, srkl, tvd (divergences to the teacher) or sft (hard labels only)."""
+    temperature: float = 1.0
+    """Softens both distributions inside the divergence (not a sampling temperature)."""
+    beta: float = 0.5
+    """jsd's mixture weight of the teacher, 0 < beta < 1."""
+    skew: float = 0.1
+    """skl/srkl's mixture weight alpha, 0 <= skew < 1."""
+    ce_weight: float = 0.0
+    """loss = (1 - ce_weight) * temperature^2 * divergence + ce_weight * cross-entropy on labels."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 0
+    """ZeRO stage of the student: 0 (replicas) to 3 (parameters partitioned)."""
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    gradient_clipping: float = 1.0
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Merged last into the DeepSpeed JSON config, for keys this schema does not name."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    seq_len: int = 512
+    seed: int = 0
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+    log_every: int = 10
+    eval_every: int = 0
+    """Evaluate every N steps; 0 evaluates only before the first and after the last step."""
+    checkpoint_every: int = 0
+    """Save resumable state every N steps; 0 saves only at the end."""
+    metric: str = "eval/kl_to_teacher"
+    """The summary value the job returns to sweepers and prints on its RESULT line."""
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"
+    """wandb or none."""
+    project: str = "distill"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    mode: str = "auto"
+    """auto: online when WANDB_API_KEY is set, else offline; or online, offline."""
+
+
+@dataclass
+class DistillConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    resume: str = "auto"
+    """auto: continue from the run directory's latest checkpoint if any; never; or a checkpoint path."""
+    cache_dir: str = "${oc.env:DISTILL_CACHE,'~/.cache/distill'}"
+    """Where the demo's models and tokenised datasets are cached."""
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="distill_schema", node=DistillConfig)
+
+
+def validate(cfg) -> None:
+    """Reject values that would fail later, before any model or dataset is loaded."""
+    _check_choice("peft.kind", cfg.peft.kind, ("lora", "none"))
+    _check_choice("logger.kind", cfg.logger.kind, ("wandb", "none"))
+    _check_choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline"))
+    _check_choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16"))
+    for role in ("teacher", "student"):
+        _check_choice(f"{role}.dtype", cfg[role].dtype, ("auto", "float32", "bfloat16", "float16"))
+    try:
+        validate_loss_params(cfg.loss.kind, cfg.loss.temperature, cfg.loss.beta, cfg.loss.skew)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if not 0.0 <= cfg.loss.ce_weight <= 1.0:
+        raise ConfigError(f"loss.ce_weight={cfg.loss.ce_weight} is out of range; use a value in [0, 1].")
+    if cfg.deepspeed.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.stage={cfg.deepspeed.stage} is not a ZeRO stage; use 0, 1, 2 or 3.")
+    if cfg.deepspeed.offload_param and cfg.deepspeed.stage != 3:
+        raise ConfigError("deepspeed.offload_param needs ZeRO-3; use deepspeed=zero3_offload.")
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every"):
+        if cfg.train[key] < 1:
+            raise ConfigError(f"train.{key}={cfg.train[key]} must be at least 1.")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"train.lr={cfg.train.lr} must be positive.")
+    if cfg.peft.kind == "lora" and cfg.peft.r < 1:
+        raise ConfigError(f"peft.r={cfg.peft.r} must be at least 1.")
+    if not 0.0 < cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be between 0 and 1.")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
+        raise ConfigError(f"resume={cfg.resume} is neither auto, never nor an existing checkpoint folder.")
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}; pick one of them.")
+
+
+def cache_root(cfg) -> Path:
+    return Path(os.path.expanduser(cfg.cache_dir))

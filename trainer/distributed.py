@@ -1,0 +1,80 @@
+"""Process-group setup shared by 1 and N ranks.
+
+`python -m trainer` and `torchrun ... -m trainer` take the same path: a single process gets the
+environment torchrun would have given it (rank 0 of 1, a free loopback port), so no code below
+here ever asks "am I distributed?".
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _fill_single_process_env() -> None:
+    """Give a plain `python -m trainer` the variables torchrun sets."""
+    if "RANK" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+
+
+def init_distributed() -> RankInfo:
+    """Join (or create) the default process group: NCCL on GPUs, gloo on CPU. Idempotent."""
+    _fill_single_process_env()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        import deepspeed  # imported late: it prints accelerator banners at import time
+
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return RankInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group so a later job in this process (a sweep) can create its own."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def broadcast_object(value, src: int = 0):
+    """Rank `src`'s value on every rank (e.g. the run directory it chose)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small float64 tensor of counters over ranks, on whatever device gloo/NCCL needs."""
+    if dist.get_backend() == "nccl":
+        values = values.cuda()
+    dist.all_reduce(values)
+    return values.cpu()

@@ -1,0 +1,104 @@
+"""DeepSpeed engines for the frozen teacher and the trained student.
+
+The teacher gets an engine with no optimizer. Partitioned (ZeRO-3) it keeps only its parameter
+shards and gathers each layer just in time for the forward; replicated (stage 0) every rank holds
+it whole. Following TRL and DeepSpeed-Chat, it is partitioned by default exactly when the student
+is, since a ZeRO-3 student means the models are too big to replicate.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def deepspeed_config(cfg, stage: int, bf16: bool, world_size: int) -> dict:
+    """The JSON config DeepSpeed reads, from the `deepspeed` and `train` groups."""
+    zero = {"stage": stage}
+    if stage == 3:
+        # Save adapters and full students by gathering explicitly (checkpoints.py), not via 16-bit dumps.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.deepspeed.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.deepspeed.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,  # our own logger reports progress
+        "wall_clock_breakdown": False,
+    }
+    from omegaconf import OmegaConf
+
+    return _deep_merge(config, OmegaConf.to_container(cfg.deepspeed.extra, resolve=True))
+
+
+def teacher_is_sharded(cfg) -> bool:
+    return cfg.teacher.shard if cfg.teacher.shard is not None else cfg.deepspeed.stage == 3
+
+
+def teacher_deepspeed_config(student_config: dict, sharded: bool) -> dict:
+    config = copy.deepcopy(student_config)
+    config["zero_optimization"] = {"stage": 3 if sharded else 0}
+    return config
+
+
+def build_teacher_engine(teacher: nn.Module, ds_config: dict):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def build_student_engine(student: nn.Module, ds_config: dict, cfg):
+    """Adam from torch, not DeepSpeed's fused one: it needs no compiled ops, CPU included."""
+    import deepspeed
+
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps))
+    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int):
+    """LR multiplier: linear warm-up, then cosine decay to 10% of the peak at `max_steps`."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def param_bytes_on_rank(model: nn.Module) -> int:
+    """Bytes of parameters this rank holds: its shard under ZeRO-3, everything otherwise."""
+    total = 0
+    for param in model.parameters():
+        local = param.ds_tensor if hasattr(param, "ds_tensor") else param
+        total += local.numel() * local.element_size()
+    return total
+
+
+def param_bytes_full(model: nn.Module) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

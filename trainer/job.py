@@ -1,0 +1,274 @@
+"""One distillation job, for any number of ranks: setup, step, evaluate, checkpoint, finish."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from trainer import checkpoints, engines, models
+from trainer.batching import eval_batches, micro_batches_for_step
+from trainer.config import DEMO_SCHEME, cache_root, validate
+from trainer.data import load_examples, split_holdout
+from trainer.distributed import RankInfo, all_reduce_sum, broadcast_object
+from trainer.evaluation import evaluate, forward_logits, to_device
+from trainer.objective import IGNORE_INDEX, micro_batch_sums
+from trainer.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class DistillJob:
+    """Holds what a run needs between stages; each method is one stage of the run."""
+
+    def __init__(self, cfg, rank: RankInfo, run_dir: Path):
+        validate(cfg)  # before anything is loaded, so a bad value costs nothing
+        self.cfg, self.rank, self.run_dir = cfg, rank, run_dir
+        self.summary: dict = {}
+        self.tokens_seen = 0
+
+    # ----------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)  # same LoRA initialisation on every rank
+        self._materialise_demo()
+        self.tokenizer, self.vocab_size = self._check_models_fit()
+        self._load_data()
+        self.teacher = self._build_teacher()
+        self.student = self._build_student()
+        self.first_step = self._resume()
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        self.tracker = Tracker(self.run_dir, cfg, resolved, self.first_step, enabled=self.rank.is_main)
+
+    def _materialise_demo(self) -> None:
+        """Swap `demo://` paths for the demo's models and data, built once on rank 0 and cached."""
+        cfg = self.cfg
+        keys = ("teacher.path", "student.path", "data.train", "data.eval")
+        if not any(str(OmegaConf.select(cfg, k)).startswith(DEMO_SCHEME) for k in keys):
+            return
+        from trainer.demo import build_demo_assets
+
+        demo_dir = cache_root(cfg) / "demo"
+        if self.rank.is_main:
+            build_demo_assets(demo_dir, log=log.info)
+        dist.barrier()
+        assets = build_demo_assets(demo_dir, log=log.debug)
+        by_name = {"teacher": assets.teacher_path, "student": assets.student_path,
+                   "train": assets.train_path, "eval": assets.eval_path}
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            if isinstance(value, str) and value.startswith(DEMO_SCHEME):
+                OmegaConf.update(cfg, key, str(by_name[value[len(DEMO_SCHEME):]]))
+
+    def _check_models_fit(self):
+        """Tokenizers and configs only: a mismatch is reported before any weights load."""
+        cfg = self.cfg
+        models.check_model_source("teacher", cfg.teacher.path)
+        models.check_model_source("student", cfg.student.path)
+        teacher_tokenizer = models.load_tokenizer("teacher", cfg.teacher)
+        student_tokenizer = models.load_tokenizer("student", cfg.student)
+        models.check_same_tokenizer(teacher_tokenizer, student_tokenizer)
+        vocab_size = models.shared_vocab_size(
+            student_tokenizer, models.load_config("teacher", cfg.teacher), models.load_config("student", cfg.student)
+        )
+        return student_tokenizer, vocab_size
+
+    def _load_data(self) -> None:
+        """Rank 0 tokenises and caches; the other ranks then read the cache."""
+        cfg = self.cfg
+        cache = cache_root(cfg) / "tokenized"
+        for turn in ("main", "others"):
+            if (turn == "main") == self.rank.is_main:
+                train = load_examples(cfg.data.train, self.tokenizer, cfg.train.seq_len, cache)
+                held_out = load_examples(cfg.data.eval, self.tokenizer, cfg.train.seq_len, cache) if cfg.data.eval else None
+            dist.barrier()
+        if held_out is None:
+            self.train_rows, eval_rows = split_holdout(train.rows, cfg.data.eval_fraction, cfg.train.seed)
+        else:
+            self.train_rows, eval_rows = train.rows, held_out.rows
+        eval_rows = eval_rows[: cfg.data.max_eval_rows]
+        self.eval_batches = eval_batches(eval_rows, self.rank.rank, self.rank.world_size,
+                                         cfg.train.micro_batch_size, self.tokenizer.pad_token_id)
+        log.info("data: %d training rows (%d truncated to train.seq_len=%d), %d held-out rows",
+                 len(self.train_rows), train.num_truncated, cfg.train.seq_len, len(eval_rows))
+
+    def _precision(self):
+        cfg = self.cfg
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.rank.device.type == "cuda")
+        return bf16, torch.bfloat16 if bf16 else torch.float32
+
+    def _build_teacher(self):
+        cfg = self.cfg
+        bf16, default_dtype = self._precision()
+        student_ds = engines.deepspeed_config(cfg, cfg.deepspeed.stage, bf16, self.rank.world_size)
+        sharded = engines.teacher_is_sharded(cfg)
+        teacher_ds = engines.teacher_deepspeed_config(student_ds, sharded)
+        dtype = default_dtype if cfg.teacher.dtype == "auto" else models.torch_dtype(cfg.teacher.dtype, self.rank.device)
+        teacher = models.freeze(models.load_model("teacher", cfg.teacher, dtype, teacher_ds if sharded else None))
+        self._record_teacher_bytes(teacher, sharded)
+        return engines.build_teacher_engine(teacher, teacher_ds)
+
+    def _record_teacher_bytes(self, teacher, sharded: bool) -> None:
+        per_rank = [None] * self.rank.world_size
+        dist.all_gather_object(per_rank, engines.param_bytes_on_rank(teacher))
+        full = engines.param_bytes_full(teacher)
+        log.info("teacher parameters held per rank: %s bytes of %d (%s)", per_rank, full,
+                 "partitioned with ZeRO-3" if sharded else "replicated")
+        self.summary.update({"teacher/param_bytes_per_rank": per_rank, "teacher/param_bytes_full": full,
+                             "teacher/sharded": sharded})
+
+    def _build_student(self):
+        cfg = self.cfg
+        bf16, default_dtype = self._precision()
+        ds_config = engines.deepspeed_config(cfg, cfg.deepspeed.stage, bf16, self.rank.world_size)
+        dtype = default_dtype if cfg.student.dtype == "auto" else models.torch_dtype(cfg.student.dtype, self.rank.device)
+        student = models.load_model("student", cfg.student, dtype, ds_config if cfg.deepspeed.stage == 3 else None)
+        if cfg.peft.kind == "lora":
+            student, targets = models.apply_lora(student, cfg.peft)
+            log.info("LoRA r=%d on %s", cfg.peft.r, ", ".join(targets))
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if p.requires_grad)
+        log.info("student: %d trainable parameters, ZeRO stage %d", trainable, cfg.deepspeed.stage)
+        return engines.build_student_engine(student, ds_config, cfg)
+
+    def _resume(self) -> int:
+        root = checkpoints.find_resume_point(self.run_dir, self.cfg.resume)
+        if root is None:
+            return 0
+        state = checkpoints.load_training_state(self.student, root)
+        self.tokens_seen = state.get("tokens_seen", 0)
+        return state["step"]
+
+    # ------------------------------------------------------------------------------------ step
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step over `grad_accum` micro-batches; returns this rank's counters
+        [objective, kd, ce, supervised tokens, input tokens] for logging."""
+        cfg = self.cfg
+        batches = micro_batches_for_step(step, self.train_rows, self.rank.rank, self.rank.world_size,
+                                         cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.seed,
+                                         self.tokenizer.pad_token_id)
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        global_tokens = int(all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64)).item())
+        # DeepSpeed divides by grad_accum and averages over ranks; undo both so the gradient is
+        # that of (Σ over the step's tokens) / (the step's token count).
+        scale = self.rank.world_size * cfg.train.grad_accum / max(global_tokens, 1)
+        counters = torch.zeros(5, dtype=torch.float64)
+        for index, batch in enumerate(batches):
+            batch = to_device(batch, self.rank.device)
+            teacher_logits = None
+            if cfg.loss.kind != "sft":
+                with torch.no_grad():
+                    teacher_logits = forward_logits(self.teacher, batch)
+            sums = micro_batch_sums(forward_logits(self.student, batch), teacher_logits, batch["labels"],
+                                    cfg.loss, self.vocab_size)
+            self.student.backward(sums.objective * scale)
+            if index == len(batches) - 1:
+                self.pre_step_grad_norm = self._replica_grad_norm()
+            self.student.step()
+            counters += torch.tensor([sums.objective.item(), sums.kd.item(), sums.ce.item(), sums.tokens,
+                                      int(batch["attention_mask"].sum())], dtype=torch.float64)
+        return counters
+
+    def _replica_grad_norm(self) -> float | None:
+        """DeepSpeed reports the gradient norm only on its ZeRO and mixed-precision paths; at
+        stage 0 in fp32 each rank holds the averaged gradients, so take the norm here."""
+        if self.cfg.deepspeed.stage != 0:
+            return None
+        grads = [p.grad for p in self.student.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else None
+
+    def train(self) -> None:
+        cfg = self.cfg
+        window = torch.zeros(5, dtype=torch.float64)
+        window_start = time.perf_counter()
+        for step in range(self.first_step, cfg.train.max_steps):
+            lr = self.student.get_lr()[0]
+            window += self.train_step(step)
+            done = step + 1
+            self.tracker.advance()
+            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+                self._log_window(done, lr, window, time.perf_counter() - window_start)
+                window.zero_()
+                window_start = time.perf_counter()
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps:
+                self.evaluate(done)
+            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
+                checkpoints.save_training_state(self.student, self.run_dir, done, self.tokens_seen)
+
+    def _log_window(self, step: int, lr: float, window: torch.Tensor, seconds: float) -> None:
+        objective, kd, ce, tokens, inputs = all_reduce_sum(window.clone()).tolist()
+        self.tokens_seen += int(inputs)
+        per_token = 1.0 / max(tokens, 1.0)
+        grad_norm = self.student.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.pre_step_grad_norm
+        self.throughput = inputs / max(seconds, 1e-9)
+        self.tracker.log_step({
+            "step": step,
+            "loss": objective * per_token,
+            "kd_loss": kd * per_token if self.cfg.loss.kind != "sft" else None,
+            "ce_loss": ce * per_token,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": self.throughput,
+            "tokens_seen": self.tokens_seen,
+        })
+
+    # -------------------------------------------------------------------------------- evaluate
+    def evaluate(self, step: int) -> dict:
+        metrics = evaluate(self.teacher, self.student, self.eval_batches, self.vocab_size, self.rank.device)
+        self.tracker.log_eval(step, metrics)
+        return metrics
+
+    # ---------------------------------------------------------------------------------- finish
+    def finish(self, initial: dict, final: dict, seconds: float) -> float:
+        cfg = self.cfg
+        checkpoints.save_training_state(self.student, self.run_dir, cfg.train.max_steps, self.tokens_seen)
+        out_dir = checkpoints.export_student(self.student.module, self.tokenizer, self.run_dir, cfg.peft.kind,
+                                             self.rank.is_main)
+        if cfg.peft.merge and cfg.peft.kind == "lora" and self.rank.is_main:
+            checkpoints.export_merged(cfg.student.path, out_dir, self.run_dir, self._precision()[1])
+        self.summary.update(final)
+        self.summary.update({f"initial/{k}": v for k, v in initial.items()})
+        self.summary.update({"train/tokens_per_s": getattr(self, "throughput", float("nan")),
+                             "train/tokens_seen": self.tokens_seen, "train/steps": cfg.train.max_steps,
+                             "train/wall_s": seconds, "world_size": self.rank.world_size})
+        self.tracker.write_summary(self.summary)
+        self.tracker.close()
+        if cfg.train.metric not in self.summary:
+            raise ValueError(f"train.metric={cfg.train.metric} is not in summary.json; use one of {sorted(self.summary)}.")
+        return float(self.summary[cfg.train.metric])
+
+
+def run(cfg, rank: RankInfo, run_dir: Path) -> float:
+    """The whole job. Returns the metric named by `train.metric` (for Hydra sweepers)."""
+    job = DistillJob(cfg, rank, run_dir)
+    job.setup()
+    started = time.perf_counter()
+    initial = job.evaluate(job.first_step) if job.first_step == 0 else {}
+    job.train()
+    final = job.evaluate(cfg.train.max_steps)
+    metric = job.finish(initial, final, time.perf_counter() - started)
+    if rank.is_main:
+        _print_before_after(initial, final)
+        print(f"RESULT {cfg.train.metric}={metric:.6g} run_dir={run_dir.resolve()}", flush=True)
+    return metric
+
+
+def _print_before_after(initial: dict, final: dict) -> None:
+    if not initial:
+        return
+    print("held-out metric          before      after")
+    for key in ("eval/kl_to_teacher", "eval/student_ce", "eval/top1_agreement", "eval/exact_match"):
+        print(f"{key:<22} {initial[key]:>10.4f} {final[key]:>10.4f}")
+    print(f"{'eval/teacher_ce':<22} {final['eval/teacher_ce']:>10.4f} (the teacher itself)")
+
+
+def agree_run_dir(run_dir: Path) -> Path:
+    """Rank 0's run directory on every rank, whatever each process's Hydra resolved."""
+    return Path(broadcast_object(str(run_dir)))

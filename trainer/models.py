@@ -1,0 +1,191 @@
+"""Loading teacher and student through `transformers`, checking they can be distilled, and LoRA.
+
+Everything here works for any `AutoModelForCausalLM` architecture: nothing names Llama modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class ModelError(ValueError):
+    """A model or tokenizer cannot be used; the message says what to do."""
+
+
+def _looks_like_local_path(path: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else is meant as a folder."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def check_model_source(role: str, path: str) -> None:
+    """Fail fast on a local folder that is not there, before anything is downloaded or built."""
+    expanded = Path(os.path.expanduser(path))
+    if expanded.exists():
+        if not (expanded / "config.json").exists():
+            raise ModelError(f"{role}.path={path} has no config.json; point it at a folder written by save_pretrained.")
+        return
+    if _looks_like_local_path(path):
+        raise ModelError(f"{role}.path={path} does not exist; check the path or give a hub id such as Qwen/Qwen2.5-0.5B.")
+
+
+def load_tokenizer(role: str, model_cfg):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            os.path.expanduser(model_cfg.path),
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    except OSError as error:
+        raise ModelError(
+            f"cannot load the {role} tokenizer from {model_cfg.path} ({_first_line(error)}); "
+            "check the path, or download the model first when this machine has no network."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of every loss, so any id will do; eos is always there.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
+    """Logit distillation compares distributions id by id: both models must share one vocabulary."""
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    student_vocab = student_tokenizer.get_vocab()
+    differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()))
+    if differing:
+        example = differing[0][0]
+        raise ModelError(
+            f"teacher and student tokenizers differ ({len(teacher_vocab)} vs {len(student_vocab)} tokens, "
+            f"e.g. {example!r} maps to {teacher_vocab.get(example)} vs {student_vocab.get(example)}); "
+            "pick a student from the teacher's model family, or distil on teacher-generated text."
+        )
+
+
+def shared_vocab_size(tokenizer, teacher_config, student_config) -> int:
+    """The ids both models score. Checkpoints pad their embedding rows differently
+    (Qwen2.5-7B has 152064 rows, Qwen2.5-3B 151936, one tokenizer), so only the tokenizer's
+    real ids are compared and the padding rows are dropped from both sides."""
+    real_ids = len(tokenizer)
+    for role, config in (("teacher", teacher_config), ("student", student_config)):
+        rows = config.get_text_config().vocab_size
+        if rows < real_ids:
+            raise ModelError(
+                f"the {role} scores {rows} token ids but its tokenizer has {real_ids}; "
+                "the checkpoint and tokenizer do not belong together."
+            )
+    return real_ids
+
+
+def load_config(role: str, model_cfg):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            os.path.expanduser(model_cfg.path),
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read the {role} config from {model_cfg.path} ({_first_line(error)}).") from None
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(role: str, model_cfg, dtype: torch.dtype, zero3_config: dict | None):
+    """Load weights; with `zero3_config` they are partitioned while loading, so no rank ever
+    holds the whole model (transformers reads the live HfDeepSpeedConfig and loads under
+    `deepspeed.zero.Init`)."""
+    from transformers import AutoModelForCausalLM
+
+    keep_alive = _zero3_loading(zero3_config)
+    with keep_alive:
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(model_cfg.path),
+            revision=model_cfg.revision,
+            dtype=dtype,
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    return model
+
+
+@contextlib.contextmanager
+def _zero3_loading(zero3_config: dict | None):
+    if zero3_config is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # transformers holds only a weak reference to this object: it must stay alive while loading.
+    hf_ds_config = HfDeepSpeedConfig(zero3_config)
+    try:
+        yield hf_ds_config
+    finally:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        del hf_ds_config
+        unset_hf_deepspeed_config()
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def find_lora_targets(model: nn.Module) -> list[str]:
+    """Leaf names of every linear layer inside the blocks: q_proj/.../down_proj on Llama,
+    c_attn/c_proj/c_fc on GPT-2 (Conv1D), query_key_value/dense_* on GPT-NeoX. The output
+    head is excluded: adapting the vocabulary projection costs much and helps little."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if module is head or not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def apply_lora(model: nn.Module, peft_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    targets = peft_cfg.target_modules
+    if targets == "all-linear":
+        targets = find_lora_targets(model)
+    else:
+        targets = list(targets)
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise ModelError(
+                f"peft.target_modules {missing} match no module of the student; "
+                f"use peft.target_modules=all-linear or names from {find_lora_targets(model)}."
+            )
+    if not targets:
+        raise ModelError("the student has no linear layers for LoRA; use peft=none for full fine-tuning.")
+    lora = LoraConfig(
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    # Keep adapters in the base model's dtype: fp32 adapters on a bf16 base break ZeRO-3's
+    # all-gather (TRL #6089, DeepSpeed #8072).
+    return get_peft_model(model, lora, autocast_adapter_dtype=False), targets
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

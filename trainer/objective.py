@@ -1,0 +1,56 @@
+"""The training objective of one micro-batch, as sums over its supervised tokens.
+
+Sums, not means: the step's loss is divided exactly once, by the number of supervised tokens of
+the whole step (all accumulation micro-batches on all ranks). Averaging per micro-batch would
+weight a short micro-batch's tokens more than a long one's, and change the loss with the split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer.losses import masked_sum, per_token_divergence
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenSums:
+    objective: torch.Tensor
+    """Σ over supervised tokens of the combined loss; carries the graph."""
+    kd: torch.Tensor
+    """Σ of the divergence to the teacher (detached; NaN under sft, where no teacher runs)."""
+    ce: torch.Tensor
+    """Σ of the student's cross-entropy on the labels (detached)."""
+    tokens: int
+
+
+def next_token_view(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
+    """Position t predicts token t+1; ids past the tokenizer's `vocab_size` are padding rows.
+
+    logits [B, T, V'] -> [B, T-1, vocab_size]; labels [B, T] -> [B, T-1]."""
+    return logits[:, :-1, :vocab_size], labels[:, 1:]
+
+
+def micro_batch_sums(student_logits, teacher_logits, labels, loss_cfg, vocab_size: int) -> TokenSums:
+    """student_logits, teacher_logits: [B, T, V'] (teacher None under sft); labels: [B, T]."""
+    student, targets = next_token_view(student_logits, labels, vocab_size)
+    tokens = int((targets != IGNORE_INDEX).sum())
+    ce_sum = F.cross_entropy(
+        student.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    if loss_cfg.kind == "sft":
+        return TokenSums(ce_sum, torch.tensor(float("nan")), ce_sum.detach(), tokens)
+    teacher, _ = next_token_view(teacher_logits, labels, vocab_size)
+    divergence = per_token_divergence(
+        student, teacher, kind=loss_cfg.kind, temperature=loss_cfg.temperature,
+        beta=loss_cfg.beta, skew=loss_cfg.skew,
+    )
+    kd_sum = masked_sum(divergence, targets, ignore_index=IGNORE_INDEX)
+    # τ² keeps the soft-target gradients on the same scale as at τ=1 (Hinton et al., 2015).
+    kd_weight = (1.0 - loss_cfg.ce_weight) * loss_cfg.temperature**2
+    objective = kd_weight * kd_sum + loss_cfg.ce_weight * ce_sum if loss_cfg.ce_weight else kd_weight * kd_sum
+    return TokenSums(objective, kd_sum.detach(), ce_sum.detach(), tokens)
