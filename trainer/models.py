@@ -176,6 +176,7 @@ def apply_lora(model: nn.Module, peft_cfg):
     if not targets:
         raise ModelError("the student has no linear layers for LoRA; use peft=none for full fine-tuning.")
     lora = LoraConfig(
+        fan_in_fan_out=_targets_are_conv1d(model, targets),
         r=peft_cfg.r,
         lora_alpha=peft_cfg.alpha,
         lora_dropout=peft_cfg.dropout,
@@ -185,6 +186,13 @@ def apply_lora(model: nn.Module, peft_cfg):
     # Keep adapters in the base model's dtype: fp32 adapters on a bf16 base break ZeRO-3's
     # all-gather (TRL #6089, DeepSpeed #8072).
     return get_peft_model(model, lora, autocast_adapter_dtype=False), targets
+
+
+def _targets_are_conv1d(model: nn.Module, targets: list[str]) -> bool:
+    """GPT-2-style Conv1D stores its weight transposed; peft must be told so."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
 
 
 def _first_line(error: Exception) -> str:

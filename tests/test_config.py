@@ -1,0 +1,78 @@
+"""Every config composes; bad values fail at start-up with a message that names the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from trainer.config import ConfigError, register_configs, validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+register_configs()
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_the_default_is_the_demo():
+    cfg = composed()
+    assert cfg.teacher.path == "demo://teacher" and cfg.student.path == "demo://student"
+    assert cfg.peft.kind == "lora" and cfg.deepspeed.stage == 0 and cfg.logger.kind == "wandb"
+    validate(cfg)
+
+
+@pytest.mark.parametrize("group", ["peft", "deepspeed", "logger", "experiment", "loss", "train", "data"])
+def test_every_option_of_every_group_composes_and_validates(group):
+    for option in group_options(group):
+        cfg = composed(f"{group}={option}")
+        validate(cfg)
+        OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_zero3_groups_set_stage_3():
+    assert composed("deepspeed=zero3").deepspeed.stage == 3
+    assert composed("deepspeed=zero3_offload").deepspeed.offload_param is True
+
+
+@pytest.mark.parametrize("override", ["train.lrr=1", "loss.temprature=2", "peft.rank=8"])
+def test_unknown_keys_are_rejected_by_name(override):
+    with pytest.raises(Exception, match=override.split(".")[1].split("=")[0]):
+        composed(override)
+
+
+def test_a_wrongly_typed_value_is_rejected():
+    with pytest.raises(Exception, match="max_steps"):
+        composed("train.max_steps=many")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("loss.kind=kl", "loss.kind"),
+        ("loss.temperature=0", "temperature"),
+        ("loss.beta=1.5", "beta"),
+        ("loss.skew=1.0", "skew"),
+        ("loss.ce_weight=2", "loss.ce_weight"),
+        ("deepspeed.stage=4", "deepspeed.stage"),
+        ("peft.kind=qlora", "peft.kind"),
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("train.lr=-1", "train.lr"),
+        ("logger.kind=tensorboard", "logger.kind"),
+        ("resume=/no/such/checkpoint", "resume"),
+    ],
+)
+def test_out_of_range_values_fail_validation_with_one_line(override, key):
+    overrides = [override] + (["loss.kind=jsd"] if "beta" in override else []) + (["loss.kind=skl"] if "skew" in override else [])
+    with pytest.raises(ConfigError) as error:
+        validate(composed(*overrides))
+    message = str(error.value)
+    assert key in message and "\n" not in message
