@@ -132,3 +132,14 @@ def test_a_mistyped_key_fails_at_start_up_by_name(tmp_path):
     proc = run_cli([f"hydra.run.dir={tmp_path}", "train.lrr=0.1"])
     assert proc.returncode != 0
     assert "lrr" in proc.stderr
+
+
+def test_a_multirun_sweep_runs_each_point_in_its_own_directory(tiny, tmp_path):
+    overrides = [o for o in tiny_overrides(tiny, tmp_path / "unused", tmp_path / "cache", "train.max_steps=2")
+                 if not o.startswith("hydra.run.dir=")]
+    proc = run_cli(["-m", *overrides, "loss.kind=fkl,jsd", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert_ok(proc)
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2
+    for point in ("0", "1"):
+        assert (tmp_path / "sweep" / point / "summary.json").exists()

@@ -22,7 +22,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def distill(cfg) -> float:
     from trainer import job
-    from trainer.distributed import init_distributed, shutdown_distributed
+    from trainer.distributed import finish_together, init_distributed
 
     rank = init_distributed()
     _quiet_other_ranks(rank.is_main)
@@ -34,7 +34,7 @@ def distill(cfg) -> float:
         # validates the same inputs, so every rank stops here.
         print(f"distill: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    shutdown_distributed()
+    finish_together()
     return metric
 
 

@@ -7,6 +7,7 @@ here ever asks "am I distributed?".
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -37,8 +38,7 @@ def _fill_single_process_env() -> None:
     """Give a plain `python -m trainer` the variables torchrun sets."""
     if "RANK" in os.environ:
         return
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(free_port())
 
 
@@ -55,13 +55,20 @@ def init_distributed() -> RankInfo:
         import deepspeed  # imported late: it prints accelerator banners at import time
 
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        # One group for the life of the process: DeepSpeed caches its groups at module level,
+        # so the jobs of a sequential sweep share this one rather than re-creating it.
+        atexit.register(_destroy_at_exit)
     return RankInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
-def shutdown_distributed() -> None:
-    """Leave the process group so a later job in this process (a sweep) can create its own."""
+def finish_together() -> None:
+    """Every rank reaches the end of the job before any returns to its launcher."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def _destroy_at_exit() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -85,8 +85,9 @@ class DistillJob:
         cache = cache_root(cfg) / "tokenized"
         for turn in ("main", "others"):
             if (turn == "main") == self.rank.is_main:
-                train = load_examples(cfg.data.train, self.tokenizer, cfg.train.seq_len, cache)
-                held_out = load_examples(cfg.data.eval, self.tokenizer, cfg.train.seq_len, cache) if cfg.data.eval else None
+                train = load_examples(cfg.data.train, self.tokenizer, cfg.train.seq_len, cache, key="data.train")
+                held_out = (load_examples(cfg.data.eval, self.tokenizer, cfg.train.seq_len, cache, key="data.eval")
+                            if cfg.data.eval else None)
             dist.barrier()
         if held_out is None:
             self.train_rows, eval_rows = split_holdout(train.rows, cfg.data.eval_fraction, cfg.train.seed)
