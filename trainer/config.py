@@ -103,7 +103,7 @@ class TrainConfig:
     max_steps: int = 300
     micro_batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 4e-3
     warmup_steps: int = 10
     weight_decay: float = 0.0
     seq_len: int = 512

@@ -1,0 +1,51 @@
+"""The embedded demo, exactly as `python -m trainer` runs it: knowledge moves from teacher to student."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    """The demo (forward KL) and its hard-label baseline, same student, data and steps."""
+    root = tmp_path_factory.mktemp("demo")
+    env = {"DISTILL_CACHE": str(root / "cache")}
+    summaries = {}
+    for name, extra in (("kd", []), ("sft", ["experiment=demo_sft"])):
+        proc = run_cli([f"hydra.run.dir={root / name}", "logger=none", *extra], env=env, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        assert proc.stdout.strip().splitlines()[-1].startswith("RESULT eval/kl_to_teacher=")
+        summaries[name] = json.loads((root / name / "summary.json").read_text())
+    summaries["cache"] = root / "cache"
+    return summaries
+
+
+def test_the_demo_teacher_solves_held_out_problems(demo_runs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.demo.assets import build_demo_assets
+    from trainer.demo.metrics import exact_match_rate
+
+    assets = build_demo_assets(demo_runs["cache"] / "demo")  # the cache the demo runs built
+    rows = [json.loads(line) for line in assets.eval_path.read_text().splitlines()]
+    teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_path)
+    assert exact_match_rate(teacher, rows, AutoTokenizer.from_pretrained(assets.teacher_path)) >= 0.9
+
+
+def test_distillation_moves_the_student_towards_the_teacher(demo_runs):
+    kd = demo_runs["kd"]
+    assert kd["eval/kl_to_teacher"] < 0.5 * kd["initial/eval/kl_to_teacher"]
+    assert kd["eval/exact_match"] > kd["initial/eval/exact_match"] + 0.2
+    assert kd["eval/top1_agreement"] > kd["initial/eval/top1_agreement"]
+
+
+def test_distillation_beats_hard_labels_at_equal_steps(demo_runs):
+    kd, sft = demo_runs["kd"], demo_runs["sft"]
+    assert kd["train/steps"] == sft["train/steps"]
+    assert kd["eval/kl_to_teacher"] < sft["eval/kl_to_teacher"]
+    assert kd["eval/exact_match"] > sft["eval/exact_match"]
