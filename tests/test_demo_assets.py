@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 
 import pytest
@@ -80,7 +80,7 @@ def test_second_call_is_a_cache_hit(tiny_assets):
 def test_another_recipe_or_seed_gets_its_own_folder(tiny_assets):
     _, assets = tiny_assets
     assert TINY.fingerprint(seed=0) != TINY.fingerprint(seed=1)
-    assert TINY.fingerprint(seed=0) != DemoRecipe(**{**TINY.__dict__, "teacher_steps": 4}).fingerprint(seed=0)
+    assert TINY.fingerprint(seed=0) != dataclasses.replace(TINY, teacher_steps=4).fingerprint(seed=0)
     assert TINY.fingerprint(seed=0) in assets.teacher_path.parent.name
 
 

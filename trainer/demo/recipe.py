@@ -15,8 +15,8 @@ class DemoRecipe:
     """The task, the teacher and its training, and which teacher layers the student keeps.
 
     The defaults are the demo's: the teacher trains in about 90 s on 2 CPU threads and solves
-    every held-out problem; the student it yields starts at 0% and, after 300 LoRA steps,
-    ends well above a hard-label run of the same length when distilled.
+    every held-out problem; the student cut from it solves none at first, and 300 LoRA steps
+    bring it to roughly 45-80% (the spread is run-to-run: data order and LoRA init).
     """
 
     min_digits: int = 3
@@ -51,9 +51,13 @@ class DemoRecipe:
     """Linear warmup steps."""
     teacher_temperature: float = 2.0
     """The saved teacher's logits are the trained network's divided by this. Trained to
-    convergence the teacher is 99.9% sure of every token, and distilling from it at
-    loss.temperature=1 moves nothing that hard labels do not; at 2 it averages 93% on the
-    answer and spreads the rest over the alternatives it finds plausible."""
+    convergence the teacher is 99.9% sure of every token, so forward KL at loss.temperature=1
+    is cross-entropy on its argmax, and a KD run ends no closer to it than a hard-label run.
+    At 2 it averages 93% on the answer, and a KD student matches that confidence (eval KL
+    ~0.03-0.07) where a hard-label student stays sharp (~0.21-0.31). Accuracy is another
+    matter: at lr 2e-3 KD and hard labels tie within run-to-run noise; at the demo's 4e-3 KD
+    measured 0.80-0.82 exact match against 0.73, and controls (label-smoothed SFT) suggest part
+    of that edge is soft targets regularising, not only the teacher's ranking of wrong answers."""
 
     student_layers: tuple[int, ...] = (0, 2)
     """Teacher layers the student keeps, in order: every other one."""
