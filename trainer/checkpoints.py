@@ -17,8 +17,9 @@ CHECKPOINTS = "checkpoints"
 def find_resume_point(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint folder to continue from, or None for a fresh start.
 
-    DeepSpeed writes its `latest` marker only after every rank has finished writing the tag, so a
-    checkpoint interrupted mid-write is never picked."""
+    DeepSpeed's rank 0 writes the `latest` marker after its own files, without waiting for the
+    other ranks or writing atomically: a crash mid-save can leave `latest` naming an incomplete
+    tag. Publishing checkpoints atomically is the fault-tolerance issue's work."""
     if resume == "never":
         return None
     root = run_dir / CHECKPOINTS if resume == "auto" else Path(resume)

@@ -64,21 +64,19 @@ def build_student_engine(student: nn.Module, ds_config: dict, cfg):
 
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup=cfg.train.warmup_steps, total=cfg.train.max_steps)
+    )
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
 
 
-def warmup_cosine(warmup_steps: int, max_steps: int):
-    """LR multiplier: linear warm-up, then cosine decay to 10% of the peak at `max_steps`."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return multiplier
+def warmup_cosine(step: int, *, warmup: int, total: int, floor: float = 0.1) -> float:
+    """LR multiplier: linear up to 1 over `warmup` steps, then cosine down to `floor` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def param_bytes_on_rank(model: nn.Module) -> int:

@@ -45,6 +45,14 @@ def evaluate(teacher_engine, student_engine, batches: list[dict], vocab_size: in
     }
 
 
+def solved_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Rows whose every supervised target is the argmax: [B, T, V], [B, T] (aligned) -> bool [B].
+
+    Under teacher forcing this is the same event as greedy decoding reproducing the row."""
+    supervised = targets != IGNORE_INDEX
+    return ((logits.argmax(dim=-1) == targets) | ~supervised).all(dim=-1)
+
+
 def _batch_counters(student_logits, teacher_logits, labels, vocab_size: int) -> torch.Tensor:
     student, targets = next_token_view(student_logits, labels, vocab_size)
     teacher, _ = next_token_view(teacher_logits, labels, vocab_size)
@@ -56,9 +64,8 @@ def _batch_counters(student_logits, teacher_logits, labels, vocab_size: int) -> 
     student_ce = F.nll_loss(student_logp, flat_targets, reduction="sum")
     teacher_ce = F.nll_loss(teacher_logp, flat_targets, reduction="sum")
     agree = (student_logp.argmax(-1) == teacher_logp.argmax(-1)).sum()
-    correct = (student.argmax(-1) == targets) | ~mask
     supervised_rows = mask.any(dim=1)
-    exact = (correct.all(dim=1) & supervised_rows).sum()
+    exact = (solved_rows(student, targets) & supervised_rows).sum()
     return torch.tensor(
         [kl, student_ce, teacher_ce, agree, mask.sum(), exact, supervised_rows.sum()], dtype=torch.float64
     )

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -146,19 +144,21 @@ class DistillJob:
         return state["step"]
 
     # ------------------------------------------------------------------------------------ step
-    def train_step(self, step: int) -> torch.Tensor:
-        """One optimizer step over `grad_accum` micro-batches; returns this rank's counters
-        [objective, kd, ce, supervised tokens, input tokens] for logging."""
+    def train_step(self, step: int, measure_grad_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over `grad_accum` micro-batches. Returns this rank's sums
+        [objective, kd, ce] (left on the device: reading them would stall it every micro-batch)
+        and its counts [supervised tokens, input tokens] (on the CPU, from the collated rows)."""
         cfg = self.cfg
         batches = micro_batches_for_step(step, self.train_rows, self.rank.rank, self.rank.world_size,
                                          cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.seed,
                                          self.tokenizer.pad_token_id)
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        global_tokens = int(all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64)).item())
+        counts = torch.tensor([[float((b["labels"][:, 1:] != IGNORE_INDEX).sum()), float(b["attention_mask"].sum())]
+                               for b in batches], dtype=torch.float64).sum(dim=0)
+        global_tokens = all_reduce_sum(counts[:1].clone()).item()
         # DeepSpeed divides by grad_accum and averages over ranks; undo both so the gradient is
         # that of (Σ over the step's tokens) / (the step's token count).
-        scale = self.rank.world_size * cfg.train.grad_accum / max(global_tokens, 1)
-        counters = torch.zeros(5, dtype=torch.float64)
+        scale = self.rank.world_size * cfg.train.grad_accum / max(global_tokens, 1.0)
+        loss_sums = torch.zeros(3, dtype=torch.float64, device=self.rank.device)
         for index, batch in enumerate(batches):
             batch = to_device(batch, self.rank.device)
             teacher_logits = None
@@ -168,12 +168,11 @@ class DistillJob:
             sums = micro_batch_sums(forward_logits(self.student, batch), teacher_logits, batch["labels"],
                                     cfg.loss, self.vocab_size)
             self.student.backward(sums.objective * scale)
-            if index == len(batches) - 1:
+            if measure_grad_norm and index == len(batches) - 1:
                 self.pre_step_grad_norm = self._replica_grad_norm()
             self.student.step()
-            counters += torch.tensor([sums.objective.item(), sums.kd.item(), sums.ce.item(), sums.tokens,
-                                      int(batch["attention_mask"].sum())], dtype=torch.float64)
-        return counters
+            loss_sums += torch.stack([sums.objective.detach(), sums.kd, sums.ce]).double()
+        return loss_sums, counts
 
     def _replica_grad_norm(self) -> float | None:
         """DeepSpeed reports the gradient norm only on its ZeRO and mixed-precision paths; at
@@ -185,16 +184,22 @@ class DistillJob:
 
     def train(self) -> None:
         cfg = self.cfg
-        window = torch.zeros(5, dtype=torch.float64)
+        window_losses = torch.zeros(3, dtype=torch.float64, device=self.rank.device)
+        window_counts = torch.zeros(2, dtype=torch.float64)
         window_start = time.perf_counter()
         for step in range(self.first_step, cfg.train.max_steps):
-            lr = self.student.get_lr()[0]
-            window += self.train_step(step)
             done = step + 1
+            log_now = done % cfg.train.log_every == 0 or done == cfg.train.max_steps
+            lr = self.student.get_lr()[0]
+            losses, counts = self.train_step(step, measure_grad_norm=log_now)
+            window_losses += losses
+            window_counts += counts
             self.tracker.advance()
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+            if log_now:
+                window = torch.cat([window_losses.cpu(), window_counts])
                 self._log_window(done, lr, window, time.perf_counter() - window_start)
-                window.zero_()
+                window_losses.zero_()
+                window_counts.zero_()
                 window_start = time.perf_counter()
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps:
                 self.evaluate(done)

@@ -25,7 +25,6 @@ class TokenSums:
     """Σ of the divergence to the teacher (detached; NaN under sft, where no teacher runs)."""
     ce: torch.Tensor
     """Σ of the student's cross-entropy on the labels (detached)."""
-    tokens: int
 
 
 def next_token_view(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
@@ -38,12 +37,11 @@ def next_token_view(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int)
 def micro_batch_sums(student_logits, teacher_logits, labels, loss_cfg, vocab_size: int) -> TokenSums:
     """student_logits, teacher_logits: [B, T, V'] (teacher None under sft); labels: [B, T]."""
     student, targets = next_token_view(student_logits, labels, vocab_size)
-    tokens = int((targets != IGNORE_INDEX).sum())
     ce_sum = F.cross_entropy(
         student.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     if loss_cfg.kind == "sft":
-        return TokenSums(ce_sum, torch.tensor(float("nan")), ce_sum.detach(), tokens)
+        return TokenSums(ce_sum, torch.full_like(ce_sum, float("nan")).detach(), ce_sum.detach())
     teacher, _ = next_token_view(teacher_logits, labels, vocab_size)
     divergence = per_token_divergence(
         student, teacher, kind=loss_cfg.kind, temperature=loss_cfg.temperature,
@@ -52,5 +50,5 @@ def micro_batch_sums(student_logits, teacher_logits, labels, loss_cfg, vocab_siz
     kd_sum = masked_sum(divergence, targets, ignore_index=IGNORE_INDEX)
     # τ² keeps the soft-target gradients on the same scale as at τ=1 (Hinton et al., 2015).
     kd_weight = (1.0 - loss_cfg.ce_weight) * loss_cfg.temperature**2
-    objective = kd_weight * kd_sum + loss_cfg.ce_weight * ce_sum if loss_cfg.ce_weight else kd_weight * kd_sum
-    return TokenSums(objective, kd_sum.detach(), ce_sum.detach(), tokens)
+    objective = kd_weight * kd_sum + loss_cfg.ce_weight * ce_sum
+    return TokenSums(objective, kd_sum.detach(), ce_sum.detach())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import time
 
@@ -10,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.demo.metrics import IGNORE_INDEX, collate, encode_row
+from trainer.data import IGNORE_INDEX, collate
+from trainer.demo.metrics import encode_rows
 from trainer.demo.recipe import DemoRecipe
+from trainer.engines import warmup_cosine
 
 
 def teacher_config(recipe: DemoRecipe, tokenizer) -> LlamaConfig:
@@ -31,14 +32,6 @@ def teacher_config(recipe: DemoRecipe, tokenizer) -> LlamaConfig:
         # Measured on a 2-core CPU at this size: eager is as fast as sdpa or a little faster.
         attn_implementation="eager",
     )
-
-
-def warmup_cosine(step: int, *, warmup: int, total: int, floor: float = 0.1) -> float:
-    """Learning-rate multiplier: linear from 0 to 1 over `warmup`, then cosine down to `floor`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def shuffled_batches(encoded: list, batch_size: int, rng: random.Random):
@@ -75,7 +68,7 @@ def train_teacher(recipe: DemoRecipe, tokenizer, rows: list[dict], *, seed: int,
             step, warmup=recipe.teacher_warmup_steps, total=recipe.teacher_steps
         ),
     )
-    encoded = [encode_row(row, tokenizer) for row in rows]
+    encoded = encode_rows(rows, tokenizer)
     batches = shuffled_batches(encoded, recipe.teacher_batch_size, random.Random(seed))
     model.train()
     started = time.perf_counter()
