@@ -45,8 +45,8 @@ def test_distillation_moves_the_student_towards_the_teacher(demo_runs):
 
 
 def test_distillation_beats_hard_labels_at_equal_steps(demo_runs):
-    """KD ends far closer to the teacher (measured 0.031 vs 0.238). Its accuracy edge (0.80 vs
-    0.73 measured) moves with run-to-run noise of a few points, so the test asks only that KD is
+    """KD ends far closer to the teacher (measured 0.028 vs 0.244). Its accuracy edge (0.84 vs
+    0.68 measured, 0.80 vs 0.73 in another run) moves with run-to-run noise, so the test asks only that KD is
     not worse by more than that noise, never that a lucky draw wins."""
     kd, sft = demo_runs["kd"], demo_runs["sft"]
     assert kd["train/steps"] == sft["train/steps"]
