@@ -85,6 +85,11 @@ class LossConfig:
     """skl/srkl's mixture weight alpha, 0 <= skew < 1."""
     ce_weight: float = 0.0
     """loss = (1 - ce_weight) * temperature^2 * divergence + ce_weight * cross-entropy on labels."""
+    fused: bool = True
+    """Apply both LM heads inside the loss, chunk by chunk, never holding [tokens, vocab] logits.
+    false: the models return full logits (for an architecture the fused path cannot serve)."""
+    chunk_size: int = 0
+    """Tokens per chunk of the fused loss; 0 picks one chunk's logits near 2**23 elements."""
 
 
 @dataclass
@@ -164,6 +169,8 @@ def validate(cfg) -> None:
         validate_loss_params(cfg.loss.kind, cfg.loss.temperature, cfg.loss.beta, cfg.loss.skew)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if cfg.loss.chunk_size < 0:
+        raise ConfigError(f"loss.chunk_size={cfg.loss.chunk_size} is negative; use 0 (automatic) or a token count.")
     if not 0.0 <= cfg.loss.ce_weight <= 1.0:
         raise ConfigError(f"loss.ce_weight={cfg.loss.ce_weight} is out of range; use a value in [0, 1].")
     if cfg.deepspeed.stage not in (0, 1, 2, 3):

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.distributed import all_reduce_sum
-from trainer.objective import IGNORE_INDEX, next_token_view
+from trainer.heads import Scorer
+from trainer.objective import IGNORE_INDEX
 
 _COUNTERS = ("kl", "student_ce", "teacher_ce", "agree", "tokens", "exact", "rows")
 
@@ -15,24 +16,22 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def forward_logits(engine, batch: dict) -> torch.Tensor:
-    return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
 @torch.no_grad()
-def evaluate(teacher_engine, student_engine, batches: list[dict], vocab_size: int, device) -> dict:
+def evaluate(teacher: Scorer, student: Scorer, batches: list[dict], device, chunk_size: int) -> dict:
     """Token-weighted means over every rank's share of the held-out rows.
 
     `eval/exact_match` is the share of rows whose every supervised token is the student's argmax
-    under teacher forcing, which is exactly the share that greedy decoding would get right."""
-    student_engine.eval()
+    under teacher forcing, which is exactly the share that greedy decoding would get right.
+    Logits are built `chunk_size` tokens at a time, as in the fused loss."""
+    student.engine.eval()
     sums = torch.zeros(len(_COUNTERS), dtype=torch.float64)
     for batch in batches:
         batch = to_device(batch, device)
-        teacher_logits = forward_logits(teacher_engine, batch)
-        student_logits = forward_logits(student_engine, batch)
-        sums += _batch_counters(student_logits, teacher_logits, batch["labels"], vocab_size)
-    student_engine.train()
+        teacher_states = teacher.states(batch)
+        student_states = student.states(batch)
+        with teacher.gathered(), student.gathered():
+            sums += _batch_counters(student, student_states, teacher, teacher_states, batch["labels"], chunk_size)
+    student.engine.train()
     totals = dict(zip(_COUNTERS, all_reduce_sum(sums).tolist()))
     tokens, rows = max(totals["tokens"], 1.0), max(totals["rows"], 1.0)
     return {
@@ -53,19 +52,29 @@ def solved_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ((logits.argmax(dim=-1) == targets) | ~supervised).all(dim=-1)
 
 
-def _batch_counters(student_logits, teacher_logits, labels, vocab_size: int) -> torch.Tensor:
-    student, targets = next_token_view(student_logits, labels, vocab_size)
-    teacher, _ = next_token_view(teacher_logits, labels, vocab_size)
-    mask = targets != IGNORE_INDEX
-    student_logp = F.log_softmax(student.float(), dim=-1)[mask]
-    teacher_logp = F.log_softmax(teacher.float(), dim=-1)[mask]
-    flat_targets = targets[mask]
-    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
-    student_ce = F.nll_loss(student_logp, flat_targets, reduction="sum")
-    teacher_ce = F.nll_loss(teacher_logp, flat_targets, reduction="sum")
-    agree = (student_logp.argmax(-1) == teacher_logp.argmax(-1)).sum()
-    supervised_rows = mask.any(dim=1)
-    exact = (solved_rows(student, targets) & supervised_rows).sum()
+def _batch_counters(student: Scorer, student_states, teacher: Scorer, teacher_states, labels, chunk_size: int):
+    """[B, T, ·] states of both models and [B, T] labels -> float64 sums of `_COUNTERS`."""
+    targets = labels[:, 1:]
+    flat_targets = targets.reshape(-1)
+    student_rows = student_states[:, :-1].reshape(flat_targets.shape[0], -1)
+    teacher_rows = teacher_states[:, :-1].reshape(flat_targets.shape[0], -1)
+    supervised = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    missed = torch.zeros_like(flat_targets, dtype=torch.bool)
+    kl = student_ce = teacher_ce = agree = 0.0
+    for start in range(0, supervised.numel(), chunk_size):
+        index = supervised[start:start + chunk_size]
+        chunk_targets = flat_targets.index_select(0, index)
+        student_logp = F.log_softmax(student.logits_of(student_rows.index_select(0, index)), dim=-1)
+        teacher_logp = F.log_softmax(teacher.logits_of(teacher_rows.index_select(0, index)), dim=-1)
+        kl += float((teacher_logp.exp() * (teacher_logp - student_logp)).sum())
+        student_ce += float(F.nll_loss(student_logp, chunk_targets, reduction="sum"))
+        teacher_ce += float(F.nll_loss(teacher_logp, chunk_targets, reduction="sum"))
+        student_top = student_logp.argmax(-1)
+        agree += float((student_top == teacher_logp.argmax(-1)).sum())
+        missed[index] = student_top != chunk_targets
+    supervised_rows = (targets != IGNORE_INDEX).any(dim=1)
+    exact = (~missed.view_as(targets).any(dim=1) & supervised_rows).sum()
     return torch.tensor(
-        [kl, student_ce, teacher_ce, agree, mask.sum(), exact, supervised_rows.sum()], dtype=torch.float64
+        [kl, student_ce, teacher_ce, agree, supervised.numel(), float(exact), float(supervised_rows.sum())],
+        dtype=torch.float64,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -15,8 +16,10 @@ from trainer.batching import eval_batches, micro_batches_for_step
 from trainer.config import DEMO_SCHEME, cache_root, validate
 from trainer.data import load_examples, split_holdout
 from trainer.distributed import RankInfo, all_reduce_sum, broadcast_object
-from trainer.evaluation import evaluate, forward_logits, to_device
-from trainer.objective import IGNORE_INDEX, micro_batch_sums
+from trainer.evaluation import evaluate, to_device
+from trainer.heads import Scorer, check_head_parity, fused_unsupported_reason
+from trainer.losses import default_chunk_size
+from trainer.objective import IGNORE_INDEX, fused_micro_batch_sums, micro_batch_sums
 from trainer.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ class DistillJob:
         self._load_data()
         self.teacher = self._build_teacher()
         self.student = self._build_student()
+        self.teacher_scorer, self.student_scorer = self._build_scorers()
         self.first_step = self._resume()
         resolved = OmegaConf.to_container(cfg, resolve=True)
         self.tracker = Tracker(self.run_dir, cfg, resolved, self.first_step, enabled=self.rank.is_main)
@@ -135,6 +139,27 @@ class DistillJob:
         log.info("student: %d trainable parameters, ZeRO stage %d", trainable, cfg.deepspeed.stage)
         return engines.build_student_engine(student, ds_config, cfg)
 
+    def _build_scorers(self) -> tuple[Scorer, Scorer]:
+        """Fused heads unless configured off or a model cannot take them; proven on a probe."""
+        cfg = self.cfg
+        trains_head = cfg.peft.kind == "none"
+        reasons = {role: fused_unsupported_reason(engine.module, trains, stage)
+                   for role, engine, trains, stage in (("teacher", self.teacher, False, 0),
+                                                       ("student", self.student, trains_head, cfg.deepspeed.stage))}
+        fused = cfg.loss.fused and not any(reasons.values())
+        for role, reason in reasons.items():
+            if cfg.loss.fused and reason:
+                log.warning("loss: the %s cannot use the fused loss (%s); using full logits.", role, reason)
+        teacher, student = (Scorer(engine, self.vocab_size, fused) for engine in (self.teacher, self.student))
+        if fused:
+            for role, scorer in (("teacher", teacher), ("student", student)):
+                check_head_parity(role, scorer.engine, scorer.tap, scorer.head, self.rank.device)
+        self.chunk_size = cfg.loss.chunk_size or default_chunk_size(self.vocab_size)
+        log.info("loss: %s, %d tokens per chunk", "fused with both heads" if fused else "on full logits",
+                 self.chunk_size)
+        self.summary["loss/fused"] = fused
+        return teacher, student
+
     def _resume(self) -> int:
         root = checkpoints.find_resume_point(self.run_dir, self.cfg.resume)
         if root is None:
@@ -160,19 +185,28 @@ class DistillJob:
         scale = self.rank.world_size * cfg.train.grad_accum / max(global_tokens, 1.0)
         loss_sums = torch.zeros(3, dtype=torch.float64, device=self.rank.device)
         for index, batch in enumerate(batches):
-            batch = to_device(batch, self.rank.device)
-            teacher_logits = None
-            if cfg.loss.kind != "sft":
-                with torch.no_grad():
-                    teacher_logits = forward_logits(self.teacher, batch)
-            sums = micro_batch_sums(forward_logits(self.student, batch), teacher_logits, batch["labels"],
-                                    cfg.loss, self.vocab_size)
+            sums = self._micro_batch_sums(to_device(batch, self.rank.device))
             self.student.backward(sums.objective * scale)
             if measure_grad_norm and index == len(batches) - 1:
                 self.pre_step_grad_norm = self._replica_grad_norm()
             self.student.step()
             loss_sums += torch.stack([sums.objective.detach(), sums.kd, sums.ce]).double()
         return loss_sums, counts
+
+    def _micro_batch_sums(self, batch: dict):
+        """Teacher forward (no grad), student forward, and the objective's token sums."""
+        teacher, student = self.teacher_scorer, self.student_scorer
+        teacher_states = None
+        if self.cfg.loss.kind != "sft":
+            with torch.no_grad():
+                teacher_states = teacher.states(batch)
+        student_states = student.states(batch)
+        if not student.fused:
+            return micro_batch_sums(student_states, teacher_states, batch["labels"], self.cfg.loss, self.vocab_size)
+        teacher_heads = teacher.gathered() if teacher_states is not None else contextlib.nullcontext()
+        with teacher_heads, student.gathered():
+            return fused_micro_batch_sums(student_states, student.head, teacher_states, teacher.head,
+                                          batch["labels"], self.cfg.loss)
 
     def _replica_grad_norm(self) -> float | None:
         """DeepSpeed reports the gradient norm only on its ZeRO and mixed-precision paths; at
@@ -227,7 +261,8 @@ class DistillJob:
 
     # -------------------------------------------------------------------------------- evaluate
     def evaluate(self, step: int) -> dict:
-        metrics = evaluate(self.teacher, self.student, self.eval_batches, self.vocab_size, self.rank.device)
+        metrics = evaluate(self.teacher_scorer, self.student_scorer, self.eval_batches, self.rank.device,
+                           self.chunk_size)
         self.tracker.log_eval(step, metrics)
         return metrics
 

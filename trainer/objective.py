@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import masked_sum, per_token_divergence
+from trainer.losses import LMHead, fused_token_sums, masked_sum, per_token_divergence
 
 IGNORE_INDEX = -100
 
@@ -34,6 +34,29 @@ def next_token_view(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int)
     return logits[:, :-1, :vocab_size], labels[:, 1:]
 
 
+def kd_weight(loss_cfg) -> float:
+    """τ² keeps the soft-target gradients on the same scale as at τ=1 (Hinton et al., 2015)."""
+    return (1.0 - loss_cfg.ce_weight) * loss_cfg.temperature**2
+
+
+def fused_micro_batch_sums(student_hidden, student_head: LMHead, teacher_hidden, teacher_head: LMHead | None,
+                           labels, loss_cfg) -> TokenSums:
+    """The same sums as :func:`micro_batch_sums`, with the heads applied inside the loss.
+
+    student_hidden: [B, T, H_s]; teacher_hidden: [B, T, H_t] (None under sft); labels: [B, T]."""
+    targets = labels[:, 1:]
+    teacher = {}
+    if loss_cfg.kind != "sft":
+        teacher = {"teacher_hidden": teacher_hidden[:, :-1], "teacher_head": teacher_head}
+    sums = fused_token_sums(
+        student_hidden[:, :-1], student_head, targets, **teacher, kind=loss_cfg.kind if teacher else "fkl",
+        temperature=loss_cfg.temperature, beta=loss_cfg.beta, skew=loss_cfg.skew,
+        kd_weight=kd_weight(loss_cfg), ce_weight=1.0 if loss_cfg.kind == "sft" else loss_cfg.ce_weight,
+        ignore_index=IGNORE_INDEX, chunk_size=loss_cfg.chunk_size or None,
+    )
+    return TokenSums(sums.objective, sums.kd, sums.ce)
+
+
 def micro_batch_sums(student_logits, teacher_logits, labels, loss_cfg, vocab_size: int) -> TokenSums:
     """student_logits, teacher_logits: [B, T, V'] (teacher None under sft); labels: [B, T]."""
     student, targets = next_token_view(student_logits, labels, vocab_size)
@@ -48,7 +71,5 @@ def micro_batch_sums(student_logits, teacher_logits, labels, loss_cfg, vocab_siz
         beta=loss_cfg.beta, skew=loss_cfg.skew,
     )
     kd_sum = masked_sum(divergence, targets, ignore_index=IGNORE_INDEX)
-    # τ² keeps the soft-target gradients on the same scale as at τ=1 (Hinton et al., 2015).
-    kd_weight = (1.0 - loss_cfg.ce_weight) * loss_cfg.temperature**2
-    objective = kd_weight * kd_sum + loss_cfg.ce_weight * ce_sum
+    objective = kd_weight(loss_cfg) * kd_sum + loss_cfg.ce_weight * ce_sum
     return TokenSums(objective, kd_sum.detach(), ce_sum.detach())

@@ -1,4 +1,4 @@
-"""Distillation losses: pure functions from aligned student/teacher logits to a divergence.
+"""Dense divergences: pure functions from aligned student/teacher logits to a divergence.
 
 With ``p = softmax(teacher_logits / T)`` (teacher) and ``q = softmax(student_logits / T)``
 (student), each kind is, per position (sums run over the vocabulary):
@@ -132,10 +132,10 @@ def per_token_divergence(
             f"{list(teacher_logits.shape)} differ in shape; align positions and slice both to "
             "the shared vocabulary (logits[..., :V]) before calling."
         )
-    dtype = _compute_dtype(student_logits, teacher_logits)
-    log_p = _log_probs(teacher_logits, temperature, dtype)
-    log_q = _log_probs(student_logits, temperature, dtype)
-    return _divergence(kind, log_p, log_q, beta, skew)
+    dtype = compute_dtype(student_logits, teacher_logits)
+    log_p = tempered_log_probs(teacher_logits, temperature, dtype)
+    log_q = tempered_log_probs(student_logits, temperature, dtype)
+    return divergence_from_log_probs(kind, log_p, log_q, beta, skew)
 
 
 def masked_sum(values: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
@@ -157,7 +157,7 @@ def masked_sum(values: Tensor, labels: Tensor, ignore_index: int = -100) -> Tens
     return torch.where(labels != ignore_index, values, 0).sum()
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """float32, or float64 if any input is float64: bf16/fp16 are too coarse for log-ratios."""
     dtype = torch.float32
     for tensor in tensors:
@@ -165,7 +165,7 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def _log_probs(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+def tempered_log_probs(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
     """``[..., V]`` logits -> ``[..., V]`` log-probabilities in ``dtype``, never ``-inf``.
 
     A ``-inf`` log-probability turns ``0·log 0`` into NaN in the forward pass and
@@ -178,7 +178,7 @@ def _log_probs(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor
     return log_probs.clamp(min=torch.finfo(dtype).min)
 
 
-def _divergence(kind: str, log_p: Tensor, log_q: Tensor, beta: float, skew: float) -> Tensor:
+def divergence_from_log_probs(kind: str, log_p: Tensor, log_q: Tensor, beta: float, skew: float) -> Tensor:
     """Per-position divergence of ``kind`` from ``[..., V]`` teacher/student log-probs -> ``[...]``."""
     if kind == "fkl":
         return _kl(log_p, log_q)
@@ -193,7 +193,7 @@ def _divergence(kind: str, log_p: Tensor, log_q: Tensor, beta: float, skew: floa
         return _kl(log_q, _log_mixture(log_q, log_p, skew))
     if kind == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
-    raise AssertionError(f"unhandled kind {kind!r}; add it to _divergence.")
+    raise AssertionError(f"unhandled kind {kind!r}; add it to divergence_from_log_probs.")
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:

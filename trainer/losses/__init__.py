@@ -1,0 +1,28 @@
+"""Distillation losses: pure functions, tested on small random tensors.
+
+- :mod:`.divergence`: the six divergences on full ``[..., V]`` logits (``distill_loss``), the
+  reference every other path is tested against.
+- :mod:`.sparse`: the same against a sparse teacher (top-k log-probabilities and ids, from a
+  cache or an API), with the teacher's missing tail mass as one extra outcome.
+- :mod:`.fused`: the loss fused with both LM heads, chunk by chunk, never holding ``[N, V]``
+  logits; what the trainer runs by default.
+- :mod:`.head`: an LM head's weights and its model's quirks (soft-capping, logit scaling, bias,
+  padded vocabulary rows).
+"""
+
+from trainer.losses.divergence import (
+    KINDS,
+    distill_loss,
+    masked_sum,
+    per_token_divergence,
+    validate_loss_params,
+)
+from trainer.losses.fused import FusedSums, default_chunk_size, fused_distill_loss, fused_sparse_distill_loss, fused_token_sums
+from trainer.losses.head import LMHead, head_quirks
+from trainer.losses.sparse import SparseTeacher, sparse_distill_loss, sparse_per_token_divergence
+
+__all__ = [
+    "KINDS", "distill_loss", "masked_sum", "per_token_divergence", "validate_loss_params",
+    "FusedSums", "default_chunk_size", "fused_distill_loss", "fused_sparse_distill_loss", "fused_token_sums",
+    "LMHead", "head_quirks", "SparseTeacher", "sparse_distill_loss", "sparse_per_token_divergence",
+]

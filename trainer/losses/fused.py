@@ -1,0 +1,255 @@
+"""The distillation loss fused with both LM heads: chunks of tokens, never ``[N, V]`` logits.
+
+With a 152k vocabulary and 16k tokens, one model's float32 logits are ~10 GB, before softmax
+copies and gradients. Here the student's and teacher's heads are applied to ``chunk_size`` tokens
+at a time; each chunk's divergence and cross-entropy are computed, and their gradients with respect
+to that chunk's logits are turned at once into gradients for the student's hidden states and head
+weight. Backward then only scales those stored gradients, so nothing is recomputed and at most one
+chunk of logits (and its softmax intermediates) is alive at any moment.
+
+Only supervised positions are computed at all: prompt and padding tokens cost nothing.
+
+The per-chunk arithmetic is the dense path's own (:func:`per_token_divergence`,
+:func:`sparse_per_token_divergence`), so values and gradients match ``distill_loss`` on full logits
+up to float summation order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainer.losses.divergence import KINDS, per_token_divergence, validate_loss_params
+from trainer.losses.head import LMHead
+from trainer.losses.sparse import SparseTeacher, check_sparse_teacher, sparse_per_token_divergence
+
+# Elements of one chunk's [C, V] logits. Around ten float32 tensors of this size are alive while a
+# chunk is processed (logits, log-softmax, exp, products and their gradients): ~0.3 GB at 2**23.
+CHUNK_ELEMENTS = 2**23
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+@dataclass
+class FusedSums:
+    objective: Tensor
+    """Σ over supervised tokens of ``kd_weight·divergence + ce_weight·CE``; carries the gradient."""
+    kd: Tensor
+    """Σ of the divergence (detached); NaN when there is no teacher."""
+    ce: Tensor
+    """Σ of the student's cross-entropy on its targets at temperature 1 (detached)."""
+
+
+@dataclass
+class _Plan:
+    """Everything the autograd function needs besides the tensors it differentiates."""
+
+    head: LMHead
+    teacher: "LMHead | SparseTeacher | None"
+    teacher_hidden: Tensor | None
+    targets: Tensor
+    kind: str
+    temperature: float
+    beta: float
+    skew: float
+    kd_weight: float
+    ce_weight: float
+    ignore_index: int
+    chunk_size: int
+
+
+def fused_token_sums(
+    student_hidden: Tensor,
+    student_head: LMHead,
+    targets: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_head: LMHead | None = None,
+    sparse_teacher: SparseTeacher | None = None,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> FusedSums:
+    """Sums of the training objective over supervised tokens, with the heads applied chunk by chunk.
+
+    Args:
+        student_hidden: ``[..., H]`` last hidden states (the input of the student's head).
+        student_head: the student's head; gradients flow to ``student_hidden`` and, when they
+            require it, to ``student_head.weight`` and ``student_head.bias``.
+        targets: ``[...]`` next-token ids aligned with the hidden states; ``ignore_index`` masks.
+        teacher_hidden, teacher_head: a dense teacher (``[..., H_t]`` and its head), or
+        sparse_teacher: top-k ``[..., k]``; or neither, for cross-entropy only (``kd`` is NaN).
+        kd_weight, ce_weight: the objective is ``kd_weight·Σ divergence + ce_weight·Σ CE``.
+
+    Returns:
+        :class:`FusedSums` of float32 scalars (float64 for float64 inputs).
+    """
+    dense = teacher_head is not None
+    if dense != (teacher_hidden is not None) or (dense and sparse_teacher is not None):
+        raise ValueError("pass a dense teacher (teacher_hidden and teacher_head) or a sparse_teacher, not both.")
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    if flat_targets.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"student_hidden has {hidden.shape[0]} positions but targets {flat_targets.shape[0]}; "
+            "shift both the same way before calling."
+        )
+    teacher = teacher_head if dense else sparse_teacher
+    if teacher is not None:
+        validate_loss_params(kind, temperature, beta, skew)
+        if kind not in KINDS:
+            raise ValueError(f"loss.kind={kind!r} has no divergence; use one of {', '.join(KINDS)}.")
+    if sparse_teacher is not None:
+        check_sparse_teacher(sparse_teacher, student_head.rows, targets.shape)
+        teacher = sparse_teacher.flatten()
+    if dense:
+        teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        if teacher_head.rows != student_head.rows:
+            raise ValueError(
+                f"the student scores {student_head.rows} ids and the teacher {teacher_head.rows}; "
+                "set vocab_size on both heads to the shared tokenizer's size."
+            )
+    plan = _Plan(
+        head=student_head, teacher=teacher, teacher_hidden=teacher_hidden, targets=flat_targets,
+        kind=kind, temperature=temperature, beta=beta, skew=skew, kd_weight=kd_weight,
+        ce_weight=ce_weight, ignore_index=ignore_index,
+        chunk_size=chunk_size or default_chunk_size(student_head.rows),
+    )
+    objective, kd, ce = _FusedHeadLoss.apply(hidden, student_head.weight, student_head.bias, plan)
+    return FusedSums(objective, kd, ce)
+
+
+def fused_distill_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Tensor,
+    *,
+    kind: str,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``distill_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, labels)``
+    without ever holding the ``[N, V]`` logits of either model.
+
+    Args:
+        student_hidden: ``[..., H_s]``; student_weight: ``[V, H_s]``.
+        teacher_hidden: ``[..., H_t]``; teacher_weight: ``[V, H_t]`` (frozen: no gradient).
+        labels: ``[...]``, used only as a mask.
+        chunk_size: tokens per chunk; default keeps one chunk's logits near 2**23 elements.
+
+    Returns:
+        The mean divergence over unmasked positions: a scalar, 0 when all are masked.
+    """
+    sums = fused_token_sums(
+        student_hidden, LMHead(student_weight), labels, teacher_hidden=teacher_hidden,
+        teacher_head=LMHead(teacher_weight.detach()), kind=kind, temperature=temperature, beta=beta,
+        skew=skew, ignore_index=ignore_index, chunk_size=chunk_size,
+    )
+    return sums.objective / (labels != ignore_index).sum().clamp(min=1)
+
+
+def fused_sparse_distill_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: SparseTeacher,
+    labels: Tensor,
+    *,
+    kind: str,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``sparse_distill_loss(student_hidden @ student_weight.T, teacher, labels)``, chunked the same way."""
+    sums = fused_token_sums(
+        student_hidden, LMHead(student_weight), labels, sparse_teacher=teacher, kind=kind,
+        temperature=temperature, beta=beta, skew=skew, ignore_index=ignore_index, chunk_size=chunk_size,
+    )
+    return sums.objective / (labels != ignore_index).sum().clamp(min=1)
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Forward computes the sums and, chunk by chunk, the gradients; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan):
+        wants = ctx.needs_input_grad[:3]
+        accumulator = torch.promote_types(hidden.dtype, torch.float32)
+        grad_hidden = torch.zeros(hidden.shape, dtype=accumulator, device=hidden.device) if wants[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=accumulator, device=weight.device) if wants[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=accumulator, device=bias.device) if wants[2] else None
+        kd_total = torch.zeros((), dtype=accumulator, device=hidden.device)
+        ce_total = torch.zeros((), dtype=accumulator, device=hidden.device)
+        supervised = (plan.targets != plan.ignore_index).nonzero().squeeze(1)
+        for start in range(0, supervised.numel(), plan.chunk_size):
+            index = supervised[start:start + plan.chunk_size]
+            rows = hidden.index_select(0, index)
+            logits = plan.head.projection(rows, weight, bias).detach().requires_grad_(any(wants))
+            with torch.enable_grad():
+                kd, ce = _chunk_sums(logits, index, plan)
+                objective = plan.ce_weight * ce + (plan.kd_weight * kd if kd is not None else 0.0)
+            if any(wants):
+                (grad_logits,) = torch.autograd.grad(objective, logits)
+                _accumulate(grad_logits, rows, index, weight, plan.head.rows, grad_hidden, grad_weight, grad_bias)
+            ce_total += ce.detach()
+            if kd is not None:
+                kd_total += kd.detach()
+        if plan.teacher is None:
+            kd_total.fill_(float("nan"))
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.wants = wants
+        objective_total = plan.ce_weight * ce_total + (plan.kd_weight * kd_total if plan.teacher is not None else 0.0)
+        ctx.mark_non_differentiable(kd_total, ce_total)
+        return objective_total, kd_total, ce_total
+
+    @staticmethod
+    def backward(ctx, grad_objective: Tensor, _grad_kd, _grad_ce):
+        grads = []
+        for wanted, stored, dtype in zip(ctx.wants, ctx.saved_tensors, ctx.dtypes):
+            grads.append((stored * grad_objective).to(dtype) if wanted else None)
+        return (*grads, None)
+
+
+def _chunk_sums(logits: Tensor, index: Tensor, plan: _Plan) -> tuple[Tensor | None, Tensor]:
+    """Σ divergence (None without a teacher) and Σ CE over one chunk of projected student logits ``[C, V]``."""
+    student = plan.head.finish(logits)
+    ce = F.cross_entropy(student, plan.targets.index_select(0, index), reduction="sum")
+    if plan.teacher is None:
+        return None, ce
+    settings = dict(kind=plan.kind, temperature=plan.temperature, beta=plan.beta, skew=plan.skew)
+    if isinstance(plan.teacher, SparseTeacher):
+        divergence = sparse_per_token_divergence(student, plan.teacher.rows(index), **settings)
+    else:
+        with torch.no_grad():
+            teacher = plan.teacher.logits(plan.teacher_hidden.index_select(0, index))
+        divergence = per_token_divergence(student, teacher, **settings)
+    return divergence.sum(), ce
+
+
+def _accumulate(grad_logits, rows, index, weight, vocab_rows, grad_hidden, grad_weight, grad_bias) -> None:
+    """Chain one chunk's ``[C, V]`` logit gradient through ``rows @ weight[:V].T + bias[:V]``."""
+    # The matmuls run in the weight's dtype, as autograd would run the head's own backward.
+    grad_logits = grad_logits.to(weight.dtype)
+    if grad_hidden is not None:
+        grad_hidden.index_copy_(0, index, (grad_logits @ weight[:vocab_rows]).to(grad_hidden.dtype))
+    if grad_weight is not None:
+        grad_weight[:vocab_rows].add_(grad_logits.T @ rows.to(weight.dtype))
+    if grad_bias is not None:
+        grad_bias[:vocab_rows].add_(grad_logits.sum(dim=0))

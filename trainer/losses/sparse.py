@@ -1,0 +1,168 @@
+"""Divergences against a sparse teacher: its top-k log-probabilities and their token ids.
+
+This is the form an offline teacher cache or an API (``top_logprobs``) gives: for each position,
+``k`` token ids and the teacher's log-probabilities of them at temperature 1. The rest of the
+teacher's distribution, the tail, is unknown token by token; only its total mass
+``1 − Σ top-k probabilities`` is known.
+
+How the tail is handled: both distributions are reduced to ``k + 1`` outcomes — the teacher's
+``k`` tokens plus one "any other token" outcome. The teacher's tail outcome carries its missing
+mass; the student's carries the sum of its probabilities of every token outside the teacher's
+top-k. The divergence of ``kind`` is then taken between these two ``(k+1)``-outcome distributions.
+
+- Temperature: the student is tempered over its full vocabulary before its tail is summed. The
+  teacher's ``k + 1`` log-probabilities are divided by ``T`` and renormalised, so its tail is
+  tempered as one outcome (the only choice when its tail tokens are unknown).
+- When the teacher's tail mass is 0 (its top-k holds all of its mass), the result equals the dense
+  loss exactly, for every kind and temperature: each kind's per-token term is then linear in the
+  student's tail probabilities, so summing them changes nothing.
+- Otherwise, at ``T = 1``, it is a lower bound of the dense loss: all six kinds are f-divergences,
+  and merging outcomes never increases an f-divergence. With ``k = 64`` the missing mass of a
+  trained LM is usually well under 1%.
+- ``rkl`` is infinite wherever the teacher's listed mass is (or rounds to) 1 while the student
+  keeps some mass elsewhere, as it is on dense logits with a zero probability; with a sparse
+  teacher prefer ``srkl`` (bounded by ``log(1/skew)``) for a mode-seeking loss.
+- Entries with id ``-1`` are padding (fewer than ``k`` were available, e.g. an API returned 5);
+  they carry no mass. Ids must otherwise be distinct within a position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainer.losses.divergence import (
+    KINDS,
+    compute_dtype,
+    divergence_from_log_probs,
+    masked_sum,
+    tempered_log_probs,
+    validate_loss_params,
+)
+
+PADDING_ID = -1
+
+
+@dataclass
+class SparseTeacher:
+    """The teacher's top-k at each position.
+
+    logprobs: ``[..., k]`` log-probabilities at temperature 1 (any float dtype; fp16/bf16 in a cache).
+    ids: ``[..., k]`` token ids (int32 or int64), ``-1`` for padding entries.
+    """
+
+    logprobs: Tensor
+    ids: Tensor
+
+    def flatten(self) -> "SparseTeacher":
+        """``[..., k]`` -> ``[N, k]``, matching labels flattened to ``[N]``."""
+        return SparseTeacher(self.logprobs.reshape(-1, self.logprobs.shape[-1]), self.ids.reshape(-1, self.ids.shape[-1]))
+
+    def rows(self, index: Tensor) -> "SparseTeacher":
+        """The positions in ``index`` (1-D) of a flattened teacher."""
+        return SparseTeacher(self.logprobs.index_select(0, index), self.ids.index_select(0, index))
+
+
+def check_sparse_teacher(teacher: SparseTeacher, vocab_size: int, positions_shape: torch.Size) -> None:
+    """Raise ``ValueError`` naming the problem if ``teacher`` cannot be scored against ``vocab_size``."""
+    if teacher.logprobs.shape != teacher.ids.shape:
+        raise ValueError(
+            f"sparse teacher logprobs {list(teacher.logprobs.shape)} and ids {list(teacher.ids.shape)} "
+            "differ in shape; store one id per log-probability."
+        )
+    if teacher.ids.shape[:-1] != positions_shape:
+        raise ValueError(
+            f"sparse teacher covers positions {list(teacher.ids.shape[:-1])} but the student has "
+            f"{list(positions_shape)}; align both with the labels (the caller shifts)."
+        )
+    if teacher.ids.numel() == 0:
+        return
+    real = teacher.ids[teacher.ids != PADDING_ID]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab_size):
+        raise ValueError(
+            f"sparse teacher ids lie in [{int(real.min())}, {int(real.max())}] but the vocabulary has "
+            f"{vocab_size} ids; use -1 for padding entries and ids from the shared tokenizer."
+        )
+    ordered = teacher.ids.sort(dim=-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] != PADDING_ID)
+    if bool(repeated.any()):
+        raise ValueError("a sparse teacher position lists the same token id twice; store each top-k id once.")
+
+
+def sparse_per_token_divergence(
+    student_logits: Tensor,
+    teacher: SparseTeacher,
+    *,
+    kind: str,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> Tensor:
+    """Divergence of the student from a sparse teacher at every position, with no masking.
+
+    Args:
+        student_logits: ``[..., V]``.
+        teacher: top-k of shape ``[..., k]``.
+
+    Returns:
+        ``[...]`` in float32 (float64 for float64 logits).
+    """
+    validate_loss_params(kind, temperature, beta, skew)
+    if kind not in KINDS:
+        raise ValueError(f"loss.kind={kind!r} has no divergence; use one of {', '.join(KINDS)}.")
+    log_p, log_q = coarse_log_probs(student_logits, teacher, temperature)
+    return divergence_from_log_probs(kind, log_p, log_q, beta, skew)
+
+
+def sparse_distill_loss(
+    student_logits: Tensor,
+    teacher: SparseTeacher,
+    labels: Tensor,
+    *,
+    kind: str,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Mean sparse divergence over the positions whose label is not ``ignore_index``.
+
+    The sparse counterpart of :func:`trainer.losses.distill_loss`: same masking, same mean, 0 when
+    every position is masked. ``student_logits`` ``[..., V]``, ``teacher`` ``[..., k]``, labels ``[...]``.
+    """
+    check_sparse_teacher(teacher, student_logits.shape[-1], student_logits.shape[:-1])
+    divergence = sparse_per_token_divergence(
+        student_logits, teacher, kind=kind, temperature=temperature, beta=beta, skew=skew
+    )
+    token_count = (labels != ignore_index).sum().clamp(min=1)
+    return masked_sum(divergence, labels, ignore_index) / token_count
+
+
+def coarse_log_probs(student_logits: Tensor, teacher: SparseTeacher, temperature: float) -> tuple[Tensor, Tensor]:
+    """Teacher and student log-probabilities over the ``k + 1`` outcomes (top-k, then the tail).
+
+    ``[..., V]`` logits and a ``[..., k]`` teacher -> two ``[..., k+1]`` tensors, never ``-inf``.
+    """
+    dtype = compute_dtype(student_logits, teacher.logprobs)
+    floor = torch.finfo(dtype).min
+    padding = teacher.ids == PADDING_ID
+    log_q = tempered_log_probs(student_logits, temperature, dtype)
+    # One extra column of -inf gives padding entries somewhere harmless to point: the gather
+    # reads -inf for them and the scatter below writes -inf over it, whatever the real ids are.
+    with_sink = F.pad(log_q, (0, 1), value=float("-inf"))
+    ids = torch.where(padding, log_q.shape[-1], teacher.ids.long())
+    student_top = with_sink.gather(-1, ids)
+    student_tail = with_sink.scatter(-1, ids, float("-inf")).logsumexp(dim=-1, keepdim=True)
+    log_q_coarse = torch.cat([student_top, student_tail], dim=-1).clamp(min=floor)
+
+    teacher_top = torch.where(padding, float("-inf"), teacher.logprobs.to(dtype))
+    covered = teacher_top.logsumexp(dim=-1, keepdim=True)
+    # log(1 − Σ top-k); rounding in a fp16 cache can push the sum to 1 or past it: the tail is 0 then.
+    teacher_tail = torch.where(covered < 0, torch.log(-torch.expm1(covered.clamp(max=-1e-30))), float("-inf"))
+    # With every token in the top-k there is no tail outcome; rounding must not invent one.
+    teacher_tail = torch.where(student_tail == float("-inf"), float("-inf"), teacher_tail)
+    log_p_coarse = F.log_softmax(torch.cat([teacher_top, teacher_tail], dim=-1) / temperature, dim=-1)
+    return log_p_coarse.clamp(min=floor), log_q_coarse
