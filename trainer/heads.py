@@ -123,8 +123,9 @@ class Scorer:
 
     def __init__(self, engine, vocab_size: int, fused: bool):
         self.engine, self.vocab_size, self.fused = engine, vocab_size, fused
-        self.head = model_head(engine.module, vocab_size) if fused else None
-        self.tap = HiddenTap(engine.module) if fused else None
+        model = getattr(engine, "module", engine)  # a DeepSpeed engine, or a bare model
+        self.head = model_head(model, vocab_size) if fused else None
+        self.tap = HiddenTap(model) if fused else None
 
     def states(self, batch: dict) -> torch.Tensor:
         if self.fused:

@@ -1,0 +1,53 @@
+"""The loss is normalised once, by the step's global token count: how a step's rows are split
+into micro-batches and ranks, and whether the heads are fused, must not change losses or gradients.
+
+Rows here have 3 or 4 supervised tokens, so a per-micro-batch mean would weight them differently
+and fail these tests. Gradients are compared through what they produce: the gradient norm DeepSpeed
+or the trainer reports at every step, and the adapter after three AdamW steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import read_jsonl, run_cli, tiny_overrides
+from safetensors.torch import load_file
+from test_e2e import assert_ok
+
+pytestmark = pytest.mark.slow
+
+COMMON = ("train.max_steps=3", "train.lr=0.02", "loss.kind=jsd", "loss.temperature=2.0", "loss.ce_weight=0.3")
+
+
+def run_job(tiny, tmp_path, name: str, *overrides: str, nproc: int = 1):
+    run_dir = tmp_path / name
+    assert_ok(run_cli(tiny_overrides(tiny, run_dir, tmp_path / "cache", *COMMON, *overrides), nproc=nproc))
+    return read_jsonl(run_dir / "metrics.jsonl"), load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_training(left, right, rel=1e-5):
+    (left_metrics, left_adapter), (right_metrics, right_adapter) = left, right
+    assert len(left_metrics) == len(right_metrics) == 3
+    for a, b in zip(left_metrics, right_metrics):
+        for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=rel), (key, a, b)
+    assert left_adapter.keys() == right_adapter.keys()
+    for key in left_adapter:
+        torch.testing.assert_close(left_adapter[key], right_adapter[key], rtol=1e-4, atol=1e-5)
+
+
+def test_micro_batch_1_times_accumulation_8_equals_micro_batch_8_times_accumulation_1(tiny, tmp_path):
+    one_by_eight = run_job(tiny, tmp_path, "mb1xacc8", "train.micro_batch_size=1", "train.grad_accum=8")
+    eight_by_one = run_job(tiny, tmp_path, "mb8xacc1", "train.micro_batch_size=8", "train.grad_accum=1")
+    assert_same_training(one_by_eight, eight_by_one)
+
+
+def test_two_ranks_under_zero3_with_a_sharded_teacher_equal_one_rank(tiny, tmp_path):
+    two_ranks = run_job(tiny, tmp_path, "two", "deepspeed=zero3", "train.micro_batch_size=4", nproc=2)
+    one_rank = run_job(tiny, tmp_path, "one", "deepspeed=zero3", "train.micro_batch_size=8")
+    assert_same_training(two_ranks, one_rank)
+
+
+def test_the_fused_loss_trains_exactly_like_the_full_logits_loss(tiny, tmp_path):
+    fused = run_job(tiny, tmp_path, "fused", "train.micro_batch_size=8", "loss.chunk_size=5")
+    full_logits = run_job(tiny, tmp_path, "logits", "train.micro_batch_size=8", "loss.fused=false")
+    assert_same_training(fused, full_logits)
