@@ -307,3 +307,11 @@ def test_sparse_ids_out_of_range_or_repeated_are_refused():
         sparse_distill_loss(student, SparseTeacher(logprobs, torch.tensor([[0, 10]] * 3)), labels, kind="fkl")
     with pytest.raises(ValueError, match="same token id twice"):
         sparse_distill_loss(student, SparseTeacher(logprobs, torch.tensor([[4, 4]] * 3)), labels, kind="fkl")
+
+
+def test_a_second_backward_through_the_same_loss_is_refused():
+    sh, sw, th, tw, labels = make_inputs()
+    loss = fused_distill_loss(sh, sw, th, tw, labels, kind="fkl")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()

@@ -9,8 +9,8 @@ chunk of logits (and its softmax intermediates) is alive at any moment.
 
 Only supervised positions are computed at all: prompt and padding tokens cost nothing.
 
-The per-chunk arithmetic is the dense path's own (:func:`per_token_divergence`,
-:func:`sparse_per_token_divergence`), so values and gradients match ``distill_loss`` on full logits
+The per-chunk arithmetic is the dense path's own (the same tempered log-softmax and divergence
+functions, :func:`sparse_per_token_divergence` for a sparse teacher), so values and gradients match ``distill_loss`` on full logits
 up to float summation order.
 """
 
@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.losses.divergence import KINDS, per_token_divergence, validate_loss_params
+from trainer.losses.divergence import (
+    KINDS,
+    compute_dtype,
+    divergence_from_log_probs,
+    tempered_log_probs,
+    validate_loss_params,
+)
 from trainer.losses.head import LMHead
 from trainer.losses.sparse import SparseTeacher, check_sparse_teacher, sparse_per_token_divergence
 
@@ -215,31 +221,44 @@ class _FusedHeadLoss(torch.autograd.Function):
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.wants = wants
+        ctx.used = False
         objective_total = plan.ce_weight * ce_total + (plan.kd_weight * kd_total if plan.teacher is not None else 0.0)
         ctx.mark_non_differentiable(kd_total, ce_total)
         return objective_total, kd_total, ce_total
 
     @staticmethod
     def backward(ctx, grad_objective: Tensor, _grad_kd, _grad_ce):
+        if ctx.used:
+            raise RuntimeError("fused_distill_loss supports one backward pass per forward; recompute the loss instead of retain_graph=True.")
+        ctx.used = True
         grads = []
         for wanted, stored, dtype in zip(ctx.wants, ctx.saved_tensors, ctx.dtypes):
-            grads.append((stored * grad_objective).to(dtype) if wanted else None)
+            # In place: the stored gradient is used once, and a [V, H] copy is the largest tensor here.
+            grads.append(stored.mul_(grad_objective).to(dtype) if wanted else None)
         return (*grads, None)
 
 
 def _chunk_sums(logits: Tensor, index: Tensor, plan: _Plan) -> tuple[Tensor | None, Tensor]:
     """Σ divergence (None without a teacher) and Σ CE over one chunk of projected student logits ``[C, V]``."""
     student = plan.head.finish(logits)
-    ce = F.cross_entropy(student, plan.targets.index_select(0, index), reduction="sum")
+    targets = plan.targets.index_select(0, index)
     if plan.teacher is None:
-        return None, ce
-    settings = dict(kind=plan.kind, temperature=plan.temperature, beta=plan.beta, skew=plan.skew)
+        return None, F.cross_entropy(student, targets, reduction="sum")
+    settings = dict(beta=plan.beta, skew=plan.skew)
     if isinstance(plan.teacher, SparseTeacher):
-        divergence = sparse_per_token_divergence(student, plan.teacher.rows(index), **settings)
+        divergence = sparse_per_token_divergence(student, plan.teacher.rows(index), kind=plan.kind,
+                                                 temperature=plan.temperature, **settings)
+        return divergence.sum(), F.cross_entropy(student, targets, reduction="sum")
+    with torch.no_grad():
+        teacher = plan.teacher.logits(plan.teacher_hidden.index_select(0, index))
+        log_p = tempered_log_probs(teacher, plan.temperature, compute_dtype(student, teacher))
+    log_q = tempered_log_probs(student, plan.temperature, log_p.dtype)
+    divergence = divergence_from_log_probs(plan.kind, log_p, log_q, **settings)
+    if plan.temperature == 1.0:
+        # The student's log-softmax at T=1 is already there: CE is one gather, not another pass.
+        ce = -log_q.gather(1, targets.unsqueeze(1)).sum()
     else:
-        with torch.no_grad():
-            teacher = plan.teacher.logits(plan.teacher_hidden.index_select(0, index))
-        divergence = per_token_divergence(student, teacher, **settings)
+        ce = F.cross_entropy(student, targets, reduction="sum")
     return divergence.sum(), ce
 
 
