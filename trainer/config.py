@@ -89,7 +89,7 @@ class LossConfig:
     """Apply both LM heads inside the loss, chunk by chunk, never holding [tokens, vocab] logits.
     false: the models return full logits (for an architecture the fused path cannot serve)."""
     chunk_size: int = 0
-    """Tokens per chunk of the fused loss; 0 picks one chunk's logits near 2**23 elements."""
+    """Tokens per chunk of the fused loss; 0: 2**23 // vocabulary size, at least 256."""
 
 
 @dataclass

@@ -142,14 +142,7 @@ class DistillJob:
     def _build_scorers(self) -> tuple[Scorer, Scorer]:
         """Fused heads unless configured off or a model cannot take them; proven on a probe."""
         cfg = self.cfg
-        trains_head = cfg.peft.kind == "none"
-        reasons = {role: fused_unsupported_reason(engine.module, trains, stage)
-                   for role, engine, trains, stage in (("teacher", self.teacher, False, 0),
-                                                       ("student", self.student, trains_head, cfg.deepspeed.stage))}
-        fused = cfg.loss.fused and not any(reasons.values())
-        for role, reason in reasons.items():
-            if cfg.loss.fused and reason:
-                log.warning("loss: the %s cannot use the fused loss (%s); using full logits.", role, reason)
+        fused = cfg.loss.fused and self._fused_loss_fits()
         teacher, student = (Scorer(engine, self.vocab_size, fused) for engine in (self.teacher, self.student))
         if fused:
             for role, scorer in (("teacher", teacher), ("student", student)):
@@ -159,6 +152,16 @@ class DistillJob:
                  self.chunk_size)
         self.summary["loss/fused"] = fused
         return teacher, student
+
+    def _fused_loss_fits(self) -> bool:
+        cfg = self.cfg
+        reasons = {"teacher": fused_unsupported_reason(self.teacher.module, trains_head=False, zero_stage=0),
+                   "student": fused_unsupported_reason(self.student.module, trains_head=cfg.peft.kind == "none",
+                                                       zero_stage=cfg.deepspeed.stage)}
+        for role, reason in reasons.items():
+            if reason:
+                log.warning("loss: the %s cannot use the fused loss (%s); using full logits.", role, reason)
+        return not any(reasons.values())
 
     def _resume(self) -> int:
         root = checkpoints.find_resume_point(self.run_dir, self.cfg.resume)

@@ -35,10 +35,15 @@ from trainer.losses.sparse import SparseTeacher, check_sparse_teacher, sparse_pe
 # Elements of one chunk's [C, V] logits. Around ten float32 tensors of this size are alive while a
 # chunk is processed (logits, log-softmax, exp, products and their gradients): ~0.3 GB at 2**23.
 CHUNK_ELEMENTS = 2**23
+# Each chunk streams both head weights and the [V, H] weight gradient through memory once, so too
+# few tokens per chunk leaves the matmuls memory-bound: at V=128k, 64 tokens per chunk ran 1.4x
+# slower than full logits on the benchmark CPU, 256 tokens 1.04x (docs/benchmarks.md).
+MIN_CHUNK_TOKENS = 256
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    return max(1, CHUNK_ELEMENTS // vocab_size)
+    """Tokens per chunk: one chunk's logits near 2**23 elements, but never fewer than 256 tokens."""
+    return max(MIN_CHUNK_TOKENS, CHUNK_ELEMENTS // vocab_size)
 
 
 @dataclass
@@ -156,7 +161,7 @@ def fused_distill_loss(
         student_hidden: ``[..., H_s]``; student_weight: ``[V, H_s]``.
         teacher_hidden: ``[..., H_t]``; teacher_weight: ``[V, H_t]`` (frozen: no gradient).
         labels: ``[...]``, used only as a mask.
-        chunk_size: tokens per chunk; default keeps one chunk's logits near 2**23 elements.
+        chunk_size: tokens per chunk; default :func:`default_chunk_size`.
 
     Returns:
         The mean divergence over unmasked positions: a scalar, 0 when all are masked.
