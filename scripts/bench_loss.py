@@ -150,8 +150,8 @@ def machine_line(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {cores} cores, {memory:.0f} GiB, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def format_bytes(value):
-    return "OOM" if value is None else f"{value / GIB:.2f} GiB"
+def format_bytes(value: int) -> str:
+    return f"{value / GIB:.2f} GiB"
 
 
 def main() -> None:
@@ -176,25 +176,28 @@ def main() -> None:
                 row = {"kind": kind, "vocab": vocab, "tokens": tokens, "hidden": args.hidden, "chunk": chunk,
                        "dtype": args.dtype, "device": machine_line(device), "plain": plain, "fused": fused}
                 rows.append(row)
-                print(table_row(row), flush=True)
+                print(table_row(row, args.memory_limit_gb), flush=True)
             del inputs
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
 
-def table_row(row: dict) -> str:
+def table_row(row: dict, memory_limit_gb: float) -> str:
     plain, fused = row["plain"], row["fused"]
     if plain["oom"]:
-        limit = "the limit"
-        memory_ratio, time_ratio, gap = f"> {limit} / fused", "n/a", "n/a"
+        # The plain path needs more than the limit, so the true ratio is larger than this bound.
+        plain_peak = f"OOM at {memory_limit_gb:g} GiB"
+        memory_ratio = f"> {memory_limit_gb * GIB / max(fused['peak_extra_bytes'], 1):.1f}x"
+        time_ratio, gap = "n/a", "n/a"
     else:
+        plain_peak = format_bytes(plain["peak_extra_bytes"])
         memory_ratio = f"{plain['peak_extra_bytes'] / max(fused['peak_extra_bytes'], 1):.1f}x"
         time_ratio = f"{fused['seconds'] / plain['seconds']:.2f}"
         gap = f"{abs(fused['loss'] - plain['loss']):.1e}"
-    seconds = lambda m: "OOM" if m["oom"] else f"{m['seconds']:.2f}"  # noqa: E731
-    return (f"| {row['kind']} | {row['vocab']} | {row['tokens']} | {row['chunk']} | "
-            f"{format_bytes(plain['peak_extra_bytes'])} | {format_bytes(fused['peak_extra_bytes'])} | "
-            f"{memory_ratio} | {seconds(plain)} | {seconds(fused)} | {time_ratio} | {gap} |")
+    seconds = "OOM" if plain["oom"] else f"{plain['seconds']:.2f}"
+    return (f"| {row['kind']} | {row['vocab']} | {row['tokens']} | {row['chunk']} | {plain_peak} | "
+            f"{format_bytes(fused['peak_extra_bytes'])} | {memory_ratio} | {seconds} | {fused['seconds']:.2f} | "
+            f"{time_ratio} | {gap} |")
 
 
 if __name__ == "__main__":
