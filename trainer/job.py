@@ -37,10 +37,12 @@ class DistillJob:
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        torch.manual_seed(cfg.train.seed)  # same LoRA initialisation on every rank
         self._materialise_demo()
         self.tokenizer, self.vocab_size = self._check_models_fit()
         self._load_data()
+        # Seeded here, after anything that may draw random numbers (building the demo's teacher on a
+        # cold cache does): the same LoRA initialisation on every rank, cold cache or warm.
+        torch.manual_seed(cfg.train.seed)
         self.teacher = self._build_teacher()
         self.student = self._build_student()
         self.teacher_scorer, self.student_scorer = self._build_scorers()
