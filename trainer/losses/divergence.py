@@ -68,6 +68,15 @@ def validate_loss_params(kind: str, temperature: float, beta: float, skew: float
         )
 
 
+def validate_divergence_params(kind: str, temperature: float, beta: float, skew: float) -> None:
+    """:func:`validate_loss_params`, and ``kind`` must be a divergence (not ``sft``)."""
+    validate_loss_params(kind, temperature, beta, skew)
+    if kind not in KINDS:
+        raise ValueError(
+            f"loss.kind={kind!r} uses hard labels only and has no divergence; use one of {', '.join(KINDS)}."
+        )
+
+
 def distill_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -120,12 +129,7 @@ def per_token_divergence(
     Returns:
         ``[...]`` in float32, or float64 if either input is float64.
     """
-    validate_loss_params(kind, temperature, beta, skew)
-    if kind not in KINDS:
-        raise ValueError(
-            f"loss.kind={kind!r} uses hard labels only and has no divergence; "
-            f"call per_token_divergence with one of {', '.join(KINDS)}."
-        )
+    validate_divergence_params(kind, temperature, beta, skew)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits {list(student_logits.shape)} and teacher_logits "

@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.losses.divergence import (
-    KINDS,
     compute_dtype,
     divergence_from_log_probs,
     tempered_log_probs,
-    validate_loss_params,
+    validate_divergence_params,
 )
 from trainer.losses.head import LMHead
 from trainer.losses.sparse import SparseTeacher, check_sparse_teacher, sparse_per_token_divergence
@@ -117,9 +116,7 @@ def fused_token_sums(
         )
     teacher = teacher_head if dense else sparse_teacher
     if teacher is not None:
-        validate_loss_params(kind, temperature, beta, skew)
-        if kind not in KINDS:
-            raise ValueError(f"loss.kind={kind!r} has no divergence; use one of {', '.join(KINDS)}.")
+        validate_divergence_params(kind, temperature, beta, skew)
     if sparse_teacher is not None:
         check_sparse_teacher(sparse_teacher, student_head.rows, targets.shape)
         teacher = sparse_teacher.flatten()

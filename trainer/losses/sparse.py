@@ -35,12 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.losses.divergence import (
-    KINDS,
     compute_dtype,
     divergence_from_log_probs,
     masked_sum,
     tempered_log_probs,
-    validate_loss_params,
+    validate_divergence_params,
 )
 
 PADDING_ID = -1
@@ -110,9 +109,7 @@ def sparse_per_token_divergence(
     Returns:
         ``[...]`` in float32 (float64 for float64 logits).
     """
-    validate_loss_params(kind, temperature, beta, skew)
-    if kind not in KINDS:
-        raise ValueError(f"loss.kind={kind!r} has no divergence; use one of {', '.join(KINDS)}.")
+    validate_divergence_params(kind, temperature, beta, skew)
     log_p, log_q = coarse_log_probs(student_logits, teacher, temperature)
     return divergence_from_log_probs(kind, log_p, log_q, beta, skew)
 
