@@ -20,12 +20,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
 
 
-def tiny_llama_config(vocab_size: int, layers: int, hidden: int = 64):
+def tiny_llama_config(vocab_size: int, layers: int, hidden: int = 64, tie_word_embeddings: bool = False):
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 
@@ -65,6 +66,8 @@ def tiny(tmp_path_factory) -> dict:
     return {
         "teacher": save_model(tiny_llama_config(vocab + 3, layers=2), tokenizer, root / "teacher", seed=1),
         "student": save_model(tiny_llama_config(vocab, layers=1), tokenizer, root / "student", seed=2),
+        "student_tied": save_model(tiny_llama_config(vocab, layers=1, tie_word_embeddings=True), tokenizer,
+                                   root / "student_tied", seed=2),
         "train": write_jsonl(root / "train.jsonl", arithmetic_rows(64, seed=3)),
         "eval": write_jsonl(root / "eval.jsonl", arithmetic_rows(16, seed=4)),
         "root": root,

@@ -109,15 +109,6 @@ def test_full_fine_tuning_under_zero2_saves_a_loadable_student(tiny, tmp_path):
     assert model.config.num_hidden_layers == 1
 
 
-def test_a_trainable_head_under_zero3_falls_back_to_full_logits_and_says_so(tiny, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_cli(tiny_overrides(tiny, run_dir, tmp_path / "cache", "peft=none", "deepspeed=zero3",
-                                  "train.max_steps=2"), nproc=2)
-    assert_ok(proc)
-    assert "cannot use the fused loss (a trainable output head under ZeRO-3" in proc.stderr + proc.stdout
-    assert json.loads((run_dir / "summary.json").read_text())["loss/fused"] is False
-
-
 def test_different_tokenizers_stop_the_job_before_weights_load(tiny, tmp_path):
     from transformers import AutoTokenizer
 

@@ -7,6 +7,8 @@ or the trainer reports at every step, and the adapter after three AdamW steps.""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import read_jsonl, run_cli, tiny_overrides
@@ -21,7 +23,10 @@ COMMON = ("train.max_steps=3", "train.lr=0.02", "loss.kind=jsd", "loss.temperatu
 def run_job(tiny, tmp_path, name: str, *overrides: str, nproc: int = 1):
     run_dir = tmp_path / name
     assert_ok(run_cli(tiny_overrides(tiny, run_dir, tmp_path / "cache", *COMMON, *overrides), nproc=nproc))
-    return read_jsonl(run_dir / "metrics.jsonl"), load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    weights = run_dir / "adapter" / "adapter_model.safetensors"
+    if "peft=none" in overrides:
+        weights = run_dir / "model" / "model.safetensors"
+    return read_jsonl(run_dir / "metrics.jsonl"), load_file(weights)
 
 
 def assert_same_training(left, right, rel=1e-5):
@@ -50,4 +55,13 @@ def test_two_ranks_under_zero3_with_a_sharded_teacher_equal_one_rank(tiny, tmp_p
 def test_the_fused_loss_trains_exactly_like_the_full_logits_loss(tiny, tmp_path):
     fused = run_job(tiny, tmp_path, "fused", "train.micro_batch_size=8", "loss.chunk_size=5")
     full_logits = run_job(tiny, tmp_path, "logits", "train.micro_batch_size=8", "loss.fused=false")
+    assert_same_training(fused, full_logits)
+
+
+def test_full_fine_tuning_of_a_tied_head_under_zero3_is_fused_and_exact(tiny, tmp_path):
+    """The head's gradient lands on the gathered weight, shared with the embedding, on 2 ranks."""
+    tied = (f"student.path={tiny['student_tied']}", "peft=none", "deepspeed=zero3", "train.micro_batch_size=4")
+    fused = run_job(tiny, tmp_path, "fused", *tied, "loss.chunk_size=7", nproc=2)
+    full_logits = run_job(tiny, tmp_path, "logits", *tied, "loss.fused=false", nproc=2)
+    assert json.loads((tmp_path / "fused" / "summary.json").read_text())["loss/fused"] is True
     assert_same_training(fused, full_logits)

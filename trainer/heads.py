@@ -52,15 +52,11 @@ class HiddenTap:
         return hidden
 
 
-def fused_unsupported_reason(model: nn.Module, trains_head: bool, zero_stage: int) -> str | None:
+def fused_unsupported_reason(model: nn.Module) -> str | None:
     """Why the fused loss cannot serve this model, or None when it can."""
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear:
         return f"its output head is a {type(head).__name__}, not a plain Linear (is it adapted?)"
-    if trains_head and zero_stage == 3:
-        # The head's gradient would arrive after DeepSpeed re-partitioned the weight it gathered
-        # for the loss; the logits path lets DeepSpeed's own hooks handle it.
-        return "a trainable output head under ZeRO-3 is not fused yet"
     return None
 
 
@@ -76,7 +72,9 @@ def gathered(*heads: LMHead):
 
     Under ZeRO-3 each rank holds a shard, and DeepSpeed gathers a weight only while its own module
     runs forward: a bare read elsewhere sees an empty tensor ("size mismatch ... (0)", TRL #5891).
-    Every rank must enter this together (it is a collective). Elsewhere it does nothing."""
+    A trainable head must stay gathered through the backward too, so that its gradient lands on
+    the whole weight before DeepSpeed reduces and partitions it. Every rank must enter this together
+    (it is a collective). Elsewhere it does nothing."""
     params = [t for head in heads for t in (head.weight, head.bias) if t is not None]
     if not any(hasattr(p, "ds_id") for p in params):
         yield

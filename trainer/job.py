@@ -156,10 +156,8 @@ class DistillJob:
         return teacher, student
 
     def _fused_loss_fits(self) -> bool:
-        cfg = self.cfg
-        reasons = {"teacher": fused_unsupported_reason(self.teacher.module, trains_head=False, zero_stage=0),
-                   "student": fused_unsupported_reason(self.student.module, trains_head=cfg.peft.kind == "none",
-                                                       zero_stage=cfg.deepspeed.stage)}
+        reasons = {role: fused_unsupported_reason(engine.module)
+                   for role, engine in (("teacher", self.teacher), ("student", self.student))}
         for role, reason in reasons.items():
             if reason:
                 log.warning("loss: the %s cannot use the fused loss (%s); using full logits.", role, reason)
@@ -190,28 +188,33 @@ class DistillJob:
         scale = self.rank.world_size * cfg.train.grad_accum / max(global_tokens, 1.0)
         loss_sums = torch.zeros(3, dtype=torch.float64, device=self.rank.device)
         for index, batch in enumerate(batches):
-            sums = self._micro_batch_sums(to_device(batch, self.rank.device))
-            self.student.backward(sums.objective * scale)
+            teacher_states, student_states = self._forward_models(to_device(batch, self.rank.device))
+            # The loss's backward runs inside the gather: a trainable head's gradient must reach
+            # the whole weight, before ZeRO-3 partitions it again.
+            with self.student_scorer.gathered():
+                sums = self._micro_batch_sums(teacher_states, student_states, batch["labels"].to(self.rank.device))
+                self.student.backward(sums.objective * scale)
             if measure_grad_norm and index == len(batches) - 1:
                 self.pre_step_grad_norm = self._replica_grad_norm()
             self.student.step()
             loss_sums += torch.stack([sums.objective.detach(), sums.kd, sums.ce]).double()
         return loss_sums, counts
 
-    def _micro_batch_sums(self, batch: dict):
-        """Teacher forward (no grad), student forward, and the objective's token sums."""
-        teacher, student = self.teacher_scorer, self.student_scorer
+    def _forward_models(self, batch: dict):
+        """Teacher (no grad; None under sft) and student: hidden states when fused, else logits."""
         teacher_states = None
         if self.cfg.loss.kind != "sft":
             with torch.no_grad():
-                teacher_states = teacher.states(batch)
-        student_states = student.states(batch)
+                teacher_states = self.teacher_scorer.states(batch)
+        return teacher_states, self.student_scorer.states(batch)
+
+    def _micro_batch_sums(self, teacher_states, student_states, labels):
+        teacher, student = self.teacher_scorer, self.student_scorer
         if not student.fused:
-            return micro_batch_sums(student_states, teacher_states, batch["labels"], self.cfg.loss, self.vocab_size)
-        teacher_heads = teacher.gathered() if teacher_states is not None else contextlib.nullcontext()
-        with teacher_heads, student.gathered():
-            return fused_micro_batch_sums(student_states, student.head, teacher_states, teacher.head,
-                                          batch["labels"], self.cfg.loss)
+            return micro_batch_sums(student_states, teacher_states, labels, self.cfg.loss, self.vocab_size)
+        with teacher.gathered() if teacher_states is not None else contextlib.nullcontext():
+            return fused_micro_batch_sums(student_states, student.head, teacher_states, teacher.head, labels,
+                                          self.cfg.loss)
 
     def _replica_grad_norm(self) -> float | None:
         """DeepSpeed reports the gradient norm only on its ZeRO and mixed-precision paths; at
