@@ -188,11 +188,13 @@ class DistillJob:
         scale = self.rank.world_size * cfg.train.grad_accum / max(global_tokens, 1.0)
         loss_sums = torch.zeros(3, dtype=torch.float64, device=self.rank.device)
         for index, batch in enumerate(batches):
-            teacher_states, student_states = self._forward_models(to_device(batch, self.rank.device))
-            # The loss's backward runs inside the gather: a trainable head's gradient must reach
-            # the whole weight, before ZeRO-3 partitions it again.
+            batch = to_device(batch, self.rank.device)
+            teacher_states, student_states = self._forward_models(batch)
+            # Gathered after the student's forward (DeepSpeed's own hook releases the head when the
+            # head runs) and through the backward (a trainable head's gradient must reach the whole
+            # weight before ZeRO-3 partitions it again).
             with self.student_scorer.gathered():
-                sums = self._micro_batch_sums(teacher_states, student_states, batch["labels"].to(self.rank.device))
+                sums = self._micro_batch_sums(teacher_states, student_states, batch["labels"])
                 self.student.backward(sums.objective * scale)
             if measure_grad_norm and index == len(batches) - 1:
                 self.pre_step_grad_norm = self._replica_grad_norm()
