@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from trainer.distributed import all_reduce_sum
 from trainer.heads import Scorer
-from trainer.objective import IGNORE_INDEX
+from trainer.objective import IGNORE_INDEX, targets_at_each_position
 
 _COUNTERS = ("kl", "student_ce", "teacher_ce", "agree", "tokens", "exact", "rows")
 
@@ -54,27 +54,28 @@ def solved_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _batch_counters(student: Scorer, student_states, teacher: Scorer, teacher_states, labels, chunk_size: int):
     """[B, T, ·] states of both models and [B, T] labels -> float64 sums of `_COUNTERS`."""
-    targets = labels[:, 1:]
+    targets = targets_at_each_position(labels)
     flat_targets = targets.reshape(-1)
-    student_rows = student_states[:, :-1].reshape(flat_targets.shape[0], -1)
-    teacher_rows = teacher_states[:, :-1].reshape(flat_targets.shape[0], -1)
+    student_rows = student_states.reshape(flat_targets.shape[0], -1)
+    teacher_rows = teacher_states.reshape(flat_targets.shape[0], -1)
     supervised = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     missed = torch.zeros_like(flat_targets, dtype=torch.bool)
-    kl = student_ce = teacher_ce = agree = 0.0
+    # kl, student_ce, teacher_ce, agree: summed on the device, read once per batch.
+    sums = torch.zeros(4, dtype=torch.float64, device=flat_targets.device)
     for start in range(0, supervised.numel(), chunk_size):
         index = supervised[start:start + chunk_size]
         chunk_targets = flat_targets.index_select(0, index)
         student_logp = F.log_softmax(student.logits_of(student_rows.index_select(0, index)), dim=-1)
         teacher_logp = F.log_softmax(teacher.logits_of(teacher_rows.index_select(0, index)), dim=-1)
-        kl += float((teacher_logp.exp() * (teacher_logp - student_logp)).sum())
-        student_ce += float(F.nll_loss(student_logp, chunk_targets, reduction="sum"))
-        teacher_ce += float(F.nll_loss(teacher_logp, chunk_targets, reduction="sum"))
         student_top = student_logp.argmax(-1)
-        agree += float((student_top == teacher_logp.argmax(-1)).sum())
+        sums += torch.stack([
+            (teacher_logp.exp() * (teacher_logp - student_logp)).sum(),
+            F.nll_loss(student_logp, chunk_targets, reduction="sum"),
+            F.nll_loss(teacher_logp, chunk_targets, reduction="sum"),
+            (student_top == teacher_logp.argmax(-1)).sum(),
+        ]).double()
         missed[index] = student_top != chunk_targets
     supervised_rows = (targets != IGNORE_INDEX).any(dim=1)
     exact = (~missed.view_as(targets).any(dim=1) & supervised_rows).sum()
-    return torch.tensor(
-        [kl, student_ce, teacher_ce, agree, supervised.numel(), float(exact), float(supervised_rows.sum())],
-        dtype=torch.float64,
-    )
+    counts = torch.tensor([supervised.numel(), float(exact), float(supervised_rows.sum())], dtype=torch.float64)
+    return torch.cat([sums.cpu(), counts])

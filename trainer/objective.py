@@ -34,6 +34,13 @@ def next_token_view(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int)
     return logits[:, :-1, :vocab_size], labels[:, 1:]
 
 
+def targets_at_each_position(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] labels -> [B, T] targets aligned with the model's positions: position t predicts
+    token t+1, and the last position predicts nothing (masked). Shifting the labels instead of
+    slicing `states[:, :-1]` keeps [B, T, H] hidden states (or logits) uncopied."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def kd_weight(loss_cfg) -> float:
     """τ² keeps the soft-target gradients on the same scale as at τ=1 (Hinton et al., 2015)."""
     return (1.0 - loss_cfg.ce_weight) * loss_cfg.temperature**2
@@ -44,12 +51,11 @@ def fused_micro_batch_sums(student_hidden, student_head: LMHead, teacher_hidden,
     """The same sums as :func:`micro_batch_sums`, with the heads applied inside the loss.
 
     student_hidden: [B, T, H_s]; teacher_hidden: [B, T, H_t] (None under sft); labels: [B, T]."""
-    targets = labels[:, 1:]
     teacher = {}
     if loss_cfg.kind != "sft":
-        teacher = {"teacher_hidden": teacher_hidden[:, :-1], "teacher_head": teacher_head}
+        teacher = {"teacher_hidden": teacher_hidden, "teacher_head": teacher_head}
     sums = fused_token_sums(
-        student_hidden[:, :-1], student_head, targets, **teacher, kind=loss_cfg.kind if teacher else "fkl",
+        student_hidden, student_head, targets_at_each_position(labels), **teacher, kind=loss_cfg.kind,
         temperature=loss_cfg.temperature, beta=loss_cfg.beta, skew=loss_cfg.skew,
         kd_weight=kd_weight(loss_cfg), ce_weight=1.0 if loss_cfg.kind == "sft" else loss_cfg.ce_weight,
         ignore_index=IGNORE_INDEX, chunk_size=loss_cfg.chunk_size or None,

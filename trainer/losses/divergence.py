@@ -102,9 +102,7 @@ def distill_loss(
     divergence = per_token_divergence(
         student_logits, teacher_logits, kind=kind, temperature=temperature, beta=beta, skew=skew
     )
-    # clamp(min=1) turns the all-masked case into 0 / 1 instead of 0 / 0 = NaN.
-    token_count = (labels != ignore_index).sum().clamp(min=1)
-    return masked_sum(divergence, labels, ignore_index) / token_count
+    return masked_sum(divergence, labels, ignore_index) / supervised_count(labels, ignore_index)
 
 
 def per_token_divergence(
@@ -140,6 +138,11 @@ def per_token_divergence(
     log_p = tempered_log_probs(teacher_logits, temperature, dtype)
     log_q = tempered_log_probs(student_logits, temperature, dtype)
     return divergence_from_log_probs(kind, log_p, log_q, beta, skew)
+
+
+def supervised_count(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Positions that count, at least 1: an all-masked batch then gives 0 / 1, not 0 / 0 = NaN."""
+    return (labels != ignore_index).sum().clamp(min=1)
 
 
 def masked_sum(values: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:

@@ -25,6 +25,7 @@ from torch import Tensor
 from trainer.losses.divergence import (
     compute_dtype,
     divergence_from_log_probs,
+    supervised_count,
     tempered_log_probs,
     validate_divergence_params,
 )
@@ -168,7 +169,7 @@ def fused_distill_loss(
         teacher_head=LMHead(teacher_weight.detach()), kind=kind, temperature=temperature, beta=beta,
         skew=skew, ignore_index=ignore_index, chunk_size=chunk_size,
     )
-    return sums.objective / (labels != ignore_index).sum().clamp(min=1)
+    return sums.objective / supervised_count(labels, ignore_index)
 
 
 def fused_sparse_distill_loss(
@@ -189,7 +190,7 @@ def fused_sparse_distill_loss(
         student_hidden, LMHead(student_weight), labels, sparse_teacher=teacher, kind=kind,
         temperature=temperature, beta=beta, skew=skew, ignore_index=ignore_index, chunk_size=chunk_size,
     )
-    return sums.objective / (labels != ignore_index).sum().clamp(min=1)
+    return sums.objective / supervised_count(labels, ignore_index)
 
 
 class _FusedHeadLoss(torch.autograd.Function):

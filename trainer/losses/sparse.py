@@ -38,6 +38,7 @@ from trainer.losses.divergence import (
     compute_dtype,
     divergence_from_log_probs,
     masked_sum,
+    supervised_count,
     tempered_log_probs,
     validate_divergence_params,
 )
@@ -134,8 +135,7 @@ def sparse_distill_loss(
     divergence = sparse_per_token_divergence(
         student_logits, teacher, kind=kind, temperature=temperature, beta=beta, skew=skew
     )
-    token_count = (labels != ignore_index).sum().clamp(min=1)
-    return masked_sum(divergence, labels, ignore_index) / token_count
+    return masked_sum(divergence, labels, ignore_index) / supervised_count(labels, ignore_index)
 
 
 def coarse_log_probs(student_logits: Tensor, teacher: SparseTeacher, temperature: float) -> tuple[Tensor, Tensor]:
