@@ -40,8 +40,21 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig(ModelConfig):
+    path: Optional[str] = MISSING
+    """A local Hugging Face model folder or a hub id; null only when `cache` names a cache folder
+    (e.g. one imported from an API), whose manifest then says who the teacher was."""
     shard: Optional[bool] = None
     """Partition the teacher over ranks with ZeRO-3; null means: when the student runs ZeRO-3."""
+    cache: Optional[str] = None
+    """Read the teacher's top-k log-probabilities instead of running it (no teacher in memory):
+    auto finds the cache `python -m trainer.cache` built for this teacher, data and top_k under
+    cache_dir; or a cache folder. null runs the teacher."""
+    top_k: int = 64
+    """Log-probabilities kept per position when a cache is built (the rest become one tail mass)."""
+    cache_dtype: str = "float16"
+    """How a cache stores log-probabilities: float16 or bfloat16 (token ids are int32)."""
+    cache_shard_rows: int = 256
+    """Rows per cache shard: the unit a cache build writes at once and resumes from."""
 
 
 @dataclass
@@ -125,6 +138,28 @@ class TrainConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """`python -m trainer.generate`: the teacher writes responses to prompts (sequence-level KD)."""
+
+    prompts: Any = None
+    """Prompt rows in the data forms: {prompt} (a response, if any, is replaced) or {messages}
+    (a final assistant turn, if any, is replaced)."""
+    out: Optional[str] = None
+    """Folder to write: train.jsonl (rows the trainer reads), generation.json, shards/."""
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    """Sampling temperature of the teacher's responses (not loss.temperature); 0 decodes greedily."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """Sample among the k likeliest tokens only; 0 keeps all."""
+    samples_per_prompt: int = 1
+    batch_size: int = 8
+    shard_rows: int = 256
+    """Prompts per output shard: the unit that is written at once and resumed from."""
+    seed: int = 0
+
+
+@dataclass
 class LoggerConfig:
     kind: str = "wandb"
     """wandb or none."""
@@ -147,6 +182,7 @@ class DistillConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     resume: str = "auto"
     """auto: continue from the run directory's latest checkpoint if any; never; or a checkpoint path."""
     cache_dir: str = "${oc.env:DISTILL_CACHE,'~/.cache/distill'}"
@@ -165,6 +201,7 @@ def validate(cfg) -> None:
     _check_choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16"))
     for role in ("teacher", "student"):
         _check_choice(f"{role}.dtype", cfg[role].dtype, ("auto", "float32", "bfloat16", "float16"))
+    _validate_teacher(cfg.teacher)
     try:
         validate_loss_params(cfg.loss.kind, cfg.loss.temperature, cfg.loss.beta, cfg.loss.skew)
     except ValueError as error:
@@ -188,6 +225,33 @@ def validate(cfg) -> None:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be between 0 and 1.")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
         raise ConfigError(f"resume={cfg.resume} is neither auto, never nor an existing checkpoint folder.")
+
+
+def _validate_teacher(teacher) -> None:
+    _check_choice("teacher.cache_dtype", teacher.cache_dtype, ("float16", "bfloat16"))
+    if teacher.top_k < 1:
+        raise ConfigError(f"teacher.top_k={teacher.top_k} must be at least 1, e.g. 64.")
+    if teacher.cache_shard_rows < 1:
+        raise ConfigError(f"teacher.cache_shard_rows={teacher.cache_shard_rows} must be at least 1.")
+    if teacher.path is None and teacher.cache in (None, "auto"):
+        raise ConfigError("teacher.path is null; set it to the teacher model, or set teacher.cache to a cache folder.")
+
+
+def validate_generate(generate) -> None:
+    """The checks `python -m trainer.generate` adds to :func:`validate`."""
+    if generate.prompts is None:
+        raise ConfigError("generate.prompts is not set; point it at a .jsonl/.parquet file of {prompt} or {messages} rows.")
+    if not generate.out:
+        raise ConfigError("generate.out is not set; name the folder the generated dataset goes to.")
+    if generate.temperature < 0:
+        raise ConfigError(f"generate.temperature={generate.temperature} is negative; use 0 (greedy) or more.")
+    if not 0.0 < generate.top_p <= 1.0:
+        raise ConfigError(f"generate.top_p={generate.top_p} must be in (0, 1].")
+    for key in ("max_new_tokens", "samples_per_prompt", "batch_size", "shard_rows"):
+        if generate[key] < 1:
+            raise ConfigError(f"generate.{key}={generate[key]} must be at least 1.")
+    if generate.top_k < 0:
+        raise ConfigError(f"generate.top_k={generate.top_k} is negative; use 0 (off) or a token count.")
 
 
 def _check_choice(key: str, value, choices) -> None:

@@ -18,13 +18,14 @@ import json
 import os
 import pickle
 import random
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from trainer.files import write_atomically
 
 IGNORE_INDEX = -100
 # Bump whenever tokenization or the cache layout changes, so that old caches are not reused.
@@ -59,6 +60,8 @@ class TokenizedRow:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    index: int = -1
+    """The row's position in its source, which is how a teacher cache finds its entry."""
 
     @property
     def num_supervised(self) -> int:
@@ -340,14 +343,14 @@ def _row_format(row: Any, origin: str) -> str:
 
 def _check_fields(row: dict, kind: str, origin: str) -> None:
     if kind == "messages":
-        _check_messages(row["messages"], origin)
+        check_messages(row["messages"], origin)
         return
     for field in _FORMATS[kind]:
         if not isinstance(row[field], str):
             raise DataError(f"data row {origin} has a '{field}' of type {type(row[field]).__name__}; make it a string")
 
 
-def _check_messages(messages: Any, origin: str) -> None:
+def check_messages(messages: Any, origin: str) -> None:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise DataError(
             f"data row {origin} has 'messages' that is not a non-empty list; "
@@ -360,20 +363,20 @@ def _check_messages(messages: Any, origin: str) -> None:
             )
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode_text(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _tokenize_prompt_response(row: dict, tokenizer: Any, specials: SpecialIds) -> tuple[list[int], list[bool]]:
     # Encoding the two parts separately puts the mask boundary exactly between them; encoding the
     # joined string could merge the last prompt character with the first response character.
-    prompt = specials.bos + _encode(tokenizer, row["prompt"])
-    response = _encode(tokenizer, row["response"]) + specials.eos
+    prompt = specials.bos + encode_text(tokenizer, row["prompt"])
+    response = encode_text(tokenizer, row["response"]) + specials.eos
     return prompt + response, [False] * len(prompt) + [True] * len(response)
 
 
 def _tokenize_text(text: str, tokenizer: Any, specials: SpecialIds) -> tuple[list[int], list[bool]]:
-    ids = specials.bos + _encode(tokenizer, text) + specials.eos
+    ids = specials.bos + encode_text(tokenizer, text) + specials.eos
     return ids, [True] * len(ids)
 
 
@@ -389,14 +392,14 @@ def _tokenize_messages(messages: Sequence[dict], tokenizer: Any, origin: str) ->
         )
     # Null fields (from Parquet) would read as "defined" to templates that test `message.tool_calls is defined`.
     messages = [{field: value for field, value in message.items() if value is not None} for message in messages]
-    rendered = _render(tokenizer, messages, origin)
+    rendered = render_chat(tokenizer, messages, origin)
     spans = _assistant_spans(tokenizer, messages, rendered, origin)
     encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     supervised = [_within(offsets, spans) for offsets in encoded["offset_mapping"]]
     return list(encoded["input_ids"]), supervised
 
 
-def _render(tokenizer: Any, messages: list[dict], origin: str, add_generation_prompt: bool = False) -> str:
+def render_chat(tokenizer: Any, messages: list[dict], origin: str, add_generation_prompt: bool = False) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as err:  # templates raise anything, e.g. jinja2 errors or raise_exception("...")
@@ -417,8 +420,8 @@ def _assistant_spans(tokenizer: Any, messages: list[dict], rendered: str, origin
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:index], origin, add_generation_prompt=True)
-        through = _render(tokenizer, messages[: index + 1], origin)
+        before = render_chat(tokenizer, messages[:index], origin, add_generation_prompt=True)
+        through = render_chat(tokenizer, messages[: index + 1], origin)
         # Templates that render earlier turns differently (e.g. dropping past reasoning) break this.
         if not (through.startswith(before) and rendered.startswith(through)):
             raise DataError(
@@ -461,10 +464,10 @@ def load_examples(
     origin = _describe(source)
     cache_path = None
     if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"{_cache_key(source, tokenizer, seq_len, key)}.pt"
+        cache_path = Path(cache_dir) / f"{examples_fingerprint(source, tokenizer, seq_len, key)}.pt"
         cached = _load_cache(cache_path)
         if cached is not None:
-            return Examples(cached, origin, from_cache=True)
+            return Examples(_numbered(cached), origin, from_cache=True)
     specials = special_ids(tokenizer)
     rows = [
         tokenize_row(row, tokenizer, seq_len, row_origin, specials=specials)
@@ -472,7 +475,13 @@ def load_examples(
     ]
     if cache_path is not None:
         _save_cache(cache_path, rows)
-    return Examples(rows, origin)
+    return Examples(_numbered(rows), origin)
+
+
+def _numbered(rows: list[TokenizedRow]) -> list[TokenizedRow]:
+    for index, row in enumerate(rows):
+        row.index = index
+    return rows
 
 
 def _describe(source: Any) -> str:
@@ -481,7 +490,9 @@ def _describe(source: Any) -> str:
     return ", ".join(str(spec) for spec in source) if isinstance(source, Iterable) else repr(source)
 
 
-def _cache_key(source: Any, tokenizer: Any, seq_len: int, key: str) -> str:
+def examples_fingerprint(source: Any, tokenizer: Any, seq_len: int, key: str = "data") -> str:
+    """sha256 of everything that decides `load_examples`' rows: the sources' contents, the
+    tokenizer, `seq_len` and FORMAT_VERSION. Equal fingerprints mean equal rows, in order."""
     described = {
         "format_version": FORMAT_VERSION,
         "sources": [_source_fingerprint(src) for src in _resolve_sources(source, key)],
@@ -540,15 +551,7 @@ def _save_cache(path: Path, rows: list[TokenizedRow]) -> None:
         "labels": _flat_tensor(row.labels for row in rows),
         "truncated": torch.tensor([row.truncated for row in rows], dtype=torch.bool),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(blob, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_atomically(path, lambda temporary: torch.save(blob, temporary))
 
 
 def _flat_tensor(lists: Iterable[list[int]]) -> torch.Tensor:
@@ -606,7 +609,8 @@ def collate(rows: Sequence[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor
     """Right-pad `rows` to the longest one.
 
     Returns LongTensors `input_ids`, `attention_mask` (1 real, 0 pad) and `labels`
-    (IGNORE_INDEX at pads, not shifted), each `[B, T]` with T the longest row.
+    (IGNORE_INDEX at pads, not shifted), each `[B, T]` with T the longest row, and `row_index`
+    `[B]`, each row's position in its source (-1 for rows that never came from one).
     """
     if pad_id is None:
         raise DataError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos) before batching")
@@ -619,4 +623,5 @@ def collate(rows: Sequence[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor
         input_ids[index, :length] = torch.tensor(row.input_ids, dtype=torch.long)
         attention_mask[index, :length] = 1
         labels[index, :length] = torch.tensor(row.labels, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    row_index = torch.tensor([row.index for row in rows], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "row_index": row_index}

@@ -85,3 +85,23 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.cuda()
     dist.all_reduce(values)
     return values.cpu()
+
+
+def in_lockstep(items: list, run, filler, collective: bool) -> None:
+    """`run(item)` for each of this rank's items.
+
+    When the model's forwards are collective (a ZeRO-3 teacher gathers each layer from every rank),
+    a rank that finished its own items keeps calling `filler()` until the busiest rank is done, or
+    the others would wait for it forever."""
+    count = len(items)
+    if collective:
+        total = torch.tensor([count], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        count = int(total.item())
+    for index in range(count):
+        if index < len(items):
+            run(items[index])
+        else:
+            filler()

@@ -40,6 +40,12 @@ def deepspeed_config(cfg, stage: int, bf16: bool, world_size: int) -> dict:
     return _deep_merge(config, OmegaConf.to_container(cfg.deepspeed.extra, resolve=True))
 
 
+def precision(cfg, device: torch.device) -> tuple[bool, torch.dtype]:
+    """Whether to train in bf16 (auto: on GPUs), and the dtype models load in by default."""
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    return bf16, torch.bfloat16 if bf16 else torch.float32
+
+
 def teacher_is_sharded(cfg) -> bool:
     return cfg.teacher.shard if cfg.teacher.shard is not None else cfg.deepspeed.stage == 3
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer.cache.cached_teacher import CachedStates
 from trainer.distributed import all_reduce_sum
 from trainer.heads import Scorer
+from trainer.losses import sparse_per_token_divergence
 from trainer.objective import IGNORE_INDEX, targets_at_each_position
 
 _COUNTERS = ("kl", "student_ce", "teacher_ce", "agree", "tokens", "exact", "rows")
@@ -17,12 +19,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(teacher: Scorer, student: Scorer, batches: list[dict], device, chunk_size: int) -> dict:
+def evaluate(teacher, student: Scorer, batches: list[dict], device, chunk_size: int) -> dict:
     """Token-weighted means over every rank's share of the held-out rows.
 
     `eval/exact_match` is the share of rows whose every supervised token is the student's argmax
     under teacher forcing, which is exactly the share that greedy decoding would get right.
-    Logits are built `chunk_size` tokens at a time, as in the fused loss."""
+    Logits are built `chunk_size` tokens at a time, as in the fused loss. `teacher` is a
+    :class:`Scorer` or a :class:`~trainer.cache.cached_teacher.CachedTeacher`."""
     student.engine.eval()
     sums = torch.zeros(len(_COUNTERS), dtype=torch.float64)
     for batch in batches:
@@ -52,12 +55,12 @@ def solved_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ((logits.argmax(dim=-1) == targets) | ~supervised).all(dim=-1)
 
 
-def _batch_counters(student: Scorer, student_states, teacher: Scorer, teacher_states, labels, chunk_size: int):
+def _batch_counters(student: Scorer, student_states, teacher, teacher_states, labels, chunk_size: int):
     """[B, T, ·] states of both models and [B, T] labels -> float64 sums of `_COUNTERS`."""
     targets = targets_at_each_position(labels)
     flat_targets = targets.reshape(-1)
     student_rows = student_states.reshape(flat_targets.shape[0], -1)
-    teacher_rows = teacher_states.reshape(flat_targets.shape[0], -1)
+    teacher_terms = _teacher_terms(teacher, teacher_states, flat_targets.shape[0])
     supervised = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     missed = torch.zeros_like(flat_targets, dtype=torch.bool)
     # kl, student_ce, teacher_ce, agree: summed on the device, read once per batch.
@@ -65,17 +68,42 @@ def _batch_counters(student: Scorer, student_states, teacher: Scorer, teacher_st
     for start in range(0, supervised.numel(), chunk_size):
         index = supervised[start:start + chunk_size]
         chunk_targets = flat_targets.index_select(0, index)
-        student_logp = F.log_softmax(student.logits_of(student_rows.index_select(0, index)), dim=-1)
-        teacher_logp = F.log_softmax(teacher.logits_of(teacher_rows.index_select(0, index)), dim=-1)
+        student_logits = student.logits_of(student_rows.index_select(0, index))
+        student_logp = F.log_softmax(student_logits, dim=-1)
+        kl, teacher_ce, teacher_top = teacher_terms(index, student_logits, student_logp, chunk_targets)
         student_top = student_logp.argmax(-1)
         sums += torch.stack([
-            (teacher_logp.exp() * (teacher_logp - student_logp)).sum(),
-            F.nll_loss(student_logp, chunk_targets, reduction="sum"),
-            F.nll_loss(teacher_logp, chunk_targets, reduction="sum"),
-            (student_top == teacher_logp.argmax(-1)).sum(),
+            kl, F.nll_loss(student_logp, chunk_targets, reduction="sum"), teacher_ce,
+            (student_top == teacher_top).sum(),
         ]).double()
         missed[index] = student_top != chunk_targets
     supervised_rows = (targets != IGNORE_INDEX).any(dim=1)
     exact = (~missed.view_as(targets).any(dim=1) & supervised_rows).sum()
     counts = torch.tensor([supervised.numel(), float(exact), float(supervised_rows.sum())], dtype=torch.float64)
     return torch.cat([sums.cpu(), counts])
+
+
+def _teacher_terms(teacher, teacher_states, positions: int):
+    """A function of one chunk giving Σ KL(teacher ‖ student), Σ teacher CE and the teacher's top-1.
+
+    A cached teacher knows only its top-k: its KL is over the top-k plus one tail outcome (a lower
+    bound of the full KL, tight when the tail is small) and its CE comes from the stored
+    log-probability of each target."""
+    if isinstance(teacher_states, CachedStates):
+        sparse = teacher_states.sparse.flatten()
+        target_logprobs = teacher_states.target_logprobs.reshape(-1)
+
+        def cached(index, student_logits, student_logp, targets):
+            chunk = sparse.rows(index)
+            kl = sparse_per_token_divergence(student_logits, chunk, kind="fkl").sum()
+            return kl, -target_logprobs.index_select(0, index).sum(), chunk.ids[:, 0]
+
+        return cached
+    teacher_rows = teacher_states.reshape(positions, -1)
+
+    def dense(index, student_logits, student_logp, targets):
+        teacher_logp = F.log_softmax(teacher.logits_of(teacher_rows.index_select(0, index)), dim=-1)
+        kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
+        return kl, F.nll_loss(teacher_logp, targets, reduction="sum"), teacher_logp.argmax(-1)
+
+    return dense

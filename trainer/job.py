@@ -8,18 +8,20 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from trainer import checkpoints, engines, models
 from trainer.batching import eval_batches, micro_batches_for_step
-from trainer.config import DEMO_SCHEME, cache_root, validate
-from trainer.data import load_examples, split_holdout
+from trainer.cache.cached_teacher import CachedStates, CachedTeacher, open_cache
+from trainer.config import validate
+from trainer.data import split_holdout
 from trainer.distributed import RankInfo, all_reduce_sum, broadcast_object
 from trainer.evaluation import evaluate, to_device
 from trainer.heads import Scorer, check_head_parity, fused_unsupported_reason
+from trainer.inputs import load_splits, materialise_demo
 from trainer.losses import default_chunk_size
 from trainer.objective import IGNORE_INDEX, fused_micro_batch_sums, micro_batch_sums
+from trainer.teacher import load_teacher
 from trainer.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,8 @@ class DistillJob:
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        self._materialise_demo()
-        self.tokenizer, self.vocab_size = self._check_models_fit()
+        materialise_demo(cfg, self.rank)
+        self.tokenizer, self.vocab_size = self._check_by_rolefit()
         self._load_data()
         # Seeded here, after anything that may draw random numbers (building the demo's teacher on a
         # cold cache does): the same LoRA initialisation on every rank, cold cache or warm.
@@ -50,87 +52,54 @@ class DistillJob:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         self.tracker = Tracker(self.run_dir, cfg, resolved, self.first_step, enabled=self.rank.is_main)
 
-    def _materialise_demo(self) -> None:
-        """Swap `demo://` paths for the demo's models and data, built once on rank 0 and cached."""
-        cfg = self.cfg
-        keys = ("teacher.path", "student.path", "data.train", "data.eval")
-        if not any(str(OmegaConf.select(cfg, k)).startswith(DEMO_SCHEME) for k in keys):
-            return
-        from trainer.demo import build_demo_assets
-
-        demo_dir = cache_root(cfg) / "demo"
-        if self.rank.is_main:
-            build_demo_assets(demo_dir, log=log.info)
-        dist.barrier()
-        assets = build_demo_assets(demo_dir, log=log.debug)
-        by_name = {"teacher": assets.teacher_path, "student": assets.student_path,
-                   "train": assets.train_path, "eval": assets.eval_path}
-        for key in keys:
-            value = OmegaConf.select(cfg, key)
-            if isinstance(value, str) and value.startswith(DEMO_SCHEME):
-                OmegaConf.update(cfg, key, str(by_name[value[len(DEMO_SCHEME):]]))
-
-    def _check_models_fit(self):
+    def _check_by_rolefit(self):
         """Tokenizers and configs only: a mismatch is reported before any weights load."""
         cfg = self.cfg
-        models.check_model_source("teacher", cfg.teacher.path)
         models.check_model_source("student", cfg.student.path)
-        teacher_tokenizer = models.load_tokenizer("teacher", cfg.teacher)
         student_tokenizer = models.load_tokenizer("student", cfg.student)
+        student_config = models.load_config("student", cfg.student)
+        if cfg.teacher.path is None:  # a teacher cache that records its own teacher (e.g. an API model)
+            return student_tokenizer, models.shared_vocab_size(student_tokenizer, None, student_config)
+        models.check_model_source("teacher", cfg.teacher.path)
+        teacher_tokenizer = models.load_tokenizer("teacher", cfg.teacher)
         models.check_same_tokenizer(teacher_tokenizer, student_tokenizer)
         vocab_size = models.shared_vocab_size(
-            student_tokenizer, models.load_config("teacher", cfg.teacher), models.load_config("student", cfg.student)
+            student_tokenizer, models.load_config("teacher", cfg.teacher), student_config
         )
         return student_tokenizer, vocab_size
 
     def _load_data(self) -> None:
-        """Rank 0 tokenises and caches; the other ranks then read the cache."""
         cfg = self.cfg
-        cache = cache_root(cfg) / "tokenized"
-        for turn in ("main", "others"):
-            if (turn == "main") == self.rank.is_main:
-                train = load_examples(cfg.data.train, self.tokenizer, cfg.train.seq_len, cache, key="data.train")
-                held_out = (load_examples(cfg.data.eval, self.tokenizer, cfg.train.seq_len, cache, key="data.eval")
-                            if cfg.data.eval else None)
-            dist.barrier()
-        if held_out is None:
-            self.train_rows, eval_rows = split_holdout(train.rows, cfg.data.eval_fraction, cfg.train.seed)
+        splits = load_splits(cfg, self.tokenizer, self.rank)
+        train = splits["train"]
+        if "eval" in splits:
+            self.train_rows, eval_rows = train.rows, splits["eval"].rows
         else:
-            self.train_rows, eval_rows = train.rows, held_out.rows
+            self.train_rows, eval_rows = split_holdout(train.rows, cfg.data.eval_fraction, cfg.train.seed)
         eval_rows = eval_rows[: cfg.data.max_eval_rows]
+        # Held-out rows split off the training data keep their index in it, which a cache reads by.
+        self.eval_split = "eval" if "eval" in splits else "train"
         self.eval_batches = eval_batches(eval_rows, self.rank.rank, self.rank.world_size,
                                          cfg.train.micro_batch_size, self.tokenizer.pad_token_id)
         log.info("data: %d training rows (%d truncated to train.seq_len=%d), %d held-out rows",
                  len(self.train_rows), train.num_truncated, cfg.train.seq_len, len(eval_rows))
 
-    def _precision(self):
-        cfg = self.cfg
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.rank.device.type == "cuda")
-        return bf16, torch.bfloat16 if bf16 else torch.float32
-
     def _build_teacher(self):
+        """The teacher's engine, or None when its top-k is read from a cache instead."""
         cfg = self.cfg
-        bf16, default_dtype = self._precision()
-        student_ds = engines.deepspeed_config(cfg, cfg.deepspeed.stage, bf16, self.rank.world_size)
-        sharded = engines.teacher_is_sharded(cfg)
-        teacher_ds = engines.teacher_deepspeed_config(student_ds, sharded)
-        dtype = default_dtype if cfg.teacher.dtype == "auto" else models.torch_dtype(cfg.teacher.dtype, self.rank.device)
-        teacher = models.freeze(models.load_model("teacher", cfg.teacher, dtype, teacher_ds if sharded else None))
-        self._record_teacher_bytes(teacher, sharded)
-        return engines.build_teacher_engine(teacher, teacher_ds)
-
-    def _record_teacher_bytes(self, teacher, sharded: bool) -> None:
-        per_rank = [None] * self.rank.world_size
-        dist.all_gather_object(per_rank, engines.param_bytes_on_rank(teacher))
-        full = engines.param_bytes_full(teacher)
-        log.info("teacher parameters held per rank: %s bytes of %d (%s)", per_rank, full,
-                 "partitioned with ZeRO-3" if sharded else "replicated")
-        self.summary.update({"teacher/param_bytes_per_rank": per_rank, "teacher/param_bytes_full": full,
-                             "teacher/sharded": sharded})
+        if cfg.teacher.cache:
+            self.teacher_cache = open_cache(cfg, self.tokenizer, self.vocab_size, self.rank)
+            manifest = self.teacher_cache.manifest
+            self.summary.update({"teacher/source": "cache", "teacher/cache": str(self.teacher_cache.folder),
+                                 "teacher/cache_top_k": manifest.key["top_k"], "teacher/cached_from": manifest.teacher})
+            return None
+        engine, held = load_teacher(cfg, self.rank)
+        self.summary.update({"teacher/source": "model", **held})
+        return engine
 
     def _build_student(self):
         cfg = self.cfg
-        bf16, default_dtype = self._precision()
+        bf16, default_dtype = engines.precision(cfg, self.rank.device)
         ds_config = engines.deepspeed_config(cfg, cfg.deepspeed.stage, bf16, self.rank.world_size)
         dtype = default_dtype if cfg.student.dtype == "auto" else models.torch_dtype(cfg.student.dtype, self.rank.device)
         student = models.load_model("student", cfg.student, dtype, ds_config if cfg.deepspeed.stage == 3 else None)
@@ -141,23 +110,26 @@ class DistillJob:
         log.info("student: %d trainable parameters, ZeRO stage %d", trainable, cfg.deepspeed.stage)
         return engines.build_student_engine(student, ds_config, cfg)
 
-    def _build_scorers(self) -> tuple[Scorer, Scorer]:
+    def _build_scorers(self) -> tuple:
         """Fused heads unless configured off or a model cannot take them; proven on a probe."""
         cfg = self.cfg
-        fused = cfg.loss.fused and self._fused_loss_fits()
-        teacher, student = (Scorer(engine, self.vocab_size, fused) for engine in (self.teacher, self.student))
+        by_role = {"student": self.student} if self.teacher is None else {"teacher": self.teacher, "student": self.student}
+        fused = cfg.loss.fused and self._fused_loss_fits(by_role)
+        scorers = {role: Scorer(engine, self.vocab_size, fused) for role, engine in by_role.items()}
         if fused:
-            for role, scorer in (("teacher", teacher), ("student", student)):
+            for role, scorer in scorers.items():
                 check_head_parity(role, scorer.engine, scorer.tap, scorer.head, self.rank.device)
         self.chunk_size = cfg.loss.chunk_size or default_chunk_size(self.vocab_size)
-        log.info("loss: %s, %d tokens per chunk", "fused with both heads" if fused else "on full logits",
-                 self.chunk_size)
+        log.info("loss: %s, %d tokens per chunk", "fused with the heads" if fused else "on full logits", self.chunk_size)
         self.summary["loss/fused"] = fused
-        return teacher, student
+        if self.teacher is None:
+            self.eval_teacher = CachedTeacher(self.teacher_cache, self.eval_split, self.rank.device)
+            return CachedTeacher(self.teacher_cache, "train", self.rank.device), scorers["student"]
+        self.eval_teacher = scorers["teacher"]
+        return scorers["teacher"], scorers["student"]
 
-    def _fused_loss_fits(self) -> bool:
-        reasons = {role: fused_unsupported_reason(engine.module)
-                   for role, engine in (("teacher", self.teacher), ("student", self.student))}
+    def _fused_loss_fits(self, engines_by_role: dict) -> bool:
+        reasons = {role: fused_unsupported_reason(engine.module) for role, engine in engines_by_role.items()}
         for role, reason in reasons.items():
             if reason:
                 log.warning("loss: the %s cannot use the fused loss (%s); using full logits.", role, reason)
@@ -212,11 +184,13 @@ class DistillJob:
 
     def _micro_batch_sums(self, teacher_states, student_states, labels):
         teacher, student = self.teacher_scorer, self.student_scorer
+        if isinstance(teacher_states, CachedStates):
+            teacher_states = teacher_states.sparse
         if not student.fused:
             return micro_batch_sums(student_states, teacher_states, labels, self.cfg.loss, self.vocab_size)
         with teacher.gathered() if teacher_states is not None else contextlib.nullcontext():
-            return fused_micro_batch_sums(student_states, student.head, teacher_states, teacher.head, labels,
-                                          self.cfg.loss)
+            return fused_micro_batch_sums(student_states, student.head, teacher_states,
+                                          getattr(teacher, "head", None), labels, self.cfg.loss)
 
     def _replica_grad_norm(self) -> float | None:
         """DeepSpeed reports the gradient norm only on its ZeRO and mixed-precision paths; at
@@ -271,7 +245,7 @@ class DistillJob:
 
     # -------------------------------------------------------------------------------- evaluate
     def evaluate(self, step: int) -> dict:
-        metrics = evaluate(self.teacher_scorer, self.student_scorer, self.eval_batches, self.rank.device,
+        metrics = evaluate(self.eval_teacher, self.student_scorer, self.eval_batches, self.rank.device,
                            self.chunk_size)
         self.tracker.log_eval(step, metrics)
         return metrics
@@ -283,7 +257,8 @@ class DistillJob:
         out_dir = checkpoints.export_student(self.student.module, self.tokenizer, self.run_dir, cfg.peft.kind,
                                              self.rank.is_main)
         if cfg.peft.merge and cfg.peft.kind == "lora" and self.rank.is_main:
-            checkpoints.export_merged(cfg.student.path, out_dir, self.run_dir, self._precision()[1])
+            checkpoints.export_merged(cfg.student.path, out_dir, self.run_dir,
+                                     engines.precision(cfg, self.rank.device)[1])
         self.summary.update(final)
         self.summary.update({f"initial/{k}": v for k, v in initial.items()})
         self.summary.update({"train/tokens_per_s": getattr(self, "throughput", float("nan")),

@@ -67,12 +67,14 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
         )
 
 
-def shared_vocab_size(tokenizer, teacher_config, student_config) -> int:
-    """The ids both models score. Checkpoints pad their embedding rows differently
-    (Qwen2.5-7B has 152064 rows, Qwen2.5-3B 151936, one tokenizer), so only the tokenizer's
-    real ids are compared and the padding rows are dropped from both sides."""
+def shared_vocab_size(tokenizer, teacher_config, student_config=None) -> int:
+    """The ids both models score (the teacher's alone when no student config is given).
+    Checkpoints pad their embedding rows differently (Qwen2.5-7B has 152064 rows, Qwen2.5-3B
+    151936, one tokenizer), so only the tokenizer's real ids are compared and the padding rows
+    are dropped from both sides."""
     real_ids = len(tokenizer)
-    for role, config in (("teacher", teacher_config), ("student", student_config)):
+    given = (("teacher", teacher_config), ("student", student_config))
+    for role, config in ((role, config) for role, config in given if config is not None):
         rows = config.get_text_config().vocab_size
         if rows < real_ids:
             raise ModelError(

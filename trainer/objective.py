@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import LMHead, fused_token_sums, masked_sum, per_token_divergence
+from trainer.losses import (
+    LMHead,
+    SparseTeacher,
+    fused_token_sums,
+    masked_sum,
+    per_token_divergence,
+    sparse_per_token_divergence,
+)
 
 IGNORE_INDEX = -100
 
@@ -46,14 +53,18 @@ def kd_weight(loss_cfg) -> float:
     return (1.0 - loss_cfg.ce_weight) * loss_cfg.temperature**2
 
 
-def fused_micro_batch_sums(student_hidden, student_head: LMHead, teacher_hidden, teacher_head: LMHead | None,
+def fused_micro_batch_sums(student_hidden, student_head: LMHead, teacher_states, teacher_head: LMHead | None,
                            labels, loss_cfg) -> TokenSums:
     """The same sums as :func:`micro_batch_sums`, with the heads applied inside the loss.
 
-    student_hidden: [B, T, H_s]; teacher_hidden: [B, T, H_t] (None under sft); labels: [B, T]."""
+    student_hidden: [B, T, H_s]; labels: [B, T]; teacher_states: the teacher's hidden states
+    [B, T, H_t] with its head, or a cached SparseTeacher [B, T, k] aligned with
+    :func:`targets_at_each_position` (no head); None under sft."""
     teacher = {}
-    if loss_cfg.kind != "sft":
-        teacher = {"teacher_hidden": teacher_hidden, "teacher_head": teacher_head}
+    if loss_cfg.kind != "sft" and isinstance(teacher_states, SparseTeacher):
+        teacher = {"sparse_teacher": teacher_states}
+    elif loss_cfg.kind != "sft":
+        teacher = {"teacher_hidden": teacher_states, "teacher_head": teacher_head}
     sums = fused_token_sums(
         student_hidden, student_head, targets_at_each_position(labels), **teacher, kind=loss_cfg.kind,
         temperature=loss_cfg.temperature, beta=loss_cfg.beta, skew=loss_cfg.skew,
@@ -64,18 +75,21 @@ def fused_micro_batch_sums(student_hidden, student_head: LMHead, teacher_hidden,
 
 
 def micro_batch_sums(student_logits, teacher_logits, labels, loss_cfg, vocab_size: int) -> TokenSums:
-    """student_logits, teacher_logits: [B, T, V'] (teacher None under sft); labels: [B, T]."""
+    """student_logits: [B, T, V']; labels: [B, T]; teacher_logits: [B, T, V'], or a cached
+    SparseTeacher [B, T, k] aligned with :func:`targets_at_each_position`; None under sft."""
     student, targets = next_token_view(student_logits, labels, vocab_size)
     ce_sum = F.cross_entropy(
         student.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     if loss_cfg.kind == "sft":
         return TokenSums(ce_sum, torch.full_like(ce_sum, float("nan")).detach(), ce_sum.detach())
-    teacher, _ = next_token_view(teacher_logits, labels, vocab_size)
-    divergence = per_token_divergence(
-        student, teacher, kind=loss_cfg.kind, temperature=loss_cfg.temperature,
-        beta=loss_cfg.beta, skew=loss_cfg.skew,
-    )
+    settings = dict(kind=loss_cfg.kind, temperature=loss_cfg.temperature, beta=loss_cfg.beta, skew=loss_cfg.skew)
+    if isinstance(teacher_logits, SparseTeacher):
+        sparse = SparseTeacher(teacher_logits.logprobs[:, :-1], teacher_logits.ids[:, :-1])
+        divergence = sparse_per_token_divergence(student, sparse, **settings)
+    else:
+        teacher, _ = next_token_view(teacher_logits, labels, vocab_size)
+        divergence = per_token_divergence(student, teacher, **settings)
     kd_sum = masked_sum(divergence, targets, ignore_index=IGNORE_INDEX)
     objective = kd_weight(loss_cfg) * kd_sum + loss_cfg.ce_weight * ce_sum
     return TokenSums(objective, kd_sum.detach(), ce_sum.detach())

@@ -19,10 +19,10 @@ from trainer.losses.divergence import (
 )
 from trainer.losses.fused import FusedSums, default_chunk_size, fused_distill_loss, fused_sparse_distill_loss, fused_token_sums
 from trainer.losses.head import LMHead, head_quirks
-from trainer.losses.sparse import SparseTeacher, sparse_distill_loss, sparse_per_token_divergence
+from trainer.losses.sparse import PADDING_ID, SparseTeacher, sparse_distill_loss, sparse_per_token_divergence
 
 __all__ = [
     "KINDS", "distill_loss", "masked_sum", "per_token_divergence", "validate_loss_params",
     "FusedSums", "default_chunk_size", "fused_distill_loss", "fused_sparse_distill_loss", "fused_token_sums",
-    "LMHead", "head_quirks", "SparseTeacher", "sparse_distill_loss", "sparse_per_token_divergence",
+    "LMHead", "head_quirks", "PADDING_ID", "SparseTeacher", "sparse_distill_loss", "sparse_per_token_divergence",
 ]

@@ -1,0 +1,38 @@
+"""`python -m trainer.cache [overrides]` (or under torchrun): run the teacher once over the data
+and keep its top-k log-probabilities, so that any number of student runs can train with
+`teacher=cache` (or `teacher.cache=auto`) and no teacher in memory.
+
+Takes the job's own config: the same teacher, data, train.seq_len and deepspeed settings the
+training runs use, plus teacher.top_k, teacher.cache_dtype and teacher.cache_shard_rows. Prints
+`CACHE <folder>` last. Run it again after an interruption: it resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+
+from trainer.cli import prepare_argv, run_entry
+from trainer.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+def build(cfg) -> None:
+    from trainer.cache.build import build_cache
+
+    folder = run_entry(build_cache, cfg)
+    if os.environ.get("RANK", "0") == "0":  # run_entry has set it, under torchrun or not
+        print(f"CACHE {folder.resolve()}", flush=True)
+
+
+def main() -> None:
+    sys.argv = prepare_argv(sys.argv)
+    build()
+
+
+if __name__ == "__main__":
+    main()

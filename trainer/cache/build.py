@@ -1,0 +1,159 @@
+"""Building a teacher cache: the teacher runs once over every split and its top-k is written shard by shard.
+
+Shards are dealt round-robin to ranks. Which rank computes a shard changes nothing in it (rows are
+batched the same way within a shard), so a build resumed on another number of ranks writes the same
+files. Under ZeRO-3 every forward is collective, so ranks run in lockstep (see `in_lockstep`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainer import engines, models
+from trainer.cache.identity import CacheIdentity, check_matches, job_identity
+from trainer.cache.store import Manifest, RowTopK, SplitInfo, read_manifest, shard_path, write_manifest, write_shard
+from trainer.config import validate
+from trainer.data import TokenizedRow, collate
+from trainer.distributed import RankInfo, broadcast_object, in_lockstep
+from trainer.evaluation import to_device
+from trainer.heads import Scorer, check_head_parity, fused_unsupported_reason
+from trainer.inputs import data_sources, load_splits, materialise_demo
+from trainer.losses import PADDING_ID, default_chunk_size
+from trainer.objective import IGNORE_INDEX, targets_at_each_position
+from trainer.teacher import load_teacher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Batch:
+    """One micro-batch of one shard; the shard is written after its last batch."""
+
+    split: str
+    shard: int
+    rows: list[TokenizedRow]
+    last_of_shard: bool
+
+
+def build_cache(cfg, rank: RankInfo) -> Path:
+    """Build (or finish) the cache for this config; returns its folder."""
+    validate(cfg)
+    materialise_demo(cfg, rank)
+    models.check_model_source("teacher", cfg.teacher.path)
+    tokenizer = models.load_tokenizer("teacher", cfg.teacher)
+    vocab_size = models.shared_vocab_size(tokenizer, models.load_config("teacher", cfg.teacher))
+    splits = load_splits(cfg, tokenizer, rank)
+    identity = job_identity(cfg, tokenizer, rank.is_main)
+    manifest = _start_manifest(cfg, identity, splits, vocab_size, rank)
+    if manifest.complete:
+        log.info("cache: %s is already complete", identity.folder)
+        return identity.folder
+    todo = broadcast_object(_missing_shards(identity.folder, manifest) if rank.is_main else None)
+    log.info("cache: %d of %d shards to compute in %s", len(todo),
+             sum(info.num_shards for info in manifest.splits.values()), identity.folder)
+    engine, _ = load_teacher(cfg, rank)
+    scorer = _teacher_scorer(cfg, engine, vocab_size, rank)
+    _compute_shards(cfg, scorer, identity.folder, manifest, splits, todo[rank.rank::rank.world_size], tokenizer, rank)
+    dist.barrier()
+    if rank.is_main:
+        manifest.complete = True
+        write_manifest(identity.folder, manifest)
+        log.info("cache: complete in %s", identity.folder)
+    dist.barrier()
+    return identity.folder
+
+
+def _start_manifest(cfg, identity: CacheIdentity, splits: dict, vocab_size: int, rank: RankInfo) -> Manifest:
+    """The folder's manifest if it is this cache (resuming), a new one if the folder is empty; a
+    cache of anything else is refused, never overwritten."""
+    existing = read_manifest(identity.folder)
+    if existing is not None:
+        check_matches(existing, identity, explicit_folder=False,
+                      fix="nothing was overwritten; set teacher.cache to a new folder for this cache.")
+        return existing
+    manifest = Manifest(
+        key=identity.key, teacher={"path": cfg.teacher.path, "revision": cfg.teacher.revision},
+        dtype=cfg.teacher.cache_dtype, vocab_size=vocab_size,
+        splits={name: SplitInfo(data=identity.data[name], source=str(data_sources(cfg)[name]),
+                                rows=len(examples), shard_rows=cfg.teacher.cache_shard_rows)
+                for name, examples in splits.items()},
+    )
+    dist.barrier()  # every rank has read the folder before rank 0 writes to it
+    if rank.is_main:
+        write_manifest(identity.folder, manifest)
+    return manifest
+
+
+def _missing_shards(folder: Path, manifest: Manifest) -> list[tuple[str, int]]:
+    return [(split, shard) for split, info in sorted(manifest.splits.items()) for shard in range(info.num_shards)
+            if not shard_path(folder, split, shard).is_file()]
+
+
+def _teacher_scorer(cfg, engine, vocab_size: int, rank: RankInfo) -> Scorer:
+    fused = cfg.loss.fused and fused_unsupported_reason(engine.module) is None
+    scorer = Scorer(engine, vocab_size, fused)
+    if fused:
+        check_head_parity("teacher", engine, scorer.tap, scorer.head, rank.device)
+    return scorer
+
+
+def _compute_shards(cfg, scorer: Scorer, folder: Path, manifest: Manifest, splits: dict, mine: list,
+                    tokenizer, rank: RankInfo) -> None:
+    batch_size = cfg.train.micro_batch_size
+    work = []
+    for split, shard in mine:
+        shard_rows = manifest.splits[split].shard_rows
+        rows = splits[split].rows[shard * shard_rows:(shard + 1) * shard_rows]
+        starts = range(0, len(rows), batch_size)
+        work += [_Batch(split, shard, rows[s:s + batch_size], s == starts[-1]) for s in starts]
+    dtype = getattr(torch, manifest.dtype)
+    top_k, chunk_size = manifest.key["top_k"], cfg.loss.chunk_size or default_chunk_size(scorer.vocab_size)
+    pending: list[RowTopK] = []
+
+    def run(item: _Batch) -> None:
+        batch = to_device(collate(item.rows, tokenizer.pad_token_id), rank.device)
+        pending.extend(batch_top_k(scorer, batch, top_k, chunk_size))
+        if item.last_of_shard:
+            write_shard(shard_path(folder, item.split, item.shard), pending, dtype)
+            log.info("cache: %s shard %d written (%d rows)", item.split, item.shard, len(pending))
+            pending.clear()
+
+    def filler() -> None:
+        probe = torch.full((1, 1), tokenizer.pad_token_id, device=rank.device)
+        scorer.states({"input_ids": probe, "attention_mask": torch.ones_like(probe)})
+        with scorer.gathered():
+            pass
+
+    with torch.no_grad():
+        in_lockstep(work, run, filler, collective=engines.teacher_is_sharded(cfg))
+
+
+def batch_top_k(scorer: Scorer, batch: dict, top_k: int, chunk_size: int) -> list[RowTopK]:
+    """The teacher's top-k at each supervised position of each row of a collated batch."""
+    targets = targets_at_each_position(batch["labels"])
+    flat_targets = targets.reshape(-1)
+    states = scorer.states(batch)
+    rows = states.reshape(flat_targets.shape[0], -1)
+    supervised = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    kept = min(top_k, scorer.vocab_size)
+    values, ids, target_logprobs = [], [], []
+    with scorer.gathered():
+        for start in range(0, supervised.numel(), chunk_size):
+            index = supervised[start:start + chunk_size]
+            logprobs = F.log_softmax(scorer.logits_of(rows.index_select(0, index)), dim=-1)
+            top = logprobs.topk(kept, dim=-1)
+            values.append(top.values)
+            ids.append(top.indices)
+            target_logprobs.append(logprobs.gather(1, flat_targets.index_select(0, index).unsqueeze(1)).squeeze(1))
+    values = F.pad(torch.cat(values) if values else torch.zeros(0, kept), (0, top_k - kept)).cpu()
+    ids = F.pad(torch.cat(ids) if ids else torch.zeros(0, kept, dtype=torch.long), (0, top_k - kept),
+                value=PADDING_ID).cpu()
+    target_logprobs = torch.cat(target_logprobs).cpu() if target_logprobs else torch.zeros(0)
+    counts = (targets != IGNORE_INDEX).sum(dim=1).tolist()
+    return [RowTopK(*parts) for parts in zip(values.split(counts), ids.split(counts), target_logprobs.split(counts))]

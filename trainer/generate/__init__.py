@@ -1,0 +1,4 @@
+"""Sequence-level distillation: the teacher writes responses that the student then learns as text.
+
+`python -m trainer.generate generate.prompts=<rows> generate.out=<folder>` (see `responses.py`).
+"""

@@ -1,0 +1,34 @@
+"""`python -m trainer.generate generate.prompts=<rows> generate.out=<folder> [overrides]` (or under
+torchrun): the teacher writes `generate.samples_per_prompt` responses per prompt into
+`<folder>/train.jsonl`, which a student then learns with `data.train=<folder>/train.jsonl`
+(`loss.kind=sft`, or KD on top). Prints `DATASET <path>` last; run it again to resume."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+
+from trainer.cli import prepare_argv, run_entry
+from trainer.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+def generate(cfg) -> None:
+    from trainer.generate.responses import generate_dataset
+
+    dataset = run_entry(generate_dataset, cfg)
+    if os.environ.get("RANK", "0") == "0":  # run_entry has set it, under torchrun or not
+        print(f"DATASET {dataset.resolve()}", flush=True)
+
+
+def main() -> None:
+    sys.argv = prepare_argv(sys.argv)
+    generate()
+
+
+if __name__ == "__main__":
+    main()
