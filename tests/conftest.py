@@ -84,13 +84,14 @@ def tiny_overrides(tiny: dict, run_dir: Path, cache: Path, *extra: str) -> list[
     ]
 
 
-def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m trainer` (nproc 1) or `torchrun --nproc_per_node N -m trainer` on free ports."""
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None,
+            module: str = "trainer") -> subprocess.CompletedProcess:
+    """`python -m <module>` (nproc 1) or `torchrun --nproc_per_node N -m <module>` on free ports."""
     if nproc == 1:
-        command = [sys.executable, "-m", "trainer", *args]
+        command = [sys.executable, "-m", module, *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "trainer", *args]
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", module, *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 

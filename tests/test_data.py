@@ -370,7 +370,9 @@ def test_collate_right_pads():
     rows = [TokenizedRow([5, 6, 7], [IGNORE_INDEX, 6, 7]), TokenizedRow([8], [IGNORE_INDEX])]
     batch = data.collate(rows, pad_id=0)
     assert set(batch) == {"input_ids", "attention_mask", "labels", "row_index"}
-    assert all(tensor.shape == (2, 3) and tensor.dtype == torch.long for tensor in batch.values())
+    assert all(batch[key].shape == (2, 3) and batch[key].dtype == torch.long
+               for key in ("input_ids", "attention_mask", "labels"))
+    assert batch["row_index"].tolist() == [-1, -1], "rows built by hand come from no source"
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX] * 3]

@@ -116,7 +116,7 @@ def _response_text(row: dict) -> str:
 def _write_cache(entries: list, dataset: Path, tokenizer, folder: Path, teacher: str, dump: str, seq_len: int,
                  top_k: int) -> dict:
     rows = load_examples(dataset, tokenizer, seq_len, cache_dir=None, key="data.train").rows
-    k = top_k or max(1 + len(e.get("top_logprobs") or []) for _, _, lp in entries if lp for e in lp)
+    k = top_k or max(len(_listed_tokens(e)) for _, _, lp in entries if lp for e in lp)
     pieces = _piece_ids(tokenizer)
     cached, aligned_rows, positions = [], 0, 0
     for (origin, row, logprobs), tokenized in zip(entries, rows):
@@ -140,6 +140,11 @@ def _write_cache(entries: list, dataset: Path, tokenizer, folder: Path, teacher:
     write_manifest(folder, manifest)
     return {"cache": str(folder), "top_k": k, "aligned_rows": aligned_rows, "unaligned_rows": unaligned,
             "scored_positions": positions}
+
+
+def _listed_tokens(entry: dict) -> set:
+    """The sampled token and its alternatives: the tokens whose log-probability the API gave."""
+    return {entry["token"]} | {alternative.get("token") for alternative in entry.get("top_logprobs") or []}
 
 
 def _piece_ids(tokenizer) -> dict[str, int]:
