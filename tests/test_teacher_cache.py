@@ -143,16 +143,19 @@ def test_a_cache_holding_the_whole_vocabulary_trains_exactly_like_the_online_tea
     full = tmp_path / "full"
     assert_ok(build(tiny, tmp_path, full, "teacher.top_k=64"))
     metrics = {}
-    for name, extra in {"online": [], "cached": [f"teacher.cache={full}"]}.items():
+    variants = {"online": [], "cached": [f"teacher.cache={full}"],
+                "cached_full_logits": [f"teacher.cache={full}", "loss.fused=false"]}
+    for name, extra in variants.items():
         run_dir = tmp_path / name
         assert_ok(run_cli(tiny_overrides(tiny, run_dir, tmp_path / "c", "loss.kind=jsd", "loss.temperature=2",
                                          "loss.ce_weight=0.3", *extra)))
         metrics[name] = read_jsonl(run_dir / "metrics.jsonl")
         metrics[name + "_summary"] = json.loads((run_dir / "summary.json").read_text())
-    for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
-        assert [m[key] for m in metrics["cached"]] == pytest.approx([m[key] for m in metrics["online"]], rel=2e-3)
-    for key in ("eval/kl_to_teacher", "eval/teacher_ce", "eval/top1_agreement", "eval/student_ce"):
-        assert metrics["cached_summary"][key] == pytest.approx(metrics["online_summary"][key], rel=5e-3, abs=1e-5)
+    for cached in ("cached", "cached_full_logits"):
+        for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+            assert [m[key] for m in metrics[cached]] == pytest.approx([m[key] for m in metrics["online"]], rel=2e-3)
+        for key in ("eval/kl_to_teacher", "eval/teacher_ce", "eval/top1_agreement", "eval/student_ce"):
+            assert metrics[cached + "_summary"][key] == pytest.approx(metrics["online_summary"][key], rel=5e-3, abs=1e-5)
 
 
 def test_a_sweep_over_teacher_cache_finds_the_cache_built_with_the_same_overrides(tiny, tmp_path):

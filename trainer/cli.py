@@ -41,6 +41,13 @@ def run_entry(task, cfg):
     return result
 
 
+def run_and_announce(task, cfg, label: str) -> None:
+    """:func:`run_entry` for a task that returns a path; rank 0 prints `<label> <path>` last, for scripts."""
+    path = run_entry(task, cfg)
+    if os.environ.get("RANK", "0") == "0":  # run_entry has set it, under torchrun or not
+        print(f"{label} {path.resolve()}", flush=True)
+
+
 def _quiet_other_ranks(is_main: bool) -> None:
     import deepspeed
 

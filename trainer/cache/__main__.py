@@ -9,12 +9,11 @@ training runs use, plus teacher.top_k, teacher.cache_dtype and teacher.cache_sha
 
 from __future__ import annotations
 
-import os
 import sys
 
 import hydra
 
-from trainer.cli import prepare_argv, run_entry
+from trainer.cli import prepare_argv, run_and_announce
 from trainer.config import register_configs
 
 register_configs()
@@ -24,9 +23,7 @@ register_configs()
 def build(cfg) -> None:
     from trainer.cache.build import build_cache
 
-    folder = run_entry(build_cache, cfg)
-    if os.environ.get("RANK", "0") == "0":  # run_entry has set it, under torchrun or not
-        print(f"CACHE {folder.resolve()}", flush=True)
+    run_and_announce(build_cache, cfg, "CACHE")
 
 
 def main() -> None:

@@ -5,12 +5,11 @@ torchrun): the teacher writes `generate.samples_per_prompt` responses per prompt
 
 from __future__ import annotations
 
-import os
 import sys
 
 import hydra
 
-from trainer.cli import prepare_argv, run_entry
+from trainer.cli import prepare_argv, run_and_announce
 from trainer.config import register_configs
 
 register_configs()
@@ -20,9 +19,7 @@ register_configs()
 def generate(cfg) -> None:
     from trainer.generate.responses import generate_dataset
 
-    dataset = run_entry(generate_dataset, cfg)
-    if os.environ.get("RANK", "0") == "0":  # run_entry has set it, under torchrun or not
-        print(f"DATASET {dataset.resolve()}", flush=True)
+    run_and_announce(generate_dataset, cfg, "DATASET")
 
 
 def main() -> None:
