@@ -15,6 +15,7 @@ from trainer.losses import (
     fused_token_sums,
     head_quirks,
     sparse_distill_loss,
+    sparse_per_token_divergence,
 )
 
 IGNORE = -100
@@ -289,11 +290,12 @@ def test_a_low_precision_cache_whose_top_k_sums_past_one_stays_finite():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fused_sparse_matches_sparse_on_full_logits(kind):
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_fused_sparse_matches_sparse_on_full_logits(kind, temperature):
     sh, sw, th, tw, labels = make_inputs(vocab=40)
     sparse = top_k_teacher((th @ tw.T).detach(), 7, pad_last=1)
     sparse = SparseTeacher(sparse.logprobs.to(torch.float16), sparse.ids.to(torch.int32))  # a cache's storage types
-    settings = dict(kind=kind, temperature=1.5)
+    settings = dict(kind=kind, temperature=temperature)
     dense = value_and_grads(lambda: sparse_distill_loss(sh @ sw.T, sparse, labels, **settings), sh, sw)
     fused = value_and_grads(lambda: fused_sparse_distill_loss(sh, sw, sparse, labels, chunk_size=5, **settings), sh, sw)
     assert_close_all(fused, dense, rtol=1e-10, atol=1e-12)
@@ -315,3 +317,32 @@ def test_a_second_backward_through_the_same_loss_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         loss.backward()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("top_k", [7, 40])
+def test_fused_sparse_objective_with_ce_and_head_quirks_matches_full_logits(kind, temperature, top_k):
+    """The written-out sparse gradient, mixed with CE, through a scaled and soft-capped head, and with
+    k = V (no tail): equal to autograd on full logits."""
+    sh, sw, th, tw, labels = make_inputs(vocab=40)
+    head = LMHead(sw, scale=0.5, softcap=3.0)
+    sparse = top_k_teacher((th @ tw.T).detach(), top_k, pad_last=1 if top_k < 40 else 0)
+    if top_k < 40:  # padding first in one row, and a row with nothing listed (an API that scored nothing)
+        sparse.ids[1, :3], sparse.ids[2] = -1, -1
+    settings = dict(kind=kind, temperature=temperature)
+
+    def reference():
+        logits = head.logits(sh)
+        masked = labels != IGNORE
+        divergence = sparse_per_token_divergence(logits, sparse, **settings)[masked].sum()
+        return 0.7 * divergence + 0.3 * F.cross_entropy(logits[masked], labels[masked], reduction="sum")
+
+    def fused():
+        return fused_token_sums(sh, LMHead(sw, scale=0.5, softcap=3.0), labels, sparse_teacher=sparse, kd_weight=0.7,
+                                ce_weight=0.3, chunk_size=6, **settings).objective
+
+    expected, actual = value_and_grads(reference, sh, sw), value_and_grads(fused, sh, sw)
+    if kind == "rkl" and top_k == 40:  # infinite on dense logits too wherever the listed mass rounds to 1
+        return
+    assert_close_all(actual, expected, rtol=1e-9, atol=1e-11)

@@ -10,8 +10,9 @@ chunk of logits (and its softmax intermediates) is alive at any moment.
 Only supervised positions are computed at all: prompt and padding tokens cost nothing.
 
 The per-chunk arithmetic is the dense path's own (the same tempered log-softmax and divergence
-functions, :func:`sparse_per_token_divergence` for a sparse teacher), so values and gradients match ``distill_loss`` on full logits
-up to float summation order.
+functions), so values and gradients match ``distill_loss`` on full logits up to float summation
+order. Against a sparse teacher the chunk's logit gradient is written out instead
+(:mod:`trainer.losses.sparse_chunk`); the divergence on its ``k + 1`` outcomes is still autograd's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from trainer.losses.divergence import (
     validate_divergence_params,
 )
 from trainer.losses.head import LMHead
-from trainer.losses.sparse import SparseTeacher, check_sparse_teacher, sparse_per_token_divergence
+from trainer.losses.sparse import SparseTeacher, check_sparse_teacher
+from trainer.losses.sparse_chunk import sparse_chunk
 
 # Elements of one chunk's [C, V] logits. Around ten float32 tensors of this size are alive while a
 # chunk is processed (logits, log-softmax, exp, products and their gradients): ~0.3 GB at 2**23.
@@ -210,11 +212,14 @@ class _FusedHeadLoss(torch.autograd.Function):
             index = supervised[start:start + plan.chunk_size]
             rows = hidden.index_select(0, index)
             logits = plan.head.projection(rows, weight, bias).detach().requires_grad_(any(wants))
-            with torch.enable_grad():
-                kd, ce = _chunk_sums(logits, index, plan)
-                objective = plan.ce_weight * ce + (plan.kd_weight * kd if kd is not None else 0.0)
+            if isinstance(plan.teacher, SparseTeacher):
+                kd, ce, grad_logits = _sparse_chunk_sums(logits, index, plan)
+            else:
+                with torch.enable_grad():
+                    kd, ce = _chunk_sums(logits, index, plan)
+                    objective = plan.ce_weight * ce + (plan.kd_weight * kd if kd is not None else 0.0)
+                grad_logits = torch.autograd.grad(objective, logits)[0] if any(wants) else None
             if any(wants):
-                (grad_logits,) = torch.autograd.grad(objective, logits)
                 _accumulate(grad_logits, rows, index, weight, plan.head.rows, grad_hidden, grad_weight, grad_bias)
             ce_total += ce.detach()
             if kd is not None:
@@ -241,6 +246,20 @@ class _FusedHeadLoss(torch.autograd.Function):
         return (*grads, None)
 
 
+def _sparse_chunk_sums(logits: Tensor, index: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Σ divergence, Σ CE and their objective's gradient for one chunk, against a sparse teacher."""
+    with torch.enable_grad():
+        student = plan.head.finish(logits)
+    kd, ce, grad = sparse_chunk(
+        student.detach(), plan.teacher.rows(index), plan.targets.index_select(0, index), kind=plan.kind,
+        temperature=plan.temperature, beta=plan.beta, skew=plan.skew, kd_weight=plan.kd_weight,
+        ce_weight=plan.ce_weight, want_grad=logits.requires_grad,
+    )
+    if grad is not None and student is not logits:  # back through the head's scaling or soft-capping
+        (grad,) = torch.autograd.grad(student, logits, grad)
+    return kd, ce, grad
+
+
 def _chunk_sums(logits: Tensor, index: Tensor, plan: _Plan) -> tuple[Tensor | None, Tensor]:
     """Σ divergence (None without a teacher) and Σ CE over one chunk of projected student logits ``[C, V]``."""
     student = plan.head.finish(logits)
@@ -248,10 +267,6 @@ def _chunk_sums(logits: Tensor, index: Tensor, plan: _Plan) -> tuple[Tensor | No
     if plan.teacher is None:
         return None, F.cross_entropy(student, targets, reduction="sum")
     settings = dict(beta=plan.beta, skew=plan.skew)
-    if isinstance(plan.teacher, SparseTeacher):
-        divergence = sparse_per_token_divergence(student, plan.teacher.rows(index), kind=plan.kind,
-                                                 temperature=plan.temperature, **settings)
-        return divergence.sum(), F.cross_entropy(student, targets, reduction="sum")
     with torch.no_grad():
         teacher = plan.teacher.logits(plan.teacher_hidden.index_select(0, index))
         log_p = tempered_log_probs(teacher, plan.temperature, compute_dtype(student, teacher))

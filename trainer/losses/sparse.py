@@ -155,11 +155,20 @@ def coarse_log_probs(student_logits: Tensor, teacher: SparseTeacher, temperature
     student_tail = with_sink.scatter(-1, ids, float("-inf")).logsumexp(dim=-1, keepdim=True)
     log_q_coarse = torch.cat([student_top, student_tail], dim=-1).clamp(min=floor)
 
+    covers_vocab = student_tail == float("-inf")
+    return teacher_coarse_log_probs(teacher, padding, covers_vocab, temperature, dtype), log_q_coarse
+
+
+def teacher_coarse_log_probs(teacher: SparseTeacher, padding: Tensor, covers_vocab: Tensor, temperature: float,
+                             dtype: torch.dtype) -> Tensor:
+    """The teacher's tempered log-probabilities over its ``k + 1`` outcomes ``[..., k+1]``, never ``-inf``.
+
+    padding: ``[..., k]`` its padding entries; covers_vocab: ``[..., 1]`` where its top-k lists every id."""
     teacher_top = torch.where(padding, float("-inf"), teacher.logprobs.to(dtype))
     covered = teacher_top.logsumexp(dim=-1, keepdim=True)
     # log(1 − Σ top-k); rounding in a fp16 cache can push the sum to 1 or past it: the tail is 0 then.
     teacher_tail = torch.where(covered < 0, torch.log(-torch.expm1(covered.clamp(max=-1e-30))), float("-inf"))
     # With every token in the top-k there is no tail outcome; rounding must not invent one.
-    teacher_tail = torch.where(student_tail == float("-inf"), float("-inf"), teacher_tail)
+    teacher_tail = torch.where(covers_vocab, float("-inf"), teacher_tail)
     log_p_coarse = F.log_softmax(torch.cat([teacher_top, teacher_tail], dim=-1) / temperature, dim=-1)
-    return log_p_coarse.clamp(min=floor), log_q_coarse
+    return log_p_coarse.clamp(min=torch.finfo(dtype).min)
