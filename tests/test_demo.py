@@ -44,11 +44,11 @@ def test_distillation_moves_the_student_towards_the_teacher(demo_runs):
     assert kd["eval/top1_agreement"] > kd["initial/eval/top1_agreement"]
 
 
-def test_distillation_beats_hard_labels_at_equal_steps(demo_runs):
-    """KD ends far closer to the teacher (measured 0.028 vs 0.244). Its accuracy edge (0.84 vs
-    0.68 measured, 0.80 vs 0.73 in another run) moves with run-to-run noise, so the test asks only that KD is
-    not worse by more than that noise, never that a lucky draw wins."""
+def test_distillation_ends_closer_to_the_teacher_than_hard_labels_at_equal_steps(demo_runs):
+    """KD's lead in KL held on every machine measured (0.028 vs 0.244; 0.022 vs 0.187). Exact
+    match is not compared: the demo's teacher is trained on each machine, and which student solves
+    more problems changed with it (KD 0.84 vs 0.68 on one CPU, 0.92 vs 0.97 on another, 0.38 vs
+    0.60 in CI), so a test of it would assert a draw, not a property of distillation."""
     kd, sft = demo_runs["kd"], demo_runs["sft"]
     assert kd["train/steps"] == sft["train/steps"]
     assert kd["eval/kl_to_teacher"] < 0.5 * sft["eval/kl_to_teacher"]
-    assert kd["eval/exact_match"] >= sft["eval/exact_match"] - 0.03

@@ -17,7 +17,9 @@ from test_e2e import assert_ok
 
 pytestmark = pytest.mark.slow
 
-COMMON = ("train.max_steps=3", "train.lr=0.02", "loss.kind=jsd", "loss.temperature=2.0", "loss.ce_weight=0.3")
+LR = 0.02
+_ONE_PERCENT_OF_A_STEP = 0.01 * LR
+COMMON = ("train.max_steps=3", f"train.lr={LR}", "loss.kind=jsd", "loss.temperature=2.0", "loss.ce_weight=0.3")
 
 
 def run_job(tiny, tmp_path, name: str, *overrides: str, nproc: int = 1):
@@ -36,8 +38,12 @@ def assert_same_training(left, right, rel=1e-5):
         for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=rel), (key, a, b)
     assert left_adapter.keys() == right_adapter.keys()
+    # Adam divides by sqrt(v): in a coordinate whose gradient is near zero, summation-order noise
+    # (another CPU's kernels, another split of the sums) becomes a visible share of the step.
+    # CI measured 4.3e-5 in one of 1024 entries, so weights are held to 1% of one step (lr 0.02);
+    # the gradients themselves are held to 1e-5 above, through the losses and gradient norms.
     for key in left_adapter:
-        torch.testing.assert_close(left_adapter[key], right_adapter[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(left_adapter[key], right_adapter[key], rtol=1e-4, atol=_ONE_PERCENT_OF_A_STEP)
 
 
 def test_micro_batch_1_times_accumulation_8_equals_micro_batch_8_times_accumulation_1(tiny, tmp_path):
