@@ -76,3 +76,37 @@ def test_out_of_range_values_fail_validation_with_one_line(override, key):
         validate(composed(*overrides))
     message = str(error.value)
     assert key in message and "\n" not in message
+
+
+def hydra_composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_the_slurm_launcher_runs_one_task_per_gpu_and_requeues_on_its_signal():
+    launcher = hydra_composed("hydra/launcher=slurm").hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8
+    assert launcher.signal_delay_s >= 60 and launcher.max_num_timeout > 0
+    assert hydra_composed("hydra/launcher=local").hydra.launcher._target_.endswith("LocalLauncher")
+
+
+def test_the_optuna_search_optimises_the_jobs_metric_over_existing_keys():
+    cfg = hydra_composed("hparams_search=optuna")
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "minimize"
+    assert cfg.train.metric == "eval/kl_to_teacher"
+    for key in sweeper.params:
+        assert OmegaConf.select(cfg, key) is not None, key
+
+
+def test_the_wandb_sweep_drives_the_same_entry_point_with_hydra_overrides():
+    import yaml
+
+    sweep = yaml.safe_load((CONF.parent / "scripts" / "wandb_sweep.yaml").read_text())
+    assert sweep["program"] == "trainer" and "${args_no_hyphens}" in sweep["command"]
+    # What the agent passes: one `key=value` per parameter; Hydra must accept each.
+    sample = {key: spec["values"][0] if "values" in spec else spec["min"] for key, spec in sweep["parameters"].items()}
+    cfg = composed(*(f"{key}={value}" for key, value in sample.items()))
+    validate(cfg)
+    assert sweep["metric"]["name"] == cfg.train.metric

@@ -20,7 +20,13 @@ USER_ERRORS = (ConfigError, DataError, ModelError, CacheError)
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
-    return _shared_run_dir_args(_strip_launcher_local_rank(argv))
+    argv = _strip_launcher_local_rank(argv)
+    if any(a in ("-m", "--multirun") for a in argv):
+        return argv  # the sweeper and its launcher give each job its own directory
+    from trainer.distributed import fill_launcher_env
+
+    fill_launcher_env()
+    return _shared_run_dir_args(argv)
 
 
 def run_entry(task, cfg):
@@ -69,19 +75,32 @@ def _strip_launcher_local_rank(argv: list[str]) -> list[str]:
 
 
 def _shared_run_dir_args(argv: list[str]) -> list[str]:
-    """Under torchrun every rank would resolve `${now:...}` on its own and may land in a different
-    directory; rank 0 decides and the others follow (non-zero ranks also skip writing `.hydra/`)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    if world_size == 1 or multirun or any(a.startswith("hydra.run.dir=") for a in argv):
+    """One run directory for every rank: each rank resolving `${now:...}` on its own may land in
+    a different one. Under SLURM it is named after the job and step, so a requeued job comes back
+    to it and resumes; elsewhere rank 0 decides and the others follow. Non-zero ranks skip `.hydra/`."""
+    if any(a.startswith("hydra.run.dir=") for a in argv):
         return argv
-    from datetime import datetime
+    chosen = _slurm_run_dir()
+    if chosen is None and int(os.environ["WORLD_SIZE"]) == 1:
+        return argv
+    if chosen is None:
+        from datetime import datetime
 
-    from trainer.distributed import broadcast_object, init_distributed
+        from trainer.distributed import broadcast_object, init_distributed
 
-    rank = init_distributed()
-    chosen = broadcast_object(datetime.now().strftime("outputs/%Y-%m-%d/%H-%M-%S") if rank.is_main else None)
+        rank = init_distributed()
+        chosen = broadcast_object(datetime.now().strftime("outputs/%Y-%m-%d/%H-%M-%S") if rank.is_main else None)
     extra = [f"hydra.run.dir={chosen}"]
-    if not rank.is_main:
+    if os.environ["RANK"] != "0":
         extra += ["hydra.output_subdir=null", "hydra/job_logging=none"]
     return argv + extra
+
+
+def _slurm_run_dir() -> str | None:
+    """`outputs/slurm-<job id>.<step id>` inside a SLURM job: the same on every task and after a
+    requeue (which keeps the job id and numbers the steps afresh), different for each srun of an
+    interactive allocation."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        return None
+    return f"outputs/slurm-{job}.{os.environ.get('SLURM_STEP_ID', 'batch')}"

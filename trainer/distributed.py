@@ -1,8 +1,8 @@
 """Process-group setup shared by 1 and N ranks.
 
-`python -m trainer` and `torchrun ... -m trainer` take the same path: a single process gets the
-environment torchrun would have given it (rank 0 of 1, a free loopback port), so no code below
-here ever asks "am I distributed?".
+`python -m trainer`, `torchrun ... -m trainer` and `srun python -m trainer` take the same path:
+every process gets the environment torchrun would have given it (from SLURM's variables under
+srun; rank 0 of 1 on a free loopback port alone), so no code below here asks "am I distributed?".
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -34,21 +35,49 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _fill_single_process_env() -> None:
-    """Give a plain `python -m trainer` the variables torchrun sets."""
+def fill_launcher_env() -> None:
+    """Give every launch the variables torchrun sets: from SLURM's when srun (or submitit) started
+    one task per GPU, else those of a single process. torchrun's own always win. Idempotent."""
     if "RANK" in os.environ:
+        return
+    if _slurm_tasks() > 1:
+        _fill_from_slurm()
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(free_port())
 
 
+def _slurm_tasks() -> int:
+    """Tasks in this srun step. SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: a batch script's own shell
+    sees the allocation's task count too, but it is one process, not a rank of a job."""
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+
+
+def _fill_from_slurm() -> None:
+    env = os.environ
+    env.update(RANK=env["SLURM_PROCID"], LOCAL_RANK=env["SLURM_LOCALID"], WORLD_SIZE=str(_slurm_tasks()))
+    env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = _first_slurm_host()
+    # Every task must agree on the port without talking first: derive it from the job id, so
+    # that the jobs of a sweep sharing a node use different ports.
+    env.setdefault("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000))
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ["SLURM_JOB_NODELIST"]
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return hosts.stdout.split()[0]
+
+
 def init_distributed() -> RankInfo:
     """Join (or create) the default process group: NCCL on GPUs, gloo on CPU. Idempotent."""
-    _fill_single_process_env()
+    fill_launcher_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # SLURM's --gpus-per-task shows each task only its own GPU.
+        device = torch.device("cuda", local_rank if torch.cuda.device_count() > 1 else 0)
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():

@@ -21,6 +21,7 @@ from trainer.heads import Scorer, check_head_parity, fused_unsupported_reason
 from trainer.inputs import load_splits, materialise_demo
 from trainer.losses import default_chunk_size
 from trainer.objective import IGNORE_INDEX, fused_micro_batch_sums, micro_batch_sums
+from trainer.preemption import Preempted, PreemptionWatch, hand_back
 from trainer.teacher import load_teacher
 from trainer.tracking import Tracker
 
@@ -40,7 +41,7 @@ class DistillJob:
     def setup(self) -> None:
         cfg = self.cfg
         materialise_demo(cfg, self.rank)
-        self.tokenizer, self.vocab_size = self._check_by_rolefit()
+        self.tokenizer, self.vocab_size = self._check_models_fit()
         self._load_data()
         # Seeded here, after anything that may draw random numbers (building the demo's teacher on a
         # cold cache does): the same LoRA initialisation on every rank, cold cache or warm.
@@ -52,7 +53,7 @@ class DistillJob:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         self.tracker = Tracker(self.run_dir, cfg, resolved, self.first_step, enabled=self.rank.is_main)
 
-    def _check_by_rolefit(self):
+    def _check_models_fit(self):
         """Tokenizers and configs only: a mismatch is reported before any weights load."""
         cfg = self.cfg
         models.check_model_source("student", cfg.student.path)
@@ -200,7 +201,9 @@ class DistillJob:
         grads = [p.grad for p in self.student.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else None
 
-    def train(self) -> None:
+    def train(self, watch: PreemptionWatch) -> None:
+        """Steps from `first_step` to `train.max_steps`; raises Preempted, checkpoint saved, when
+        any rank was signalled to stop."""
         cfg = self.cfg
         window_losses = torch.zeros(3, dtype=torch.float64, device=self.rank.device)
         window_counts = torch.zeros(2, dtype=torch.float64)
@@ -221,8 +224,14 @@ class DistillJob:
                 window_start = time.perf_counter()
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps:
                 self.evaluate(done)
-            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
+            saved = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
+            if saved:
                 checkpoints.save_training_state(self.student, self.run_dir, done, self.tokens_seen)
+            signum = watch.agreed_signal()
+            if signum and done < cfg.train.max_steps:
+                if not saved:
+                    checkpoints.save_training_state(self.student, self.run_dir, done, self.tokens_seen)
+                raise Preempted(signum, done)
 
     def _log_window(self, step: int, lr: float, window: torch.Tensor, seconds: float) -> None:
         objective, kd, ce, tokens, inputs = all_reduce_sum(window.clone()).tolist()
@@ -273,11 +282,17 @@ class DistillJob:
 
 def run(cfg, rank: RankInfo, run_dir: Path) -> float:
     """The whole job. Returns the metric named by `train.metric` (for Hydra sweepers)."""
-    job = DistillJob(cfg, rank, run_dir)
-    job.setup()
-    started = time.perf_counter()
-    initial = job.evaluate(job.first_step) if job.first_step == 0 else {}
-    job.train()
+    # Watching from the start: SIGUSR1/2's default action would kill a job still loading its models.
+    with PreemptionWatch() as watch:
+        job = DistillJob(cfg, rank, run_dir)
+        job.setup()
+        started = time.perf_counter()
+        initial = job.evaluate(job.first_step) if job.first_step == 0 else {}
+        try:
+            job.train(watch)
+        except Preempted as stop:
+            job.tracker.close()
+            hand_back(stop, watch.previous[stop.signum], rank.is_main)
     final = job.evaluate(cfg.train.max_steps)
     metric = job.finish(initial, final, time.perf_counter() - started)
     if rank.is_main:

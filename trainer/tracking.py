@@ -84,7 +84,7 @@ def _start_wandb(run_dir: Path, cfg, resolved_config: dict):
         project=cfg.logger.project,
         entity=cfg.logger.entity,
         name=cfg.logger.name or run_dir.name,
-        group=cfg.logger.group,
+        group=cfg.logger.group or _sweep_group(),
         tags=list(cfg.logger.tags),
         config=resolved_config,
         dir=str(run_dir),
@@ -95,6 +95,17 @@ def _start_wandb(run_dir: Path, cfg, resolved_config: dict):
     if mode == "offline":
         log.info("W&B is offline; upload the run later with: wandb sync %s", run.dir.rsplit("/files", 1)[0])
     return run
+
+
+def _sweep_group() -> str | None:
+    """The runs of one Hydra multirun (a grid, an Optuna study, a submitit sweep) share a W&B
+    group named after the sweep's directory. A W&B sweep's runs are grouped by W&B itself."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return f"sweep {HydraConfig.get().sweep.dir}"
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
