@@ -92,8 +92,18 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | Non
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", module, *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**outside_any_launcher(os.environ), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def outside_any_launcher(environ) -> dict:
+    """The environment without torchrun's or SLURM's variables, so that a test job started from
+    pytest inside an allocation (or after a test that set them) is a job of its own."""
+    return {name: value for name, value in environ.items()
+            if name not in LAUNCHER_VARIABLES and not name.startswith("SLURM_")}
 
 
 def _free_port() -> int:

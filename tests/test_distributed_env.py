@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import pytest
 
@@ -14,9 +15,13 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in [*LAUNCHER_VARS, *(n for n in os.environ if n.startswith("SLURM_"))]:
-        monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+    """No launcher or SLURM variables during the test, and the whole environment as it was after:
+    fill_launcher_env writes os.environ itself, and a RANK or WORLD_SIZE left behind would make every
+    later job in this pytest process wait for ranks that never come."""
+    with mock.patch.dict(os.environ):
+        for name in [*LAUNCHER_VARS, *(n for n in os.environ if n.startswith("SLURM_"))]:
+            monkeypatch.delenv(name, raising=False)
+        yield monkeypatch
 
 
 def test_an_srun_task_takes_its_rank_from_slurm_and_a_port_from_the_job_id(clean_env):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, read_jsonl, run_cli, tiny_overrides
+from conftest import REPO, outside_any_launcher, read_jsonl, run_cli, tiny_overrides
 from test_e2e import assert_ok
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def overrides(tiny, tmp_path, *extra: str) -> list[str]:
 
 
 def job_env(**extra: str) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+    return {**outside_any_launcher(os.environ), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
             "WANDB_SILENT": "true", "DISTILL_PYTHON": sys.executable, **extra}
 
 
@@ -117,7 +117,7 @@ def slurm():
 
 def _slurm_env() -> dict:
     state = os.environ.get("DISTILL_SLURM_DIR", "/tmp/distill-slurm")
-    return {**os.environ, "SLURM_CONF": f"{state}/slurm.conf"}
+    return {**outside_any_launcher(os.environ), "SLURM_CONF": f"{state}/slurm.conf"}
 
 
 def sbatch(slurm_env, workdir: Path, *args: str) -> str:
@@ -195,6 +195,30 @@ def test_a_submitit_multirun_sends_each_sweep_point_to_slurm_as_its_own_job(slur
         assert config["loss"]["temperature"] == temperature
         summary = json.loads((sweep_dir / point / "summary.json").read_text())
         assert summary["train/steps"] == 4
+
+
+def test_a_signalled_submitit_job_is_resubmitted_by_submitit_and_resumes(slurm, tiny, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    launcher = ("hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.tasks_per_node=2",
+                "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=15", f"hydra.sweep.dir={sweep_dir}")
+    command = [sys.executable, "-m", "trainer", "-m", *launcher, *overrides(tiny, tmp_path, "train.max_steps=300")]
+    sweep = subprocess.Popen(command, cwd=REPO, env=job_env(**slurm), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    run_dir = sweep_dir / "0"
+    wait_for(lambda: len(logged_steps(run_dir)) >= 3, 300, "three logged steps")
+    (job_id,) = [p.name for p in (sweep_dir / ".submitit").iterdir() if re.fullmatch(r"\d+(_0)?", p.name)]
+    subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm, check=True)
+    while sweep.poll() is None:  # the sweep waits for its job, which SLURM holds a while once requeued
+        state = job_state(slurm, job_id)
+        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], env=slurm)
+        time.sleep(1)
+    output = sweep.stdout.read()
+    assert sweep.returncode == 0, output[-3000:]
+    assert job_state(slurm, job_id)["Restarts"] == "1"
+    assert logged_steps(run_dir) == list(range(1, 301))
+    task_log = (sweep_dir / ".submitit" / job_id / f"{job_id}_0_log.out").read_text()
+    assert re.search(r"resumed from \S*/step_\d{8}/\S* at step \d+\n", task_log), task_log[-3000:]
 
 
 # -------------------------------------------------------------------------------------- Optuna

@@ -84,7 +84,8 @@ def _cpu_group():
 
 def hand_back(stop: Preempted, previous_handler, is_main: bool) -> None:
     """After the checkpoint: have the job requeued (USR1/USR2), then exit on every rank together."""
-    log.warning("%s; its checkpoint is saved and the job will resume from it.", stop)
+    log.warning("%s; its checkpoint is saved, and the requeued job (or the same command run again) "
+                "resumes from it.", stop)
     if stop.signum in REQUEUE_SIGNALS:
         _request_requeue(stop.signum, previous_handler, is_main)
     # No rank leaves before the requeue is asked for: srun may end a step once one task exits non-zero.
