@@ -45,6 +45,12 @@ def wait_for(condition, timeout: float, what: str, poll: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def job_log(path: Path) -> str:
+    """A SLURM output file. A task stopped mid-write (a preempted progress bar) can leave half a
+    UTF-8 character behind, so undecodable bytes are replaced rather than failing the read."""
+    return path.read_text(errors="replace")
+
+
 def logged_steps(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
     return [row["step"] for row in read_jsonl(path)] if path.exists() else []
@@ -149,7 +155,7 @@ def wait_until_done(slurm_env, job_id: str, timeout: float) -> dict:
 def test_sbatch_runs_a_two_rank_distillation_job_in_its_slurm_run_directory(slurm, tiny, tmp_path):
     job_id = sbatch(slurm, tmp_path, *overrides(tiny, tmp_path))
     state = wait_until_done(slurm, job_id, 600)
-    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    log = job_log(tmp_path / f"slurm-{job_id}.out")
     assert state["JobState"] == "COMPLETED", log[-3000:]
     run_dir = tmp_path / "outputs" / f"slurm-{job_id}.0"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -165,7 +171,7 @@ def test_a_job_signalled_before_its_time_limit_is_requeued_and_resumes_from_its_
     wait_for(lambda: len(logged_steps(run_dir)) >= 3, 300, "three logged steps")
     subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm, check=True)
     state = wait_until_done(slurm, job_id, 600)
-    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    log = job_log(tmp_path / f"slurm-{job_id}.out")
     assert state["JobState"] == "COMPLETED", log[-3000:]
     assert state["Restarts"] == "1", log[-3000:]
 
@@ -217,7 +223,7 @@ def test_a_signalled_submitit_job_is_resubmitted_by_submitit_and_resumes(slurm, 
     assert sweep.returncode == 0, output[-3000:]
     assert job_state(slurm, job_id)["Restarts"] == "1"
     assert logged_steps(run_dir) == list(range(1, 301))
-    task_log = (sweep_dir / ".submitit" / job_id / f"{job_id}_0_log.out").read_text()
+    task_log = job_log(sweep_dir / ".submitit" / job_id / f"{job_id}_0_log.out")
     assert re.search(r"resumed from \S*/step_\d{8}/\S* at step \d+\n", task_log), task_log[-3000:]
 
 
