@@ -164,12 +164,15 @@ def test_sbatch_runs_a_two_rank_distillation_job_in_its_slurm_run_directory(slur
     assert "RESULT eval/kl_to_teacher=" in log
 
 
-def test_a_job_signalled_before_its_time_limit_is_requeued_and_resumes_from_its_checkpoint(slurm, tiny, tmp_path):
-    """`scancel --signal=USR2` is what `#SBATCH --signal=USR2@120` sends at the time limit."""
+@pytest.mark.parametrize("recipients", [(), ("--batch",)], ids=["every-task", "batch-shell-only"])
+def test_a_job_signalled_before_its_time_limit_is_requeued_and_resumes_from_its_checkpoint(slurm, tiny, tmp_path,
+                                                                                           recipients):
+    """`scancel --signal=USR2` is what `#SBATCH --signal=USR2@120` sends at the time limit; with
+    `--batch`, what `--signal=B:USR2@120` sends (the script passes it on to the ranks)."""
     job_id = sbatch(slurm, tmp_path, *overrides(tiny, tmp_path, "train.max_steps=300", "logger=wandb"))
     run_dir = tmp_path / "outputs" / f"slurm-{job_id}.0"
     wait_for(lambda: len(logged_steps(run_dir)) >= 3, 300, "three logged steps")
-    subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm, check=True)
+    subprocess.run(["scancel", "--signal=USR2", *recipients, job_id], env=slurm, check=True)
     state = wait_until_done(slurm, job_id, 600)
     log = job_log(tmp_path / f"slurm-{job_id}.out")
     assert state["JobState"] == "COMPLETED", log[-3000:]
