@@ -140,13 +140,18 @@ def job_state(slurm_env, job_id: str) -> dict:
     return dict(field.split("=", 1) for field in shown.stdout.split() if "=" in field)
 
 
+def release_if_held(slurm_env, job_id: str) -> dict:
+    """The job's state, after letting it start now if SLURM holds it as requeued jobs are held (for a
+    while, reason BeginTime): on a cluster that is lost in queueing time, here it only slows tests."""
+    state = job_state(slurm_env, job_id)
+    if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+        subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], env=slurm_env)
+    return state
+
+
 def wait_until_done(slurm_env, job_id: str, timeout: float) -> dict:
     def finished():
-        state = job_state(slurm_env, job_id)
-        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
-            # SLURM holds a requeued job for a while before it may start; on a cluster that is
-            # lost in queueing time, here it would only slow the test down.
-            subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], env=slurm_env)
+        state = release_if_held(slurm_env, job_id)
         return state if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None
 
     return wait_for(finished, timeout, f"SLURM job {job_id} to end", poll=1.0)
@@ -217,10 +222,8 @@ def test_a_signalled_submitit_job_is_resubmitted_by_submitit_and_resumes(slurm, 
     wait_for(lambda: len(logged_steps(run_dir)) >= 3, 300, "three logged steps")
     (job_id,) = [p.name for p in (sweep_dir / ".submitit").iterdir() if re.fullmatch(r"\d+(_0)?", p.name)]
     subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm, check=True)
-    while sweep.poll() is None:  # the sweep waits for its job, which SLURM holds a while once requeued
-        state = job_state(slurm, job_id)
-        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], env=slurm)
+    while sweep.poll() is None:  # the sweep waits for its job, resubmitted by submitit
+        release_if_held(slurm, job_id)
         time.sleep(1)
     output = sweep.stdout.read()
     assert sweep.returncode == 0, output[-3000:]
