@@ -144,26 +144,3 @@ def test_a_multirun_sweep_runs_each_point_in_its_own_directory(tiny, tmp_path):
     assert len(results) == 2
     for point in ("0", "1"):
         assert (tmp_path / "sweep" / point / "summary.json").exists()
-
-
-def test_a_job_restarted_in_its_run_directory_resumes_where_it_stopped(tiny, tmp_path):
-    run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    straight_dir = tmp_path / "straight"
-    assert_ok(run_cli(tiny_overrides(tiny, straight_dir, cache, "train.max_steps=4")))
-    assert_ok(run_cli(tiny_overrides(tiny, run_dir, cache, "train.max_steps=4", "train.checkpoint_every=2",
-                                     "logger=wandb")))
-    # Drop the last checkpoint: the restart must pick step 2's and redo steps 3 and 4.
-    import shutil
-
-    shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
-    (run_dir / "checkpoints" / "latest").write_text("step_00000002")
-    (run_dir / "metrics.jsonl").write_text("".join(
-        json.dumps(m) + "\n" for m in read_jsonl(run_dir / "metrics.jsonl")[:2]))
-    proc = run_cli(tiny_overrides(tiny, run_dir, cache, "train.max_steps=4", "train.checkpoint_every=2", "logger=wandb"))
-    assert_ok(proc)
-    resumed = read_jsonl(run_dir / "metrics.jsonl")
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
-    straight = read_jsonl(straight_dir / "metrics.jsonl")
-    assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], rel=1e-6)
-    run_ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
-    assert len(run_ids) == 1, "the restarted job continues the same W&B run"

@@ -277,5 +277,6 @@ def test_an_api_dump_with_logprobs_becomes_a_cache_the_trainer_reads(tiny, tmp_p
     assert_ok(proc)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["teacher/cached_from"] == {"api": "api-model", "dump": str(dump)}
-    refused = run_cli([*train[:-3], f"teacher.cache={out / 'cache'}", "loss.ce_weight=0.5"])
+    refused = run_cli([*train[:-3], f"teacher.cache={out / 'cache'}", "loss.ce_weight=0.5",
+                       f"hydra.run.dir={tmp_path / 'refused'}"])
     assert_user_error(refused, "teacher weights")

@@ -1,48 +1,228 @@
-"""Resumable training state (`checkpoints/`) and the outputs users load (`adapter/`, `model/`, `merged/`)."""
+"""Resumable training state (`checkpoints/`) and the outputs users load (`adapter/`, `model/`, `merged/`).
+
+A checkpoint is the folder `checkpoints/step_<N>`: DeepSpeed's engine state (trainable weights,
+optimizer, LR scheduler), every rank's RNG states and `trainer_state.json` (step, tokens seen, the
+skipped steps, the W&B run id, and what the run was made of) plus one `rank<R>_state.pt` per
+rank (its RNG states and its share of the open log window). It is written
+under `step_<N>.partial`, renamed once every rank's files are complete, and only then published by
+rewriting the `latest` marker (write a temporary file, then rename it over the old one). A crash at
+any moment therefore leaves `latest` naming a complete checkpoint, or no `latest` at all.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from trainer.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+PARTIAL = ".partial"
+TAG_PREFIX = "step_"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or used; the message says what to do."""
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs besides the engine to go on exactly where it stopped."""
+
+    step: int
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    wandb_run_id: str | None = None
+    world_size: int = 1
+    rows_per_step: int = 0
+    """The global batch: the rows of step s depend on it (batching.py), not on how ranks split it."""
+    identity: dict = field(default_factory=dict)
+    """What the run is made of (models, data, LoRA shape): a checkpoint of another run is refused."""
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+# ------------------------------------------------------------------------------------ finding
 def find_resume_point(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint folder to continue from, or None for a fresh start.
+    """The complete checkpoint folder to continue from, or None for a fresh start.
 
-    DeepSpeed's rank 0 writes the `latest` marker after its own files, without waiting for the
-    other ranks or writing atomically: a crash mid-save can leave `latest` naming an incomplete
-    tag. Publishing checkpoints atomically is the fault-tolerance issue's work."""
+    `auto`: the run directory's latest published checkpoint, if any. A path: a checkpoint folder
+    (`.../step_N`) or a checkpoints folder with a `latest` marker."""
     if resume == "never":
         return None
-    root = run_dir / CHECKPOINTS if resume == "auto" else Path(resume)
-    return root if (root / "latest").exists() else None
+    if resume == "auto":
+        return published(run_dir / CHECKPOINTS)
+    path = Path(os.path.expanduser(resume))
+    if (path / STATE_FILE).is_file():
+        return path
+    found = published(path)
+    if found is None:
+        raise CheckpointError(f"resume={resume} is not a checkpoint: it holds neither {STATE_FILE} nor a `{LATEST}` "
+                              "marker; point it at a checkpoints/step_N folder, or use resume=auto or resume=never.")
+    return found
 
 
-def save_training_state(engine, run_dir: Path, step: int, tokens_seen: int) -> None:
-    # Frozen base weights are reloaded from the model folder; saving them would cost a copy of
-    # the whole student per checkpoint for a LoRA run.
-    engine.save_checkpoint(
-        str(run_dir / CHECKPOINTS),
-        tag=f"step_{step:08d}",
-        client_state={"step": step, "tokens_seen": tokens_seen},
-        exclude_frozen_parameters=True,
-    )
+def published(root: Path) -> Path | None:
+    """The checkpoint `root/latest` names; None when nothing was published yet."""
+    marker = root / LATEST
+    if not marker.is_file():
+        return None
+    folder = root / marker.read_text().strip()
+    if not (folder / STATE_FILE).is_file():
+        raise CheckpointError(f"{marker} names {folder.name}, which is not a complete checkpoint (it was written "
+                              f"by another program, or edited); delete {marker} to start afresh, or point it at a "
+                              "complete step_N folder.")
+    return folder
 
 
-def load_training_state(engine, checkpoint_root: Path) -> dict:
-    path, client_state = engine.load_checkpoint(str(checkpoint_root), load_module_strict=False)
+def read_state(folder: Path) -> TrainerState:
+    return TrainerState(**json.loads((folder / STATE_FILE).read_text()))
+
+
+def check_same_run(folder: Path, state: TrainerState, identity: dict) -> None:
+    """Refuse a checkpoint of a different teacher, student, data or LoRA shape, by name."""
+    differing = [key for key in sorted(set(identity) | set(state.identity))
+                 if state.identity.get(key) != identity.get(key)]
+    if differing:
+        key = differing[0]
+        raise CheckpointError(
+            f"checkpoint {folder} was made with {key}={state.identity.get(key)!r}, this job has {identity.get(key)!r}"
+            + (f" (and {len(differing) - 1} more: {', '.join(differing[1:])})" if len(differing) > 1 else "")
+            + "; restore the setting, or start afresh with resume=never in a new run directory (hydra.run.dir=...)."
+        )
+
+
+# ------------------------------------------------------------------------------------- saving
+def save_checkpoint(engine, run_dir: Path, state: TrainerState, keep: int, rank_state: dict) -> Path:
+    """Write `checkpoints/step_<N>` on every rank, publish it, and keep the newest `keep`. Collective.
+    `rank_state`: this rank's own values (plain numbers and tensors), returned by `load_checkpoint`."""
+    root = run_dir / CHECKPOINTS
+    tag = tag_for(state.step)
+    staging = root / (tag + PARTIAL)
+    is_main = dist.get_rank() == 0
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # a save of this step that crashed midway
+    dist.barrier()
+    try:
+        # Frozen base weights are reloaded from the model folder; saving them would cost a copy
+        # of the whole student per checkpoint for a LoRA run.
+        engine.save_checkpoint(str(root), tag=staging.name, save_latest=False, exclude_frozen_parameters=True)
+        torch.save({**rank_state, "rng": _rng_states()}, _rank_file(staging))
+        if is_main:
+            (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _save_failed(error, root, tag) from None
+    dist.barrier()  # every rank's files are written before the checkpoint may count
+    if is_main:
+        _publish(root, staging, tag)
+        _keep_newest(root, keep)
+    dist.barrier()
+    return root / tag
+
+
+def _publish(root: Path, staging: Path, tag: str) -> None:
+    final = root / tag
+    if final.exists():
+        # Left by an earlier life of this run that crashed after renaming but before publishing,
+        # or that was resumed from an older checkpoint: this save supersedes it.
+        stale = root / (tag + ".old")
+        shutil.rmtree(stale, ignore_errors=True)
+        final.rename(stale)
+        staging.rename(final)
+        shutil.rmtree(stale)
+    else:
+        staging.rename(final)
+    write_text_atomically(root / LATEST, tag)  # a reader sees the old marker or the new one, never half
+
+
+def _keep_newest(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (never the published one), and the
+    leftovers of saves that crashed."""
+    published_tag = (root / LATEST).read_text().strip()
+    complete = sorted((p for p in root.glob(f"{TAG_PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file()
+                       and p.suffix == ""), key=lambda p: p.name)
+    for folder in complete[:-keep] if keep > 0 else []:
+        if folder.name != published_tag:
+            shutil.rmtree(folder)
+    for leftover in [*root.glob(f"*{PARTIAL}"), *root.glob("*.old")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _save_failed(error: BaseException, root: Path, tag: str) -> CheckpointError:
+    reason = os.strerror(errno.ENOSPC) if getattr(error, "errno", None) == errno.ENOSPC else _first_line(error)
+    free_mib = shutil.disk_usage(root).free / 2**20 if root.exists() else float("nan")
+    previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    kept = (f"the previous checkpoint {previous} is intact and the same command resumes from it"
+            if previous else "no earlier checkpoint exists")
+    return CheckpointError(f"writing checkpoint {tag} in {root} failed ({reason}; {free_mib:.0f} MiB free there); "
+                           f"{kept}; free some space (or lower checkpoint.keep) and run the same command again.")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_checkpoint(engine, folder: Path) -> dict:
+    """Engine state and this rank's RNG states from `folder`; returns this rank's `rank_state`. Collective."""
+    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
     if path is None:
-        raise RuntimeError(f"no checkpoint could be loaded from {checkpoint_root}; start with resume=never.")
-    log.info("resumed from %s at step %d", path, client_state["step"])
-    return client_state
+        raise CheckpointError(f"DeepSpeed could not load {folder}; start afresh with resume=never.")
+    rank_state = {}
+    if _rank_file(folder).is_file():
+        rank_state = torch.load(_rank_file(folder), weights_only=True)
+        _restore_rng_states(rank_state.pop("rng"))
+    else:  # resumed on more ranks than saved: the new ranks' random streams start from the seed
+        log.warning("%s has no state for rank %d; its random numbers will differ from an uninterrupted run.",
+                    folder, dist.get_rank())
+    log.info("resumed from %s at step %d", path, read_state(folder).step)
+    return rank_state
+
+
+def _rank_file(folder: Path) -> Path:
+    return folder / f"rank{dist.get_rank()}_state.pt"
+
+
+def _rng_states() -> dict:
+    # Plain tuples and tensors only, so the file loads with weights_only=True (no pickle code).
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def gathered_state_dict(model: torch.nn.Module, trainable_only: bool, is_main: bool) -> dict:
@@ -73,12 +253,14 @@ def export_student(model, tokenizer, run_dir: Path, peft_kind: str, is_main: boo
     return out_dir
 
 
-def export_merged(student_path: str, adapter_dir: Path, run_dir: Path, dtype: torch.dtype) -> Path:
+def export_merged(student_cfg, adapter_dir: Path, run_dir: Path, dtype: torch.dtype) -> Path:
     """Base student + adapter folded into plain weights, loaded back the way a user would."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(os.path.expanduser(student_path), dtype=dtype)
+    from trainer.models import load_model
+
+    base = load_model("student", student_cfg, dtype, zero3_config=None)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out_dir = run_dir / "merged"
     merged.save_pretrained(str(out_dir), safe_serialization=True)

@@ -12,14 +12,18 @@ import os
 import sys
 
 from trainer.cache.store import CacheError
+from trainer.checkpoints import CheckpointError
 from trainer.config import ConfigError
 from trainer.data import DataError
 from trainer.models import ModelError
+from trainer.nonfinite import TrainingDiverged
 
-USER_ERRORS = (ConfigError, DataError, ModelError, CacheError)
+# What the user can fix (a setting, an input, disk space, a learning rate): one line, exit status 2.
+USER_ERRORS = (ConfigError, DataError, ModelError, CacheError, CheckpointError, TrainingDiverged)
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
+    _refuse_secrets_in(argv)
     argv = _strip_launcher_local_rank(argv)
     if any(a in ("-m", "--multirun") for a in argv):
         return argv  # the sweeper and its launcher give each job its own directory
@@ -29,13 +33,26 @@ def prepare_argv(argv: list[str]) -> list[str]:
     return _shared_run_dir_args(argv)
 
 
+def _refuse_secrets_in(argv: list[str]) -> None:
+    """Before Hydra saves the overrides to `.hydra/`: a token typed on the command line would stay there."""
+    from trainer.secrets import secret_values
+
+    for name, value in secret_values().items():
+        if any(value in arg for arg in argv[1:]):
+            print(f"distill: error: an override holds the value of {name}; keep secrets in the environment only "
+                  "(the overrides are saved with the run) and remove it from the command line.", file=sys.stderr)
+            raise SystemExit(2)
+
+
 def run_entry(task, cfg):
     """Join the process group, run `task(cfg, rank)` and return its result on every rank.
 
     A wrong setting or input is the user's to fix: one line, no traceback, exit status 2. Every
     rank validates the same inputs, so every rank stops there."""
     from trainer.distributed import finish_together, init_distributed
+    from trainer.secrets import redact_secrets_in_logs
 
+    redact_secrets_in_logs()  # before anything logs: no token of the environment reaches a log
     rank = init_distributed()
     _quiet_other_ranks(rank.is_main)
     try:
@@ -77,11 +94,14 @@ def _strip_launcher_local_rank(argv: list[str]) -> list[str]:
 def _shared_run_dir_args(argv: list[str]) -> list[str]:
     """One run directory for every rank: each rank resolving `${now:...}` on its own may land in
     a different one. Under SLURM it is named after the job and step, so a requeued job comes back
-    to it and resumes; elsewhere rank 0 decides and the others follow. Non-zero ranks skip `.hydra/`."""
+    to it and resumes; under torchrun it is named after the agent's start, so workers restarted by
+    torchrun come back to it too; elsewhere rank 0 decides and the others follow. Non-zero ranks
+    skip `.hydra/`."""
     if any(a.startswith("hydra.run.dir=") for a in argv):
         return argv
     chosen = _slurm_run_dir()
-    if chosen is None and int(os.environ["WORLD_SIZE"]) == 1:
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if chosen is None and int(os.environ["WORLD_SIZE"]) == 1 and not under_torchrun:
         return argv
     if chosen is None:
         from datetime import datetime
@@ -89,11 +109,32 @@ def _shared_run_dir_args(argv: list[str]) -> list[str]:
         from trainer.distributed import broadcast_object, init_distributed
 
         rank = init_distributed()
-        chosen = broadcast_object(datetime.now().strftime("outputs/%Y-%m-%d/%H-%M-%S") if rank.is_main else None)
+        started = _launcher_start_time() if under_torchrun else datetime.now()
+        chosen = broadcast_object(started.strftime(RUN_DIR_FORMAT) if rank.is_main else None)
     extra = [f"hydra.run.dir={chosen}"]
     if os.environ["RANK"] != "0":
         extra += ["hydra.output_subdir=null", "hydra/job_logging=none"]
     return argv + extra
+
+
+RUN_DIR_FORMAT = "outputs/%Y-%m-%d/%H-%M-%S"
+
+
+def _launcher_start_time():
+    """When this process's torchrun agent started. Workers that torchrun restarts (--max-restarts)
+    are new processes of the same agent: named after its start, their run directory is the one
+    the first workers wrote their checkpoints to, so the restarted job resumes from them."""
+    from datetime import datetime
+
+    try:
+        with open(f"/proc/{os.getppid()}/stat") as stat:
+            # Field 22, counted after the parenthesised command name (which may hold spaces).
+            ticks_since_boot = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as stat:
+            boot = next(int(line.split()[1]) for line in stat if line.startswith("btime"))
+    except OSError:  # no /proc (not Linux): a restart starts a new run directory
+        return datetime.now()
+    return datetime.fromtimestamp(boot + ticks_since_boot / os.sysconf("SC_CLK_TCK"))
 
 
 def _slurm_run_dir() -> str | None:

@@ -36,6 +36,9 @@ class ModelConfig:
     """Passed to from_pretrained; null lets transformers choose."""
     trust_remote_code: bool = False
     """Run Python code shipped with the checkpoint; off unless you trust its author."""
+    allow_pickle: bool = False
+    """Load weights stored as pickle (*.bin, *.pt, *.pth), which can run code when loaded; off:
+    only safetensors are read, and a folder holding only pickled weights is refused."""
 
 
 @dataclass
@@ -84,6 +87,9 @@ class DataConfig:
     eval_fraction: float = 0.05
     max_eval_rows: int = 1000
     """Evaluate on at most this many held-out rows, so evaluation stays cheap."""
+    truncate: bool = True
+    """Cut rows longer than train.seq_len to fit (the log counts them); false refuses rows longer
+    than train.seq_len, naming the first one."""
 
 
 @dataclass
@@ -131,10 +137,18 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     """Evaluate every N steps; 0 evaluates only before the first and after the last step."""
-    checkpoint_every: int = 0
-    """Save resumable state every N steps; 0 saves only at the end."""
+    max_nonfinite_steps: int = 5
+    """Optimizer steps in a row skipped for a NaN/Inf loss or gradient before the job stops."""
     metric: str = "eval/kl_to_teacher"
     """The summary value the job returns to sweepers and prints on its RESULT line."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save resumable state every N optimizer steps; 0: only at the end and when preempted."""
+    keep: int = 3
+    """Complete checkpoints kept in `checkpoints/`, oldest deleted first; 0 keeps every one."""
 
 
 @dataclass
@@ -181,10 +195,12 @@ class DistillConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     resume: str = "auto"
-    """auto: continue from the run directory's latest checkpoint if any; never; or a checkpoint path."""
+    """auto: continue from the run directory's latest complete checkpoint if any; never: start
+    afresh; or a path: a `checkpoints/step_N` folder (or a `checkpoints` folder) of another run."""
     cache_dir: str = "${oc.env:DISTILL_CACHE,'~/.cache/distill'}"
     """Where the demo's models and tokenised datasets are cached."""
 
@@ -214,7 +230,7 @@ def validate(cfg) -> None:
         raise ConfigError(f"deepspeed.stage={cfg.deepspeed.stage} is not a ZeRO stage; use 0, 1, 2 or 3.")
     if cfg.deepspeed.offload_param and cfg.deepspeed.stage != 3:
         raise ConfigError("deepspeed.offload_param needs ZeRO-3; use deepspeed=zero3_offload.")
-    for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every"):
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "max_nonfinite_steps"):
         if cfg.train[key] < 1:
             raise ConfigError(f"train.{key}={cfg.train[key]} must be at least 1.")
     if cfg.train.lr <= 0:
@@ -223,8 +239,38 @@ def validate(cfg) -> None:
         raise ConfigError(f"peft.r={cfg.peft.r} must be at least 1.")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be between 0 and 1.")
-    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
+    for key in ("every", "keep"):
+        if cfg.checkpoint[key] < 0:
+            raise ConfigError(f"checkpoint.{key}={cfg.checkpoint[key]} is negative; use 0 or more.")
+    if cfg.resume not in ("auto", "never") and not Path(os.path.expanduser(cfg.resume)).exists():
         raise ConfigError(f"resume={cfg.resume} is neither auto, never nor an existing checkpoint folder.")
+    _refuse_secrets(cfg)
+
+
+def _refuse_secrets(cfg) -> None:
+    """The resolved config goes to W&B, checkpoints and the log: a token in it would leak there."""
+    from omegaconf import OmegaConf
+
+    from trainer.secrets import secret_values
+
+    secrets = secret_values()
+    if not secrets:
+        return
+    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=True)):
+        for name, secret in secrets.items():
+            if isinstance(value, str) and secret in value:
+                raise ConfigError(f"{key} holds the value of {name}; keep secrets in the environment only "
+                                  "(the config is saved with the run and sent to W&B) and remove it from the config.")
+
+
+def _leaves(node, prefix: str = ""):
+    """(dotted key, value) of every leaf of a plain dict/list tree."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+    if items is None:
+        yield prefix, node
+        return
+    for key, child in items:
+        yield from _leaves(child, f"{prefix}.{key}" if prefix else str(key))
 
 
 def _validate_teacher(teacher) -> None:

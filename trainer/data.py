@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import random
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,11 +331,13 @@ def _row_format(row: Any, origin: str) -> str:
     """
     if not isinstance(row, dict):
         kind = type(row).__name__
-        raise DataError(f"data row {origin} fits no known format ({_EXPECTED_FORMATS}); got a {kind}, not an object")
+        raise DataError(f"data row {origin} fits no known format ({_EXPECTED_FORMATS}); got a {kind}, not an object; "
+                        "make each row a JSON object")
     present = {field for field, value in row.items() if value is not None}
     fits = [kind for kind, fields in _FORMATS.items() if present.issuperset(fields)]
     if not fits:
-        raise DataError(f"data row {origin} fits no known format ({_EXPECTED_FORMATS}); got keys {sorted(row)}")
+        raise DataError(f"data row {origin} fits no known format ({_EXPECTED_FORMATS}); got keys {sorted(row)}; "
+                        "rename its fields to one of those")
     if len(fits) > 1:
         raise DataError(f"data row {origin} fits more than one format ({', '.join(fits)}); keep the fields of only one")
     _check_fields(row, fits[0], origin)
@@ -452,15 +455,25 @@ def _to_row(ids: list[int], supervised: list[bool], seq_len: int) -> TokenizedRo
 
 
 def load_examples(
-    source: Any, tokenizer: Any, seq_len: int, cache_dir: str | os.PathLike | None, *, key: str = "data"
+    source: Any, tokenizer: Any, seq_len: int, cache_dir: str | os.PathLike | None, *, key: str = "data",
+    truncate: bool = True,
 ) -> Examples:
     """Read and tokenize `source`, reusing the cached result when nothing that shapes it changed.
 
     The cache is keyed by the contents of the source files (the name, for hub datasets), the
     tokenizer, `seq_len` and FORMAT_VERSION. `cache_dir=None` turns caching off.
+    `truncate=False` refuses a row longer than `seq_len` instead of cutting it. The rows are the
+    same either way, so the flag is not in the key: it is checked on the rows, cached or not.
     """
     if seq_len < 2:
         raise DataError(f"seq_len is {seq_len}, too short to predict any token; set train.seq_len to 2 or more")
+    examples = _tokenized(source, tokenizer, seq_len, cache_dir, key)
+    if not truncate:
+        _refuse_long_rows(examples.rows, source, tokenizer, seq_len, key)
+    return examples
+
+
+def _tokenized(source: Any, tokenizer: Any, seq_len: int, cache_dir, key: str) -> Examples:
     origin = _describe(source)
     cache_path = None
     if cache_dir is not None:
@@ -476,6 +489,20 @@ def load_examples(
     if cache_path is not None:
         _save_cache(cache_path, rows)
     return Examples(_numbered(rows), origin)
+
+
+def _refuse_long_rows(rows: list[TokenizedRow], source: Any, tokenizer: Any, seq_len: int, key: str) -> None:
+    """DataError naming the first row that was cut to `seq_len`. Rows keep no origin (nor does the
+    cache), so the source is read again to name the file and line: only on the way to an error."""
+    first = next((row.index for row in rows if row.truncated), None)
+    if first is None:
+        return
+    origin, raw = read_rows(source, key=key)[first]
+    length = len(tokenize_row(raw, tokenizer, sys.maxsize, origin).input_ids)
+    raise DataError(
+        f"data row {origin} is {length} tokens long, more than train.seq_len={seq_len}, and data.truncate=false "
+        "refuses to cut it; raise train.seq_len, shorten or drop the row, or set data.truncate=true"
+    )
 
 
 def _numbered(rows: list[TokenizedRow]) -> list[TokenizedRow]:
@@ -603,6 +630,19 @@ def split_holdout(
     train = [row for index, row in enumerate(rows) if index not in held_out]
     evaluation = [row for index, row in enumerate(rows) if index in held_out]
     return train, evaluation
+
+
+def supervised_only(rows: Sequence[TokenizedRow], seq_len: int) -> list[TokenizedRow]:
+    """The rows with at least one token to learn. A row without one (no response or assistant turn,
+    or one cut off by `seq_len`) adds nothing to the loss, and a batch of such rows has no token to
+    normalise by; DataError when no row is left."""
+    kept = [row for row in rows if row.num_supervised > 0]
+    if not kept:
+        raise DataError(
+            f"none of the {len(rows)} training rows has a token to learn (no response or assistant turn, or one "
+            f"cut off by train.seq_len={seq_len}); give rows a response or assistant turn, or raise train.seq_len"
+        )
+    return kept
 
 
 def collate(rows: Sequence[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor]:

@@ -83,11 +83,33 @@ def init_distributed() -> RankInfo:
     if not dist.is_initialized():
         import deepspeed  # imported late: it prints accelerator banners at import time
 
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if _restarted_by_torchrun_on_its_store():
+            _join_on_this_attempts_keys(backend, device)
+        deepspeed.init_distributed(dist_backend=backend)  # adopts the group when it already exists
         # One group for the life of the process: DeepSpeed caches its groups at module level,
         # so the jobs of a sequential sweep share this one rather than re-creating it.
         atexit.register(_destroy_at_exit)
     return RankInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def _restarted_by_torchrun_on_its_store() -> bool:
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "TORCHELASTIC_RESTART_COUNT" in os.environ
+
+
+def _join_on_this_attempts_keys(backend: str, device: torch.device) -> None:
+    """torchrun keeps one store for every restart of its workers (rendezvous store sharing) and
+    the workers' keys carry no attempt number, so restarted workers can read the addresses the
+    dead ones published and fail with "Connection refused" (seen in a full test run here). Prefixing
+    every key with the attempt keeps each attempt's keys its own."""
+    from datetime import timedelta
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(minutes=30))
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    dist.init_process_group(backend, store=dist.PrefixStore(f"distill/attempt_{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                            device_id=device if device.type == "cuda" else None)
 
 
 def finish_together() -> None:

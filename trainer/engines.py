@@ -32,6 +32,8 @@ def deepspeed_config(cfg, stage: int, bf16: bool, world_size: int) -> dict:
         "gradient_clipping": cfg.deepspeed.gradient_clipping,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
+        # ZeRO vets optimizers by exact class; ours is torch's AdamW plus a skip (nonfinite.py).
+        "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # our own logger reports progress
         "wall_clock_breakdown": False,
     }
@@ -65,16 +67,19 @@ def build_teacher_engine(teacher: nn.Module, ds_config: dict):
 
 
 def build_student_engine(student: nn.Module, ds_config: dict, cfg):
-    """Adam from torch, not DeepSpeed's fused one: it needs no compiled ops, CPU included."""
+    """The engine and its optimizer: torch's AdamW, not DeepSpeed's fused Adam (no compiled ops,
+    CPU included), made to skip non-finite steps."""
     import deepspeed
 
+    from trainer.nonfinite import SkippingAdamW
+
     trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = SkippingAdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup=cfg.train.warmup_steps, total=cfg.train.max_steps)
     )
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    return engine
+    return engine, optimizer
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, floor: float = 0.1) -> float:

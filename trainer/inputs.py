@@ -46,7 +46,8 @@ def load_splits(cfg, tokenizer, rank: RankInfo) -> dict[str, Examples]:
     cache = cache_root(cfg) / "tokenized"
     for turn in ("main", "others"):
         if (turn == "main") == rank.is_main:
-            splits = {name: load_examples(source, tokenizer, cfg.train.seq_len, cache, key=f"data.{name}")
+            splits = {name: load_examples(source, tokenizer, cfg.train.seq_len, cache, key=f"data.{name}",
+                                          truncate=cfg.data.truncate)
                       for name, source in data_sources(cfg).items()}
         dist.barrier()
     return splits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -14,16 +15,17 @@ from trainer import checkpoints, engines, models
 from trainer.batching import eval_batches, micro_batches_for_step
 from trainer.cache.cached_teacher import CachedStates, CachedTeacher, open_cache
 from trainer.config import validate
-from trainer.data import split_holdout
+from trainer.data import examples_fingerprint, split_holdout, supervised_only
 from trainer.distributed import RankInfo, all_reduce_sum, broadcast_object
 from trainer.evaluation import evaluate, to_device
 from trainer.heads import Scorer, check_head_parity, fused_unsupported_reason
-from trainer.inputs import load_splits, materialise_demo
+from trainer.inputs import data_sources, load_splits, materialise_demo
 from trainer.losses import default_chunk_size
+from trainer.nonfinite import TrainingDiverged
 from trainer.objective import IGNORE_INDEX, fused_micro_batch_sums, micro_batch_sums
 from trainer.preemption import Preempted, PreemptionWatch, hand_back
 from trainer.teacher import load_teacher
-from trainer.tracking import Tracker
+from trainer.tracking import Tracker, forget_steps_after
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,10 @@ class DistillJob:
         validate(cfg)  # before anything is loaded, so a bad value costs nothing
         self.cfg, self.rank, self.run_dir = cfg, rank, run_dir
         self.summary: dict = {}
-        self.tokens_seen = 0
+        self.state = checkpoints.TrainerState(
+            step=0, world_size=rank.world_size,
+            rows_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * rank.world_size)
+        self.consecutive_skips = 0
 
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -43,6 +48,7 @@ class DistillJob:
         materialise_demo(cfg, self.rank)
         self.tokenizer, self.vocab_size = self._check_models_fit()
         self._load_data()
+        self.resume_from = self._checked_resume_point()  # before any weights: a wrong checkpoint costs nothing
         # Seeded here, after anything that may draw random numbers (building the demo's teacher on a
         # cold cache does): the same LoRA initialisation on every rank, cold cache or warm.
         torch.manual_seed(cfg.train.seed)
@@ -50,18 +56,24 @@ class DistillJob:
         self.student = self._build_student()
         self.teacher_scorer, self.student_scorer = self._build_scorers()
         self.first_step = self._resume()
+        if self.rank.is_main:  # steps after the checkpoint (all, on a fresh start) are about to be redone
+            forget_steps_after(self.run_dir, self.first_step)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         self.tracker = Tracker(self.run_dir, cfg, resolved, self.first_step, enabled=self.rank.is_main)
+        self.state.wandb_run_id = self.tracker.wandb_run.id if self.tracker.wandb_run is not None else None
 
     def _check_models_fit(self):
         """Tokenizers and configs only: a mismatch is reported before any weights load."""
         cfg = self.cfg
-        models.check_model_source("student", cfg.student.path)
+        models.check_model("student", cfg.student)
         student_tokenizer = models.load_tokenizer("student", cfg.student)
         student_config = models.load_config("student", cfg.student)
+        if cfg.peft.kind == "lora":
+            models.check_lora_targets(student_config, cfg.peft, cfg.student.trust_remote_code)
         if cfg.teacher.path is None:  # a teacher cache that records its own teacher (e.g. an API model)
             return student_tokenizer, models.shared_vocab_size(student_tokenizer, None, student_config)
-        models.check_model_source("teacher", cfg.teacher.path)
+        # A cached teacher's weights are never loaded, so only its tokenizer and config must be safe.
+        models.check_model("teacher", cfg.teacher, loads_weights=not cfg.teacher.cache)
         teacher_tokenizer = models.load_tokenizer("teacher", cfg.teacher)
         models.check_same_tokenizer(teacher_tokenizer, student_tokenizer)
         vocab_size = models.shared_vocab_size(
@@ -74,9 +86,14 @@ class DistillJob:
         splits = load_splits(cfg, self.tokenizer, self.rank)
         train = splits["train"]
         if "eval" in splits:
-            self.train_rows, eval_rows = train.rows, splits["eval"].rows
+            train_rows, eval_rows = train.rows, splits["eval"].rows
         else:
-            self.train_rows, eval_rows = split_holdout(train.rows, cfg.data.eval_fraction, cfg.train.seed)
+            train_rows, eval_rows = split_holdout(train.rows, cfg.data.eval_fraction, cfg.train.seed)
+        self.train_rows = supervised_only(train_rows, cfg.train.seq_len)
+        if len(self.train_rows) < len(train_rows):
+            log.warning("data: dropped %d of %d training rows with no token to learn (no response or assistant "
+                        "turn, or one cut off by train.seq_len=%d)", len(train_rows) - len(self.train_rows),
+                        len(train_rows), cfg.train.seq_len)
         eval_rows = eval_rows[: cfg.data.max_eval_rows]
         # Held-out rows split off the training data keep their index in it, which a cache reads by.
         self.eval_split = "eval" if "eval" in splits else "train"
@@ -109,7 +126,8 @@ class DistillJob:
             log.info("LoRA r=%d on %s", cfg.peft.r, ", ".join(targets))
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if p.requires_grad)
         log.info("student: %d trainable parameters, ZeRO stage %d", trainable, cfg.deepspeed.stage)
-        return engines.build_student_engine(student, ds_config, cfg)
+        engine, self.optimizer = engines.build_student_engine(student, ds_config, cfg)
+        return engine
 
     def _build_scorers(self) -> tuple:
         """Fused heads unless configured off or a model cannot take them; proven on a probe."""
@@ -136,13 +154,46 @@ class DistillJob:
                 log.warning("loss: the %s cannot use the fused loss (%s); using full logits.", role, reason)
         return not any(reasons.values())
 
+    def _checked_resume_point(self):
+        """The checkpoint this job continues from (None: a fresh start), refused by name when it
+        belongs to another teacher, student, data or LoRA shape."""
+        folder = checkpoints.find_resume_point(self.run_dir, self.cfg.resume)
+        if folder is not None:
+            checkpoints.check_same_run(folder, checkpoints.read_state(folder), self._identity())
+        return folder
+
+    def _identity(self) -> dict:
+        """What makes a checkpoint belong to this run: a different value is a different run."""
+        cfg = self.cfg
+        if not hasattr(self, "identity"):
+            self.identity = {
+                "teacher.path": _model_id(cfg.teacher.path) if cfg.teacher.path else f"cache {cfg.teacher.cache}",
+                "teacher.revision": cfg.teacher.revision,
+                "student.path": _model_id(cfg.student.path),
+                "student.revision": cfg.student.revision,
+                # The rows' contents, wherever the files now live.
+                **{f"data.{split}": f"rows with sha256 "
+                   f"{examples_fingerprint(source, self.tokenizer, cfg.train.seq_len, key=f'data.{split}')[:16]} "
+                   f"at train.seq_len={cfg.train.seq_len}" for split, source in data_sources(cfg).items()},
+                "peft.kind": cfg.peft.kind,
+                **({f"peft.{key}": str(cfg.peft[key]) for key in ("r", "alpha", "target_modules")}
+                   if cfg.peft.kind == "lora" else {}),
+            }
+        return self.identity
+
     def _resume(self) -> int:
-        root = checkpoints.find_resume_point(self.run_dir, self.cfg.resume)
-        if root is None:
+        """Engine, RNG and loop state from the checkpoint found at setup; the step to start at."""
+        if self.resume_from is None:
             return 0
-        state = checkpoints.load_training_state(self.student, root)
-        self.tokens_seen = state.get("tokens_seen", 0)
-        return state["step"]
+        rank_state = checkpoints.load_checkpoint(self.student, self.resume_from)
+        saved = checkpoints.read_state(self.resume_from)
+        self.state.step, self.state.tokens_seen, self.state.skipped_steps = saved.step, saved.tokens_seen, saved.skipped_steps
+        self.resumed_window = rank_state.get("window")
+        if saved.rows_per_step != self.state.rows_per_step:
+            log.warning("resumed with %d rows per optimizer step a checkpoint saved with %d (micro-batch x accumulation "
+                        "x ranks): the run will differ from one never interrupted.", self.state.rows_per_step,
+                        saved.rows_per_step)
+        return saved.step
 
     # ------------------------------------------------------------------------------------ step
     def train_step(self, step: int, measure_grad_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,10 +220,13 @@ class DistillJob:
             with self.student_scorer.gathered():
                 sums = self._micro_batch_sums(teacher_states, student_states, batch["labels"])
                 self.student.backward(sums.objective * scale)
-            if measure_grad_norm and index == len(batches) - 1:
-                self.pre_step_grad_norm = self._replica_grad_norm()
-            self.student.step()
             loss_sums += torch.stack([sums.objective.detach(), sums.kd, sums.ce]).double()
+            if index == len(batches) - 1:
+                if measure_grad_norm:
+                    self.pre_step_grad_norm = self._replica_grad_norm()
+                # The objective only: under sft the kd slot is NaN by design.
+                self.optimizer.arm(loss_sums[0])  # the optimizer skips the step if any rank's loss is NaN/Inf
+            self.student.step()
         return loss_sums, counts
 
     def _forward_models(self, batch: dict):
@@ -205,8 +259,11 @@ class DistillJob:
         """Steps from `first_step` to `train.max_steps`; raises Preempted, checkpoint saved, when
         any rank was signalled to stop."""
         cfg = self.cfg
-        window_losses = torch.zeros(3, dtype=torch.float64, device=self.rank.device)
-        window_counts = torch.zeros(2, dtype=torch.float64)
+        # The open log window: [objective, kd, ce] on the device (read only when logged) and
+        # [supervised tokens, input tokens] on the CPU. A resumed run reopens the saved one.
+        window = getattr(self, "resumed_window", None) or [0.0] * 5
+        window_losses = torch.tensor(window[:3], dtype=torch.float64, device=self.rank.device)
+        window_counts = torch.tensor(window[3:], dtype=torch.float64)
         window_start = time.perf_counter()
         for step in range(self.first_step, cfg.train.max_steps):
             done = step + 1
@@ -215,6 +272,7 @@ class DistillJob:
             losses, counts = self.train_step(step, measure_grad_norm=log_now)
             window_losses += losses
             window_counts += counts
+            self._count_skipped(done)
             self.tracker.advance()
             if log_now:
                 window = torch.cat([window_losses.cpu(), window_counts])
@@ -224,18 +282,42 @@ class DistillJob:
                 window_start = time.perf_counter()
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps:
                 self.evaluate(done)
-            saved = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
-            if saved:
-                checkpoints.save_training_state(self.student, self.run_dir, done, self.tokens_seen)
+            periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != cfg.train.max_steps
             signum = watch.agreed_signal()
-            if signum and done < cfg.train.max_steps:
-                if not saved:
-                    checkpoints.save_training_state(self.student, self.run_dir, done, self.tokens_seen)
+            stopping = signum and done < cfg.train.max_steps
+            if periodic or stopping:
+                self.save_checkpoint(done, torch.cat([window_losses.cpu(), window_counts]).tolist())
+            if stopping:
                 raise Preempted(signum, done)
+
+    def save_checkpoint(self, step: int, window: list[float]) -> None:
+        """`window`: this rank's sums of the log window still open after `step`."""
+        self.state.step = step
+        self.state.identity = self._identity()
+        checkpoints.save_checkpoint(self.student, self.run_dir, self.state, self.cfg.checkpoint.keep,
+                                    rank_state={"window": window})
+
+    def _count_skipped(self, step: int) -> None:
+        """Count a step the optimizer skipped on every rank; stop after too many in a row."""
+        if not self.optimizer.skipped_last:
+            self.consecutive_skips = 0
+            return
+        self.state.skipped_steps += 1
+        self.consecutive_skips += 1
+        log.warning("step %d: a loss or gradient was NaN/Inf on some rank; every rank skipped this update "
+                    "(%d in a row, %d in all).", step, self.consecutive_skips, self.state.skipped_steps)
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.consecutive_skips >= limit:
+            good = checkpoints.published(self.run_dir / checkpoints.CHECKPOINTS)
+            kept = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before them"
+            raise TrainingDiverged(
+                f"the loss or gradients were NaN/Inf for {limit} steps in a row (steps {step - limit + 1}-{step}), so "
+                f"the job stopped without saving; {kept}; lower train.lr or check those steps' rows, then run again "
+                "(or raise train.max_nonfinite_steps).")
 
     def _log_window(self, step: int, lr: float, window: torch.Tensor, seconds: float) -> None:
         objective, kd, ce, tokens, inputs = all_reduce_sum(window.clone()).tolist()
-        self.tokens_seen += int(inputs)
+        self.state.tokens_seen += int(inputs)
         per_token = 1.0 / max(tokens, 1.0)
         grad_norm = self.student.get_global_grad_norm()
         if grad_norm is None:
@@ -249,7 +331,8 @@ class DistillJob:
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": self.throughput,
-            "tokens_seen": self.tokens_seen,
+            "tokens_seen": self.state.tokens_seen,
+            "skipped_steps": self.state.skipped_steps,
         })
 
     # -------------------------------------------------------------------------------- evaluate
@@ -262,16 +345,18 @@ class DistillJob:
     # ---------------------------------------------------------------------------------- finish
     def finish(self, initial: dict, final: dict, seconds: float) -> float:
         cfg = self.cfg
-        checkpoints.save_training_state(self.student, self.run_dir, cfg.train.max_steps, self.tokens_seen)
+        if self.first_step < cfg.train.max_steps:  # else the final checkpoint is the one resumed from
+            self.save_checkpoint(cfg.train.max_steps, [0.0] * 5)  # the last step always closes its window
         out_dir = checkpoints.export_student(self.student.module, self.tokenizer, self.run_dir, cfg.peft.kind,
                                              self.rank.is_main)
         if cfg.peft.merge and cfg.peft.kind == "lora" and self.rank.is_main:
-            checkpoints.export_merged(cfg.student.path, out_dir, self.run_dir,
+            checkpoints.export_merged(cfg.student, out_dir, self.run_dir,
                                      engines.precision(cfg, self.rank.device)[1])
         self.summary.update(final)
         self.summary.update({f"initial/{k}": v for k, v in initial.items()})
         self.summary.update({"train/tokens_per_s": getattr(self, "throughput", float("nan")),
-                             "train/tokens_seen": self.tokens_seen, "train/steps": cfg.train.max_steps,
+                             "train/tokens_seen": self.state.tokens_seen,
+                             "train/skipped_steps": self.state.skipped_steps, "train/steps": cfg.train.max_steps,
                              "train/wall_s": seconds, "world_size": self.rank.world_size})
         self.tracker.write_summary(self.summary)
         self.tracker.close()
@@ -293,8 +378,15 @@ def run(cfg, rank: RankInfo, run_dir: Path) -> float:
         except Preempted as stop:
             job.tracker.close()
             hand_back(stop, watch.previous[stop.signum], rank.is_main)
+        except BaseException:
+            job.tracker.close(failed=True)  # the progress bar ends before the error is printed
+            raise
     final = job.evaluate(cfg.train.max_steps)
-    metric = job.finish(initial, final, time.perf_counter() - started)
+    try:
+        metric = job.finish(initial, final, time.perf_counter() - started)
+    except BaseException:
+        job.tracker.close(failed=True)
+        raise
     if rank.is_main:
         _print_before_after(initial, final)
         print(f"RESULT {cfg.train.metric}={metric:.6g} run_dir={run_dir.resolve()}", flush=True)
@@ -308,6 +400,12 @@ def _print_before_after(initial: dict, final: dict) -> None:
     for key in ("eval/kl_to_teacher", "eval/student_ce", "eval/top1_agreement", "eval/exact_match"):
         print(f"{key:<22} {initial[key]:>10.4f} {final[key]:>10.4f}")
     print(f"{'eval/teacher_ce':<22} {final['eval/teacher_ce']:>10.4f} (the teacher itself)")
+
+
+def _model_id(path: str) -> str:
+    """A local folder as an absolute path (the same folder named two ways is one model); a hub id as is."""
+    expanded = os.path.expanduser(path)
+    return os.path.abspath(expanded) if os.path.exists(expanded) else path
 
 
 def agree_run_dir(run_dir: Path) -> Path:

@@ -6,6 +6,7 @@ Everything here works for any `AutoModelForCausalLM` architecture: nothing names
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -33,6 +34,79 @@ def check_model_source(role: str, path: str) -> None:
         raise ModelError(f"{role}.path={path} does not exist; check the path or give a hub id such as Qwen/Qwen2.5-0.5B.")
 
 
+def check_model(role: str, model_cfg, loads_weights: bool = True) -> None:
+    """Everything about a model that can be refused before a file of it is parsed: a missing
+    folder, a hub id that cannot be fetched offline, code shipped with the checkpoint and pickled
+    weights. A hub id is checked against its snapshot in the local hub cache when there is one;
+    otherwise transformers' own refusals (turned into one line below) and `use_safetensors` hold."""
+    from huggingface_hub import is_offline_mode
+
+    check_model_source(role, model_cfg.path)
+    folder = local_files(model_cfg.path, model_cfg.revision)
+    if folder is None:
+        if is_offline_mode():
+            raise ModelError(
+                f"{role}.path={model_cfg.path} is not available offline: it is not in the local Hugging Face cache "
+                f"and HF_HUB_OFFLINE is set; download it first (hf download {model_cfg.path}) or set {role}.path "
+                "to a local model folder."
+            )
+        return
+    if not model_cfg.trust_remote_code and _needs_own_code(folder):
+        raise _remote_code_error(role, model_cfg.path)
+    if loads_weights and not model_cfg.allow_pickle:
+        _check_no_pickle_only(role, model_cfg.path, folder)
+
+
+def local_files(path: str, revision: str | None) -> Path | None:
+    """The folder holding the model's files on this machine: the folder itself, or a hub id's
+    snapshot in the local hub cache; None when the hub id has not been downloaded."""
+    expanded = Path(os.path.expanduser(path))
+    if expanded.is_dir():
+        return expanded
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, revision=revision, local_files_only=True))
+    except Exception:  # not downloaded, or not a valid repo id: from_pretrained reports it
+        return None
+
+
+def _needs_own_code(folder: Path) -> bool:
+    """Whether transformers would have to import Python code from the checkpoint: its config maps
+    classes to its own modules (`auto_map`) and names a model type transformers does not know.
+    With a known type transformers ignores `auto_map` unless trust_remote_code is set, so
+    refusing those would only push users to run code they do not need."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # an unreadable config is reported by load_config, in its own words
+    return "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
+
+
+def _remote_code_error(role: str, path: str) -> ModelError:
+    return ModelError(
+        f"{role}.path={path} ships its own Python code (auto_map in its config) that transformers needs to load it; "
+        f"set {role}.trust_remote_code=true only if you trust its author, or pick a model transformers supports."
+    )
+
+
+# Weight files `torch.load` unpickles: loading one can run any code its author put in it.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def _check_no_pickle_only(role: str, path: str, folder: Path) -> None:
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    pickled = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
+    if pickled and not any(name.endswith(".safetensors") for name in files):
+        raise ModelError(
+            f"{role}.path={path} holds its weights only as pickle ({pickled[0]}), which can run code when loaded; "
+            f"convert them to safetensors (load the model once where you trust it and save_pretrained it) or set "
+            f"{role}.allow_pickle=true if you trust the file."
+        )
+
+
 def load_tokenizer(role: str, model_cfg):
     from transformers import AutoTokenizer
 
@@ -42,10 +116,12 @@ def load_tokenizer(role: str, model_cfg):
             revision=model_cfg.revision,
             trust_remote_code=model_cfg.trust_remote_code,
         )
+    except ValueError as error:
+        raise _refused_code_or(error, role, model_cfg.path, "tokenizer") from None
     except OSError as error:
         raise ModelError(
-            f"cannot load the {role} tokenizer from {model_cfg.path} ({_first_line(error)}); "
-            "check the path, or download the model first when this machine has no network."
+            f"cannot load the {role} tokenizer from {model_cfg.path} ({_first_line(error)}); check the path or hub id; "
+            f"with no network, download the model first or set {role}.path to a local model folder."
         ) from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of every loss, so any id will do; eos is always there.
@@ -78,8 +154,8 @@ def shared_vocab_size(tokenizer, teacher_config, student_config=None) -> int:
         rows = config.get_text_config().vocab_size
         if rows < real_ids:
             raise ModelError(
-                f"the {role} scores {rows} token ids but its tokenizer has {real_ids}; "
-                "the checkpoint and tokenizer do not belong together."
+                f"the {role} scores {rows} token ids but its tokenizer has {real_ids}, so the checkpoint and "
+                f"tokenizer do not belong together; put the model's own tokenizer in {role}.path."
             )
     return real_ids
 
@@ -93,8 +169,20 @@ def load_config(role: str, model_cfg):
             revision=model_cfg.revision,
             trust_remote_code=model_cfg.trust_remote_code,
         )
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot read the {role} config from {model_cfg.path} ({_first_line(error)}).") from None
+    except ValueError as error:
+        raise _refused_code_or(error, role, model_cfg.path, "config") from None
+    except OSError as error:
+        raise ModelError(f"cannot read the {role} config from {model_cfg.path} ({_first_line(error)}); "
+                         f"point {role}.path at a folder written by save_pretrained.") from None
+
+
+def _refused_code_or(error: ValueError, role: str, path: str, what: str) -> ModelError:
+    """transformers refuses a checkpoint's own code with a ValueError of several lines; say it in
+    one. Any other ValueError is reported as it is, on one line."""
+    if "custom code" in str(error):
+        return _remote_code_error(role, path)
+    return ModelError(f"cannot read the {role} {what} from {path} ({_first_line(error)}); "
+                      f"check {role}.path and {role}.revision.")
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -111,13 +199,21 @@ def load_model(role: str, model_cfg, dtype: torch.dtype, zero3_config: dict | No
 
     keep_alive = _zero3_loading(zero3_config)
     with keep_alive:
-        model = AutoModelForCausalLM.from_pretrained(
-            os.path.expanduser(model_cfg.path),
-            revision=model_cfg.revision,
-            dtype=dtype,
-            attn_implementation=model_cfg.attn_implementation,
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                os.path.expanduser(model_cfg.path),
+                revision=model_cfg.revision,
+                dtype=dtype,
+                attn_implementation=model_cfg.attn_implementation,
+                trust_remote_code=model_cfg.trust_remote_code,
+                # True forbids the fallback to pickled weights a hub repo without safetensors gets;
+                # None (pickle allowed) still prefers safetensors when both are there.
+                use_safetensors=None if model_cfg.allow_pickle else True,
+            )
+        except ValueError as error:
+            if "custom code" not in str(error):
+                raise
+            raise _remote_code_error(role, model_cfg.path) from None
     return model
 
 
@@ -160,14 +256,22 @@ def find_lora_targets(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def apply_lora(model: nn.Module, peft_cfg):
-    from peft import LoraConfig, get_peft_model
+def check_lora_targets(config, peft_cfg, trust_remote_code: bool) -> list[str]:
+    """The LoRA targets `apply_lora` will use, found on the student built from its config on the
+    meta device: no memory, no weights read, so a wrong name costs nothing."""
+    from transformers import AutoModelForCausalLM
 
-    targets = peft_cfg.target_modules
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return lora_targets(model, peft_cfg.target_modules)
+
+
+def lora_targets(model: nn.Module, targets) -> list[str]:
+    """`targets` ('all-linear' or a list of module names) resolved on `model`, or ModelError."""
     if targets == "all-linear":
         targets = find_lora_targets(model)
     else:
-        targets = list(targets)
+        targets = [targets] if isinstance(targets, str) else list(targets)
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         missing = [t for t in targets if t not in present]
         if missing:
@@ -177,6 +281,13 @@ def apply_lora(model: nn.Module, peft_cfg):
             )
     if not targets:
         raise ModelError("the student has no linear layers for LoRA; use peft=none for full fine-tuning.")
+    return targets
+
+
+def apply_lora(model: nn.Module, peft_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_targets(model, peft_cfg.target_modules)
     lora = LoraConfig(
         fan_in_fan_out=_targets_are_conv1d(model, targets),
         r=peft_cfg.r,

@@ -9,10 +9,15 @@ import json
 import logging
 import math
 import os
+import socket
+import threading
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
+
+from trainer.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +29,12 @@ class Tracker:
         self.enabled = enabled
         self.run_dir = run_dir
         self.wandb_run = None
+        if enabled and cfg.logger.kind == "wandb":  # first, so its log lines do not land on the progress bar
+            self.wandb_run = _start_wandb(run_dir, cfg, resolved_config)
         self.progress = tqdm(
             total=cfg.train.max_steps, initial=first_step, desc="distill", unit="step",
             disable=not enabled, dynamic_ncols=True,
         )
-        if enabled and cfg.logger.kind == "wandb":
-            self.wandb_run = _start_wandb(run_dir, cfg, resolved_config)
 
     def log_step(self, metrics: dict) -> None:
         """One optimizer step's metrics (must hold `step`)."""
@@ -59,10 +64,11 @@ class Tracker:
             for key, value in summary.items():
                 self.wandb_run.summary[key] = value
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Idempotent. `failed`: the W&B run is marked failed (exit code 1), not finished."""
         self.progress.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=1 if failed else None)
             self.wandb_run = None
 
 
@@ -80,6 +86,10 @@ def _start_wandb(run_dir: Path, cfg, resolved_config: dict):
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
     mode = wandb_mode(cfg)
+    server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    unreachable = mode == "online" and _unreachable(server)
+    if unreachable:
+        mode = "offline"  # wandb.init would otherwise wait 90 s for a server it cannot reach
     run = wandb.init(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
@@ -92,9 +102,33 @@ def _start_wandb(run_dir: Path, cfg, resolved_config: dict):
         resume="allow",
         mode=mode,
     )
-    if mode == "offline":
-        log.info("W&B is offline; upload the run later with: wandb sync %s", run.dir.rsplit("/files", 1)[0])
+    run_files = run.dir.rsplit("/files", 1)[0]
+    if unreachable:
+        log.warning("W&B: %s is unreachable (%s), so this run is written offline; upload it once online with: "
+                    "wandb sync %s", server, unreachable, run_files)
+    elif mode == "offline":
+        log.info("W&B is offline; upload the run later with: wandb sync %s", run_files)
     return run
+
+
+def _unreachable(url: str, timeout: float = 3.0) -> str | None:
+    """Why a TCP connection to the W&B server at `url` fails within `timeout` seconds; None if it
+    opens. Run in a thread because name resolution has no timeout of its own."""
+    parsed = urlsplit(url)
+    address = (parsed.hostname or "", parsed.port or (80 if parsed.scheme == "http" else 443))
+    outcome = ["no answer within %g s" % timeout]
+
+    def probe():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            outcome[0] = None
+        except OSError as error:
+            outcome[0] = error.strerror or type(error).__name__
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0]
 
 
 def _sweep_group() -> str | None:
@@ -115,3 +149,16 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 def _finite_only(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v) and k != "step"}
+
+
+def forget_steps_after(run_dir: Path, step: int) -> None:
+    """A run resumed at `step` redoes the steps after it: drop their records from `metrics.jsonl`
+    and `eval.jsonl`, so each step is logged once."""
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            write_text_atomically(path, "".join(kept))

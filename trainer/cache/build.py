@@ -45,7 +45,7 @@ def build_cache(cfg, rank: RankInfo) -> Path:
     """Build (or finish) the cache for this config; returns its folder."""
     validate(cfg)
     materialise_demo(cfg, rank)
-    models.check_model_source("teacher", cfg.teacher.path)
+    models.check_model("teacher", cfg.teacher)
     tokenizer = models.load_tokenizer("teacher", cfg.teacher)
     vocab_size = models.shared_vocab_size(tokenizer, models.load_config("teacher", cfg.teacher))
     splits = load_splits(cfg, tokenizer, rank)

@@ -49,7 +49,7 @@ def generate_dataset(cfg, rank: RankInfo) -> Path:
     validate(cfg)
     validate_generate(cfg.generate)
     materialise_demo(cfg, rank)
-    models.check_model_source("teacher", cfg.teacher.path)
+    models.check_model("teacher", cfg.teacher)
     tokenizer = models.load_tokenizer("teacher", cfg.teacher)
     prompts = [read_prompt(row, origin, tokenizer) for origin, row in read_rows(cfg.generate.prompts, key="generate.prompts")]
     out = Path(cfg.generate.out).expanduser()
