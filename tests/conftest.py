@@ -38,6 +38,8 @@ def save_model(config, tokenizer, path: Path, seed: int) -> Path:
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    # A model card with a licence, as a hub model has: the licence gate refuses a teacher without one.
+    (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# A tiny test model\n")
     return path
 
 

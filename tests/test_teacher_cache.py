@@ -270,9 +270,10 @@ def test_an_api_dump_with_logprobs_becomes_a_cache_the_trainer_reads(tiny, tmp_p
     assert (first.ids[-1] == -1).all(), "the API did not score the end-of-sequence token"
     assert (reader.row("train", 5).ids == -1).all()
 
-    train = tiny_overrides(tiny, tmp_path / "run", tmp_path / "c", f"data.train={out / 'train.jsonl'}",
-                           "data.eval=null", f"teacher.cache={out / 'cache'}", "teacher.path=null",
-                           "loss.ce_weight=0.5")
+    # The API model's licence is stated by no card: the user states it.
+    train = tiny_overrides(tiny, tmp_path / "run", tmp_path / "c", "teacher.license=apache-2.0",
+                           f"data.train={out / 'train.jsonl'}", "data.eval=null", f"teacher.cache={out / 'cache'}",
+                           "teacher.path=null", "loss.ce_weight=0.5")
     proc = run_cli(train)
     assert_ok(proc)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -17,9 +17,10 @@ from trainer.config import ConfigError
 from trainer.data import DataError
 from trainer.models import ModelError
 from trainer.nonfinite import TrainingDiverged
+from trainer.provenance.licences import LicenceError
 
 # What the user can fix (a setting, an input, disk space, a learning rate): one line, exit status 2.
-USER_ERRORS = (ConfigError, DataError, ModelError, CacheError, CheckpointError, TrainingDiverged)
+USER_ERRORS = (ConfigError, DataError, ModelError, CacheError, CheckpointError, TrainingDiverged, LicenceError)
 
 
 def prepare_argv(argv: list[str]) -> list[str]:

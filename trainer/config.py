@@ -58,11 +58,21 @@ class TeacherConfig(ModelConfig):
     """How a cache stores log-probabilities: float16 or bfloat16 (token ids are int32)."""
     cache_shard_rows: int = 256
     """Rows per cache shard: the unit a cache build writes at once and resumes from."""
+    license: Optional[str] = None
+    """The teacher's licence id as the hub names it (apache-2.0, llama3.1, gemma, or the license_name
+    of an `other` licence, e.g. tongyi-qianwen); null reads `license:` from the teacher's model card
+    (README.md front matter), or from a cache's manifest when teacher.path is null."""
+    accept_license: Optional[str] = None
+    """The exact licence id you acknowledge for a teacher whose licence restricts distillation (or is
+    unknown: `unknown`), confirming that your use is permitted; the job stops otherwise. Recorded in
+    provenance.json."""
 
 
 @dataclass
 class StudentConfig(ModelConfig):
-    pass
+    license: Optional[str] = None
+    """The student's licence id, written into the adapter's model card; null reads it from the
+    student's own model card."""
 
 
 @dataclass

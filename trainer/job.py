@@ -24,6 +24,8 @@ from trainer.losses import default_chunk_size
 from trainer.nonfinite import TrainingDiverged
 from trainer.objective import IGNORE_INDEX, fused_micro_batch_sums, micro_batch_sums
 from trainer.preemption import Preempted, PreemptionWatch, hand_back
+from trainer.provenance import gate
+from trainer.provenance import outputs as provenance
 from trainer.teacher import load_teacher
 from trainer.tracking import Tracker, forget_steps_after
 
@@ -63,17 +65,26 @@ class DistillJob:
         self.state.wandb_run_id = self.tracker.wandb_run.id if self.tracker.wandb_run is not None else None
 
     def _check_models_fit(self):
-        """Tokenizers and configs only: a mismatch is reported before any weights load."""
+        """Tokenizers, configs and the teacher's licence only: a mismatch, or a licence that does not
+        allow distillation, is reported before any weights load."""
         cfg = self.cfg
+        self.started_at = provenance.now()
         models.check_model("student", cfg.student)
+        # The student's licence goes into its model card, and decides the exception some teacher
+        # licences make for students of their own family.
+        self.student_licence = gate.student_licence(cfg)
+        if cfg.teacher.path is not None:  # a missing teacher folder is reported as such, not as a missing card
+            # A cached teacher's weights are never loaded, so only its tokenizer and config must be safe.
+            models.check_model("teacher", cfg.teacher, loads_weights=not cfg.teacher.cache)
+        self.licence = gate.check_teacher_licence(cfg, self.rank.is_main, self.student_licence)
+        self.model_name = gate.model_name(cfg, self.licence)
+        self.name_complies = gate.check_name(self.licence, self.model_name, self.rank.is_main)
         student_tokenizer = models.load_tokenizer("student", cfg.student)
         student_config = models.load_config("student", cfg.student)
         if cfg.peft.kind == "lora":
             models.check_lora_targets(student_config, cfg.peft, cfg.student.trust_remote_code)
         if cfg.teacher.path is None:  # a teacher cache that records its own teacher (e.g. an API model)
             return student_tokenizer, models.shared_vocab_size(student_tokenizer, None, student_config)
-        # A cached teacher's weights are never loaded, so only its tokenizer and config must be safe.
-        models.check_model("teacher", cfg.teacher, loads_weights=not cfg.teacher.cache)
         teacher_tokenizer = models.load_tokenizer("teacher", cfg.teacher)
         models.check_same_tokenizer(teacher_tokenizer, student_tokenizer)
         vocab_size = models.shared_vocab_size(
@@ -359,6 +370,14 @@ class DistillJob:
                              "train/skipped_steps": self.state.skipped_steps, "train/steps": cfg.train.max_steps,
                              "train/wall_s": seconds, "world_size": self.rank.world_size})
         self.tracker.write_summary(self.summary)
+        ranks = provenance.gather_ranks(self.rank)  # every rank joins; rank 0 writes
+        if self.rank.is_main:  # after the summary: the record holds the final metrics
+            cache = getattr(self, "teacher_cache", None)
+            provenance.write(cfg, self.run_dir, out_dir, decision=self.licence, ranks=ranks,
+                             student_licence=self.student_licence, model_name=self.model_name,
+                             name_complies=self.name_complies, started_at=self.started_at,
+                             metrics=self.summary, cache=cache, rows_trained=len(self.train_rows))
+        self.tracker.write_report()  # report.md and plots, in the run directory and on W&B
         self.tracker.close()
         if cfg.train.metric not in self.summary:
             raise ValueError(f"train.metric={cfg.train.metric} is not in summary.json; use one of {sorted(self.summary)}.")

@@ -64,6 +64,22 @@ class Tracker:
             for key, value in summary.items():
                 self.wandb_run.summary[key] = value
 
+    def write_report(self) -> None:
+        """`report.md` and its plots into the run directory, and the same plots and a summary
+        table to W&B (`trainer.report`). The run's weights and summary are saved by then, so a
+        report that fails to draw costs nothing but a warning saying how to make it again."""
+        if not self.enabled:
+            return
+        try:
+            from trainer.report import log_report_to_wandb, write_report
+
+            write_report(self.run_dir)
+            if self.wandb_run is not None:
+                log_report_to_wandb(self.wandb_run, self.run_dir)
+        except Exception as error:
+            log.warning("the run report could not be written (%s: %s); make it again with: "
+                        "python -m trainer.report %s", type(error).__name__, error, self.run_dir)
+
     def close(self, failed: bool = False) -> None:
         """Idempotent. `failed`: the W&B run is marked failed (exit code 1), not finished."""
         self.progress.close()

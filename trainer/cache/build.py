@@ -26,6 +26,7 @@ from trainer.heads import Scorer, check_head_parity, fused_unsupported_reason
 from trainer.inputs import data_sources, load_splits, materialise_demo
 from trainer.losses import PADDING_ID, default_chunk_size
 from trainer.objective import IGNORE_INDEX, targets_at_each_position
+from trainer.provenance.gate import check_teacher_licence
 from trainer.teacher import load_teacher
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def build_cache(cfg, rank: RankInfo) -> Path:
     validate(cfg)
     materialise_demo(cfg, rank)
     models.check_model("teacher", cfg.teacher)
+    check_teacher_licence(cfg, rank.is_main)  # the cache is the teacher's outputs, made to train students
     tokenizer = models.load_tokenizer("teacher", cfg.teacher)
     vocab_size = models.shared_vocab_size(tokenizer, models.load_config("teacher", cfg.teacher))
     splits = load_splits(cfg, tokenizer, rank)

@@ -19,6 +19,7 @@ from trainer.demo.student import drop_layers
 from trainer.demo.task import unique_problems, write_jsonl
 from trainer.demo.teacher import soften, train_teacher
 from trainer.demo.tokenizer import build_char_tokenizer
+from trainer.files import write_text_atomically
 
 # Written last; a folder without it was never finished and is never returned.
 _COMPLETE_MARKER = "COMPLETE"
@@ -61,6 +62,7 @@ def build_demo_assets(
     cache_dir = Path(cache_dir)
     final = cache_dir / f"demo-{recipe.fingerprint(seed)}"
     if (final / _COMPLETE_MARKER).exists():
+        _write_model_cards(DemoAssets.in_folder(final))  # builds older than the cards get them here
         return DemoAssets.in_folder(final)
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=cache_dir))
@@ -99,6 +101,34 @@ def _publish(staging: Path, final: Path) -> None:
             ) from None
 
 
+# The demo's models are trained here from random weights on generated arithmetic: no one else's
+# weights or text go into them, so nothing restricts what is done with them. Their cards say so,
+# under Apache-2.0, and the licence gate reads them like any model's.
+_CARD = """---
+license: apache-2.0
+tags:
+- distill-demo
+---
+
+# distill demo {role}
+
+{what} Trained by distill's demo (`trainer/demo`) from random initial weights on generated 3-digit
+addition; no third-party weights or data went into it.
+"""
+
+
+def _write_model_cards(assets: DemoAssets) -> None:
+    whats = {"teacher": "A small Llama-architecture model.",
+             "student": "The demo teacher with half of its layers dropped."}
+    for role, path in (("teacher", assets.teacher_path), ("student", assets.student_path)):
+        card = path / "README.md"
+        if not card.exists():
+            try:
+                write_text_atomically(card, _CARD.format(role=role, what=whats[role]))
+            except OSError:  # a shared cache we may not write to: the licence gate then names the missing card
+                pass
+
+
 def _build_into(folder: Path, recipe: DemoRecipe, *, seed: int, log) -> None:
     """Write data, teacher and student into `folder`, the completion marker last."""
     assets = DemoAssets.in_folder(folder)
@@ -128,5 +158,6 @@ def _build_into(folder: Path, recipe: DemoRecipe, *, seed: int, log) -> None:
     for model, path in ((teacher, assets.teacher_path), (student, assets.student_path)):
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
+    _write_model_cards(assets)
     (folder / "recipe.json").write_text(json.dumps({"seed": seed, **asdict(recipe)}, indent=2))
     (folder / _COMPLETE_MARKER).write_text(f"teacher_exact_match={accuracy:.4f}\n")

@@ -28,6 +28,7 @@ from trainer.distributed import RankInfo, broadcast_object, in_lockstep
 from trainer.files import write_text_atomically
 from trainer.generate.prompts import Prompt, read_prompt
 from trainer.inputs import materialise_demo
+from trainer.provenance.gate import check_teacher_licence
 from trainer.teacher import load_teacher
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def generate_dataset(cfg, rank: RankInfo) -> Path:
     validate_generate(cfg.generate)
     materialise_demo(cfg, rank)
     models.check_model("teacher", cfg.teacher)
+    check_teacher_licence(cfg, rank.is_main)  # the responses are the teacher's outputs, made to train students
     tokenizer = models.load_tokenizer("teacher", cfg.teacher)
     prompts = [read_prompt(row, origin, tokenizer) for origin, row in read_rows(cfg.generate.prompts, key="generate.prompts")]
     out = Path(cfg.generate.out).expanduser()

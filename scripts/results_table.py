@@ -1,0 +1,299 @@
+"""Knowledge-transfer table of the demo task, written to docs/results.md.
+
+Runs the demo (`python -m trainer`, the real CLI) once per loss, one after another, each in its own
+run directory under --work, all at the same number of steps: hard labels only (`loss.kind=sft`)
+and each KD divergence (fkl, rkl, jsd, skl, srkl, tvd). Every other setting is the demo's default,
+so the runs share the student, its LoRA initialisation, the data order and the learning rate.
+The table then holds, on the demo's held-out problems: the teacher itself, the student before
+training, and the student after each run: KL(teacher ‖ student) per token, the student's CE on
+the labels, top-1 agreement with the teacher and task accuracy (exact match). Every figure is read
+from the runs' summary.json or measured here; none is typed in.
+
+    python scripts/results_table.py                                    # docs/results.md
+    python scripts/results_table.py --kinds fkl --out /tmp/one.md      # one run, to time it first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+KINDS = ("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd")
+METRICS = (  # summary key, column, better
+    ("eval/kl_to_teacher", "KL(teacher ‖ student) per token ↓", "lower"),
+    ("eval/student_ce", "CE on the labels ↓", "lower"),
+    ("eval/top1_agreement", "top-1 agreement ↑", "higher"),
+    ("eval/exact_match", "task accuracy (exact match) ↑", "higher"),
+)
+ABOUT = {
+    "sft": "hard labels only: cross-entropy on the data's tokens, no teacher",
+    "fkl": "forward KL(p‖q), p the teacher, q the student",
+    "rkl": "reverse KL(q‖p)",
+    "jsd": "Jensen-Shannon, β=0.5",
+    "skl": "skew KL(p‖αp+(1−α)q), α=0.1",
+    "srkl": "skew reverse KL(q‖αq+(1−α)p), α=0.1",
+    "tvd": "total variation ½Σ|p−q|",
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/distill_results"),
+                        help="one run directory per loss is made (afresh) under it")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps of every run (default: the demo's, conf/train/default.yaml)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="loss.kind of each run, comma-separated")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
+    parser.add_argument("--cache", default=os.environ.get("DISTILL_CACHE", "~/.cache/distill"),
+                        help="the runs' cache_dir, where the demo teacher is built once")
+    return parser.parse_args()
+
+
+# ------------------------------------------------------------------------------------------- runs
+def build_demo(cache: Path) -> float:
+    """The demo's teacher, student and data, as `python -m trainer` builds them (same folder, same
+    recipe and seed), so no run's wall time includes the build. Returns the seconds it took."""
+    from trainer.demo import build_demo_assets
+
+    started = time.perf_counter()
+    build_demo_assets(cache / "demo")
+    return time.perf_counter() - started
+
+
+def run_kind(kind: str, args, cache: Path) -> dict:
+    run_dir = args.work / kind
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: an old checkpoint there would be resumed
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    overrides = [f"loss.kind={kind}", *([f"train.max_steps={args.steps}"] if args.steps else []), "logger=none"]
+    command = [sys.executable, "-m", "trainer", *overrides, f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    load = os.getloadavg()[0]
+    cpu_before = _children_cpu_s()
+    started = time.perf_counter()
+    log_path = args.work / f"{kind}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - started
+    cpu = _children_cpu_s() - cpu_before
+    load = max(load, os.getloadavg()[0])
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        sys.exit(f"the {kind} run failed (exit {proc.returncode}); its log is {log_path}:\n{tail}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"{kind}: {wall:.0f} s, KL {summary['eval/kl_to_teacher']:.4f}, "
+          f"exact match {summary['eval/exact_match']:.4f}", flush=True)
+    return {"kind": kind, "dir": run_dir, "summary": summary, "wall_s": wall, "cpu_s": cpu, "load": load,
+            "command": "python -m trainer " + " ".join(overrides)}
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# -------------------------------------------------------------------------------------- teacher
+def teacher_eval(cache: Path, max_rows: int) -> dict:
+    """The teacher's CE on the labels and task accuracy on the held-out rows the runs evaluate on.
+
+    `eval/exact_match` of the trainer is computed for the student only; the teacher's is computed
+    here with the same definition (`trainer.evaluation.solved_rows`: every supervised token is the
+    argmax under teacher forcing, i.e. greedy decoding gets the row right), on the same rows,
+    tokenised as the trainer tokenises them."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.data import IGNORE_INDEX, collate
+    from trainer.demo import build_demo_assets
+    from trainer.demo.metrics import encode_rows
+    from trainer.demo.task import read_jsonl
+    from trainer.evaluation import solved_rows
+
+    assets = build_demo_assets(cache / "demo")
+    # As the trainer loads it (conf/teacher/demo.yaml: dtype auto, which is float32 on a CPU; sdpa).
+    model = AutoModelForCausalLM.from_pretrained(assets.teacher_path, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(assets.teacher_path)
+    rows = read_jsonl(assets.eval_path)[:max_rows]
+    ce_sum, tokens, solved = 0.0, 0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), 64):
+            batch = collate(encode_rows(rows[start:start + 64], tokenizer), tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            targets = batch["labels"][:, 1:]
+            ce_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                      ignore_index=IGNORE_INDEX, reduction="sum").item()
+            tokens += int((targets != IGNORE_INDEX).sum())
+            solved += int(solved_rows(logits, targets).sum())
+    return {"eval/teacher_ce": ce_sum / max(tokens, 1), "eval/exact_match": solved / max(len(rows), 1),
+            "rows": len(rows), "tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------------- table
+def fmt(value, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown CPU") \
+        if Path("/proc/cpuinfo").exists() else platform.processor() or "unknown CPU"
+    memory = ""
+    if Path("/proc/meminfo").exists():
+        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        memory = f", {kib / 2**20:.0f} GiB"
+    return f"{model}, {os.cpu_count()} cores{memory}, no GPU used; {platform.system()} {platform.release()}"
+
+
+def versions() -> str:
+    import deepspeed
+    import peft
+    import torch
+    import transformers
+
+    return (f"Python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+            f"transformers {transformers.__version__}, peft {peft.__version__}")
+
+
+def spread(runs: list[dict], key: str) -> float:
+    values = [run["summary"][key] for run in runs if key in run["summary"]]
+    return max(values) - min(values) if values else float("nan")
+
+
+def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float, invocation: str) -> str:
+    first = runs[0]["summary"]
+    steps = sorted({int(run["summary"]["train/steps"]) for run in runs})
+    best = {key: (min if better == "lower" else max)(run["summary"][key] for run in runs)
+            for key, _, better in METRICS}
+
+    def cells(values: dict, bold: bool) -> list[str]:
+        out = []
+        for key, _, _ in METRICS:
+            text = fmt(values.get(key))
+            out.append(f"**{text}**" if bold and len(runs) > 1 and values.get(key) == best[key] else text)
+        return out
+
+    header = ["model", *(label for _, label, _ in METRICS)]
+    rows = [
+        ["teacher", "— (the reference)", fmt(first["eval/teacher_ce"]), "— (the reference)",
+         fmt(teacher["eval/exact_match"])],
+        ["student before training", *cells({k[len('initial/'):]: v for k, v in first.items()
+                                            if k.startswith("initial/")}, bold=False)],
+    ]
+    for run in runs:
+        name = "after hard labels (`sft`)" if run["kind"] == "sft" else f"after KD (`{run['kind']}`)"
+        rows.append([name, *cells(run["summary"], bold=True)])
+    table = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(METRICS),
+             *("| " + " | ".join(row) + " |" for row in rows)]
+
+    run_rows = ["| run | command | steps | wall time of the process | of which training | CPU time (user + sys) "
+                "| load average (1 min, higher of start and end) |",
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for run in runs:
+        s = run["summary"]
+        run_rows.append(f"| `{run['kind']}` | `{run['command']}` | {int(s['train/steps'])} | {run['wall_s']:.0f} s "
+                        f"| {s['train/wall_s']:.0f} s | {run['cpu_s']:.0f} s | {run['load']:.2f} |")
+
+    def leaders(key: str) -> str:
+        return ", ".join(f"`{run['kind']}`" for run in runs if run["summary"][key] == best[key])
+
+    ours, theirs = teacher["eval/teacher_ce"], first["eval/teacher_ce"]
+    ce_check = (f"the teacher CE the script measures alongside, {ours:.4f}, matches the runs', so it scored the "
+                "same rows" if abs(ours - theirs) <= 1e-4 * max(1.0, theirs) else
+                f"but the teacher CE the script measures alongside, {ours:.4f}, is not the runs' {theirs:.4f}: "
+                "the teacher's accuracy may be on other rows or another tokenisation")
+    initial_spread = max(spread(runs, "initial/" + key) for key, _, _ in METRICS)
+    same_start = (f"identical in all {len(runs)} runs" if initial_spread == 0
+                  else f"they differ by at most {initial_spread:.2g} across the {len(runs)} runs")
+    build = ("the demo teacher was already cached" if build_s < 5 else
+             f"building the demo teacher took {build_s:.0f} s, once, before the runs (in no run's time)")
+    lines = [
+        "# Knowledge transfer on the demo task",
+        "",
+        "Written by `scripts/results_table.py`; every figure below is read from the runs' `summary.json` "
+        "or measured by the script, none is typed in. Regenerate with the command below.",
+        "",
+        f"Held-out problems: the demo's {teacher['rows']} problems that appear in no training row "
+        f"({teacher['tokens']} supervised tokens). Every run trains the same student (the demo teacher with "
+        f"half of its layers dropped, LoRA r=16) for {', '.join(map(str, steps))} steps from the same LoRA "
+        "initialisation, data order and learning rate; only `loss.kind` differs (KD kinds at "
+        "`loss.temperature=1`, `loss.ce_weight=0`, the demo's defaults). Best trained value of each column in bold.",
+        "",
+        *table,
+        "",
+        f"Lowest KL to the teacher: {leaders('eval/kl_to_teacher')}; highest task accuracy: "
+        f"{leaders('eval/exact_match')}. The KL column is the same measure for every run, forward KL from the "
+        "teacher per supervised token, whatever loss the run trained with. "
+        "Expect several points of run-to-run movement in exact match on this task (see docs/demo.md); "
+        "one run per loss is shown.",
+        "",
+        "- **teacher**: CE is the runs' `eval/teacher_ce`; task accuracy is computed by the script with the "
+        "trainer's definition (`trainer.evaluation.solved_rows`: every answer token is the argmax under teacher "
+        f"forcing, i.e. greedy decoding is right) on the same rows; {ce_check}. KL and agreement "
+        "are measured against the teacher, so it has none.",
+        f"- **student before training**: `initial/*` of the runs' summaries ({same_start}: "
+        "LoRA starts as the identity).",
+        "- **KD kinds**: " + "; ".join(f"`{kind}` {ABOUT[kind]}" for kind in KINDS if kind != "sft") + ".",
+        "",
+        "## Runs",
+        "",
+        *run_rows,
+        "",
+        f"The runs were in `{args.work}`, each with its `report.md` and plots, and `comparison.md` there "
+        f"overlays them (`python -m trainer.report`); {build}.",
+        "",
+        "## How it was measured",
+        "",
+        f"- command: `{invocation}`, {total_s / 60:.1f} min in all",
+        f"- machine: {machine()}",
+        f"- software: {versions()}",
+        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        "- the runs ran one after another, each a fresh process; wall times include start-up and both "
+        "evaluations. Other work on the machine (a load average above its core count) slows a run "
+        "severalfold, in CPU time too (threads contend for the cores), so compare times only at similar load.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    invocation = "python scripts/results_table.py " + " ".join(sys.argv[1:])
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        sys.exit(f"unknown loss kinds {unknown}; use some of {','.join(KINDS)}.")
+    cache = Path(os.path.expanduser(args.cache)).resolve()
+    started = time.perf_counter()
+    build_s = build_demo(cache)
+    runs = [run_kind(kind, args, cache) for kind in kinds]
+    from omegaconf import OmegaConf
+
+    max_rows = OmegaConf.load(runs[0]["dir"] / ".hydra" / "config.yaml").data.max_eval_rows
+    teacher = teacher_eval(cache, max_rows)  # the rows the runs evaluated on
+    from trainer.report import write_comparison, write_report
+
+    for run in runs:
+        write_report(run["dir"])
+    write_comparison([run["dir"] for run in runs], args.work)
+    total = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(runs, teacher, args, build_s, total, invocation.strip()))
+    print(f"wrote {args.out} in {total / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The report's PNGs, drawn with matplotlib's Agg canvas.
+
+Figures are made with `matplotlib.figure.Figure` and an Agg canvas, never `pyplot`: no display is
+needed, no backend has to be chosen before import, and no global figure state outlives a call.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from trainer.files import write_atomically
+from trainer.report.runs import Run
+
+# Each plot's title and file name inside the run directory, in the order the report shows them.
+RUN_PLOTS = {"training loss": "report_loss.png", "eval KL to the teacher": "report_eval_kl.png",
+             "top-1 agreement and exact match": "report_agreement.png"}
+COMPARISON_PNG = "comparison.png"
+
+
+def _figure(columns: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4 * columns, 4.0), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, [figure.add_subplot(1, columns, i + 1) for i in range(columns)]
+
+
+def _save(figure, path: Path) -> Path:
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png"))
+    return path
+
+
+def _plot(axes, steps, values, label, **style) -> bool:
+    """One line (markers too when there are few points, e.g. before and after training only)."""
+    if not steps:
+        return False
+    axes.plot(steps, values, label=label, marker="o" if len(steps) <= 20 else None, markersize=4, **style)
+    return True
+
+
+def _finish_axes(axes, title: str, ylabel: str, drew: bool, log_if_wide: list[float] | None = None) -> None:
+    axes.set_title(title)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel(ylabel)
+    axes.grid(True, alpha=0.3)
+    if not drew:
+        axes.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", transform=axes.transAxes)
+        return
+    # A KL that falls by orders of magnitude is unreadable on a linear axis.
+    if log_if_wide and min(log_if_wide) > 0 and max(log_if_wide) / min(log_if_wide) > 20:
+        from matplotlib.ticker import FuncFormatter
+
+        axes.set_yscale("log")
+        axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0.03, not 3×10⁻²
+        axes.yaxis.set_minor_formatter(FuncFormatter(_sparse_minor_label))
+    axes.legend(fontsize="small")
+
+
+def _sparse_minor_label(value: float, _position) -> str:
+    """Minor ticks of a log axis labelled at 2, 3 and 5 times a power of ten only (no crowding)."""
+    if value <= 0:
+        return ""
+    leading = round(value / 10 ** math.floor(math.log10(value)), 6)
+    return f"{value:g}" if leading in (2, 3, 5) else ""
+
+
+def _draw_loss(axes, run: Run) -> None:
+    drew = _plot(axes, *run.series("loss"), "objective (loss)", linewidth=2)
+    drew |= _plot(axes, *run.series("kd_loss"), "KD term (kd_loss)", linestyle="--")  # none under sft
+    drew |= _plot(axes, *run.series("ce_loss"), "CE term on labels (ce_loss)", linestyle=":")
+    values = [v for key in ("loss", "kd_loss", "ce_loss") for v in run.series(key)[1]]
+    _finish_axes(axes, "training loss per supervised token", "loss", drew, values)
+
+
+def _draw_kl(axes, run: Run) -> None:
+    steps, values = run.series("eval/kl_to_teacher", "evals")
+    drew = _plot(axes, steps, values, "KL(teacher ‖ student)")
+    _finish_axes(axes, "held-out KL to the teacher per token", "KL (nats)", drew, values)
+
+
+def _draw_agreement(axes, run: Run) -> None:
+    drew = _plot(axes, *run.series("eval/top1_agreement", "evals"), "top-1 agreement with the teacher")
+    drew |= _plot(axes, *run.series("eval/exact_match", "evals"), "task accuracy (exact match)", linestyle="--")
+    _finish_axes(axes, "held-out agreement and accuracy", "share", drew)
+    axes.set_ylim(-0.02, 1.02)
+
+
+_DRAWERS = {"training loss": _draw_loss, "eval KL to the teacher": _draw_kl,
+            "top-1 agreement and exact match": _draw_agreement}
+
+
+def plot_run(run: Run, out_dir: Path) -> dict[str, Path]:
+    """Training loss terms, eval KL to the teacher, and top-1 agreement / exact match over steps,
+    one PNG each in `out_dir` (named by RUN_PLOTS). Returns {title: path}."""
+    written = {}
+    for title, name in RUN_PLOTS.items():
+        figure, (axes,) = _figure()
+        _DRAWERS[title](axes, run)
+        written[title] = _save(figure, out_dir / name)
+    return written
+
+
+def plot_comparison(runs: list[Run], labels: list[str], path: Path) -> Path:
+    """Eval KL to the teacher and training loss of every run, overlaid, side by side."""
+    figure, (kl_axes, loss_axes) = _figure(columns=2)
+    kl_values, loss_values, drew_kl, drew_loss = [], [], False, False
+    for run, label in zip(runs, labels):
+        steps, values = run.series("eval/kl_to_teacher", "evals")
+        drew_kl |= _plot(kl_axes, steps, values, label)
+        kl_values += values
+        steps, values = run.series("loss")
+        drew_loss |= _plot(loss_axes, steps, values, label)
+        loss_values += values
+    _finish_axes(kl_axes, "held-out KL to the teacher per token", "KL (nats)", drew_kl, kl_values)
+    _finish_axes(loss_axes, "training objective per supervised token", "loss", drew_loss, loss_values)
+    return _save(figure, path)
