@@ -46,6 +46,19 @@ def assert_valid_png(path: Path) -> None:
     assert height > 100 and width > 100 and channels in (3, 4)
 
 
+def test_the_job_writes_its_report_and_logs_the_plots_and_a_summary_table_to_wandb(sweep):
+    for name in ("fkl", "sft"):
+        assert (sweep / name / "report.md").exists()
+    (run_file,) = (sweep / "fkl").glob("wandb/offline-run-*/run-*.wandb")
+    (logged,) = [row for row in history_rows(run_file) if "report/summary/_type" in row]
+    for name in RUN_PLOTS.values():  # the reader flattens nested values: "report/loss/_type"
+        key = f"report/{Path(name).stem.removeprefix('report_')}"
+        assert logged[f"{key}/_type"] == "image-file"
+        assert_valid_png(run_file.parent / "files" / logged[f"{key}/path"])
+    assert logged["report/summary/_type"] == "table-file" and logged["report/summary/nrows"] == 5
+    assert logged["_step"] == 4 and "eval/kl_to_teacher" in logged  # with the final evaluation, not past it
+
+
 def test_report_of_a_finished_run_names_its_final_metrics_and_draws_the_plots(sweep):
     run = sweep / "fkl"
     for name in ("report.md", *RUN_PLOTS.values()):  # whatever the job left: the CLI must make them
@@ -130,29 +143,6 @@ def test_a_folder_that_is_not_a_run_is_one_line_of_error(tmp_path):
         f"distill: error: {tmp_path / 'empty'} is not a run directory (holds no metrics.jsonl); pass the folder "
         "a training job wrote (outputs/<date>/<time>/ or its hydra.run.dir), or a multirun folder holding such runs."]
     assert not proc.stdout.strip()
-
-
-def test_the_tracker_logs_the_report_plots_and_a_summary_table_to_wandb(sweep):
-    from omegaconf import OmegaConf
-
-    from trainer.tracking import Tracker
-
-    run = sweep / "fkl"
-    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    before = set(run.glob("wandb/offline-run-*/run-*.wandb"))
-    tracker = Tracker(run, cfg, OmegaConf.to_container(cfg), first_step=cfg.train.max_steps, enabled=True)
-    tracker.write_report()  # what the job does after summary.json, rank 0
-    tracker.close()
-
-    (run_file,) = set(run.glob("wandb/offline-run-*/run-*.wandb")) - before
-    (logged,) = [row for row in history_rows(run_file) if "report/summary/_type" in row]
-    for name in RUN_PLOTS.values():  # the reader flattens nested values: "report/loss/_type"
-        key = f"report/{Path(name).stem.removeprefix('report_')}"
-        assert logged[f"{key}/_type"] == "image-file"
-        assert_valid_png(run_file.parent / "files" / logged[f"{key}/path"])
-    assert logged["report/summary/_type"] == "table-file" and logged["report/summary/nrows"] == 5
-    assert logged["_step"] == cfg.train.max_steps  # at the end of training, not past it
-    assert (run / "report.md").exists()
 
 
 def test_a_report_that_cannot_be_drawn_is_a_warning_not_a_failed_job(tmp_path, caplog):
