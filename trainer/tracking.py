@@ -106,18 +106,10 @@ def _start_wandb(run_dir: Path, cfg, resolved_config: dict):
     unreachable = mode == "online" and _unreachable(server)
     if unreachable:
         mode = "offline"  # wandb.init would otherwise wait 90 s for a server it cannot reach
-    run = wandb.init(
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        name=cfg.logger.name or run_dir.name,
-        group=cfg.logger.group or _sweep_group(),
-        tags=list(cfg.logger.tags),
-        config=resolved_config,
-        dir=str(run_dir),
-        id=run_id,
-        resume="allow",
-        mode=mode,
-    )
+    settings = dict(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.logger.name or run_dir.name,
+                    group=cfg.logger.group or _sweep_group(), tags=list(cfg.logger.tags), config=resolved_config,
+                    dir=str(run_dir), id=run_id, resume="allow", mode=mode)
+    run = _init_when_released(wandb, settings)
     run_files = run.dir.rsplit("/files", 1)[0]
     if unreachable:
         log.warning("W&B: %s is unreachable (%s), so this run is written offline; upload it once online with: "
@@ -145,6 +137,23 @@ def _unreachable(url: str, timeout: float = 3.0) -> str | None:
     thread.start()
     thread.join(timeout)
     return outcome[0]
+
+
+def _init_when_released(wandb, settings: dict, patience_s: float = 120.0):
+    """`wandb.init`, waiting while the run is still held by the W&B process of a job that was
+    killed (SIGKILL, or a rank lost under torchrun): that process lingers until it notices its
+    parent is gone, and W&B refuses the run id meanwhile ("run ID ... is in use")."""
+    import time
+
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return wandb.init(**settings)
+        except Exception as error:  # wandb's ServerResponseError; its module path changes between versions
+            if "is in use" not in str(error) or time.monotonic() > deadline:
+                raise
+            log.info("W&B run %s is still held by a stopped job's W&B process; retrying.", settings["id"])
+            time.sleep(2.0)
 
 
 def _sweep_group() -> str | None:
