@@ -182,7 +182,7 @@ def _first_line(error: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------ loading
-def load_checkpoint(engine, folder: Path) -> dict:
+def load_checkpoint(engine, folder: Path, step: int) -> dict:
     """Engine state and this rank's RNG states from `folder`; returns this rank's `rank_state`. Collective."""
     path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
     if path is None:
@@ -194,7 +194,7 @@ def load_checkpoint(engine, folder: Path) -> dict:
     else:  # resumed on more ranks than saved: the new ranks' random streams start from the seed
         log.warning("%s has no state for rank %d; its random numbers will differ from an uninterrupted run.",
                     folder, dist.get_rank())
-    log.info("resumed from %s at step %d", path, read_state(folder).step)
+    log.info("resumed from %s at step %d", path, step)
     return rank_state
 
 

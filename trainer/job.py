@@ -170,7 +170,8 @@ class DistillJob:
         belongs to another teacher, student, data or LoRA shape."""
         folder = checkpoints.find_resume_point(self.run_dir, self.cfg.resume)
         if folder is not None:
-            checkpoints.check_same_run(folder, checkpoints.read_state(folder), self._identity())
+            self.resumed_state = checkpoints.read_state(folder)
+            checkpoints.check_same_run(folder, self.resumed_state, self._identity())
         return folder
 
     def _identity(self) -> dict:
@@ -196,8 +197,8 @@ class DistillJob:
         """Engine, RNG and loop state from the checkpoint found at setup; the step to start at."""
         if self.resume_from is None:
             return 0
-        rank_state = checkpoints.load_checkpoint(self.student, self.resume_from)
-        saved = checkpoints.read_state(self.resume_from)
+        saved = self.resumed_state
+        rank_state = checkpoints.load_checkpoint(self.student, self.resume_from, saved.step)
         self.state.step, self.state.tokens_seen, self.state.skipped_steps = saved.step, saved.tokens_seen, saved.skipped_steps
         self.resumed_window = rank_state.get("window")
         if saved.rows_per_step != self.state.rows_per_step:
