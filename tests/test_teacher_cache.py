@@ -137,6 +137,25 @@ def test_training_from_the_cache_on_two_ranks_matches_one_rank_and_loads_no_teac
     assert losses[2][-1] < losses[2][0]
 
 
+def test_a_cache_with_drawn_tails_is_the_same_from_any_ranks_and_refuses_reverse_kl(tiny, tmp_path):
+    folders = {}
+    for nproc in (1, 2):
+        folders[nproc] = tmp_path / f"drawn_on_{nproc}"
+        assert_ok(build(tiny, tmp_path, folders[nproc], "teacher.tail_samples=3", nproc=nproc))
+    assert shard_bytes(folders[1]) == shard_bytes(folders[2])
+    reader = CacheReader(folders[1])
+    assert reader.manifest.key["tail_samples"] == 3 and reader.top_k == TOP_K
+    for index in range(4):
+        row = reader.row("train", index)
+        listed_mass = torch.where(row.ids >= 0, row.logprobs.float().exp(), 0.0).sum(dim=-1)
+        torch.testing.assert_close(listed_mass, torch.ones_like(listed_mass), atol=1e-2, rtol=0)
+    rkl = tiny_overrides(tiny, tmp_path / "rkl", tmp_path / "c", f"teacher.cache={folders[1]}", "loss.kind=rkl")
+    assert_user_error(run_cli(rkl), "teacher.tail_samples=3", "loss.kind=srkl")
+    fkl = tiny_overrides(tiny, tmp_path / "fkl", tmp_path / "c", f"teacher.cache={folders[1]}")
+    assert_ok(run_cli(fkl))
+    assert json.loads((tmp_path / "fkl" / "summary.json").read_text())["teacher/source"] == "cache"
+
+
 def test_a_cache_holding_the_whole_vocabulary_trains_exactly_like_the_online_teacher(tiny, tmp_path):
     """With k >= the vocabulary the cached teacher has no tail, so the sparse loss is the dense one;
     what is left is the float16 rounding of the stored log-probabilities."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from trainer import engines, models
 from trainer.cache.identity import CacheIdentity, check_matches, job_identity
+from trainer.cache.tail import draw_seed, top_and_sampled_tail
 from trainer.cache.store import Manifest, RowTopK, SplitInfo, read_manifest, shard_path, write_manifest, write_shard
 from trainer.config import validate
 from trainer.data import TokenizedRow, collate
@@ -38,6 +39,8 @@ class _Batch:
 
     split: str
     shard: int
+    index: int
+    """Its place within the shard, which seeds its tail draws."""
     rows: list[TokenizedRow]
     last_of_shard: bool
 
@@ -113,14 +116,16 @@ def _compute_shards(cfg, scorer: Scorer, folder: Path, manifest: Manifest, split
         shard_rows = manifest.splits[split].shard_rows
         rows = splits[split].rows[shard * shard_rows:(shard + 1) * shard_rows]
         starts = range(0, len(rows), batch_size)
-        work += [_Batch(split, shard, rows[s:s + batch_size], s == starts[-1]) for s in starts]
+        work += [_Batch(split, shard, i, rows[s:s + batch_size], s == starts[-1]) for i, s in enumerate(starts)]
     dtype = getattr(torch, manifest.dtype)
-    top_k, chunk_size = manifest.key["top_k"], cfg.loss.chunk_size or default_chunk_size(scorer.vocab_size)
+    entries = Entries(manifest.key["top_k"], manifest.key.get("tail_samples", 0))
+    chunk_size = cfg.loss.chunk_size or default_chunk_size(scorer.vocab_size)
     pending: list[RowTopK] = []
 
     def run(item: _Batch) -> None:
         batch = to_device(collate(item.rows, tokenizer.pad_token_id), rank.device)
-        pending.extend(batch_top_k(scorer, batch, top_k, chunk_size))
+        draws = torch.Generator(rank.device).manual_seed(draw_seed(item.split, item.shard, item.index))
+        pending.extend(batch_top_k(scorer, batch, entries, chunk_size, draws))
         if item.last_of_shard:
             write_shard(shard_path(folder, item.split, item.shard), pending, dtype)
             log.info("cache: %s shard %d written (%d rows)", item.split, item.shard, len(pending))
@@ -136,8 +141,19 @@ def _compute_shards(cfg, scorer: Scorer, folder: Path, manifest: Manifest, split
         in_lockstep(work, run, filler, collective=engines.teacher_is_sharded(cfg))
 
 
-def batch_top_k(scorer: Scorer, batch: dict, top_k: int, chunk_size: int) -> list[RowTopK]:
-    """The teacher's top-k at each supervised position of each row of a collated batch."""
+@dataclass
+class Entries:
+    """What a cache keeps per position: ``top_k`` entries, the last ``tail_samples`` of them drawn
+    from the teacher's tail (:mod:`trainer.cache.tail`) rather than its next most likely tokens."""
+
+    top_k: int
+    tail_samples: int = 0
+
+
+def batch_top_k(scorer: Scorer, batch: dict, entries: Entries, chunk_size: int,
+                draws: torch.Generator | None = None) -> list[RowTopK]:
+    """The teacher's top-k (or top and sampled tail) at each supervised position of each row of a collated batch."""
+    top_k = entries.top_k
     targets = targets_at_each_position(batch["labels"])
     flat_targets = targets.reshape(-1)
     states = scorer.states(batch)
@@ -149,9 +165,9 @@ def batch_top_k(scorer: Scorer, batch: dict, top_k: int, chunk_size: int) -> lis
         for start in range(0, supervised.numel(), chunk_size):
             index = supervised[start:start + chunk_size]
             logprobs = F.log_softmax(scorer.logits_of(rows.index_select(0, index)), dim=-1)
-            top = logprobs.topk(kept, dim=-1)
-            values.append(top.values)
-            ids.append(top.indices)
+            chunk_values, chunk_ids = _entries_of(logprobs, kept, entries.tail_samples, draws)
+            values.append(chunk_values)
+            ids.append(chunk_ids)
             target_logprobs.append(logprobs.gather(1, flat_targets.index_select(0, index).unsqueeze(1)).squeeze(1))
     values = F.pad(torch.cat(values) if values else torch.zeros(0, kept), (0, top_k - kept)).cpu()
     ids = F.pad(torch.cat(ids) if ids else torch.zeros(0, kept, dtype=torch.long), (0, top_k - kept),
@@ -159,3 +175,10 @@ def batch_top_k(scorer: Scorer, batch: dict, top_k: int, chunk_size: int) -> lis
     target_logprobs = torch.cat(target_logprobs).cpu() if target_logprobs else torch.zeros(0)
     counts = (targets != IGNORE_INDEX).sum(dim=1).tolist()
     return [RowTopK(*parts) for parts in zip(values.split(counts), ids.split(counts), target_logprobs.split(counts))]
+
+
+def _entries_of(logprobs, kept: int, tail_samples: int, draws) -> tuple[torch.Tensor, torch.Tensor]:
+    if tail_samples and kept < logprobs.shape[-1]:
+        return top_and_sampled_tail(logprobs, kept, tail_samples, draws)
+    top = logprobs.topk(kept, dim=-1)  # a vocabulary no larger than k is listed whole: no tail to draw
+    return top.values, top.indices

@@ -58,6 +58,11 @@ def open_cache(cfg, tokenizer, vocab_size: int, rank: RankInfo) -> CacheReader:
     if reader.manifest.vocab_size != vocab_size:
         raise CacheError(f"the teacher cache in {identity.folder} scores {reader.manifest.vocab_size} token ids but "
                          f"this job's tokenizer has {vocab_size}; {build}.")
-    log.info("teacher: read from the cache in %s (top-%d, teacher %s); no teacher is loaded", identity.folder,
-             reader.top_k, reader.manifest.teacher)
+    tail_samples = reader.manifest.key.get("tail_samples", 0)
+    if tail_samples and cfg.loss.kind == "rkl":
+        raise CacheError(f"the teacher cache in {identity.folder} draws its tail (teacher.tail_samples={tail_samples}), "
+                         "against which reverse KL is unbounded; use loss.kind=srkl for a mode-seeking loss, or a "
+                         "cache built with teacher.tail_samples=0.")
+    log.info("teacher: read from the cache in %s (top-%d, %d of them drawn from the tail; teacher %s); no teacher "
+             "is loaded", identity.folder, reader.top_k, tail_samples, reader.manifest.teacher)
     return reader

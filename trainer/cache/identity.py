@@ -13,13 +13,15 @@ from trainer.data import examples_fingerprint, tokenizer_fingerprint
 from trainer.distributed import broadcast_object
 from trainer.inputs import data_sources
 
-_KEY_NAMES = {"teacher": "teacher weights", "tokenizer": "tokenizer", "top_k": "teacher.top_k"}
+_KEY_NAMES = {"teacher": "teacher weights", "tokenizer": "tokenizer", "top_k": "teacher.top_k",
+              "tail_samples": "teacher.tail_samples"}
 
 
 @dataclass
 class CacheIdentity:
     key: dict
-    """teacher, tokenizer, top_k; without `teacher` when the job has no teacher to compare."""
+    """teacher, tokenizer, top_k, tail_samples (only when drawn); without `teacher` when the job has
+    no teacher to compare."""
     data: dict
     """Split name -> fingerprint of its tokenized rows."""
     folder: Path
@@ -33,6 +35,8 @@ def job_identity(cfg, tokenizer, is_main: bool) -> CacheIdentity:
 
 def _compute_identity(cfg, tokenizer) -> CacheIdentity:
     key = {"tokenizer": tokenizer_fingerprint(tokenizer), "top_k": cfg.teacher.top_k}
+    if cfg.teacher.tail_samples:  # absent at 0, so exact top-k caches keep the keys they were built with
+        key["tail_samples"] = cfg.teacher.tail_samples
     if cfg.teacher.path is not None:
         folder = model_folder(cfg.teacher.path, cfg.teacher.revision)
         key["teacher"] = weights_fingerprint(folder, cache_root(cfg) / "weight_hashes.json")
@@ -48,10 +52,12 @@ def _compute_identity(cfg, tokenizer) -> CacheIdentity:
 def check_matches(manifest: Manifest, identity: CacheIdentity, *, explicit_folder: bool, fix: str) -> None:
     """Raise :class:`CacheError` naming every part of the key or data that differs.
 
-    With an explicitly named folder, `top_k` is the cache's own: the job reads whatever k it holds."""
+    With an explicitly named folder, `top_k` and `tail_samples` are the cache's own: the job reads
+    whatever it holds."""
     expected = dict(identity.key)
     if explicit_folder:
         expected.pop("top_k")
+        expected.pop("tail_samples", None)
     found = {name: manifest.key.get(name) for name in expected}
     differing = [_KEY_NAMES[name] for name in differences(expected, found)]
     for split, fingerprint in identity.data.items():

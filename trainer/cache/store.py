@@ -55,7 +55,8 @@ class SplitInfo:
 @dataclass
 class Manifest:
     key: dict
-    """teacher (weights fingerprint, or `api:<name>`), tokenizer (fingerprint), top_k."""
+    """teacher (weights fingerprint, or `api:<name>`), tokenizer (fingerprint), top_k, and
+    tail_samples when some entries were drawn from the teacher's tail (trainer/cache/tail.py)."""
     teacher: dict
     """Who the teacher was, for people and provenance: path and revision, or the API model name."""
     dtype: str
