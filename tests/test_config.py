@@ -68,6 +68,9 @@ def test_a_wrongly_typed_value_is_rejected():
         ("train.lr=-1", "train.lr"),
         ("logger.kind=tensorboard", "logger.kind"),
         ("resume=/no/such/checkpoint", "resume"),
+        ("teacher.tail_samples=64", "teacher.tail_samples"),
+        ("teacher.tail_samples=-1", "teacher.tail_samples"),
+        ("train.peak_tflops=0", "train.peak_tflops"),
     ],
 )
 def test_out_of_range_values_fail_validation_with_one_line(override, key):

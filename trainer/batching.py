@@ -29,7 +29,7 @@ def step_row_ids(step: int, num_rows: int, rows_per_step: int, seed: int) -> lis
 
 
 def micro_batches_for_step(step: int, rows: list, rank: int, world_size: int, micro_batch_size: int,
-                           grad_accum: int, seed: int, pad_id: int) -> list[dict]:
+                           grad_accum: int, seed: int, pad_id: int, collate_rows=collate) -> list[dict]:
     """This rank's `grad_accum` collated micro-batches for optimizer step `step`.
 
     Micro-batch k of the step covers global positions [k·W·B, (k+1)·W·B); rank r takes its
@@ -39,7 +39,7 @@ def micro_batches_for_step(step: int, rows: list, rank: int, world_size: int, mi
     batches = []
     for slot in range(grad_accum):
         first = slot * per_slot + rank * micro_batch_size
-        batches.append(collate([rows[i] for i in ids[first : first + micro_batch_size]], pad_id))
+        batches.append(collate_rows([rows[i] for i in ids[first : first + micro_batch_size]], pad_id))
     return batches
 
 

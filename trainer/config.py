@@ -54,6 +54,11 @@ class TeacherConfig(ModelConfig):
     cache_dir; or a cache folder. null runs the teacher."""
     top_k: int = 64
     """Log-probabilities kept per position when a cache is built (the rest become one tail mass)."""
+    tail_samples: int = 0
+    """Of the top_k entries, how many are drawn from the teacher's tail instead of being its next
+    most likely tokens (e.g. 16 of 64): forward KL against the cache then has the online gradient
+    in expectation and teaches the tail's shape, at the same size. 0 keeps the exact top-k. Not for
+    loss.kind=rkl. See trainer/cache/tail.py."""
     cache_dtype: str = "float16"
     """How a cache stores log-probabilities: float16 or bfloat16 (token ids are int32)."""
     cache_shard_rows: int = 256
@@ -100,6 +105,9 @@ class DataConfig:
     truncate: bool = True
     """Cut rows longer than train.seq_len to fit (the log counts them); false refuses rows longer
     than train.seq_len, naming the first one."""
+    pack: bool = False
+    """Pack several training rows into each row of up to train.seq_len tokens, with no attention
+    across them (trainer/packing.py): no compute spent on padding. Not with a teacher cache."""
 
 
 @dataclass
@@ -151,6 +159,12 @@ class TrainConfig:
     """Optimizer steps in a row skipped for a NaN/Inf loss or gradient before the job stops."""
     metric: str = "eval/kl_to_teacher"
     """The summary value the job returns to sweepers and prints on its RESULT line."""
+    activation_checkpointing: bool = False
+    """Recompute the student's layers in the backward instead of keeping their activations: less
+    memory for longer sequences or bigger batches, about a third more student compute."""
+    peak_tflops: Optional[float] = None
+    """The device's peak TFLOP/s for MFU, per rank; null uses the table in trainer/throughput.py
+    (bf16 peaks of known GPUs) and reports no MFU where the device is not in it (CPU)."""
 
 
 @dataclass
@@ -236,6 +250,12 @@ def validate(cfg) -> None:
         raise ConfigError(f"loss.chunk_size={cfg.loss.chunk_size} is negative; use 0 (automatic) or a token count.")
     if not 0.0 <= cfg.loss.ce_weight <= 1.0:
         raise ConfigError(f"loss.ce_weight={cfg.loss.ce_weight} is out of range; use a value in [0, 1].")
+    if cfg.data.pack and cfg.teacher.cache:
+        raise ConfigError("data.pack=true cannot read a teacher cache (it is stored row by row); set data.pack=false "
+                          "or teacher.cache=null.")
+    if cfg.train.peak_tflops is not None and cfg.train.peak_tflops <= 0:
+        raise ConfigError(f"train.peak_tflops={cfg.train.peak_tflops} must be positive (the device's peak TFLOP/s), "
+                          "or null to look it up.")
     if cfg.deepspeed.stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.stage={cfg.deepspeed.stage} is not a ZeRO stage; use 0, 1, 2 or 3.")
     if cfg.deepspeed.offload_param and cfg.deepspeed.stage != 3:
@@ -287,6 +307,9 @@ def _validate_teacher(teacher) -> None:
     _check_choice("teacher.cache_dtype", teacher.cache_dtype, ("float16", "bfloat16"))
     if teacher.top_k < 1:
         raise ConfigError(f"teacher.top_k={teacher.top_k} must be at least 1, e.g. 64.")
+    if not 0 <= teacher.tail_samples < teacher.top_k:
+        raise ConfigError(f"teacher.tail_samples={teacher.tail_samples} must be at least 0 and below "
+                          f"teacher.top_k={teacher.top_k}, e.g. 16 of 64.")
     if teacher.cache_shard_rows < 1:
         raise ConfigError(f"teacher.cache_shard_rows={teacher.cache_shard_rows} must be at least 1.")
     if teacher.path is None and teacher.cache in (None, "auto"):

@@ -138,6 +138,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values.cpu()
 
 
+def all_gather_floats(value: float) -> list[float]:
+    """One float from every rank, in rank order."""
+    values = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        values = values.cuda()
+    gathered = [torch.zeros_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, values)
+    return [float(v) for v in gathered]
+
+
 def in_lockstep(items: list, run, filler, collective: bool) -> None:
     """`run(item)` for each of this rank's items.
 

@@ -19,6 +19,15 @@ from trainer.losses import LMHead, head_quirks
 from trainer.models import ModelError
 
 
+def model_inputs(batch: dict) -> dict:
+    """What a model is called with. A packed batch (trainer/packing.py) passes position ids that
+    restart at each document and no padding mask, transformers' packed-sequence format, in which
+    each token attends only within its document; a padding mask would turn that off."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 class HiddenTap:
     """Captures the input of a model's LM head while :meth:`hidden_states` runs the model."""
 
@@ -43,7 +52,7 @@ class HiddenTap:
         """``[B, T, H]``: what the head would have been applied to."""
         self.active = True
         try:
-            engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            engine(**model_inputs(batch))
         finally:
             self.active = False
         hidden, self.captured = self.captured, None
@@ -128,7 +137,7 @@ class Scorer:
     def states(self, batch: dict) -> torch.Tensor:
         if self.fused:
             return self.tap.hidden_states(self.engine, batch)
-        return self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return self.engine(**model_inputs(batch)).logits
 
     def logits_of(self, rows: torch.Tensor) -> torch.Tensor:
         """``[C, H]`` hidden rows (fused) or ``[C, V']`` logit rows (plain) -> ``[C, V]`` float32 logits."""

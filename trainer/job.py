@@ -11,18 +11,19 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from trainer import checkpoints, engines, models
-from trainer.batching import eval_batches, micro_batches_for_step
+from trainer import checkpoints, engines, models, throughput
+from trainer.batching import eval_batches, micro_batches_for_step, step_row_ids
 from trainer.cache.cached_teacher import CachedStates, CachedTeacher, open_cache
 from trainer.config import validate
-from trainer.data import examples_fingerprint, split_holdout, supervised_only
-from trainer.distributed import RankInfo, all_reduce_sum, broadcast_object
+from trainer.data import collate, examples_fingerprint, split_holdout, supervised_only
+from trainer.distributed import RankInfo, all_gather_floats, all_reduce_sum, broadcast_object
 from trainer.evaluation import evaluate, to_device
 from trainer.heads import Scorer, check_head_parity, fused_unsupported_reason
 from trainer.inputs import data_sources, load_splits, materialise_demo
 from trainer.losses import default_chunk_size
 from trainer.nonfinite import TrainingDiverged
 from trainer.objective import IGNORE_INDEX, fused_micro_batch_sums, micro_batch_sums
+from trainer.packing import check_documents_stay_apart, collate_packed, document_lengths, pack_rows
 from trainer.preemption import Preempted, PreemptionWatch, hand_back
 from trainer.provenance import gate
 from trainer.provenance import outputs as provenance
@@ -57,6 +58,11 @@ class DistillJob:
         self.teacher = self._build_teacher()
         self.student = self._build_student()
         self.teacher_scorer, self.student_scorer = self._build_scorers()
+        if cfg.data.pack:  # every rank: a sharded model's forward is collective
+            for role, engine in (("teacher", self.teacher), ("student", self.student)):
+                if engine is not None:
+                    check_documents_stay_apart(role, engine.module, self.rank.device)
+        self._start_accounting()
         self.first_step = self._resume()
         if self.rank.is_main:  # steps after the checkpoint (all, on a fresh start) are about to be redone
             forget_steps_after(self.run_dir, self.first_step)
@@ -105,6 +111,8 @@ class DistillJob:
             log.warning("data: dropped %d of %d training rows with no token to learn (no response or assistant "
                         "turn, or one cut off by train.seq_len=%d)", len(train_rows) - len(self.train_rows),
                         len(train_rows), cfg.train.seq_len)
+        if cfg.data.pack:
+            self._pack_training_rows()
         eval_rows = eval_rows[: cfg.data.max_eval_rows]
         # Held-out rows split off the training data keep their index in it, which a cache reads by.
         self.eval_split = "eval" if "eval" in splits else "train"
@@ -112,6 +120,13 @@ class DistillJob:
                                          cfg.train.micro_batch_size, self.tokenizer.pad_token_id)
         log.info("data: %d training rows (%d truncated to train.seq_len=%d), %d held-out rows",
                  len(self.train_rows), train.num_truncated, cfg.train.seq_len, len(eval_rows))
+
+    def _pack_training_rows(self) -> None:
+        rows = self.train_rows
+        self.train_rows = pack_rows(rows, self.cfg.train.seq_len)
+        tokens = sum(len(row.input_ids) for row in rows)
+        log.info("data: %d training rows packed into %d rows of up to %d tokens (%.0f%% full)", len(rows),
+                 len(self.train_rows), self.cfg.train.seq_len, 100 * tokens / (len(self.train_rows) * self.cfg.train.seq_len))
 
     def _build_teacher(self):
         """The teacher's engine, or None when its top-k is read from a cache instead."""
@@ -132,6 +147,9 @@ class DistillJob:
         ds_config = engines.deepspeed_config(cfg, cfg.deepspeed.stage, bf16, self.rank.world_size)
         dtype = default_dtype if cfg.student.dtype == "auto" else models.torch_dtype(cfg.student.dtype, self.rank.device)
         student = models.load_model("student", cfg.student, dtype, ds_config if cfg.deepspeed.stage == 3 else None)
+        if cfg.train.activation_checkpointing:
+            models.checkpoint_activations(student)
+            log.info("student: activation checkpointing on (each layer is recomputed in the backward)")
         if cfg.peft.kind == "lora":
             student, targets = models.apply_lora(student, cfg.peft)
             log.info("LoRA r=%d on %s", cfg.peft.r, ", ".join(targets))
@@ -165,6 +183,17 @@ class DistillJob:
                 log.warning("loss: the %s cannot use the fused loss (%s); using full logits.", role, reason)
         return not any(reasons.values())
 
+    def _start_accounting(self) -> None:
+        """FLOPs per token of each model that runs in a step, and the device's peak (see trainer/throughput.py)."""
+        cost = throughput.student_cost(self.student.module)
+        if self.teacher is not None and self.cfg.loss.kind != "sft":
+            cost = cost + throughput.teacher_cost(self.teacher.module)
+        self.step_cost = cost
+        bf16 = engines.precision(self.cfg, self.rank.device)[0]
+        self.peak_flops = throughput.peak_flops(self.rank.device, bf16, self.cfg.train.peak_tflops)
+        self.data_time = throughput.Stopwatch()
+        self.window_flops = 0.0
+
     def _checked_resume_point(self):
         """The checkpoint this job continues from (None: a fresh start), refused by name when it
         belongs to another teacher, student, data or LoRA shape."""
@@ -187,6 +216,7 @@ class DistillJob:
                 **{f"data.{split}": f"rows with sha256 "
                    f"{examples_fingerprint(source, self.tokenizer, cfg.train.seq_len, key=f'data.{split}')[:16]} "
                    f"at train.seq_len={cfg.train.seq_len}" for split, source in data_sources(cfg).items()},
+                **({"data.pack": "true"} if cfg.data.pack else {}),  # packing changes every step's rows
                 "peft.kind": cfg.peft.kind,
                 **({f"peft.{key}": str(cfg.peft[key]) for key in ("r", "alpha", "target_modules")}
                    if cfg.peft.kind == "lora" else {}),
@@ -213,18 +243,20 @@ class DistillJob:
         [objective, kd, ce] (left on the device: reading them would stall it every micro-batch)
         and its counts [supervised tokens, input tokens] (on the CPU, from the collated rows)."""
         cfg = self.cfg
-        batches = micro_batches_for_step(step, self.train_rows, self.rank.rank, self.rank.world_size,
-                                         cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.seed,
-                                         self.tokenizer.pad_token_id)
-        counts = torch.tensor([[float((b["labels"][:, 1:] != IGNORE_INDEX).sum()), float(b["attention_mask"].sum())]
-                               for b in batches], dtype=torch.float64).sum(dim=0)
-        global_tokens = all_reduce_sum(counts[:1].clone()).item()
+        with self.data_time:
+            batches = micro_batches_for_step(step, self.train_rows, self.rank.rank, self.rank.world_size,
+                                             cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.seed,
+                                             self.tokenizer.pad_token_id, collate_packed if cfg.data.pack else collate)
+            counts = torch.tensor([[float((b["labels"][:, 1:] != IGNORE_INDEX).sum()), float(b["attention_mask"].sum())]
+                                   for b in batches], dtype=torch.float64).sum(dim=0)
+            self.window_flops += sum(self.step_cost.of_rows(document_lengths(b)) for b in batches)
         # DeepSpeed divides by grad_accum and averages over ranks; undo both so the gradient is
         # that of (Σ over the step's tokens) / (the step's token count).
-        scale = self.rank.world_size * cfg.train.grad_accum / max(global_tokens, 1.0)
+        scale = self.rank.world_size * cfg.train.grad_accum / max(self._global_supervised_tokens(step), 1.0)
         loss_sums = torch.zeros(3, dtype=torch.float64, device=self.rank.device)
         for index, batch in enumerate(batches):
-            batch = to_device(batch, self.rank.device)
+            with self.data_time:
+                batch = to_device(batch, self.rank.device)
             teacher_states, student_states = self._forward_models(batch)
             # Gathered after the student's forward (DeepSpeed's own hook releases the head when the
             # head runs) and through the backward (a trainable head's gradient must reach the whole
@@ -241,11 +273,20 @@ class DistillJob:
             self.student.step()
         return loss_sums, counts
 
+    def _global_supervised_tokens(self, step: int) -> int:
+        """The step's supervised tokens over all ranks, from the rows it takes: no collective, no host sync."""
+        cfg = self.cfg
+        rows = (self.train_rows[i] for i in step_row_ids(step, len(self.train_rows), self.state.rows_per_step,
+                                                          cfg.train.seed))
+        return sum(len(row.labels) - 1 - row.labels[1:].count(IGNORE_INDEX) for row in rows)
+
     def _forward_models(self, batch: dict):
         """Teacher (no grad; None under sft) and student: hidden states when fused, else logits."""
         teacher_states = None
         if self.cfg.loss.kind != "sft":
-            with torch.no_grad():
+            # Reading a cached teacher from disk is data loading: the step waits on it as on rows.
+            reading = self.data_time if self.teacher is None else contextlib.nullcontext()
+            with torch.no_grad(), reading:
                 teacher_states = self.teacher_scorer.states(batch)
         return teacher_states, self.student_scorer.states(batch)
 
@@ -345,7 +386,24 @@ class DistillJob:
             "tokens_per_s": self.throughput,
             "tokens_seen": self.state.tokens_seen,
             "skipped_steps": self.state.skipped_steps,
+            **self._window_rates(seconds),
         })
+
+    def _window_rates(self, seconds: float) -> dict:
+        """The log window's model FLOP/s (all ranks), MFU, data-loading share and peak memory per rank."""
+        flops, data_seconds = all_reduce_sum(torch.tensor([self.window_flops, self.data_time.take()],
+                                                          dtype=torch.float64)).tolist()
+        self.window_flops = 0.0
+        world = self.rank.world_size
+        peaks = [b / 2**30 for b in all_gather_floats(float(throughput.peak_memory_bytes(self.rank.device)))]
+        self.rates = {
+            "tflops_per_s": flops / max(seconds, 1e-9) / 1e12,
+            "mfu": flops / max(seconds, 1e-9) / (self.peak_flops * world) if self.peak_flops else None,
+            "data_share": data_seconds / world / max(seconds, 1e-9),
+            "peak_memory_gib": max(peaks),
+            "peak_memory_gib_per_rank": peaks,
+        }
+        return self.rates
 
     # -------------------------------------------------------------------------------- evaluate
     def evaluate(self, step: int) -> dict:
@@ -369,7 +427,9 @@ class DistillJob:
         self.summary.update({"train/tokens_per_s": getattr(self, "throughput", float("nan")),
                              "train/tokens_seen": self.state.tokens_seen,
                              "train/skipped_steps": self.state.skipped_steps, "train/steps": cfg.train.max_steps,
-                             "train/wall_s": seconds, "world_size": self.rank.world_size})
+                             "train/wall_s": seconds, "world_size": self.rank.world_size,
+                             **{f"train/{k}": v for k, v in getattr(self, "rates", {}).items()
+                                if k != "peak_memory_gib_per_rank"}})
         self.tracker.write_summary(self.summary)
         ranks = provenance.gather_ranks(self.rank)  # every rank joins; rank 0 writes
         if self.rank.is_main:  # after the summary: the record holds the final metrics

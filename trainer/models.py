@@ -235,6 +235,16 @@ def _zero3_loading(zero3_config: dict | None):
         unset_hf_deepspeed_config()
 
 
+def checkpoint_activations(model: nn.Module) -> None:
+    """Recompute each layer in the backward. Non-reentrant, so frozen inputs (LoRA on a frozen
+    embedding) still get gradients through the recomputed layers."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"{type(model).__name__} does not support activation checkpointing; set "
+                         "train.activation_checkpointing=false.")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)

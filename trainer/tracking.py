@@ -42,8 +42,8 @@ class Tracker:
             return
         _append_jsonl(self.run_dir / "metrics.jsonl", metrics)
         if self.wandb_run is not None:
-            self.wandb_run.log(_finite_only(metrics), step=metrics["step"])
-        self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+            self.wandb_run.log(_for_wandb(metrics), step=metrics["step"])
+        self.progress.set_postfix(_progress_fields(metrics), refresh=False)
 
     def advance(self, steps: int = 1) -> None:
         self.progress.update(steps)
@@ -170,6 +170,28 @@ def _sweep_group() -> str | None:
 def _append_jsonl(path: Path, record: dict) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def _progress_fields(metrics: dict) -> dict:
+    """What the progress bar shows after the step count: loss, speed, MFU (or FLOP/s), memory."""
+    fields = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
+    if metrics.get("mfu") is not None:
+        fields["MFU"] = f"{metrics['mfu']:.1%}"
+    elif metrics.get("tflops_per_s") is not None:
+        fields["TFLOP/s"] = f"{metrics['tflops_per_s']:.3g}"
+    if metrics.get("data_share") is not None:
+        fields["data"] = f"{metrics['data_share']:.0%}"
+    if metrics.get("peak_memory_gib") is not None:
+        fields["mem"] = f"{metrics['peak_memory_gib']:.1f}GiB"
+    return fields
+
+
+def _for_wandb(metrics: dict) -> dict:
+    """Finite numbers only; a per-rank list becomes one chart per rank (memory/rank<r>_peak_gib)."""
+    flat = dict(metrics)
+    for rank, value in enumerate(flat.pop("peak_memory_gib_per_rank", None) or []):
+        flat[f"memory/rank{rank}_peak_gib"] = value
+    return _finite_only(flat)
 
 
 def _finite_only(metrics: dict) -> dict:
