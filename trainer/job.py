@@ -22,7 +22,7 @@ from trainer.heads import Scorer, check_head_parity, fused_unsupported_reason
 from trainer.inputs import data_sources, load_splits, materialise_demo
 from trainer.losses import default_chunk_size
 from trainer.nonfinite import TrainingDiverged
-from trainer.objective import IGNORE_INDEX, fused_micro_batch_sums, micro_batch_sums
+from trainer.objective import IGNORE_INDEX, fused_micro_batch_sums, micro_batch_sums, supervised_positions
 from trainer.packing import check_documents_stay_apart, collate_packed, document_lengths, pack_rows
 from trainer.preemption import Preempted, PreemptionWatch, hand_back
 from trainer.provenance import gate
@@ -43,7 +43,6 @@ class DistillJob:
         self.state = checkpoints.TrainerState(
             step=0, world_size=rank.world_size,
             rows_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * rank.world_size)
-        self.consecutive_skips = 0
 
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -254,15 +253,17 @@ class DistillJob:
         # that of (Σ over the step's tokens) / (the step's token count).
         scale = self.rank.world_size * cfg.train.grad_accum / max(self._global_supervised_tokens(step), 1.0)
         loss_sums = torch.zeros(3, dtype=torch.float64, device=self.rank.device)
-        for index, batch in enumerate(batches):
+        for index, host_batch in enumerate(batches):
             with self.data_time:
-                batch = to_device(batch, self.rank.device)
-            teacher_states, student_states = self._forward_models(batch)
+                # Found on the host, where the labels are: on the GPU it would make the host wait.
+                host_batch["supervised"] = supervised_positions(host_batch["labels"])
+                batch = to_device(host_batch, self.rank.device)
+            teacher_states, student_states = self._forward_models(batch, host_batch)
             # Gathered after the student's forward (DeepSpeed's own hook releases the head when the
             # head runs) and through the backward (a trainable head's gradient must reach the whole
             # weight before ZeRO-3 partitions it again).
             with self.student_scorer.gathered():
-                sums = self._micro_batch_sums(teacher_states, student_states, batch["labels"])
+                sums = self._micro_batch_sums(teacher_states, student_states, batch["labels"], batch["supervised"])
                 self.student.backward(sums.objective * scale)
             loss_sums += torch.stack([sums.objective.detach(), sums.kd, sums.ce]).double()
             if index == len(batches) - 1:
@@ -280,17 +281,19 @@ class DistillJob:
                                                           cfg.train.seed))
         return sum(len(row.labels) - 1 - row.labels[1:].count(IGNORE_INDEX) for row in rows)
 
-    def _forward_models(self, batch: dict):
+    def _forward_models(self, batch: dict, host_batch: dict):
         """Teacher (no grad; None under sft) and student: hidden states when fused, else logits."""
-        teacher_states = None
-        if self.cfg.loss.kind != "sft":
-            # Reading a cached teacher from disk is data loading: the step waits on it as on rows.
-            reading = self.data_time if self.teacher is None else contextlib.nullcontext()
-            with torch.no_grad(), reading:
+        if self.cfg.loss.kind == "sft":
+            return None, self.student_scorer.states(batch)
+        if self.teacher is None:  # a cache, read by the rows' indices on the host
+            with self.data_time:  # reading it is data loading: the step waits on it as on rows
+                teacher_states = self.teacher_scorer.states(host_batch)
+        else:
+            with torch.no_grad():
                 teacher_states = self.teacher_scorer.states(batch)
         return teacher_states, self.student_scorer.states(batch)
 
-    def _micro_batch_sums(self, teacher_states, student_states, labels):
+    def _micro_batch_sums(self, teacher_states, student_states, labels, supervised):
         teacher, student = self.teacher_scorer, self.student_scorer
         if isinstance(teacher_states, CachedStates):
             teacher_states = teacher_states.sparse
@@ -298,7 +301,7 @@ class DistillJob:
             return micro_batch_sums(student_states, teacher_states, labels, self.cfg.loss, self.vocab_size)
         with teacher.gathered() if teacher_states is not None else contextlib.nullcontext():
             return fused_micro_batch_sums(student_states, student.head, teacher_states,
-                                          getattr(teacher, "head", None), labels, self.cfg.loss)
+                                          getattr(teacher, "head", None), labels, self.cfg.loss, supervised)
 
     def _replica_grad_norm(self) -> float | None:
         """DeepSpeed reports the gradient norm only on its ZeRO and mixed-precision paths; at
@@ -318,6 +321,7 @@ class DistillJob:
         window_losses = torch.tensor(window[:3], dtype=torch.float64, device=self.rank.device)
         window_counts = torch.tensor(window[3:], dtype=torch.float64)
         window_start = time.perf_counter()
+        self.skips_before, self.skips_counted_at = self.state.skipped_steps, self.first_step
         for step in range(self.first_step, cfg.train.max_steps):
             done = step + 1
             log_now = done % cfg.train.log_every == 0 or done == cfg.train.max_steps
@@ -325,7 +329,11 @@ class DistillJob:
             losses, counts = self.train_step(step, measure_grad_norm=log_now)
             window_losses += losses
             window_counts += counts
-            self._count_skipped(done)
+            periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != cfg.train.max_steps
+            signum = watch.agreed_signal()
+            stopping = signum and done < cfg.train.max_steps
+            if log_now or periodic or stopping:
+                self._count_skipped(done)  # a host read: only where the step is logged or saved
             self.tracker.advance()
             if log_now:
                 window = torch.cat([window_losses.cpu(), window_counts])
@@ -335,9 +343,6 @@ class DistillJob:
                 window_start = time.perf_counter()
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps:
                 self.evaluate(done)
-            periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != cfg.train.max_steps
-            signum = watch.agreed_signal()
-            stopping = signum and done < cfg.train.max_steps
             if periodic or stopping:
                 self.save_checkpoint(done, torch.cat([window_losses.cpu(), window_counts]).tolist())
             if stopping:
@@ -351,21 +356,23 @@ class DistillJob:
                                     rank_state={"window": window})
 
     def _count_skipped(self, step: int) -> None:
-        """Count a step the optimizer skipped on every rank; stop after too many in a row."""
-        if not self.optimizer.skipped_last:
-            self.consecutive_skips = 0
-            return
-        self.state.skipped_steps += 1
-        self.consecutive_skips += 1
-        log.warning("step %d: a loss or gradient was NaN/Inf on some rank; every rank skipped this update "
-                    "(%d in a row, %d in all).", step, self.consecutive_skips, self.state.skipped_steps)
-        limit = self.cfg.train.max_nonfinite_steps
-        if self.consecutive_skips >= limit:
+        """Read the updates the optimizer skipped on every rank since the last read (it counts them on
+        the device); warn about new ones; stop after train.max_nonfinite_steps in a row."""
+        total, in_a_row = self.optimizer.read_skips()
+        new = self.skips_before + total - self.state.skipped_steps
+        self.state.skipped_steps = self.skips_before + total
+        since, self.skips_counted_at = self.skips_counted_at + 1, step
+        if new:
+            where, what = (f"step {step}", "this update") if since == step else (f"steps {since}-{step}",
+                                                                                f"{new} of these updates")
+            log.warning("%s: a loss or gradient was NaN/Inf on some rank; every rank skipped %s (%d in a row, %d in "
+                        "all).", where, what, in_a_row, self.state.skipped_steps)
+        if in_a_row >= self.cfg.train.max_nonfinite_steps:
             good = checkpoints.published(self.run_dir / checkpoints.CHECKPOINTS)
             kept = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before them"
             raise TrainingDiverged(
-                f"the loss or gradients were NaN/Inf for {limit} steps in a row (steps {step - limit + 1}-{step}), so "
-                f"the job stopped without saving; {kept}; lower train.lr or check those steps' rows, then run again "
+                f"the loss or gradients were NaN/Inf for {in_a_row} steps in a row (steps {step - in_a_row + 1}-{step}), "
+                f"so the job stopped without saving; {kept}; lower train.lr or check those steps' rows, then run again "
                 "(or raise train.max_nonfinite_steps).")
 
     def _log_window(self, step: int, lr: float, window: torch.Tensor, seconds: float) -> None:

@@ -19,40 +19,61 @@ class TrainingDiverged(RuntimeError):
 
 
 class SkippingAdamW(torch.optim.AdamW):
-    """AdamW whose `step` does nothing, on every rank, when any rank's loss or gradient is not finite.
+    """AdamW whose update is skipped, on every rank, when any rank's loss or gradient is not finite,
+    decided on the device: the step never waits for the host.
+
+    torch's fused AdamW reads a `found_inf` flag tensor (what GradScaler gives it) and skips the
+    update inside its kernel, step count included, so the decision needs no `.item()`. The skips
+    are counted on the device too (`skip_counts`: in all, in a row) and read only at log points.
 
     The trainer calls `arm(loss)` before the engine's optimizer step; ZeRO-3 may call `step` once
     per parameter sub-group, and the decision made at the first call holds for the others."""
 
     def __init__(self, params, **kwargs):
-        super().__init__(params, **kwargs)
+        super().__init__(params, fused=True, **kwargs)
         self.step_loss: torch.Tensor | None = None
-        self.decision: bool | None = None
-        self.skipped_last = False
+        self.found_inf: torch.Tensor | None = None  # read by the fused kernel
+        self.skip_counts: torch.Tensor | None = None
+        self.decided = False
 
     def arm(self, step_loss: torch.Tensor) -> None:
         """This rank's loss sums for the coming step (any shape; only finiteness is read)."""
         self.step_loss = step_loss.detach()
-        self.decision = None
+        self.decided = False
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.decision is None:
-            self.decision = self._any_rank_non_finite()
-        self.skipped_last = self.decision
-        if self.decision:
-            return None  # DeepSpeed zeroes the gradients after the step either way
+        if not self.decided:
+            self._decide()
         return super().step(closure)
 
-    def _any_rank_non_finite(self) -> bool:
+    def _decide(self) -> None:
+        bad = self._any_rank_non_finite()
+        if self.skip_counts is None:
+            self.skip_counts = torch.zeros(2, dtype=torch.int64, device=bad.device)
+        self.skip_counts[0] += bad
+        self.skip_counts[1] = (self.skip_counts[1] + bad) * bad  # back to 0 at a finite step
+        device = next(p.device for group in self.param_groups for p in group["params"])
+        self.found_inf = bad.to(device=device, dtype=torch.float32)
+        self.decided = True
+
+    def read_skips(self) -> tuple[int, int]:
+        """Updates skipped (in all, in a row up to the last step) since this optimizer was made: a host read."""
+        if self.skip_counts is None:
+            return 0, 0
+        total, in_a_row = self.skip_counts.tolist()
+        return total, in_a_row
+
+    def _any_rank_non_finite(self) -> torch.Tensor:
+        """A 0-d int64 tensor on the device: 1 when any rank's loss or gradient has a NaN or Inf."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         # One reduction per step: the sum of the norms is finite exactly when every entry is.
         total = torch.stack(torch._foreach_norm(grads)).sum().float() if grads else torch.zeros(())
         if self.step_loss is not None:  # times 0: a finite loss adds nothing, a NaN or Inf one adds NaN
             total = total + self.step_loss.float().sum().to(total.device) * 0
-        flag = (~torch.isfinite(total)).to(torch.int32).reshape(1)
+        flag = (~torch.isfinite(total)).to(torch.int64).reshape(1)
         if dist.is_initialized():
             if dist.get_backend() == "nccl" and flag.device.type != "cuda":
                 flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # asynchronous to the host under NCCL
+        return flag[0]

@@ -54,12 +54,13 @@ def kd_weight(loss_cfg) -> float:
 
 
 def fused_micro_batch_sums(student_hidden, student_head: LMHead, teacher_states, teacher_head: LMHead | None,
-                           labels, loss_cfg) -> TokenSums:
+                           labels, loss_cfg, supervised=None) -> TokenSums:
     """The same sums as :func:`micro_batch_sums`, with the heads applied inside the loss.
 
     student_hidden: [B, T, H_s]; labels: [B, T]; teacher_states: the teacher's hidden states
     [B, T, H_t] with its head, or a cached SparseTeacher [B, T, k] aligned with
-    :func:`targets_at_each_position` (no head); None under sft."""
+    :func:`targets_at_each_position` (no head); None under sft. supervised: the flat positions
+    with a target (:func:`supervised_positions`), if already known."""
     teacher = {}
     if loss_cfg.kind != "sft" and isinstance(teacher_states, SparseTeacher):
         teacher = {"sparse_teacher": teacher_states}
@@ -69,9 +70,14 @@ def fused_micro_batch_sums(student_hidden, student_head: LMHead, teacher_states,
         student_hidden, student_head, targets_at_each_position(labels), **teacher, kind=loss_cfg.kind,
         temperature=loss_cfg.temperature, beta=loss_cfg.beta, skew=loss_cfg.skew,
         kd_weight=kd_weight(loss_cfg), ce_weight=1.0 if loss_cfg.kind == "sft" else loss_cfg.ce_weight,
-        ignore_index=IGNORE_INDEX, chunk_size=loss_cfg.chunk_size or None,
+        ignore_index=IGNORE_INDEX, chunk_size=loss_cfg.chunk_size or None, supervised=supervised,
     )
     return TokenSums(sums.objective, sums.kd, sums.ce)
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The flat positions of a ``[B, T]`` batch that have a next-token target, as the fused loss indexes them."""
+    return (targets_at_each_position(labels).reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 def micro_batch_sums(student_logits, teacher_logits, labels, loss_cfg, vocab_size: int) -> TokenSums:

@@ -12,6 +12,7 @@ from trainer.cache.identity import check_matches, job_identity
 from trainer.cache.store import CacheError, CacheReader, read_manifest
 from trainer.distributed import RankInfo
 from trainer.losses import SparseTeacher
+from trainer.losses.sparse import check_sparse_teacher
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,12 @@ class CachedTeacher:
         self.reader, self.split, self.device = reader, split, device
 
     def states(self, batch: dict) -> CachedStates:
-        sparse, target_logprobs = self.reader.batch(self.split, batch["row_index"].cpu(), batch["labels"].cpu())
+        """The batch's cached top-k; checked on the host, where the rows were read, then moved."""
+        labels = batch["labels"].cpu()
+        sparse, target_logprobs = self.reader.batch(self.split, batch["row_index"].cpu(), labels)
+        check_sparse_teacher(sparse, self.reader.manifest.vocab_size, labels.shape)
         return CachedStates(
-            SparseTeacher(sparse.logprobs.to(self.device), sparse.ids.to(self.device)),
+            SparseTeacher(sparse.logprobs.to(self.device), sparse.ids.to(self.device), checked=True),
             target_logprobs.to(self.device),
         )
 

@@ -74,6 +74,7 @@ class _Plan:
     ce_weight: float
     ignore_index: int
     chunk_size: int
+    supervised: Tensor | None
 
 
 def fused_token_sums(
@@ -92,6 +93,7 @@ def fused_token_sums(
     ce_weight: float = 0.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    supervised: Tensor | None = None,
 ) -> FusedSums:
     """Sums of the training objective over supervised tokens, with the heads applied chunk by chunk.
 
@@ -103,6 +105,9 @@ def fused_token_sums(
         teacher_hidden, teacher_head: a dense teacher (``[..., H_t]`` and its head), or
         sparse_teacher: top-k ``[..., k]``; or neither, for cross-entropy only (``kd`` is NaN).
         kd_weight, ce_weight: the objective is ``kd_weight·Σ divergence + ce_weight·Σ CE``.
+        supervised: the flat positions whose target is not ``ignore_index``, when the caller knows
+            them already (found on the host before the batch moved to the GPU): finding them here
+            makes the host wait for the device.
 
     Returns:
         :class:`FusedSums` of float32 scalars (float64 for float64 inputs).
@@ -121,7 +126,8 @@ def fused_token_sums(
     if teacher is not None:
         validate_divergence_params(kind, temperature, beta, skew)
     if sparse_teacher is not None:
-        check_sparse_teacher(sparse_teacher, student_head.rows, targets.shape)
+        if not sparse_teacher.checked:
+            check_sparse_teacher(sparse_teacher, student_head.rows, targets.shape)
         teacher = sparse_teacher.flatten()
     if dense:
         teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
@@ -134,7 +140,7 @@ def fused_token_sums(
         head=student_head, teacher=teacher, teacher_hidden=teacher_hidden, targets=flat_targets,
         kind=kind, temperature=temperature, beta=beta, skew=skew, kd_weight=kd_weight,
         ce_weight=ce_weight, ignore_index=ignore_index,
-        chunk_size=chunk_size or default_chunk_size(student_head.rows),
+        chunk_size=chunk_size or default_chunk_size(student_head.rows), supervised=supervised,
     )
     objective, kd, ce = _FusedHeadLoss.apply(hidden, student_head.weight, student_head.bias, plan)
     return FusedSums(objective, kd, ce)
@@ -207,7 +213,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_bias = torch.zeros(bias.shape, dtype=accumulator, device=bias.device) if wants[2] else None
         kd_total = torch.zeros((), dtype=accumulator, device=hidden.device)
         ce_total = torch.zeros((), dtype=accumulator, device=hidden.device)
-        supervised = (plan.targets != plan.ignore_index).nonzero().squeeze(1)
+        supervised = plan.supervised
+        if supervised is None:
+            supervised = (plan.targets != plan.ignore_index).nonzero().squeeze(1)
         for start in range(0, supervised.numel(), plan.chunk_size):
             index = supervised[start:start + plan.chunk_size]
             rows = hidden.index_select(0, index)

@@ -56,6 +56,9 @@ class SparseTeacher:
 
     logprobs: Tensor
     ids: Tensor
+    checked: bool = False
+    """Already passed :func:`check_sparse_teacher` on the host (a cache's reader checks it there), so
+    the loss does not check it again on the device, where reading the verdict makes the host wait."""
 
     def flatten(self) -> "SparseTeacher":
         """``[..., k]`` -> ``[N, k]``, matching labels flattened to ``[N]``."""
@@ -131,7 +134,8 @@ def sparse_distill_loss(
     The sparse counterpart of :func:`trainer.losses.distill_loss`: same masking, same mean, 0 when
     every position is masked. ``student_logits`` ``[..., V]``, ``teacher`` ``[..., k]``, labels ``[...]``.
     """
-    check_sparse_teacher(teacher, student_logits.shape[-1], student_logits.shape[:-1])
+    if not teacher.checked:
+        check_sparse_teacher(teacher, student_logits.shape[-1], student_logits.shape[:-1])
     divergence = sparse_per_token_divergence(
         student_logits, teacher, kind=kind, temperature=temperature, beta=beta, skew=skew
     )

@@ -20,6 +20,8 @@ TRAINING_KEYS = (
     ("loss", "objective (loss)"), ("kd_loss", "KD term (kd_loss)"), ("ce_loss", "CE term (ce_loss)"),
     ("lr", "learning rate"), ("grad_norm", "gradient norm"), ("tokens_per_s", "tokens per second"),
     ("tokens_seen", "tokens seen"), ("skipped_steps", "skipped steps (NaN/Inf)"),
+    ("tflops_per_s", "model TFLOP/s (all ranks)"), ("mfu", "MFU"), ("data_share", "data-loading share"),
+    ("peak_memory_gib", "peak memory, GiB (largest rank)"),
 )
 
 
