@@ -258,6 +258,17 @@ def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank(tiny, tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["train/skipped_steps"] == 1
 
 
+def test_skips_between_log_points_are_counted_when_the_window_is_logged(tiny, tmp_path):
+    """The skip is decided on the device; the host reads the counts only at log points."""
+    run_dir = tmp_path / "run"
+    proc = run_faulty(tiny_overrides(tiny, run_dir, tmp_path / "cache", "train.max_steps=8", "train.log_every=4"),
+                      "nan_loss=0@2")
+    assert_ok(proc)
+    assert [(m["step"], m["skipped_steps"]) for m in read_jsonl(run_dir / "metrics.jsonl")] == [(4, 1), (8, 1)]
+    assert ("steps 1-4: a loss or gradient was NaN/Inf on some rank; every rank skipped 1 of these updates "
+            "(0 in a row, 1 in all)") in proc.stdout
+
+
 def test_too_many_non_finite_steps_in_a_row_stop_the_job_keeping_the_last_good_checkpoint(tiny, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_faulty(tiny_overrides(tiny, run_dir, tmp_path / "cache", "train.max_steps=20", "checkpoint.every=2",
