@@ -130,19 +130,21 @@ def broadcast_object(value, src: int = 0):
     return box[0]
 
 
+def _for_backend(values: torch.Tensor) -> torch.Tensor:
+    """`values` where the process group communicates: the GPU under NCCL, as they are under gloo."""
+    return values.cuda() if dist.get_backend() == "nccl" else values
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a small float64 tensor of counters over ranks, on whatever device gloo/NCCL needs."""
-    if dist.get_backend() == "nccl":
-        values = values.cuda()
+    values = _for_backend(values)
     dist.all_reduce(values)
     return values.cpu()
 
 
 def all_gather_floats(value: float) -> list[float]:
     """One float from every rank, in rank order."""
-    values = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        values = values.cuda()
+    values = _for_backend(torch.tensor([value], dtype=torch.float64))
     gathered = [torch.zeros_like(values) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, values)
     return [float(v) for v in gathered]
@@ -156,9 +158,7 @@ def in_lockstep(items: list, run, filler, collective: bool) -> None:
     the others would wait for it forever."""
     count = len(items)
     if collective:
-        total = torch.tensor([count], dtype=torch.int64)
-        if dist.get_backend() == "nccl":
-            total = total.cuda()
+        total = _for_backend(torch.tensor([count], dtype=torch.int64))
         dist.all_reduce(total, op=dist.ReduceOp.MAX)
         count = int(total.item())
     for index in range(count):
