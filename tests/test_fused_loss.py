@@ -141,23 +141,83 @@ def test_head_bias_scaling_softcapping_and_padded_rows_match_the_model_computati
     assert grads[1][23:].abs().max() == 0, "padding rows must get no gradient"
 
 
-def test_cross_entropy_mix_and_sft_match_full_logits():
+# skl runs autograd over each chunk; fkl and rkl write their logit gradient out (dense_chunk.py).
+@pytest.mark.parametrize("kind", ["skl", "fkl", "rkl"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_cross_entropy_mix_and_sft_match_full_logits(kind, temperature):
     sh, sw, th, tw, labels = make_inputs()
-    kd_weight, ce_weight = 0.7 * 2.0**2, 0.3
-    sums = fused_token_sums(sh, LMHead(sw), labels, teacher_hidden=th, teacher_head=LMHead(tw), kind="skl",
-                            temperature=2.0, kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=8)
+    kd_weight, ce_weight = 0.7 * temperature**2, 0.3
+    sums = fused_token_sums(sh, LMHead(sw), labels, teacher_hidden=th, teacher_head=LMHead(tw), kind=kind,
+                            temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=8)
     count = (labels != IGNORE).sum()
-    kd = distill_loss(sh @ sw.T, th @ tw.T, labels, kind="skl", temperature=2.0) * count
+    kd = distill_loss(sh @ sw.T, th @ tw.T, labels, kind=kind, temperature=temperature) * count
     ce = F.cross_entropy(sh @ sw.T, labels, ignore_index=IGNORE, reduction="sum")
     torch.testing.assert_close(sums.kd, kd.detach())
     torch.testing.assert_close(sums.ce, ce.detach())
     expected = kd_weight * kd + ce_weight * ce
     torch.testing.assert_close(sums.objective, expected)
-    torch.testing.assert_close(torch.autograd.grad(sums.objective, [sh, sw]), torch.autograd.grad(expected, [sh, sw]))
+    torch.testing.assert_close(torch.autograd.grad(sums.objective, [sh, sw]),
+                               torch.autograd.grad(expected, [sh, sw], retain_graph=True))
 
-    sft = fused_token_sums(sh, LMHead(sw), labels, ce_weight=1.0, chunk_size=8)
+    sft = fused_token_sums(sh, LMHead(sw), labels, ce_weight=1.0, temperature=temperature, chunk_size=8)
     assert torch.isnan(sft.kd)
     torch.testing.assert_close(sft.objective, ce)
+    torch.testing.assert_close(torch.autograd.grad(sft.objective, [sh, sw]), torch.autograd.grad(ce, [sh, sw]))
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl"])
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_written_out_gradients_pass_through_head_quirks_with_cross_entropy(kind, temperature):
+    sh, sw, th, tw, labels = make_inputs()
+    student_bias = torch.randn(23, generator=torch.Generator().manual_seed(3), dtype=sw.dtype).requires_grad_()
+    student_head = LMHead(sw, student_bias, scale=0.5, softcap=3.0)
+    sums = fused_token_sums(sh, student_head, labels, teacher_hidden=th, teacher_head=LMHead(tw, scale=1.5),
+                            kind=kind, temperature=temperature, kd_weight=0.7, ce_weight=0.3, chunk_size=6)
+    student_logits = dense_head_logits(sh, sw, student_bias, 0.5, 3.0)
+    count = (labels != IGNORE).sum()
+    kd = distill_loss(student_logits, 1.5 * (th @ tw.T), labels, kind=kind, temperature=temperature) * count
+    ce = F.cross_entropy(student_logits, labels, ignore_index=IGNORE, reduction="sum")
+    expected = 0.7 * kd + 0.3 * ce
+    torch.testing.assert_close(sums.objective, expected)
+    params = [sh, sw, student_bias]
+    torch.testing.assert_close(torch.autograd.grad(sums.objective, params), torch.autograd.grad(expected, params))
+
+
+class FreshChunkTensors(TorchDispatchMode):
+    """Counts the operations that produce a new tensor of at least ``size`` elements (not a view,
+    an in-place result or an ``out=`` buffer: its storage is none of the operation's inputs')."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size, self.fresh = size, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        storages = {a.untyped_storage().data_ptr() for a in inputs}
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.numel() >= self.size:
+                self.fresh += tensor.untyped_storage().data_ptr() not in storages
+        return out
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", None])
+def test_chunks_reuse_their_buffers_instead_of_allocating_logits_each(kind):
+    """On CPU a fresh 32 MiB tensor per chunk is a fresh zero-filled mmap: page faults were a third of
+    the end-to-end benchmark's time. The count of chunk-sized allocations must not grow with chunks."""
+    vocab, chunk = 501, 4
+
+    def fresh_allocations(tokens):
+        sh, sw, th, tw, labels = make_inputs(tokens=tokens, vocab=vocab, masked=0.0)
+        teacher = dict(teacher_hidden=th, teacher_head=LMHead(tw), kind=kind) if kind else {}
+        with FreshChunkTensors(chunk * vocab) as watch:
+            sums = fused_token_sums(sh, LMHead(sw), labels, kd_weight=1.0, ce_weight=0.5, chunk_size=chunk, **teacher)
+            sums.objective.backward()
+        return watch.fresh
+
+    two_chunks, sixteen_chunks = fresh_allocations(2 * chunk), fresh_allocations(16 * chunk)
+    assert two_chunks == sixteen_chunks, (two_chunks, sixteen_chunks)
+    assert sixteen_chunks <= 6  # the workspace's buffers, the weight gradient and the backward's copy
 
 
 def test_tied_embeddings_accumulate_the_head_gradient_into_the_shared_matrix():

@@ -6,6 +6,8 @@
   cache or an API), with the teacher's missing tail mass as one extra outcome.
 - :mod:`.fused`: the loss fused with both LM heads, chunk by chunk, never holding ``[N, V]``
   logits; what the trainer runs by default.
+- :mod:`.dense_chunk`, :mod:`.sparse_chunk`: one chunk's sums and logit gradient written out in
+  closed form, against a dense or a sparse teacher; :mod:`.workspace`: the buffers chunks share.
 - :mod:`.head`: an LM head's weights and its model's quirks (soft-capping, logit scaling, bias,
   padded vocabulary rows).
 """

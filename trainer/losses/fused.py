@@ -9,10 +9,12 @@ chunk of logits (and its softmax intermediates) is alive at any moment.
 
 Only supervised positions are computed at all: prompt and padding tokens cost nothing.
 
-The per-chunk arithmetic is the dense path's own (the same tempered log-softmax and divergence
-functions), so values and gradients match ``distill_loss`` on full logits up to float summation
-order. Against a sparse teacher the chunk's logit gradient is written out instead
+Values and gradients match ``distill_loss`` on full logits up to float summation order. For
+forward and reverse KL and for cross-entropy alone, a chunk's logit gradient is written out in
+closed form (:mod:`trainer.losses.dense_chunk`); the other kinds run the dense path's own functions
+under autograd. Against a sparse teacher the logit gradient is written out too
 (:mod:`trainer.losses.sparse_chunk`); the divergence on its ``k + 1`` outcomes is still autograd's.
+Every chunk of a call writes into the same buffers (:mod:`trainer.losses.workspace`).
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ from trainer.losses.divergence import (
     tempered_log_probs,
     validate_divergence_params,
 )
+from trainer.losses.dense_chunk import CLOSED_FORM_KINDS, closed_form_chunk
 from trainer.losses.head import LMHead
 from trainer.losses.sparse import SparseTeacher, check_sparse_teacher
 from trainer.losses.sparse_chunk import sparse_chunk
+from trainer.losses.workspace import ChunkWorkspace
 
-# Elements of one chunk's [C, V] logits. Around ten float32 tensors of this size are alive while a
-# chunk is processed (logits, log-softmax, exp, products and their gradients): ~0.3 GB at 2**23.
+# Elements of one chunk's [C, V] logits. Four float32 tensors of this size are alive while a chunk of
+# forward or reverse KL is processed (both models' logits and softmaxes), ~10 for the kinds that run
+# autograd (log-softmax, exp, products and their gradients): 0.13-0.3 GB at 2**23.
 CHUNK_ELEMENTS = 2**23
 # Each chunk streams both head weights and the [V, H] weight gradient through memory once, so too
 # few tokens per chunk leaves the matmuls memory-bound: at V=128k, 64 tokens per chunk ran 1.4x
@@ -216,17 +221,18 @@ class _FusedHeadLoss(torch.autograd.Function):
         supervised = plan.supervised
         if supervised is None:
             supervised = (plan.targets != plan.ignore_index).nonzero().squeeze(1)
+        workspace = ChunkWorkspace(min(plan.chunk_size, max(1, supervised.numel())))
         for start in range(0, supervised.numel(), plan.chunk_size):
             index = supervised[start:start + plan.chunk_size]
             rows = hidden.index_select(0, index)
-            logits = plan.head.projection(rows, weight, bias).detach().requires_grad_(any(wants))
+            buffer = workspace.take("student_logits", index.numel(), plan.head.rows, weight.dtype, weight.device)
+            projected = plan.head.projection(rows, weight, bias, out=buffer)
             if isinstance(plan.teacher, SparseTeacher):
-                kd, ce, grad_logits = _sparse_chunk_sums(logits, index, plan)
+                kd, ce, grad_logits = _sparse_chunk_sums(projected.detach().requires_grad_(any(wants)), index, plan)
+            elif plan.teacher is None or plan.kind in CLOSED_FORM_KINDS:
+                kd, ce, grad_logits = _closed_form_chunk_sums(projected, index, plan, workspace, any(wants))
             else:
-                with torch.enable_grad():
-                    kd, ce = _chunk_sums(logits, index, plan)
-                    objective = plan.ce_weight * ce + (plan.kd_weight * kd if kd is not None else 0.0)
-                grad_logits = torch.autograd.grad(objective, logits)[0] if any(wants) else None
+                kd, ce, grad_logits = _autograd_chunk_sums(projected, index, plan, workspace, any(wants))
             if any(wants):
                 _accumulate(grad_logits, rows, index, weight, plan.head.rows, grad_hidden, grad_weight, grad_bias)
             ce_total += ce.detach()
@@ -268,15 +274,52 @@ def _sparse_chunk_sums(logits: Tensor, index: Tensor, plan: _Plan) -> tuple[Tens
     return kd, ce, grad
 
 
-def _chunk_sums(logits: Tensor, index: Tensor, plan: _Plan) -> tuple[Tensor | None, Tensor]:
-    """Σ divergence (None without a teacher) and Σ CE over one chunk of projected student logits ``[C, V]``."""
+def _closed_form_chunk_sums(projected, index, plan, workspace, want_grad) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """Σ divergence, Σ CE and their objective's gradient for one chunk, written out
+    (:mod:`trainer.losses.dense_chunk`); autograd runs only through the head's quirks, if any."""
+    head = plan.head
+    quirks = head.scale != 1.0 or head.softcap is not None
+    raw = projected.detach().requires_grad_(want_grad and quirks)
+    with torch.enable_grad():
+        student = head.finish(raw)
+    teacher = _teacher_logits(index, plan, workspace) if plan.teacher is not None else None
+    dtype = compute_dtype(student, teacher) if teacher is not None else student.dtype
+    # Overwritten in place from here on: the projection's buffer, or finish()'s own new tensor.
+    values = student.detach().to(dtype)
+    kd, ce, grad = closed_form_chunk(
+        values, teacher.to(dtype) if teacher is not None else None, plan.targets.index_select(0, index),
+        kind=plan.kind, temperature=plan.temperature, kd_weight=plan.kd_weight, ce_weight=plan.ce_weight,
+        want_grad=want_grad, workspace=workspace,
+    )
+    if grad is not None and quirks:  # back through the head's scaling or soft-capping
+        (grad,) = torch.autograd.grad(student, raw, grad)
+    return kd, ce, grad
+
+
+def _autograd_chunk_sums(projected, index, plan, workspace, want_grad) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The same for the kinds without a closed form: autograd over the chunk's ``[C, V]`` graph."""
+    logits = projected.detach().requires_grad_(want_grad)
+    with torch.enable_grad():
+        kd, ce = _chunk_sums(logits, _teacher_logits(index, plan, workspace), index, plan)
+        objective = plan.ce_weight * ce + plan.kd_weight * kd
+    grad = torch.autograd.grad(objective, logits)[0] if want_grad else None
+    return kd, ce, grad
+
+
+def _teacher_logits(index: Tensor, plan: _Plan, workspace: ChunkWorkspace) -> Tensor:
+    """``[C, V]`` finished teacher logits of one chunk, projected into the workspace."""
+    head = plan.teacher
+    with torch.no_grad():
+        buffer = workspace.take("teacher_logits", index.numel(), head.rows, head.weight.dtype, head.weight.device)
+        return head.finish(head.projection(plan.teacher_hidden.index_select(0, index), out=buffer))
+
+
+def _chunk_sums(logits: Tensor, teacher: Tensor, index: Tensor, plan: _Plan) -> tuple[Tensor, Tensor]:
+    """Σ divergence and Σ CE over one chunk of projected student logits ``[C, V]`` (autograd's path)."""
     student = plan.head.finish(logits)
     targets = plan.targets.index_select(0, index)
-    if plan.teacher is None:
-        return None, F.cross_entropy(student, targets, reduction="sum")
     settings = dict(beta=plan.beta, skew=plan.skew)
     with torch.no_grad():
-        teacher = plan.teacher.logits(plan.teacher_hidden.index_select(0, index))
         log_p = tempered_log_probs(teacher, plan.temperature, compute_dtype(student, teacher))
     log_q = tempered_log_probs(student, plan.temperature, log_p.dtype)
     divergence = divergence_from_log_probs(plan.kind, log_p, log_q, **settings)
@@ -294,7 +337,9 @@ def _accumulate(grad_logits, rows, index, weight, vocab_rows, grad_hidden, grad_
     grad_logits = grad_logits.to(weight.dtype)
     if grad_hidden is not None:
         grad_hidden.index_copy_(0, index, (grad_logits @ weight[:vocab_rows]).to(grad_hidden.dtype))
-    if grad_weight is not None:
+    if grad_weight is not None and grad_weight.dtype == weight.dtype:
+        grad_weight[:vocab_rows].addmm_(grad_logits.T, rows.to(weight.dtype))  # no [V, H] product per chunk
+    elif grad_weight is not None:
         grad_weight[:vocab_rows].add_(grad_logits.T @ rows.to(weight.dtype))
     if grad_bias is not None:
         grad_bias[:vocab_rows].add_(grad_logits.sum(dim=0))

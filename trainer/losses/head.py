@@ -30,16 +30,19 @@ class LMHead:
     def rows(self) -> int:
         return self.vocab_size if self.vocab_size is not None else self.weight.shape[0]
 
-    def projection(self, hidden: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    def projection(
+        self, hidden: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, out: Tensor | None = None
+    ) -> Tensor:
         """``[C, H]`` -> ``[C, V]`` pre-quirk logits in the weight's dtype (as the model's own head).
 
-        ``weight``/``bias`` override the stored ones: the fused loss passes the tensors autograd saw."""
+        ``weight``/``bias`` override the stored ones: the fused loss passes the tensors autograd saw.
+        ``out``: a ``[C, V]`` buffer of the weight's dtype to write into (outside autograd only)."""
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
         rows = self.rows
-        logits = hidden.to(weight.dtype) @ weight[:rows].T
+        logits = torch.matmul(hidden.to(weight.dtype), weight[:rows].T, out=out)
         if bias is not None:
-            logits = logits + bias[:rows]
+            logits = logits.add_(bias[:rows]) if out is not None else logits + bias[:rows]
         return logits
 
     def finish(self, logits: Tensor) -> Tensor:

@@ -1,0 +1,126 @@
+"""One chunk of the fused loss against a dense teacher, with its logit gradient written out.
+
+For forward and reverse KL (and for cross-entropy alone) the gradient with respect to the
+student's logits has a closed form, so autograd over ``[C, V]`` is not needed: it kept a graph of
+about ten ``[C, V]`` tensors per chunk (tempering, clamps, exp, products and each one's backward)
+and made the loss the bulk of a step. Here each chunk is a few in-place passes over four buffers.
+
+With ``s = z / T``, ``q = softmax(s)``, ``p = softmax(t / T)`` and ``d = log q − log p``:
+
+- forward KL ``Σ p·(log p − log q)``: ``∂/∂z = (q − p) / T``;
+- reverse KL ``Σ q·d``: ``∂/∂z = q·(d − KL) / T``, with ``KL`` the row's own value;
+- cross-entropy at temperature 1, ``−log softmax(z)_y``: ``∂/∂z = softmax(z) − onehot(y)``.
+
+Log-probabilities are clamped to the dtype's most negative finite value, as in
+:func:`~trainer.losses.divergence.tempered_log_probs`, so a ``-inf`` logit contributes exactly 0.
+The other kinds keep autograd (their log-space mixtures have no short closed form).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from trainer.losses.workspace import ChunkWorkspace
+
+CLOSED_FORM_KINDS = ("fkl", "rkl")
+
+
+def closed_form_chunk(
+    student: Tensor,
+    teacher: Tensor | None,
+    targets: Tensor,
+    *,
+    kind: str,
+    temperature: float,
+    kd_weight: float,
+    ce_weight: float,
+    want_grad: bool,
+    workspace: ChunkWorkspace,
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """Σ divergence (None without a teacher), Σ CE and the gradient of ``kd_weight·Σ div + ce_weight·Σ CE``.
+
+    student: ``[C, V]`` finished logits in the compute dtype, **overwritten**; teacher: the same
+    shape and dtype, overwritten, or None for cross-entropy alone; targets: ``[C]``.
+    The gradient is ``[C, V]`` in one of the workspace's buffers, or None when ``want_grad`` is False."""
+    tempered = teacher is not None and temperature != 1.0
+    ce, ce_grad = None, None
+    if tempered:  # the CE is at temperature 1: take it before the logits are divided
+        ce, ce_grad = _cross_entropy_untempered(student, targets, ce_weight if want_grad else 0.0, workspace)
+        student.div_(temperature)
+    student_probs = workspace.like("student_probs", student)
+    log_q = _log_softmax_(student, student_probs)
+    if ce is None:
+        ce = -log_q.gather(1, targets.unsqueeze(1)).sum()
+    if teacher is None:
+        return None, ce, _cross_entropy_gradient(student_probs, targets, ce_weight) if want_grad else None
+    if tempered:
+        teacher.div_(temperature)
+    teacher_probs = workspace.like("teacher_probs", teacher)
+    log_p = _log_softmax_(teacher, teacher_probs)
+    # At T = 1 the CE's gradient, softmax(z) − onehot, shares the student's probabilities.
+    ce_here = 0.0 if tempered else ce_weight
+    if kind == "fkl":
+        kd, grad = _forward_kl(log_p, teacher_probs, log_q, student_probs, kd_weight / temperature, ce_here, want_grad)
+    elif kind == "rkl":
+        kd, grad = _reverse_kl(log_p, log_q, student_probs, kd_weight / temperature, ce_here, want_grad)
+    else:
+        raise AssertionError(f"kind {kind!r} has no closed form here; check CLOSED_FORM_KINDS.")
+    if grad is not None and ce_here:
+        _subtract_at_targets(grad, targets, ce_here)
+    if grad is not None and ce_grad is not None:
+        grad.add_(ce_grad)
+    return kd, ce, grad
+
+
+def _log_softmax_(logits: Tensor, probs: Tensor) -> Tensor:
+    """Turn ``[C, V]`` ``logits`` into their log-softmax in place (clamped to the most negative
+    finite value) and write the softmax into ``probs``; returns ``logits``."""
+    row_max = logits.amax(dim=-1, keepdim=True)
+    logits.sub_(row_max)
+    torch.exp(logits, out=probs)
+    total = probs.sum(dim=-1, keepdim=True)
+    probs.div_(total)
+    return logits.sub_(total.log_()).clamp_(min=torch.finfo(logits.dtype).min)
+
+
+def _forward_kl(log_p, p, log_q, q, kd_scale, ce_weight, want_grad) -> tuple[Tensor, Tensor | None]:
+    """``Σ p·(log p − log q)`` and ``kd_scale·(q − p) + ce_weight·q``, the latter written over ``q``."""
+    log_ratio = log_p.sub_(log_q)
+    kd = torch.dot(p.reshape(-1), log_ratio.reshape(-1))
+    if not want_grad:
+        return kd, None
+    return kd, q.mul_(kd_scale + ce_weight).add_(p, alpha=-kd_scale)
+
+
+def _reverse_kl(log_p, log_q, q, kd_scale, ce_weight, want_grad) -> tuple[Tensor, Tensor | None]:
+    """``Σ q·d`` with ``d = log q − log p``, and ``kd_scale·q·(d − KL_row) + ce_weight·q`` over ``log_p``."""
+    log_ratio = log_p.sub_(log_q).neg_()
+    # One row's KL is a dot product; a batched matmul avoids a [C, V] product tensor.
+    per_row = torch.bmm(q.unsqueeze(1), log_ratio.unsqueeze(2)).view(-1, 1)
+    kd = per_row.sum()
+    if not want_grad:
+        return kd, None
+    return kd, log_ratio.sub_(per_row).mul_(kd_scale).add_(ce_weight).mul_(q)
+
+
+def _cross_entropy_gradient(probs: Tensor, targets: Tensor, ce_weight: float) -> Tensor:
+    """``ce_weight·(softmax(z) − onehot(y))``, written over ``probs``."""
+    return _subtract_at_targets(probs.mul_(ce_weight), targets, ce_weight)
+
+
+def _subtract_at_targets(grad: Tensor, targets: Tensor, amount: float) -> Tensor:
+    """``grad[c, targets[c]] −= amount`` for every row: the one-hot part of a CE gradient."""
+    return grad.scatter_add_(1, targets.unsqueeze(1), grad.new_full((targets.shape[0], 1), -amount))
+
+
+def _cross_entropy_untempered(logits, targets, ce_weight, workspace) -> tuple[Tensor, Tensor | None]:
+    """Σ CE of ``[C, V]`` logits at temperature 1 and, when ``ce_weight`` is set, its weighted gradient."""
+    probs = workspace.like("untempered_probs", logits)
+    row_max = logits.amax(dim=-1, keepdim=True)
+    torch.sub(logits, row_max, out=probs).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    ce = (row_max + total.log() - logits.gather(1, targets.unsqueeze(1))).sum()
+    if not ce_weight:
+        return ce, None
+    return ce, _cross_entropy_gradient(probs.div_(total), targets, ce_weight)
