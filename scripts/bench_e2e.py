@@ -197,8 +197,12 @@ def read_ours(out: Path) -> dict:
                   for before, w in zip(windows, windows[1:]))
     trainable = next(int(line.split("student: ")[1].split()[0]) for line in (out / "log.txt").read_text().splitlines()
                      if "trainable parameters" in line)
+    # The trainer's own accounting over the same windows: model FLOP/s, and MFU where the device has a peak.
+    timed = windows[1:]
     return {"tokens_per_s": tokens / seconds, "timed_tokens": tokens, "timed_s": seconds, "trainable": trainable,
-            "losses": [w["loss"] for w in windows]}
+            "losses": [w["loss"] for w in windows], "tflops_per_s": statistics.median(w["tflops_per_s"] for w in timed),
+            "mfu": statistics.median(w["mfu"] for w in timed) if all(w.get("mfu") is not None for w in timed) else None,
+            "peak_memory_gib": max(w["peak_memory_gib"] for w in windows)}
 
 
 class StepClock:
@@ -345,9 +349,15 @@ def machine() -> dict:
 
 
 def versions() -> dict:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    found = {name: version(name) for name in ("transformers", "peft", "accelerate", "deepspeed", "trl")}
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # trl, when only our trainer was measured
+            return "not installed"
+
+    found = {name: installed(name) for name in ("transformers", "peft", "accelerate", "deepspeed", "trl")}
     # The trainer measured: its commit, and whether trainer/ or conf/ differed from it.
     git = ["git", "-C", str(REPO)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -357,8 +367,13 @@ def versions() -> dict:
 
 def summarise(runs: list[dict]) -> dict:
     speeds = [run["tokens_per_s"] for run in runs]
-    return {"tokens_per_s": statistics.median(speeds), "tokens_per_s_range": [min(speeds), max(speeds)],
-            "peak_rss_mib": statistics.median(run["peak_rss_mib"] for run in runs)}
+    summary = {"tokens_per_s": statistics.median(speeds), "tokens_per_s_range": [min(speeds), max(speeds)],
+               "peak_rss_mib": statistics.median(run["peak_rss_mib"] for run in runs)}
+    if "tflops_per_s" in runs[0]:  # ours
+        summary["tflops_per_s"] = statistics.median(run["tflops_per_s"] for run in runs)
+        mfus = [run["mfu"] for run in runs]
+        summary["mfu"] = statistics.median(mfus) if None not in mfus else None
+    return summary
 
 
 def print_table(results: dict) -> None:
@@ -380,6 +395,10 @@ def print_table(results: dict) -> None:
         for name in (n for n in summary if n != "ours"):
             ratios = [runs["ours"]["tokens_per_s"] / runs[name]["tokens_per_s"] for runs in results["rounds"]]
             print(f"ours ÷ {name}, tokens/s, round by round: " + ", ".join(f"{r:.2f}x" for r in ratios))
+    if ours is not None:
+        mfu = ours.get("mfu")
+        print(f"\nours, by its own accounting (median of windows): {ours['tflops_per_s']:.3f} model TFLOP/s, "
+              f"MFU {f'{mfu:.1%}' if mfu is not None else 'n/a (no known peak for this device)'}")
     m = results["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch {m['torch']}; "
           + ", ".join(f"{k} {v}" for k, v in results["versions"].items()))
@@ -388,7 +407,7 @@ def print_table(results: dict) -> None:
 
 def main() -> None:
     args = parse_args()
-    if importlib.util.find_spec("trl") is None:
+    if "trl" in (args.child or args.contenders).split(",") and importlib.util.find_spec("trl") is None:
         print("bench_e2e: error: TRL is not installed; install the benchmark extra with "
               "pip install -e '.[bench]' and run again.", file=sys.stderr)
         raise SystemExit(2)

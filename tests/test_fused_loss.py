@@ -183,6 +183,20 @@ def test_written_out_gradients_pass_through_head_quirks_with_cross_entropy(kind,
     torch.testing.assert_close(torch.autograd.grad(sums.objective, params), torch.autograd.grad(expected, params))
 
 
+@pytest.mark.parametrize("kind", ["fkl", "rkl"])
+def test_float32_sums_over_a_large_chunk_stay_as_exact_as_the_plain_path(kind):
+    """A chunk holds millions of terms: summed by one float32 dot product they drifted 5e-5 relative
+    from the float64 value at 256 x 8192; the plain path on full logits is within 1e-7."""
+    tokens, vocab, hidden = 256, 8192, 64
+    g = torch.Generator().manual_seed(0)
+    sh, th = torch.randn(tokens, hidden, generator=g), torch.randn(tokens, hidden, generator=g)
+    sw, tw = (torch.randn(vocab, hidden, generator=g) * 3 / hidden**0.5 for _ in range(2))  # KL of about 8 nats
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    exact = distill_loss(sh.double() @ sw.double().T, th.double() @ tw.double().T, labels, kind=kind)
+    fused = fused_distill_loss(sh, sw, th, tw, labels, kind=kind, chunk_size=tokens)
+    torch.testing.assert_close(fused.double(), exact, rtol=1e-6, atol=0)
+
+
 class FreshChunkTensors(TorchDispatchMode):
     """Counts the operations that produce a new tensor of at least ``size`` elements (not a view,
     an in-place result or an ``out=`` buffer: its storage is none of the operation's inputs')."""
