@@ -3,10 +3,10 @@
 A chunk's logits, softmaxes and gradient are each one ``[C, V]`` tensor, allocated anew for every
 chunk of every step. On CPU that is costly in a way no profiler of operators shows: glibc hands
 out blocks of more than 32 MiB (the default chunk at V = 32k is exactly 32 MiB in float32) as
-fresh ``mmap``s, so every chunk zero-fills its pages again; the end-to-end benchmark spent a third
-of its CPU time in page faults. Reusing one set of buffers across a call's chunks leaves one fault
-per page per step. On GPU the caching allocator already reuses memory; sharing buffers there only
-keeps the footprint flat.
+fresh ``mmap``s, so every chunk zero-fills its pages again; the end-to-end benchmark spent up to a
+third of its CPU time in the kernel, on page faults. Reusing one set of buffers across a call's
+chunks leaves one fault per page per step. On GPU the caching allocator already reuses memory;
+sharing buffers there only keeps the footprint flat.
 """
 
 from __future__ import annotations
