@@ -1,22 +1,19 @@
 """One chunk of the fused loss against a dense teacher, with its logit gradient written out.
 
-For forward and reverse KL, Jensen-Shannon and cross-entropy alone, the gradient with respect to
-the student's logits has a closed form, so autograd over ``[C, V]`` is not needed: it kept a graph
-of about ten ``[C, V]`` tensors per chunk (tempering, clamps, exp, products and each one's
-backward) and made the loss the bulk of a step. Here each chunk is a few in-place passes over four
-buffers (five for jsd).
+For forward and reverse KL (and for cross-entropy alone) the gradient with respect to the
+student's logits has a closed form, so autograd over ``[C, V]`` is not needed: it kept a graph of
+about ten ``[C, V]`` tensors per chunk (tempering, clamps, exp, products and each one's backward)
+and made the loss the bulk of a step. Here each chunk is a few in-place passes over four buffers.
 
 With ``s = z / T``, ``q = softmax(s)``, ``p = softmax(t / T)`` and ``d = log q − log p``:
 
 - forward KL ``Σ p·(log p − log q)``: ``∂/∂z = (q − p) / T``;
 - reverse KL ``Σ q·d``: ``∂/∂z = q·(d − KL) / T``, with ``KL`` the row's own value;
-- Jensen-Shannon ``β·KL(p‖m) + (1−β)·KL(q‖m)``, ``m = β·p + (1−β)·q``, with ``e = log q − log m``:
-  ``∂/∂z = (1−β)·q·(e − Σ q·e) / T`` (the terms through ``m`` cancel);
 - cross-entropy at temperature 1, ``−log softmax(z)_y``: ``∂/∂z = softmax(z) − onehot(y)``.
 
 Log-probabilities are clamped to the dtype's most negative finite value, as in
 :func:`~trainer.losses.divergence.tempered_log_probs`, so a ``-inf`` logit contributes exactly 0.
-The skewed kinds and tvd keep autograd (tvd's gradient is a sign; the skewed ones are rarer).
+The other kinds keep autograd (their log-space mixtures have no short closed form).
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ from torch import Tensor
 
 from trainer.losses.workspace import ChunkWorkspace
 
-CLOSED_FORM_KINDS = ("fkl", "rkl", "jsd")
+CLOSED_FORM_KINDS = ("fkl", "rkl")
 
 
 def closed_form_chunk(
@@ -36,7 +33,6 @@ def closed_form_chunk(
     *,
     kind: str,
     temperature: float,
-    beta: float,
     kd_weight: float,
     ce_weight: float,
     want_grad: bool,
@@ -68,9 +64,6 @@ def closed_form_chunk(
         kd, grad = _forward_kl(log_p, teacher_probs, log_q, student_probs, kd_weight / temperature, ce_here, want_grad)
     elif kind == "rkl":
         kd, grad = _reverse_kl(log_p, log_q, student_probs, kd_weight / temperature, ce_here, want_grad)
-    elif kind == "jsd":
-        kd, grad = _jensen_shannon(log_p, teacher_probs, log_q, student_probs, beta, kd_weight / temperature,
-                                   ce_here, want_grad, workspace)
     else:
         raise AssertionError(f"kind {kind!r} has no closed form here; check CLOSED_FORM_KINDS.")
     if grad is not None and ce_here:
@@ -109,23 +102,6 @@ def _reverse_kl(log_p, log_q, q, kd_scale, ce_weight, want_grad) -> tuple[Tensor
     if not want_grad:
         return kd, None
     return kd, q.mul_(ce_weight - kd_scale * per_row).add_(weighted, alpha=kd_scale)
-
-
-def _jensen_shannon(log_p, p, log_q, q, beta, kd_scale, ce_weight, want_grad, workspace) -> tuple[Tensor, Tensor | None]:
-    """``β·Σ p·(log p − log m) + (1−β)·Σ q·e`` with ``e = log q − log m``, and the gradient
-    ``kd_scale·(1−β)·q·(e − Σ q·e) + ce_weight·q``, written over ``q``."""
-    floor = torch.finfo(log_q.dtype).min
-    log_m = workspace.like("mixture", q)
-    torch.mul(p, beta, out=log_m).add_(q, alpha=1 - beta).log_().clamp_(min=floor)
-    teacher_side = log_p.sub_(log_m).mul_(p).sum()
-    student_ratio = log_m.neg_().add_(log_q)  # e, over log m
-    weighted = torch.mul(q, student_ratio, out=log_p)  # q·e, over the teacher's spent buffer
-    per_row = weighted.sum(dim=-1, keepdim=True)
-    kd = beta * teacher_side + (1 - beta) * per_row.sum()
-    if not want_grad:
-        return kd, None
-    scale = kd_scale * (1 - beta)
-    return kd, q.mul_(ce_weight - scale * per_row).add_(weighted, alpha=scale)
 
 
 def _cross_entropy_gradient(probs: Tensor, targets: Tensor, ce_weight: float) -> Tensor:

@@ -10,9 +10,9 @@ chunk of logits (and its softmax intermediates) is alive at any moment.
 Only supervised positions are computed at all: prompt and padding tokens cost nothing.
 
 Values and gradients match ``distill_loss`` on full logits up to float summation order. For
-forward and reverse KL, Jensen-Shannon and cross-entropy alone, a chunk's logit gradient is written
-out in closed form (:mod:`trainer.losses.dense_chunk`); skl, srkl and tvd run the dense path's own
-functions under autograd. Against a sparse teacher the logit gradient is written out too
+forward and reverse KL and for cross-entropy alone, a chunk's logit gradient is written out in
+closed form (:mod:`trainer.losses.dense_chunk`); the other kinds run the dense path's own functions
+under autograd. Against a sparse teacher the logit gradient is written out too
 (:mod:`trainer.losses.sparse_chunk`); the divergence on its ``k + 1`` outcomes is still autograd's.
 Every chunk of a call writes into the same buffers (:mod:`trainer.losses.workspace`).
 """
@@ -39,8 +39,8 @@ from trainer.losses.sparse_chunk import sparse_chunk
 from trainer.losses.workspace import ChunkWorkspace
 
 # Elements of one chunk's [C, V] logits. Four float32 tensors of this size are alive while a chunk of
-# forward or reverse KL is processed (both models' logits and softmaxes), five for jsd, ~10 for the
-# kinds that run autograd (log-softmax, exp, products and their gradients): 0.13-0.3 GB at 2**23.
+# forward or reverse KL is processed (both models' logits and softmaxes), ~10 for the kinds that run
+# autograd (log-softmax, exp, products and their gradients): 0.13-0.3 GB at 2**23.
 CHUNK_ELEMENTS = 2**23
 # Each chunk streams both head weights and the [V, H] weight gradient through memory once, so too
 # few tokens per chunk leaves the matmuls memory-bound: at V=128k, 64 tokens per chunk ran 1.4x
@@ -288,8 +288,8 @@ def _closed_form_chunk_sums(projected, index, plan, workspace, want_grad) -> tup
     values = student.detach().to(dtype)
     kd, ce, grad = closed_form_chunk(
         values, teacher.to(dtype) if teacher is not None else None, plan.targets.index_select(0, index),
-        kind=plan.kind, temperature=plan.temperature, beta=plan.beta, kd_weight=plan.kd_weight,
-        ce_weight=plan.ce_weight, want_grad=want_grad, workspace=workspace,
+        kind=plan.kind, temperature=plan.temperature, kd_weight=plan.kd_weight, ce_weight=plan.ce_weight,
+        want_grad=want_grad, workspace=workspace,
     )
     if grad is not None and quirks:  # back through the head's scaling or soft-capping
         (grad,) = torch.autograd.grad(student, raw, grad)
