@@ -28,7 +28,7 @@ exactly `--seq-len` tokens, so every step does the same work whatever rows it dr
 stdout as a markdown table and to `--work/results.json`.
 
     pip install -e ".[bench]"                 # TRL, for this script only
-    python scripts/bench_e2e.py --repeats 3   # the table in docs/benchmarks.md
+    python scripts/bench_e2e.py --repeats 5   # the table in docs/benchmarks.md
 """
 
 from __future__ import annotations

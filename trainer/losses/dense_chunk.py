@@ -46,7 +46,8 @@ def closed_form_chunk(
     tempered = teacher is not None and temperature != 1.0
     ce, ce_grad = None, None
     if tempered:  # the CE is at temperature 1: take it before the logits are divided
-        ce, ce_grad = _cross_entropy_untempered(student, targets, ce_weight if want_grad else 0.0, workspace)
+        weight = ce_weight if want_grad else 0.0
+        ce, ce_grad = cross_entropy_at_one(student, targets, weight, workspace.like("untempered_probs", student))
         student.div_(temperature)
     student_probs = workspace.like("student_probs", student)
     log_q = _log_softmax_(student, student_probs)
@@ -67,7 +68,7 @@ def closed_form_chunk(
     else:
         raise AssertionError(f"kind {kind!r} has no closed form here; check CLOSED_FORM_KINDS.")
     if grad is not None and ce_here:
-        _subtract_at_targets(grad, targets, ce_here)
+        subtract_at_targets(grad, targets, ce_here)
     if grad is not None and ce_grad is not None:
         grad.add_(ce_grad)
     return kd, ce, grad
@@ -106,17 +107,18 @@ def _reverse_kl(log_p, log_q, q, kd_scale, ce_weight, want_grad) -> tuple[Tensor
 
 def _cross_entropy_gradient(probs: Tensor, targets: Tensor, ce_weight: float) -> Tensor:
     """``ce_weight·(softmax(z) − onehot(y))``, written over ``probs``."""
-    return _subtract_at_targets(probs.mul_(ce_weight), targets, ce_weight)
+    return subtract_at_targets(probs.mul_(ce_weight), targets, ce_weight)
 
 
-def _subtract_at_targets(grad: Tensor, targets: Tensor, amount: float) -> Tensor:
+def subtract_at_targets(grad: Tensor, targets: Tensor, amount: float) -> Tensor:
     """``grad[c, targets[c]] −= amount`` for every row: the one-hot part of a CE gradient."""
     return grad.scatter_add_(1, targets.unsqueeze(1), grad.new_full((targets.shape[0], 1), -amount))
 
 
-def _cross_entropy_untempered(logits, targets, ce_weight, workspace) -> tuple[Tensor, Tensor | None]:
-    """Σ CE of ``[C, V]`` logits at temperature 1 and, when ``ce_weight`` is set, its weighted gradient."""
-    probs = workspace.like("untempered_probs", logits)
+def cross_entropy_at_one(logits: Tensor, targets: Tensor, ce_weight: float, probs: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Σ CE of ``[C, V]`` logits at temperature 1 and, when ``ce_weight`` is set, its weighted gradient,
+    written into ``probs`` (a ``[C, V]`` buffer); ``logits`` are left as they are. For a loss whose
+    softmax was tempered, so the CE's own softmax is not already there."""
     row_max = logits.amax(dim=-1, keepdim=True)
     torch.sub(logits, row_max, out=probs).exp_()
     total = probs.sum(dim=-1, keepdim=True)

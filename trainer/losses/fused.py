@@ -278,7 +278,7 @@ def _closed_form_chunk_sums(projected, index, plan, workspace, want_grad) -> tup
     """Σ divergence, Σ CE and their objective's gradient for one chunk, written out
     (:mod:`trainer.losses.dense_chunk`); autograd runs only through the head's quirks, if any."""
     head = plan.head
-    quirks = head.scale != 1.0 or head.softcap is not None
+    quirks = head.has_quirks
     raw = projected.detach().requires_grad_(want_grad and quirks)
     with torch.enable_grad():
         student = head.finish(raw)

@@ -30,6 +30,11 @@ class LMHead:
     def rows(self) -> int:
         return self.vocab_size if self.vocab_size is not None else self.weight.shape[0]
 
+    @property
+    def has_quirks(self) -> bool:
+        """Whether :meth:`finish` changes the projected logits (beyond upcasting them)."""
+        return self.scale != 1.0 or self.softcap is not None
+
     def projection(
         self, hidden: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, out: Tensor | None = None
     ) -> Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from trainer.losses.dense_chunk import cross_entropy_at_one, subtract_at_targets
 from trainer.losses.divergence import compute_dtype, divergence_from_log_probs
 from trainer.losses.sparse import PADDING_ID, SparseTeacher, teacher_coarse_log_probs
 
@@ -67,7 +68,13 @@ def sparse_chunk(
     with torch.enable_grad():
         divergence = divergence_from_log_probs(kind, log_p, log_q, beta, skew).sum()
         weighted = divergence * kd_weight
-    ce = _cross_entropy_sum(logits, targets, scaled, row_max, log_total, temperature, dtype)
+    ce_grad = None
+    if temperature == 1.0:  # the CE reuses the softmax's max and normaliser
+        ce = (row_max + log_total - scaled.gather(-1, targets.unsqueeze(1))).sum()
+    else:
+        untempered = logits.to(dtype)
+        weight = ce_weight if want_grad else 0.0
+        ce, ce_grad = cross_entropy_at_one(untempered, targets, weight, torch.empty_like(untempered))
     if not want_grad:
         return divergence.detach(), ce, None
     (grad_log_q,) = torch.autograd.grad(weighted, log_q)
@@ -76,9 +83,9 @@ def sparse_chunk(
     ce_here = ce_weight if temperature == 1.0 else 0.0
     grad = _logit_gradient(probs, q_top, q_tail, ids, grad_log_q, temperature, ce_here)
     if ce_here:
-        grad.scatter_add_(-1, targets.unsqueeze(1), torch.full_like(q_tail, -ce_weight))
-    elif ce_weight:
-        grad.add_(_cross_entropy_gradient(logits, targets, ce_weight, dtype))
+        subtract_at_targets(grad, targets, ce_weight)
+    elif ce_grad is not None:
+        grad.add_(ce_grad)
     return divergence.detach(), ce, grad
 
 
@@ -87,13 +94,6 @@ def _harmless_ids(ids: Tensor, padding: Tensor) -> Tensor:
     nothing (at id 0 in a row of padding only); they carry no mass or gradient themselves."""
     first_listed = ids.gather(-1, (~padding).int().argmax(dim=-1, keepdim=True))
     return torch.where(padding, first_listed, ids).clamp(min=0)
-
-
-def _cross_entropy_sum(logits, targets, scaled, row_max, log_total, temperature, dtype) -> Tensor:
-    """Σ CE at temperature 1; at T = 1 it reuses the softmax's max and normaliser."""
-    if temperature == 1.0:
-        return (row_max.squeeze(1) + log_total.squeeze(1) - scaled.gather(-1, targets.unsqueeze(1)).squeeze(1)).sum()
-    return torch.nn.functional.cross_entropy(logits.to(dtype), targets, reduction="sum")
 
 
 def _logit_gradient(probs, q_top, q_tail, ids, grad_log_q, temperature, ce_weight) -> Tensor:
@@ -108,11 +108,3 @@ def _logit_gradient(probs, q_top, q_tail, ids, grad_log_q, temperature, ce_weigh
     grad.scatter_add_(-1, ids, grad_top / temperature + q_top * (ce_weight - total))
     return grad
 
-
-def _cross_entropy_gradient(logits, targets, ce_weight, dtype) -> Tensor:
-    """``ce_weight·∂ Σ CE / ∂z`` at temperature 1 when the softmax above was tempered."""
-    raw = logits.to(dtype).detach().requires_grad_(True)
-    with torch.enable_grad():
-        weighted = torch.nn.functional.cross_entropy(raw, targets, reduction="sum") * ce_weight
-    (grad,) = torch.autograd.grad(weighted, raw)
-    return grad
