@@ -7,6 +7,7 @@ raising `ConfigError` with one line that says what to change.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from trainer.losses import validate_loss_params
+from trainer.losses import KINDS, validate_loss_params
+from trainer.summary import describe_metric_names, metric_names
 
 DEMO_SCHEME = "demo://"
 
@@ -242,14 +244,7 @@ def validate(cfg) -> None:
     for role in ("teacher", "student"):
         _check_choice(f"{role}.dtype", cfg[role].dtype, ("auto", "float32", "bfloat16", "float16"))
     _validate_teacher(cfg.teacher)
-    try:
-        validate_loss_params(cfg.loss.kind, cfg.loss.temperature, cfg.loss.beta, cfg.loss.skew)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if cfg.loss.chunk_size < 0:
-        raise ConfigError(f"loss.chunk_size={cfg.loss.chunk_size} is negative; use 0 (automatic) or a token count.")
-    if not 0.0 <= cfg.loss.ce_weight <= 1.0:
-        raise ConfigError(f"loss.ce_weight={cfg.loss.ce_weight} is out of range; use a value in [0, 1].")
+    _validate_loss(cfg.loss)
     if cfg.data.pack and cfg.teacher.cache:
         raise ConfigError("data.pack=true cannot read a teacher cache (it is stored row by row); set data.pack=false "
                           "or teacher.cache=null.")
@@ -260,21 +255,78 @@ def validate(cfg) -> None:
         raise ConfigError(f"deepspeed.stage={cfg.deepspeed.stage} is not a ZeRO stage; use 0, 1, 2 or 3.")
     if cfg.deepspeed.offload_param and cfg.deepspeed.stage != 3:
         raise ConfigError("deepspeed.offload_param needs ZeRO-3; use deepspeed=zero3_offload.")
-    for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "max_nonfinite_steps"):
-        if cfg.train[key] < 1:
-            raise ConfigError(f"train.{key}={cfg.train[key]} must be at least 1.")
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"train.lr={cfg.train.lr} must be positive.")
-    if cfg.peft.kind == "lora" and cfg.peft.r < 1:
-        raise ConfigError(f"peft.r={cfg.peft.r} must be at least 1.")
+    _validate_train(cfg.train)
+    _validate_peft(cfg.peft)
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be between 0 and 1.")
+    if cfg.data.max_eval_rows < 1:
+        raise ConfigError(f"data.max_eval_rows={cfg.data.max_eval_rows} leaves nothing to evaluate on; use at least 1 "
+                          "(e.g. 1000).")
     for key in ("every", "keep"):
         if cfg.checkpoint[key] < 0:
             raise ConfigError(f"checkpoint.{key}={cfg.checkpoint[key]} is negative; use 0 or more.")
     if cfg.resume not in ("auto", "never") and not Path(os.path.expanduser(cfg.resume)).exists():
         raise ConfigError(f"resume={cfg.resume} is neither auto, never nor an existing checkpoint folder.")
     _refuse_secrets(cfg)
+
+
+def _validate_loss(loss) -> None:
+    try:
+        validate_loss_params(loss.kind, loss.temperature, loss.beta, loss.skew)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    # Checked whatever the kind, not only by the kinds that read them: a value that no kind could
+    # use is a mistake even where it is ignored, and the next loss.kind override would hit it.
+    if not 0.0 < loss.beta < 1.0:
+        raise ConfigError(f"loss.beta={loss.beta} is out of range: jsd needs 0 < beta < 1 (the kind that reads it); "
+                          "set loss.beta=0.5 for example.")
+    if not 0.0 <= loss.skew < 1.0:
+        raise ConfigError(f"loss.skew={loss.skew} is out of range: skl and srkl need 0 <= skew < 1 (the kinds that "
+                          "read it); set loss.skew=0.1 for example.")
+    if loss.chunk_size < 0:
+        raise ConfigError(f"loss.chunk_size={loss.chunk_size} is negative; use 0 (automatic) or a token count.")
+    if not 0.0 <= loss.ce_weight <= 1.0:
+        raise ConfigError(f"loss.ce_weight={loss.ce_weight} is out of range; use a value in [0, 1].")
+
+
+# The loss.* keys each kind leaves unread (loss.ce_weight too under sft, which is all cross-entropy).
+_UNREAD_BY_KIND = {"beta": lambda kind: kind != "jsd", "skew": lambda kind: kind not in ("skl", "srkl"),
+                   "temperature": lambda kind: kind == "sft", "ce_weight": lambda kind: kind == "sft"}
+
+
+def unread_loss_settings(loss) -> list[str]:
+    """One warning per loss.* key set away from its default that `loss.kind` does not read: legal
+    (a sweep over kinds sets them for all), but likely a sign the user meant another kind."""
+    defaults = LossConfig()
+    return [f"loss.{key}={loss[key]} has no effect with loss.kind={loss.kind}; it is read only by "
+            f"{_readers(key)}. Remove it, or pick a kind that reads it."
+            for key, unread in _UNREAD_BY_KIND.items() if unread(loss.kind) and loss[key] != getattr(defaults, key)]
+
+
+def _readers(key: str) -> str:
+    return "loss.kind=" + ", ".join(kind for kind in (*KINDS, "sft") if not _UNREAD_BY_KIND[key](kind))
+
+
+def _validate_train(train) -> None:
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "max_nonfinite_steps"):
+        if train[key] < 1:
+            raise ConfigError(f"train.{key}={train[key]} must be at least 1.")
+    if not (math.isfinite(train.lr) and train.lr > 0):
+        raise ConfigError(f"train.lr={train.lr} must be a finite number > 0; e.g. train.lr=2e-4 for LoRA on an LLM.")
+    if not (math.isfinite(train.weight_decay) and train.weight_decay >= 0):
+        raise ConfigError(f"train.weight_decay={train.weight_decay} must be a finite number >= 0; use 0 for none.")
+    if train.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={train.warmup_steps} is negative; use 0 (no warm-up) or more.")
+    if train.metric not in metric_names():
+        raise ConfigError(f"train.metric={train.metric!r} is not a number the job writes to summary.json; use one of "
+                          f"{describe_metric_names()}.")
+
+
+def _validate_peft(peft) -> None:
+    if peft.kind == "lora" and peft.r < 1:
+        raise ConfigError(f"peft.r={peft.r} must be at least 1.")
+    if not 0.0 <= peft.dropout < 1.0:
+        raise ConfigError(f"peft.dropout={peft.dropout} is out of range; use a probability in [0, 1), e.g. 0.05.")
 
 
 def _refuse_secrets(cfg) -> None:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from trainer import checkpoints, engines, models, throughput
 from trainer.batching import eval_batches, micro_batches_for_step, step_row_ids
 from trainer.cache.cached_teacher import CachedStates, CachedTeacher, open_cache
-from trainer.config import validate
+from trainer.config import ConfigError, unread_loss_settings, validate
 from trainer.data import collate, examples_fingerprint, split_holdout, supervised_only
 from trainer.distributed import RankInfo, all_gather_floats, all_reduce_sum, broadcast_object
 from trainer.evaluation import evaluate, to_device
@@ -27,6 +27,7 @@ from trainer.packing import check_documents_stay_apart, collate_packed, document
 from trainer.preemption import Preempted, PreemptionWatch, hand_back
 from trainer.provenance import gate
 from trainer.provenance import outputs as provenance
+from trainer.summary import INITIAL
 from trainer.teacher import load_teacher
 from trainer.tracking import Tracker, forget_steps_after
 
@@ -39,10 +40,23 @@ class DistillJob:
     def __init__(self, cfg, rank: RankInfo, run_dir: Path):
         validate(cfg)  # before anything is loaded, so a bad value costs nothing
         self.cfg, self.rank, self.run_dir = cfg, rank, run_dir
+        self._check_metric_is_measured()
+        if rank.is_main:
+            for warning in unread_loss_settings(cfg.loss):
+                log.warning(warning)
         self.summary: dict = {}
         self.state = checkpoints.TrainerState(
             step=0, world_size=rank.world_size,
             rows_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * rank.world_size)
+
+    def _check_metric_is_measured(self) -> None:
+        """`validate` knows the names; only the device decides whether MFU has a peak to divide by."""
+        cfg = self.cfg
+        bf16 = engines.precision(cfg, self.rank.device)[0]
+        if cfg.train.metric == "train/mfu" and throughput.peak_flops(self.rank.device, bf16, cfg.train.peak_tflops) is None:
+            raise ConfigError(f"train.metric=train/mfu has no value on this device ({self.rank.device.type}, no known "
+                              "bf16 peak); set train.peak_tflops to its peak TFLOP/s, or pick another train.metric "
+                              "such as train/tflops_per_s.")
 
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -200,7 +214,16 @@ class DistillJob:
         if folder is not None:
             self.resumed_state = checkpoints.read_state(folder)
             checkpoints.check_same_run(folder, self.resumed_state, self._identity())
+            self._check_metric_survives_resume(folder)
         return folder
+
+    def _check_metric_survives_resume(self, folder: Path) -> None:
+        """A resumed job does not evaluate before its first step, so its summary has no `initial/...`."""
+        metric = self.cfg.train.metric
+        if metric.startswith(INITIAL):
+            raise ConfigError(f"train.metric={metric} is measured before the first step, and this job resumes from "
+                              f"{folder} at step {self.resumed_state.step}, so it has none; pick an eval/ or train/ "
+                              "metric, or set resume=never to start afresh.")
 
     def _identity(self) -> dict:
         """What makes a checkpoint belong to this run: a different value is a different run."""
