@@ -109,3 +109,132 @@ def test_mfu_as_the_metric_is_refused_where_the_device_has_no_peak(tmp_path):
     with pytest.raises(ConfigError, match="train.metric=train/mfu has no value on this device"):
         DistillJob(composed("train.metric=train/mfu"), cpu, tmp_path)
     DistillJob(composed("train.metric=train/mfu", "train.peak_tflops=1"), cpu, tmp_path)
+
+
+# ------------------------------------------------------------- the demo's data, and the user's
+def _cpu():
+    import torch
+
+    from trainer.distributed import RankInfo
+
+    return RankInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+@pytest.fixture
+def demo_builds(monkeypatch, tmp_path) -> list:
+    """Records each build of the demo's assets (which trains its teacher: minutes) instead of building."""
+    from trainer.demo.assets import DemoAssets
+
+    builds = []
+
+    def build(cache_dir, **_):
+        builds.append(cache_dir)
+        return DemoAssets.in_folder(tmp_path / "demo")
+
+    monkeypatch.setattr("trainer.demo.build_demo_assets", build)
+    monkeypatch.setattr("trainer.inputs.dist.barrier", lambda: None)
+    return builds
+
+
+def test_own_data_train_alone_holds_out_from_it_and_builds_no_demo(demo_builds, tmp_path):
+    from trainer.inputs import data_sources, materialise_demo
+
+    cfg = composed("teacher.path=/models/t", "student.path=/models/s", f"data.train={tmp_path}/my.jsonl")
+    materialise_demo(cfg, _cpu())
+    assert demo_builds == []
+    assert data_sources(cfg) == {"train": f"{tmp_path}/my.jsonl"}  # no eval split: held out of train
+
+
+def test_the_plain_demo_still_evaluates_on_its_own_held_out_problems(demo_builds, tmp_path):
+    from trainer.inputs import data_sources, materialise_demo
+
+    cfg = composed()
+    materialise_demo(cfg, _cpu())
+    assert demo_builds
+    assert data_sources(cfg) == {"train": str(tmp_path / "demo" / "train.jsonl"),
+                                 "eval": str(tmp_path / "demo" / "eval.jsonl")}
+    assert cfg.teacher.path == str(tmp_path / "demo" / "teacher")
+
+
+def test_the_demo_models_on_own_data_hold_out_from_that_data(demo_builds, tmp_path):
+    from trainer.inputs import data_sources, materialise_demo
+
+    cfg = composed(f"data.train={tmp_path}/gen.jsonl", "loss.kind=sft")  # the README's sequence-level example
+    materialise_demo(cfg, _cpu())
+    assert data_sources(cfg) == {"train": f"{tmp_path}/gen.jsonl"}
+
+
+def test_own_data_eval_alone_evaluates_the_demo_on_it(demo_builds, tmp_path):
+    from trainer.inputs import data_sources, materialise_demo
+
+    cfg = composed(f"data.eval={tmp_path}/mine.jsonl")
+    materialise_demo(cfg, _cpu())
+    assert data_sources(cfg) == {"train": str(tmp_path / "demo" / "train.jsonl"), "eval": f"{tmp_path}/mine.jsonl"}
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["teacher.path=/models/t", "student.path=/models/s"], "teacher.path=/models/t"),
+    (["student.path=/models/s"], "student.path=/models/s"),
+    (["teacher.path=null", "teacher.cache=/caches/api", "student.path=/models/s"], "teacher.path=null"),
+])
+def test_own_models_with_the_demos_data_are_refused_before_anything_is_built(demo_builds, overrides, named):
+    from trainer.inputs import materialise_demo
+
+    with pytest.raises(ConfigError) as error:
+        materialise_demo(composed(*overrides), _cpu())
+    message = str(error.value)
+    assert message.startswith("data.train is the demo's arithmetic (demo://train), but " + named)
+    assert "set data.train to your data" in message and "\n" not in message
+    assert demo_builds == []
+
+
+def test_a_cache_build_or_generation_reads_no_demo_asset_it_does_not_use(demo_builds, tmp_path):
+    from trainer.inputs import CACHE_KEYS, GENERATE_KEYS, data_sources, materialise_demo
+
+    cache = composed("teacher.path=/models/t", f"data.train={tmp_path}/my.jsonl")  # student.path left at the demo's
+    materialise_demo(cache, _cpu(), CACHE_KEYS)
+    assert data_sources(cache) == {"train": f"{tmp_path}/my.jsonl"}
+    generate = composed("teacher.path=/models/t", f"generate.prompts={tmp_path}/prompts.jsonl")  # data.* the demo's
+    materialise_demo(generate, _cpu(), GENERATE_KEYS)
+    assert demo_builds == [] and generate.data.train == "demo://train"
+
+
+@pytest.fixture(scope="module")
+def held_out_run(tiny, tmp_path_factory):
+    """One tiny job given data.train only, as the README's example is."""
+    from conftest import run_cli, tiny_overrides
+
+    root = tmp_path_factory.mktemp("held_out")
+    overrides = [o for o in tiny_overrides(tiny, root / "run", root / "cache", "train.max_steps=1")
+                 if not o.startswith("data.eval=")]
+    proc = run_cli(overrides, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root, proc
+
+
+@pytest.mark.slow
+def test_a_job_given_only_data_train_holds_out_of_it_and_records_so(tiny, held_out_run):
+    import hashlib
+    import json
+
+    root, proc = held_out_run
+    assert "60 training rows (0 truncated to train.seq_len=32), 3 held-out rows" in proc.stderr  # 5% of 64
+    record = json.loads((root / "run" / "provenance.json").read_text())
+    assert list(record["data"]) == ["train"]
+    assert record["data"]["train"][0]["sha256"] == hashlib.sha256(tiny["train"].read_bytes()).hexdigest()
+    assert record["held_out"] == {"from": "data.train", "eval_fraction": 0.05, "seed": 0, "max_eval_rows": 1000}
+    assert record["config"]["data"]["eval"] is None
+    assert not list((root / "cache").glob("demo*")), "the demo's assets were built"
+
+
+@pytest.mark.slow
+def test_the_metric_names_are_the_numbers_a_real_summary_holds(held_out_run):
+    import json
+    import numbers
+
+    root, _ = held_out_run
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    prefixes = ("eval/", "initial/", "train/")
+    written = {key for key, value in summary.items() if key.startswith(prefixes)
+               and (isinstance(value, numbers.Number) or key == "train/mfu")}  # mfu: null on a CPU
+    assert written == set(metric_names())

@@ -8,18 +8,28 @@ import logging
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from trainer.config import DEMO_SCHEME, cache_root
+from trainer.config import DEMO_SCHEME, ConfigError, cache_root
 from trainer.data import Examples, load_examples
 from trainer.distributed import RankInfo
 
 log = logging.getLogger(__name__)
 
-DEMO_KEYS = ("teacher.path", "student.path", "data.train", "data.eval", "generate.prompts")
+DEMO_TRAIN, DEMO_EVAL = f"{DEMO_SCHEME}train", f"{DEMO_SCHEME}eval"
+
+TRAINING_KEYS = ("teacher.path", "student.path", "data.train", "data.eval")
+"""The keys that may name a demo asset, as training reads them; a cache build reads no student and
+generation reads only the teacher and `generate.prompts`."""
+CACHE_KEYS = ("teacher.path", "data.train", "data.eval")
+GENERATE_KEYS = ("teacher.path", "generate.prompts")
 
 
-def materialise_demo(cfg, rank: RankInfo) -> None:
-    """Swap `demo://` values for the demo's models and data, built once on rank 0 and cached."""
-    if not any(str(OmegaConf.select(cfg, key)).startswith(DEMO_SCHEME) for key in DEMO_KEYS):
+def materialise_demo(cfg, rank: RankInfo, keys: tuple[str, ...] = TRAINING_KEYS) -> None:
+    """Swap `demo://` values of `keys` (what the entry point reads) for the demo's models and data,
+    built once on rank 0 and cached. Nothing is built when none of them is a demo asset."""
+    if "data.train" in keys:
+        refuse_demo_data_for_own_models(cfg, keys)
+        pair_demo_held_out(cfg)
+    if not any(_is_demo(OmegaConf.select(cfg, key)) for key in keys):
         return
     from trainer.demo import build_demo_assets
 
@@ -30,10 +40,37 @@ def materialise_demo(cfg, rank: RankInfo) -> None:
     assets = build_demo_assets(demo_dir, log=log.debug)
     by_name = {"teacher": assets.teacher_path, "student": assets.student_path,
                "train": assets.train_path, "eval": assets.eval_path}
-    for key in DEMO_KEYS:
+    for key in keys:
         value = OmegaConf.select(cfg, key)
-        if isinstance(value, str) and value.startswith(DEMO_SCHEME):
+        if _is_demo(value):
             OmegaConf.update(cfg, key, str(by_name[value[len(DEMO_SCHEME):]]))
+
+
+def pair_demo_held_out(cfg) -> None:
+    """The demo's training rows come with their own held-out problems (none in both), so the demo
+    evaluates on those; any other `data.train` without `data.eval` holds out `data.eval_fraction`
+    of itself. (`conf/data/demo.yaml` leaves `eval` null for this: a fixed `demo://eval` there
+    would stay behind when only `data.train` is overridden.)"""
+    if cfg.data.train == DEMO_TRAIN and cfg.data.eval is None:
+        cfg.data.eval = DEMO_EVAL
+
+
+def refuse_demo_data_for_own_models(cfg, keys: tuple[str, ...]) -> None:
+    """The demo's arithmetic rows are data for the demo's models: next to the user's own model they
+    are a data.train left at its default, and building them would train the demo's teacher first."""
+    if not _is_demo(cfg.data.train):
+        return
+    own = [key for key in keys if key.endswith(".path") and not _is_demo(OmegaConf.select(cfg, key))]
+    if own:
+        value = OmegaConf.select(cfg, own[0])
+        raise ConfigError(f"data.train is the demo's arithmetic ({cfg.data.train}), but {own[0]}="
+                          f"{'null' if value is None else value} is not the demo's model; set data.train to your data "
+                          "(a .jsonl/.parquet file, a list of them or a datasets name; without data.eval, "
+                          "data.eval_fraction of it is held out).")
+
+
+def _is_demo(value) -> bool:
+    return isinstance(value, str) and value.startswith(DEMO_SCHEME)
 
 
 def data_sources(cfg) -> dict:

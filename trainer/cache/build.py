@@ -24,7 +24,7 @@ from trainer.data import TokenizedRow, collate
 from trainer.distributed import RankInfo, broadcast_object, in_lockstep
 from trainer.evaluation import to_device
 from trainer.heads import Scorer, check_head_parity, fused_unsupported_reason
-from trainer.inputs import data_sources, load_splits, materialise_demo
+from trainer.inputs import CACHE_KEYS, data_sources, load_splits, materialise_demo
 from trainer.losses import PADDING_ID, default_chunk_size
 from trainer.objective import IGNORE_INDEX, targets_at_each_position
 from trainer.provenance.gate import check_teacher_licence
@@ -48,7 +48,7 @@ class _Batch:
 def build_cache(cfg, rank: RankInfo) -> Path:
     """Build (or finish) the cache for this config; returns its folder."""
     validate(cfg)
-    materialise_demo(cfg, rank)
+    materialise_demo(cfg, rank, CACHE_KEYS)
     models.check_model("teacher", cfg.teacher)
     check_teacher_licence(cfg, rank.is_main)  # the cache is the teacher's outputs, made to train students
     tokenizer = models.load_tokenizer("teacher", cfg.teacher)

@@ -27,7 +27,7 @@ from trainer.data import read_rows
 from trainer.distributed import RankInfo, broadcast_object, in_lockstep
 from trainer.files import write_text_atomically
 from trainer.generate.prompts import Prompt, read_prompt
-from trainer.inputs import materialise_demo
+from trainer.inputs import GENERATE_KEYS, materialise_demo
 from trainer.provenance.gate import check_teacher_licence
 from trainer.teacher import load_teacher
 
@@ -49,7 +49,7 @@ def generate_dataset(cfg, rank: RankInfo) -> Path:
     """Write (or finish) the generated dataset; returns the path of its train.jsonl."""
     validate(cfg)
     validate_generate(cfg.generate)
-    materialise_demo(cfg, rank)
+    materialise_demo(cfg, rank, GENERATE_KEYS)
     models.check_model("teacher", cfg.teacher)
     check_teacher_licence(cfg, rank.is_main)  # the responses are the teacher's outputs, made to train students
     tokenizer = models.load_tokenizer("teacher", cfg.teacher)

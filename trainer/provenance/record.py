@@ -138,6 +138,14 @@ def model_files(path: str | None, revision: str | None, hashes: FileHashes) -> d
     return entry
 
 
+def _held_out(cfg) -> dict | None:
+    """Where the evaluation rows came from when no data.eval was given (None: from data.eval)."""
+    if cfg.data.eval:
+        return None
+    return {"from": "data.train", "eval_fraction": cfg.data.eval_fraction, "seed": cfg.train.seed,
+            "max_eval_rows": cfg.data.max_eval_rows}
+
+
 def data_files(source, hashes: FileHashes) -> list[dict]:
     """One entry per source of a split: a file (sha256, bytes, rows), a saved dataset folder (every
     file's sha256) or a `datasets` name (only the name: its files are the hub's)."""
@@ -248,6 +256,7 @@ def build_record(cfg, *, run_dir: Path, out_dir: Path, decision, student_licence
         "student": model_entry(cfg.student, hashes, peft=cfg.peft.kind,
                                licence={**student_licence.card_fields(), "read_from": student_licence.read_from}),
         "data": {split: data_files(source, hashes) for split, source in data_sources(cfg).items()},
+        "held_out": _held_out(cfg),
         "rows_trained": rows_trained,
         "licence": decision.as_record(),
         "config": OmegaConf.to_container(cfg, resolve=True),
