@@ -238,3 +238,49 @@ def test_the_metric_names_are_the_numbers_a_real_summary_holds(held_out_run):
     written = {key for key, value in summary.items() if key.startswith(prefixes)
                and (isinstance(value, numbers.Number) or key == "train/mfu")}  # mfu: null on a CPU
     assert written == set(metric_names())
+
+
+# ----------------------------------------------------------------------------------- --help
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    keys = []
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and key != "extra":  # deepspeed.extra is one key: a free-form dict
+            keys += _leaf_keys(child, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+@pytest.fixture(scope="module")
+def help_page() -> str:
+    from conftest import run_cli
+
+    proc = run_cli(["loss.kind=jsd", "train.lr=2e-4", "--help"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_help_lists_every_key_of_the_config_with_its_meaning(help_page):
+    lines = help_page.splitlines()
+    starts = {line.split("=", 1)[0]: index for index, line in enumerate(lines) if "=" in line and not line[0].isspace()}
+    composed_keys = _leaf_keys(composed())
+    assert len(composed_keys) > 80
+    for key in composed_keys:
+        assert key in starts, f"--help does not list {key}"
+        meaning = lines[starts[key] + 1]
+        assert meaning.startswith("    ") and len(meaning.split()) >= 2, f"--help gives {key} no meaning: {meaning!r}"
+
+
+def test_help_meanings_are_the_schemas_field_docs_and_values_the_command_lines(help_page):
+    from trainer.help import config_keys
+
+    text = " ".join(help_page.split())
+    for key, doc in config_keys():
+        assert doc, f"trainer/config.py documents no meaning for {key}"
+        assert f"{key}=" in text and doc in text, key
+    assert "loss.kind=jsd " in text and "train.lr=0.0002 " in text
+    assert "teacher: cache, demo" in text  # Hydra's groups, still listed
+    assert "loss.beta=0.5 jsd's mixture weight of the teacher, 0 < beta < 1." in text

@@ -87,8 +87,11 @@ class PeftConfig:
     kind: str = "lora"
     """lora: train a LoRA adapter; none: fine-tune every student weight."""
     r: int = 16
+    """LoRA rank: the width of each adapter's low-rank update."""
     alpha: int = 32
+    """LoRA scaling: each update is multiplied by alpha / r."""
     dropout: float = 0.0
+    """Dropout on the adapters' inputs during training, in [0, 1)."""
     target_modules: Any = "all-linear"
     """'all-linear' finds every linear layer of the blocks (not the LM head); or a list of names."""
     merge: bool = False
@@ -102,6 +105,7 @@ class DataConfig:
     eval: Any = None
     """Held-out data in the same forms; null holds out `eval_fraction` of `train`."""
     eval_fraction: float = 0.05
+    """Share of `train` held out for evaluation when `eval` is null (seeded by train.seed), in (0, 1)."""
     max_eval_rows: int = 1000
     """Evaluate on at most this many held-out rows, so evaluation stays cheap."""
     truncate: bool = True
@@ -136,8 +140,11 @@ class DeepSpeedConfig:
     stage: int = 0
     """ZeRO stage of the student: 0 (replicas) to 3 (parameters partitioned)."""
     offload_optimizer: bool = False
+    """Keep the optimizer state in CPU memory (ZeRO-Offload)."""
     offload_param: bool = False
+    """Keep the student's parameters in CPU memory; ZeRO-3 only."""
     gradient_clipping: float = 1.0
+    """Clip the gradient's global norm to this value; 0 turns clipping off."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Merged last into the DeepSpeed JSON config, for keys this schema does not name."""
 
@@ -145,16 +152,25 @@ class DeepSpeedConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 300
+    """Optimizer steps to train for (the demo's default; set it for your data)."""
     micro_batch_size: int = 16
+    """Rows per rank per forward."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step; a step takes micro_batch_size x grad_accum x ranks rows."""
     lr: float = 4e-3
+    """Peak learning rate of AdamW (the demo's; start near 2e-4 for LoRA on an LLM)."""
     warmup_steps: int = 10
+    """Steps of linear warm-up to train.lr, then cosine decay to a tenth of it at max_steps."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay, 0 or more."""
     seq_len: int = 512
+    """Tokens per row: longer rows are cut (see data.truncate); rows are tokenised for this length."""
     seed: int = 0
+    """Seeds the LoRA initialisation, the held-out split and the rows of every step."""
     precision: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     log_every: int = 10
+    """Write metrics.jsonl, W&B and the progress bar every N optimizer steps (and at the last one)."""
     eval_every: int = 0
     """Evaluate every N steps; 0 evaluates only before the first and after the last step."""
     max_nonfinite_steps: int = 5
@@ -187,16 +203,21 @@ class GenerateConfig:
     out: Optional[str] = None
     """Folder to write: train.jsonl (rows the trainer reads), generation.json, shards/."""
     max_new_tokens: int = 256
+    """The longest response the teacher writes, in tokens."""
     temperature: float = 1.0
     """Sampling temperature of the teacher's responses (not loss.temperature); 0 decodes greedily."""
     top_p: float = 1.0
+    """Nucleus sampling: sample among the likeliest tokens holding this much probability, in (0, 1]."""
     top_k: int = 0
     """Sample among the k likeliest tokens only; 0 keeps all."""
     samples_per_prompt: int = 1
+    """Responses written per prompt."""
     batch_size: int = 8
+    """Prompts per generation batch."""
     shard_rows: int = 256
     """Prompts per output shard: the unit that is written at once and resumed from."""
     seed: int = 0
+    """Seeds the sampling, shard by shard (the same rows on any number of ranks)."""
 
 
 @dataclass
@@ -204,10 +225,15 @@ class LoggerConfig:
     kind: str = "wandb"
     """wandb or none."""
     project: str = "distill"
+    """The W&B project."""
     entity: Optional[str] = None
+    """The W&B team or user; null: your default entity."""
     name: Optional[str] = None
+    """The W&B run's name; null: the run directory's name."""
     group: Optional[str] = None
+    """The W&B group; null: a sweep's points share one named after the sweep directory."""
     tags: List[str] = field(default_factory=list)
+    """W&B tags, e.g. [kd, qwen]."""
     mode: str = "auto"
     """auto: online when WANDB_API_KEY is set, else offline; or online, offline."""
 
@@ -228,11 +254,14 @@ class DistillConfig:
     """auto: continue from the run directory's latest complete checkpoint if any; never: start
     afresh; or a path: a `checkpoints/step_N` folder (or a `checkpoints` folder) of another run."""
     cache_dir: str = "${oc.env:DISTILL_CACHE,'~/.cache/distill'}"
-    """Where the demo's models and tokenised datasets are cached."""
+    """Where the demo's models, tokenised datasets and teacher caches live ($DISTILL_CACHE, else ~/.cache/distill)."""
 
 
 def register_configs() -> None:
+    from trainer.help import register_help_resolver
+
     ConfigStore.instance().store(name="distill_schema", node=DistillConfig)
+    register_help_resolver()  # `--help` renders the key table from this module's field docs
 
 
 def validate(cfg) -> None:
