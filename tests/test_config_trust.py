@@ -12,6 +12,14 @@ from trainer.config import ConfigError, unread_loss_settings, validate
 from trainer.summary import metric_names
 
 
+def _cpu():
+    import torch
+
+    from trainer.distributed import RankInfo
+
+    return RankInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
 def refused(*overrides: str) -> str:
     with pytest.raises(ConfigError) as error:
         validate(composed(*overrides))
@@ -87,39 +95,22 @@ def test_a_loss_key_the_kind_does_not_read_is_warned_about(overrides, warned):
 
 
 def test_the_job_logs_the_unread_loss_keys_before_loading_anything(caplog, tmp_path):
-    import torch
-
-    from trainer.distributed import RankInfo
     from trainer.job import DistillJob
 
-    cfg = composed("loss.kind=fkl", "loss.beta=0.3")
-    rank = RankInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     with caplog.at_level(logging.WARNING, logger="trainer"):
-        DistillJob(cfg, rank, tmp_path)
+        DistillJob(composed("loss.kind=fkl", "loss.beta=0.3"), _cpu(), tmp_path)
     assert any("loss.beta=0.3 has no effect with loss.kind=fkl" in r.getMessage() for r in caplog.records)
 
 
 def test_mfu_as_the_metric_is_refused_where_the_device_has_no_peak(tmp_path):
-    import torch
-
-    from trainer.distributed import RankInfo
     from trainer.job import DistillJob
 
-    cpu = RankInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="train.metric=train/mfu has no value on this device"):
-        DistillJob(composed("train.metric=train/mfu"), cpu, tmp_path)
-    DistillJob(composed("train.metric=train/mfu", "train.peak_tflops=1"), cpu, tmp_path)
+        DistillJob(composed("train.metric=train/mfu"), _cpu(), tmp_path)
+    DistillJob(composed("train.metric=train/mfu", "train.peak_tflops=1"), _cpu(), tmp_path)
 
 
 # ------------------------------------------------------------- the demo's data, and the user's
-def _cpu():
-    import torch
-
-    from trainer.distributed import RankInfo
-
-    return RankInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-
-
 @pytest.fixture
 def demo_builds(monkeypatch, tmp_path) -> list:
     """Records each build of the demo's assets (which trains its teacher: minutes) instead of building."""
@@ -218,7 +209,7 @@ def test_a_job_given_only_data_train_holds_out_of_it_and_records_so(tiny, held_o
     import json
 
     root, proc = held_out_run
-    assert "60 training rows (0 truncated to train.seq_len=32), 3 held-out rows" in proc.stderr  # 5% of 64
+    assert "61 training rows (0 truncated to train.seq_len=32), 3 held-out rows" in proc.stdout + proc.stderr  # 5% of 64 held out
     record = json.loads((root / "run" / "provenance.json").read_text())
     assert list(record["data"]) == ["train"]
     assert record["data"]["train"][0]["sha256"] == hashlib.sha256(tiny["train"].read_bytes()).hexdigest()
@@ -284,3 +275,16 @@ def test_help_meanings_are_the_schemas_field_docs_and_values_the_command_lines(h
     assert "loss.kind=jsd " in text and "train.lr=0.0002 " in text
     assert "teacher: cache, demo" in text  # Hydra's groups, still listed
     assert "loss.beta=0.5 jsd's mixture weight of the teacher, 0 < beta < 1." in text
+
+
+def test_an_initial_metric_is_refused_when_the_job_resumes_without_measuring_it(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer.job import DistillJob
+
+    job = DistillJob(composed("train.metric=initial/eval/kl_to_teacher"), _cpu(), tmp_path)
+    job.resumed_state = SimpleNamespace(step=40)
+    with pytest.raises(ConfigError, match=r"train.metric=initial/eval/kl_to_teacher is measured before the first "
+                                          r"step, and this job resumes from .*step_00000040 at step 40"):
+        job._check_metric_survives_resume(tmp_path / "step_00000040")
+    DistillJob(composed("train.metric=eval/kl_to_teacher"), _cpu(), tmp_path)._check_metric_survives_resume(tmp_path)
