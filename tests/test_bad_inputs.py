@@ -112,6 +112,12 @@ CATALOGUE = {
                                    "only as pickle (pytorch_model.bin)", {}),
     "secret_in_config": (lambda o: [f"logger.name={SECRETS['WANDB_API_KEY']}"], "holds the value of WANDB_API_KEY",
                          {"WANDB_API_KEY": SECRETS["WANDB_API_KEY"]}),
+    # Issue 17: caught at start-up, not after the run (or after building the demo's teacher).
+    "demo_data_for_own_models": (lambda o: ["data.train=demo://train", "data.eval=null"],
+                                 "data.train is the demo's arithmetic (demo://train), but teacher.path=", {}),
+    "metric_no_job_writes": (lambda o: ["train.metric=eval/accuracy"],
+                             "train.metric='eval/accuracy' is not a number the job writes to summary.json", {}),
+    "learning_rate_not_finite": (lambda o: ["train.lr=nan"], "train.lr=nan must be a finite number > 0", {}),
 }
 
 
