@@ -132,6 +132,7 @@ def bare_logging(monkeypatch):
     root, deepspeed_logger = logging.getLogger(), logging.getLogger(console.DEEPSPEED_LOGGER)
     saved = root.handlers[:], root.level, deepspeed_logger.filters[:]
     monkeypatch.setattr(console, "_let_transformers_propagate", lambda: None)  # process-wide; tested end to end
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)  # restored after hold_third_party_output sets it
     with warnings.catch_warnings():  # restores warnings.showwarning too
         warnings.simplefilter("always")
         yield root
@@ -167,6 +168,13 @@ def test_early_third_party_records_wait_for_the_log_file_and_stay_off_the_termin
     kept = log_file.read_text()
     assert kept.count("untested optimizer") == 1 and kept.count("FutureWarning:") == 1
     assert "building the op" in kept and "student: 17408" in kept
+
+
+def test_python_warnings_the_user_asked_for_are_left_to_python(bare_logging, monkeypatch):
+    monkeypatch.setattr(console.sys, "warnoptions", ["default"])
+    before = warnings.showwarning
+    console.hold_third_party_output()
+    assert warnings.showwarning is before
 
 
 @pytest.mark.slow

@@ -74,14 +74,14 @@ def send_third_party_output_to_log() -> None:
         root.addHandler(logging.StreamHandler(sys.stderr))
     for handler in root.handlers:
         _filter_once(handler, OncePerMessage if _writes_a_file(handler) else TerminalFilter)
-    for record in held.records if held is not None else ():
-        for handler in root.handlers:
-            if _writes_a_file(handler) and record.levelno >= handler.level:
-                handler.handle(record)
+    if held is not None:
+        _write_to_log_files(held.records, root)
 
 
 def belongs_on_terminal(record: logging.LogRecord) -> bool:
-    """Ours, an error, or a third-party warning that is not addressed to our developers."""
+    """Ours, an error, or a third-party warning that may ask something of the user: not a
+    deprecation addressed to our developers, not a DeepSpeed note every run here triggers. An
+    unknown third-party warning shows (once): hiding it could hide a real problem."""
     if _is_ours(record) or record.levelno >= logging.ERROR:
         return True
     if record.levelno < logging.WARNING:
@@ -89,8 +89,10 @@ def belongs_on_terminal(record: logging.LogRecord) -> bool:
     category = getattr(record, "warning_category", None)
     if category is not None:
         return not issubclass(category, DEVELOPER_WARNINGS)
+    if record.name != DEEPSPEED_LOGGER:
+        return True
     message = record.getMessage()
-    if record.name == DEEPSPEED_LOGGER and message.startswith(CPU_FALLBACK_NOTE):
+    if message.startswith(CPU_FALLBACK_NOTE):
         return _torch_has_gpu_support()
     return not any(note in message for note in EXPECTED_DEEPSPEED_NOTES)
 
@@ -222,6 +224,14 @@ def _let_transformers_propagate() -> None:
 
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()
+
+
+def _write_to_log_files(records: list[logging.LogRecord], root: logging.Logger) -> None:
+    """Records held since start-up, into the log file only: the terminal has shown its share."""
+    for record in records:
+        for handler in root.handlers:
+            if _writes_a_file(handler) and record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def _writes_a_file(handler: logging.Handler) -> bool:
