@@ -122,7 +122,7 @@ class TerminalFilter(OncePerMessage):
 def use_own_extensions_dir() -> None:
     """DeepSpeed builds its ops with torch into `TORCH_EXTENSIONS_DIR`. torch's default folder is
     shared by every environment of the user, and another environment's build (other source paths)
-    makes ninja rebuild the op (about a minute) on the next run here. One folder per environment
+    makes ninja rebuild the op (a minute or more) on the next run here. One folder per environment
     makes it one build per environment. A folder the user chose is kept."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(own_extensions_dir()))
 
@@ -138,7 +138,8 @@ def own_extensions_dir(prefix: str | None = None) -> Path:
 
 def announce_comm_op_build(device_type: str) -> None:
     """DeepSpeed compiles its shared-memory communication op for CPU ranks the first time, silently
-    (50-90 s): say so beforehand, on the first rank. A GPU run does not build it."""
+    (50-90 s on an idle machine, minutes on a busy one): say so beforehand, on the first rank. A GPU
+    run does not build it."""
     if device_type != "cpu" or os.environ.get("RANK", "0") != "0" or comm_op_is_built():
         return
     if not _deepspeed_can_build(COMM_OP_NAME):  # no compiler: DeepSpeed goes without the op
