@@ -14,6 +14,7 @@ import sys
 from trainer.cache.store import CacheError
 from trainer.checkpoints import CheckpointError
 from trainer.config import ConfigError
+from trainer.console import hold_third_party_output, send_third_party_output_to_log
 from trainer.data import DataError
 from trainer.models import ModelError
 from trainer.nonfinite import TrainingDiverged
@@ -24,6 +25,7 @@ USER_ERRORS = (ConfigError, DataError, ModelError, CacheError, CheckpointError, 
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
+    hold_third_party_output()  # first: before anything imports DeepSpeed
     _refuse_secrets_in(argv)
     argv = _strip_launcher_local_rank(argv)
     if any(a in ("-m", "--multirun") for a in argv):
@@ -54,6 +56,7 @@ def run_entry(task, cfg):
     from trainer.secrets import redact_secrets_in_logs
 
     redact_secrets_in_logs()  # before anything logs: no token of the environment reaches a log
+    send_third_party_output_to_log()
     rank = init_distributed()
     _quiet_other_ranks(rank.is_main)
     try:

@@ -83,10 +83,14 @@ def init_distributed() -> RankInfo:
     if not dist.is_initialized():
         import deepspeed  # imported late: it prints accelerator banners at import time
 
+        from trainer.console import announce_comm_op_build, prints_to_log
+
         backend = "nccl" if device.type == "cuda" else "gloo"
         if _restarted_by_torchrun_on_its_store():
             _join_on_this_attempts_keys(backend, device)
-        deepspeed.init_distributed(dist_backend=backend)  # adopts the group when it already exists
+        announce_comm_op_build(device.type)
+        with prints_to_log("deepspeed.comm"):  # "... built successfully" belongs in the log file
+            deepspeed.init_distributed(dist_backend=backend)  # adopts the group when it already exists
         # One group for the life of the process: DeepSpeed caches its groups at module level,
         # so the jobs of a sequential sweep share this one rather than re-creating it.
         atexit.register(_destroy_at_exit)
