@@ -106,7 +106,7 @@ def test_only_the_newest_checkpoints_are_kept(tiny, tmp_path):
     assert published(run_dir) == "step_00000007"
     files = sorted(p.name for p in (run_dir / "checkpoints" / "step_00000007").iterdir())
     # Stage 0 keeps the optimizer state inside DeepSpeed's model states file.
-    assert files == ["mp_rank_00_model_states.pt", "rank0_state.pt", "trainer_state.json"]
+    assert files == ["manifest.json", "mp_rank_00_model_states.pt", "rank0_state.pt", "trainer_state.json"]
 
 
 def test_a_checkpoint_of_another_run_is_refused_by_name_before_weights_load(tiny, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from trainer import checkpoints, engines, models, throughput
+from trainer import checkpoint_trust, checkpoints, engines, models, throughput
 from trainer.batching import eval_batches, micro_batches_for_step, step_row_ids
 from trainer.cache.cached_teacher import CachedStates, CachedTeacher, open_cache
 from trainer.config import validate
@@ -42,7 +42,8 @@ class DistillJob:
         self.summary: dict = {}
         self.state = checkpoints.TrainerState(
             step=0, world_size=rank.world_size,
-            rows_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * rank.world_size)
+            rows_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * rank.world_size,
+            zero_stage=cfg.deepspeed.stage)
 
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -194,13 +195,31 @@ class DistillJob:
         self.window_flops = 0.0
 
     def _checked_resume_point(self):
-        """The checkpoint this job continues from (None: a fresh start), refused by name when it
-        belongs to another teacher, student, data or LoRA shape."""
-        folder = checkpoints.find_resume_point(self.run_dir, self.cfg.resume)
+        """The checkpoint this job continues from (None: a fresh start), verified, and refused by
+        name when it belongs to another teacher, student, data or LoRA shape, another ZeRO layout,
+        or a step past train.max_steps."""
+        cfg = self.cfg
+        folder = self._agreed_resume_point()
         if folder is not None:
             self.resumed_state = checkpoints.read_state(folder)
             checkpoints.check_same_run(folder, self.resumed_state, self._identity())
+            checkpoint_trust.check_fits_job(folder, self.resumed_state, cfg.deepspeed.stage, cfg.train.max_steps)
         return folder
+
+    def _agreed_resume_point(self) -> Path | None:
+        """Rank 0 verifies the checkpoints and chooses; every rank takes its choice, or its error.
+        Ranks judging the files each on their own could resume from different checkpoints."""
+        choice = None
+        if self.rank.is_main:
+            try:
+                folder = checkpoint_trust.choose_resume_point(self.run_dir, self.cfg.resume)
+                choice = ("resume", str(folder) if folder is not None else None)
+            except checkpoints.CheckpointError as error:
+                choice = ("refuse", str(error))
+        verdict, value = broadcast_object(choice)
+        if verdict == "refuse":
+            raise checkpoints.CheckpointError(value)
+        return Path(value) if value is not None else None
 
     def _identity(self) -> dict:
         """What makes a checkpoint belong to this run: a different value is a different run."""
