@@ -271,14 +271,43 @@ def test_skips_between_log_points_are_counted_when_the_window_is_logged(tiny, tm
 
 def test_too_many_non_finite_steps_in_a_row_stop_the_job_keeping_the_last_good_checkpoint(tiny, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_faulty(tiny_overrides(tiny, run_dir, tmp_path / "cache", "train.max_steps=20", "checkpoint.every=2",
-                                     "train.max_nonfinite_steps=3"), "nan_loss=0@3-")
+    args = tiny_overrides(tiny, run_dir, tmp_path / "cache", "train.max_steps=20", "checkpoint.every=2",
+                          "train.max_nonfinite_steps=3")
+    proc = run_faulty(args, "nan_loss=0@3-")
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("distill: error: the loss or gradients were NaN/Inf for 3 steps in a row (steps 3-5)"), last
     # Step 4's checkpoint holds step 2's weights: the skipped updates changed nothing.
-    assert f"the last good checkpoint is {run_dir}/checkpoints/step_00000004" in last
+    assert "the trainable weights they started from are finite, largest |w| " in last
+    assert (f"the newest checkpoint, {run_dir}/checkpoints/step_00000004, holds those same weights (skipped updates "
+            "change nothing), so resuming it replays these steps; start afresh with a lower train.lr") in last
     assert "Traceback" not in proc.stderr
     assert published(run_dir) == "step_00000004"
     assert checkpoint_tags(run_dir) == ["step_00000002", "step_00000004"]
     assert [m["skipped_steps"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [0, 0, 1, 2]
+    assert json.loads((run_dir / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())[
+        "nonfinite_in_a_row"] == 2
+
+    # Run again as it was, the run of skips goes on from the checkpoint's 2: one more stops it.
+    again = run_faulty(args, "nan_loss=0@3-")
+    assert again.returncode == 2, again.stderr[-3000:]
+    last = again.stderr.strip().splitlines()[-1]
+    assert last.startswith("distill: error: the loss or gradients were NaN/Inf for 3 steps in a row (steps 3-5)"), last
+    assert [m["skipped_steps"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [0, 0, 1, 2], "step 5 stopped it"
+    assert not (run_dir / "adapter").exists() and "RESULT" not in again.stdout
+
+
+def test_a_final_evaluation_that_is_not_finite_fails_the_job_without_an_adapter(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_faulty(tiny_overrides(tiny, run_dir, tmp_path / "cache", "train.max_steps=2", "checkpoint.every=1"),
+                      "nan_final_eval")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("distill: error: the final evaluation gave eval/kl_to_teacher=nan, eval/student_ce=nan, "
+                           "so no adapter/ and no final checkpoint were written; the trainable weights are finite, "
+                           "largest |w| "), last
+    assert (f"the last update's loss and gradients were finite; the newest checkpoint is "
+            f"{run_dir}/checkpoints/step_00000001; start afresh with a lower train.lr") in last
+    assert "Traceback" not in proc.stderr and "RESULT" not in proc.stdout
+    assert not (run_dir / "adapter").exists() and not (run_dir / "summary.json").exists()
+    assert published(run_dir) == "step_00000001"

@@ -59,6 +59,12 @@ class TrainerState:
     zero_stage: int | None = None
     """The ZeRO stage it was saved under, which decides DeepSpeed's file layout (None: saved before
     this was recorded; checkpoint_trust.py then reads the layout from the file names)."""
+    nonfinite_in_a_row: int = 0
+    """Updates skipped (NaN/Inf) in a row up to `step`: a resumed run goes on counting from here."""
+    largest_abs_weight: float | None = None
+    """max |w| over the trainable weights at `step` (inf when one is not finite); None: not recorded."""
+    initial_largest_abs_weight: float | None = None
+    """The same at step 0 of the run, to judge the one above by."""
 
 
 def tag_for(step: int) -> str:
