@@ -7,8 +7,11 @@ one end-to-end test checks the same on real checkpoints of a tiny run.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -150,6 +153,36 @@ def test_a_checkpoint_past_train_max_steps_is_refused_and_one_at_it_is_not(tmp_p
     assert str(refused.value) == (
         f"checkpoint {folder} is at step 4, past train.max_steps=2; set train.max_steps=4 to export it as it is (or "
         "higher to train on), or start afresh with resume=never in a new run directory (hydra.run.dir=...).")
+
+
+# ------------------------------------------------------------------------------- a full disk
+def _mounted_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_torchs_short_write_error_on_a_full_disk_reads_no_space_left_on_device(tmp_path):
+    """torch.save on a full disk says `unexpected pos N vs M`: the message asks the disk instead."""
+    disk = tmp_path / "disk"
+    if not _mounted_tmpfs(disk, "256k"):
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    try:
+        with pytest.raises(RuntimeError) as torch_error:
+            torch.save(torch.zeros(2**17), disk / "big.pt")
+        message = str(checkpoints._save_failed(torch_error.value, disk, "step_00000004"))
+        assert "unexpected pos" in str(torch_error.value) and "unexpected pos" not in message
+        assert message.startswith(f"writing checkpoint step_00000004 in {disk} failed ({os.strerror(errno.ENOSPC)}; "
+                                  f"0 MiB free on the filesystem at {disk.resolve()}); no earlier checkpoint exists; "
+                                  "free some space"), message
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_write_error_on_a_disk_with_room_keeps_its_own_words(tmp_path):
+    message = str(checkpoints._save_failed(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                                                        "576 vs 534\nmore"), tmp_path, "step_00000004"))
+    assert "failed ([enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534; " in message
 
 
 # ------------------------------------------------------------------------------ end to end

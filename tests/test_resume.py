@@ -190,6 +190,9 @@ def test_a_real_full_filesystem_while_saving_keeps_the_previous_checkpoint(tiny,
         assert proc.returncode == 2, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert re.match(r"distill: error: writing checkpoint step_0000000(\d) in \S+ failed \(", last), last
+        # Whichever file met the full disk (torch.save's own words for it are "unexpected pos N vs M").
+        assert re.search(rf"failed \(No space left on device; \d+ MiB free on the filesystem at {disk.resolve()}\)",
+                         last), last
         failed = int(re.search(r"step_0000000(\d)", last).group(1))
         assert f"step_{failed - 1:08d} is intact" in last
         assert published(run_dir) == f"step_{failed - 1:08d}"

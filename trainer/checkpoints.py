@@ -20,6 +20,7 @@ import os
 import pickle
 import random
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -175,18 +176,46 @@ def _save_failures_reported(root: Path, staging: Path, tag: str):
     try:
         yield
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        failure = _save_failed(error, root, tag)  # first: it asks the disk, before the cleanup frees space
         shutil.rmtree(staging, ignore_errors=True)
-        raise _save_failed(error, root, tag) from None
+        raise failure from None
 
 
 def _save_failed(error: BaseException, root: Path, tag: str) -> CheckpointError:
-    reason = os.strerror(errno.ENOSPC) if getattr(error, "errno", None) == errno.ENOSPC else _first_line(error)
-    free_mib = shutil.disk_usage(root).free / 2**20 if root.exists() else float("nan")
+    code = getattr(error, "errno", None)
+    if code not in (errno.ENOSPC, errno.EDQUOT):
+        code = _disk_full_errno(root)
+    reason = os.strerror(code) if code else _first_line(error)
     previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     kept = (f"the previous checkpoint {previous} is intact and the same command resumes from it"
             if previous else "no earlier checkpoint exists")
-    return CheckpointError(f"writing checkpoint {tag} in {root} failed ({reason}; {free_mib:.0f} MiB free there); "
+    return CheckpointError(f"writing checkpoint {tag} in {root} failed ({reason}; {_free_space(root)}); "
                            f"{kept}; free some space (or lower checkpoint.keep) and run the same command again.")
+
+
+def _disk_full_errno(folder: Path) -> int | None:
+    """ENOSPC or EDQUOT when `folder` cannot take one more block of data now, else None.
+
+    torch.save reports a short write as `unexpected pos N vs M`, dropping the OS's error: ask the
+    disk again, with a write of our own (synced: a network filesystem reports a full disk then)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        return error.errno if error.errno in (errno.ENOSPC, errno.EDQUOT) else None
+    return None
+
+
+def _free_space(folder: Path) -> str:
+    """`N MiB free on the filesystem at <mount point>`: the disk to clear, named."""
+    if not folder.exists():
+        return "the folder could not be created"
+    mount = folder.resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free on the filesystem at {mount}"
 
 
 def _first_line(error: BaseException) -> str:
