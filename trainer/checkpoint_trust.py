@@ -186,8 +186,8 @@ def check_fits_job(folder: Path, state: TrainerState, zero_stage: int, max_steps
         stages = str(state.zero_stage) if state.zero_stage is not None else _STAGES_OF[saved]
         raise CheckpointError(
             f"checkpoint {folder} was saved under ZeRO stage {stages} and this job runs stage {zero_stage}, whose "
-            f"files DeepSpeed lays out differently; resume with deepspeed=zero{stages.split()[-1]} (or its offload "
-            "variant), or start afresh with resume=never in a new run directory (hydra.run.dir=...).")
+            f"files DeepSpeed lays out differently; resume with deepspeed=zero{stages.split()[-1]}, or start afresh "
+            "with resume=never in a new run directory (hydra.run.dir=...).")
     if state.step > max_steps:
         # Going on would train nothing, export the step-N weights under a run that says it took
         # max_steps, and log an evaluation of an earlier step after a later one.
