@@ -185,6 +185,13 @@ def test_a_write_error_on_a_disk_with_room_keeps_its_own_words(tmp_path):
     assert "failed ([enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534; " in message
 
 
+def test_safetensors_words_for_a_full_disk_read_no_space_left_on_device(tmp_path):
+    from safetensors import SafetensorError
+
+    error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert checkpoints._write_failure_reason(error, tmp_path) == os.strerror(errno.ENOSPC)
+
+
 # ------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_real_checkpoints_damaged_or_mismatched_are_caught_before_weights_load(tiny, tmp_path):

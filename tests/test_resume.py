@@ -201,6 +201,34 @@ def test_a_real_full_filesystem_while_saving_keeps_the_previous_checkpoint(tiny,
         subprocess.run(["umount", str(disk)], check=False)
 
 
+def test_a_full_disk_while_exporting_keeps_the_final_checkpoint_and_the_same_command_exports_it(tiny, tmp_path):
+    """adapter/ on a real filesystem too small for its weights (a tmpfs, where this machine lets us mount one)."""
+    run_dir, disk = tmp_path / "run", tmp_path / "disk"
+    if not _mount_tmpfs(disk, "32k"):
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    args = tiny_overrides(tiny, run_dir, tmp_path / "cache", "train.max_steps=2")
+    try:
+        run_dir.mkdir()
+        (run_dir / "adapter").symlink_to(disk)
+        proc = run_cli(args)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf"distill: error: writing {run_dir}/adapter failed \(No space left on device; \d+ MiB "
+                            rf"free on the filesystem at {disk.resolve()}\), so its files are incomplete; the final "
+                            r"checkpoint is intact: free some space and run the same command again, which writes "
+                            r"them from it without training\.", last), last
+        assert "Traceback" not in proc.stderr and "RESULT" not in proc.stdout
+        assert published(run_dir) == "step_00000002"
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    (run_dir / "adapter").unlink()  # space freed: adapter/ is now a folder on a disk with room
+    rerun = run_cli(args)
+    assert_ok(rerun)
+    assert "at step 2" in rerun.stdout
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+
+
 def test_torchrun_restarts_a_job_whose_rank_was_killed_and_it_resumes_from_its_checkpoint(tiny, tmp_path):
     """--max-restarts 1 and no hydra.run.dir: the restarted workers find the first ones' run directory."""
     args = [a for a in tiny_overrides(tiny, tmp_path / "unused", tmp_path / "cache", "train.max_steps=300",

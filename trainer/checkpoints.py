@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -182,15 +183,23 @@ def _save_failures_reported(root: Path, staging: Path, tag: str):
 
 
 def _save_failed(error: BaseException, root: Path, tag: str) -> CheckpointError:
-    code = getattr(error, "errno", None)
-    if code not in (errno.ENOSPC, errno.EDQUOT):
-        code = _disk_full_errno(root)
-    reason = os.strerror(code) if code else _first_line(error)
+    reason = _write_failure_reason(error, root)
     previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     kept = (f"the previous checkpoint {previous} is intact and the same command resumes from it"
             if previous else "no earlier checkpoint exists")
     return CheckpointError(f"writing checkpoint {tag} in {root} failed ({reason}; {_free_space(root)}); "
                            f"{kept}; free some space (or lower checkpoint.keep) and run the same command again.")
+
+
+def _write_failure_reason(error: BaseException, folder: Path) -> str:
+    """The OS's words for a failed write into `folder`: `No space left on device` for a full disk,
+    however the writer put it (torch: `unexpected pos N vs M`; safetensors: `(os error 28)`)."""
+    code = getattr(error, "errno", None)
+    if code is None and (match := re.search(r"\(os error (\d+)\)", str(error))):
+        code = int(match.group(1))
+    if code not in (errno.ENOSPC, errno.EDQUOT):
+        code = _disk_full_errno(folder) or code
+    return os.strerror(code) if code else _first_line(error)
 
 
 def _disk_full_errno(folder: Path) -> int | None:
@@ -304,10 +313,26 @@ def export_student(model, tokenizer, run_dir: Path, peft_kind: str, is_main: boo
     state = gathered_state_dict(model, trainable_only=peft_kind == "lora", is_main=is_main)
     out_dir = run_dir / ("adapter" if peft_kind == "lora" else "model")
     if is_main:
-        model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(str(out_dir))
+        with _export_failures_reported(out_dir):
+            model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(str(out_dir))
     dist.barrier()
     return out_dir
+
+
+@contextlib.contextmanager
+def _export_failures_reported(out_dir: Path):
+    """A failed export (a full disk, at the very end) costs no training: the final checkpoint was
+    published first, and a job resumed at train.max_steps only exports."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        raise CheckpointError(
+            f"writing {out_dir} failed ({_write_failure_reason(error, out_dir)}; {_free_space(out_dir)}), so its "
+            "files are incomplete; the final checkpoint is intact: free some space and run the same command again, "
+            "which writes them from it without training.") from None
 
 
 def export_merged(student_cfg, adapter_dir: Path, run_dir: Path, dtype: torch.dtype) -> Path:
@@ -320,6 +345,7 @@ def export_merged(student_cfg, adapter_dir: Path, run_dir: Path, dtype: torch.dt
     base = load_model("student", student_cfg, dtype, zero3_config=None)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out_dir = run_dir / "merged"
-    merged.save_pretrained(str(out_dir), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out_dir))
+    with _export_failures_reported(out_dir):
+        merged.save_pretrained(str(out_dir), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out_dir))
     return out_dir
