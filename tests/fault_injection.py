@@ -7,7 +7,9 @@ and placed deterministically, so a test knows exactly what the restart must find
 - `kill_while_saving=N`: every rank SIGKILLs itself in the middle of writing checkpoint N
   (DeepSpeed's files written, the rank and trainer state not yet);
 - `no_space_while_saving=N`: writing checkpoint N fails with ENOSPC, as on a full disk;
-- `nan_loss=R@S` or `nan_loss=R@S-`: rank R's loss is NaN at step S (or at every step from S).
+- `nan_loss=R@S` or `nan_loss=R@S-`: rank R's loss is NaN at step S (or at every step from S);
+- `nan_final_eval`: the final evaluation's student metrics are NaN, as those of a student whose
+  weights diverged (every loss of training finite).
 
 Every job also prints `PARAM_DIGEST rank=<r> <sha256>` of its trainable weights before exporting.
 """
@@ -75,6 +77,18 @@ def _inject_nan_loss():
     job.DistillJob.train_step, job.DistillJob._micro_batch_sums = train_step, micro_batch_sums
 
 
+def _poison_final_evaluation():
+    original = job.DistillJob.evaluate
+
+    def evaluate(self, step):
+        metrics = original(self, step)
+        if step == self.cfg.train.max_steps:
+            return {**metrics, "eval/kl_to_teacher": float("nan"), "eval/student_ce": float("nan")}
+        return metrics
+
+    job.DistillJob.evaluate = evaluate
+
+
 def _print_param_digest():
     original = job.DistillJob.finish
 
@@ -94,6 +108,8 @@ if __name__ == "__main__":
     _wrap_rng_states()
     if FAULT == "nan_loss":
         _inject_nan_loss()
+    if FAULT == "nan_final_eval":
+        _poison_final_evaluation()
     _print_param_digest()
     import runpy
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from trainer.nonfinite import SkippingAdamW
+from trainer.nonfinite import SkippingAdamW, describe_weights, largest_abs_weight, streak_message
 
 
 def optimizer_with_grads(grad: torch.Tensor):
@@ -49,3 +51,43 @@ def test_the_decision_of_the_first_call_holds_for_every_sub_group_of_the_step(mo
     weight.grad = torch.ones(4)  # ZeRO-3 steps sub-groups one after another; the first saw the NaN
     optimizer.step()
     assert torch.equal(weight.detach(), torch.ones(4)) and optimizer.read_skips() == (1, 1)
+
+
+def test_a_resumed_optimizer_goes_on_counting_the_run_of_skips_its_checkpoint_ended_in(monkeypatch):
+    weight, optimizer = optimizer_with_grads(torch.ones(4))
+    optimizer.resume_skips_in_a_row(2)
+    assert optimizer.read_skips() == (0, 2), "before its first step, the run of skips is the checkpoint's"
+    step_without_host_reads(optimizer, torch.tensor(float("nan")), monkeypatch)
+    assert optimizer.read_skips() == (1, 3)
+    step_without_host_reads(optimizer, torch.tensor(1.0), monkeypatch)
+    assert optimizer.read_skips() == (1, 0)
+
+
+def test_the_largest_trainable_weight_is_inf_when_one_is_not_finite():
+    model = torch.nn.Linear(3, 2)
+    frozen = torch.nn.Parameter(torch.full((2,), 1e9), requires_grad=False)  # frozen weights are not counted
+    model.register_parameter("frozen", frozen)
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+        model.bias.copy_(torch.tensor([-3.0, 1.0]))
+    assert largest_abs_weight(model) == 3.0
+    with torch.no_grad():
+        model.weight[0, 1] = float("nan")
+    assert largest_abs_weight(model) == float("inf")
+    assert describe_weights(3.0, 0.125) == "finite, largest |w| 3 (0.125 at step 0)"
+    assert describe_weights(float("inf"), 0.125) == "not all finite"
+
+
+def test_the_stop_message_says_whether_the_newest_checkpoint_holds_the_weights_the_bad_steps_started_from():
+    during = streak_message(3, 7, "finite, largest |w| 2.3e+05 (0.125 at step 0)", Path("/run/checkpoints/step_00000006"),
+                            6, "finite, largest |w| 2.3e+05")
+    assert during.startswith("the loss or gradients were NaN/Inf for 5 steps in a row (steps 3-7), so the job stopped "
+                             "without saving; the trainable weights they started from are finite, largest |w| 2.3e+05 "
+                             "(0.125 at step 0); the newest checkpoint, /run/checkpoints/step_00000006, holds those "
+                             "same weights (skipped updates change nothing), so resuming it replays these steps; "
+                             "start afresh with a lower train.lr (resume=never in a new run directory"), during
+    before = streak_message(5, 9, "not all finite", Path("/run/checkpoints/step_00000002"), 2,
+                            "finite, largest |w| 0.5 (0.125 at step 0)")
+    assert ("the newest checkpoint, /run/checkpoints/step_00000002, is from step 2, before them (its trainable "
+            "weights: finite, largest |w| 0.5 (0.125 at step 0)); start afresh") in before
+    assert "no checkpoint was saved before them; start afresh" in streak_message(1, 5, "not all finite", None, None, "")

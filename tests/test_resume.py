@@ -106,7 +106,7 @@ def test_only_the_newest_checkpoints_are_kept(tiny, tmp_path):
     assert published(run_dir) == "step_00000007"
     files = sorted(p.name for p in (run_dir / "checkpoints" / "step_00000007").iterdir())
     # Stage 0 keeps the optimizer state inside DeepSpeed's model states file.
-    assert files == ["mp_rank_00_model_states.pt", "rank0_state.pt", "trainer_state.json"]
+    assert files == ["manifest.json", "mp_rank_00_model_states.pt", "rank0_state.pt", "trainer_state.json"]
 
 
 def test_a_checkpoint_of_another_run_is_refused_by_name_before_weights_load(tiny, tmp_path):
@@ -190,12 +190,43 @@ def test_a_real_full_filesystem_while_saving_keeps_the_previous_checkpoint(tiny,
         assert proc.returncode == 2, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert re.match(r"distill: error: writing checkpoint step_0000000(\d) in \S+ failed \(", last), last
+        # Whichever file met the full disk (torch.save's own words for it are "unexpected pos N vs M").
+        assert re.search(rf"failed \(No space left on device; \d+ MiB free on the filesystem at {disk.resolve()}\)",
+                         last), last
         failed = int(re.search(r"step_0000000(\d)", last).group(1))
         assert f"step_{failed - 1:08d} is intact" in last
         assert published(run_dir) == f"step_{failed - 1:08d}"
         assert not list(disk.glob("*.partial"))
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_full_disk_while_exporting_keeps_the_final_checkpoint_and_the_same_command_exports_it(tiny, tmp_path):
+    """adapter/ on a real filesystem too small for its weights (a tmpfs, where this machine lets us mount one)."""
+    run_dir, disk = tmp_path / "run", tmp_path / "disk"
+    if not _mount_tmpfs(disk, "32k"):
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    args = tiny_overrides(tiny, run_dir, tmp_path / "cache", "train.max_steps=2")
+    try:
+        run_dir.mkdir()
+        (run_dir / "adapter").symlink_to(disk)
+        proc = run_cli(args)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf"distill: error: writing {run_dir}/adapter failed \(No space left on device; \d+ MiB "
+                            rf"free on the filesystem at {disk.resolve()}\), so its files are incomplete; the final "
+                            r"checkpoint is intact: free some space and run the same command again, which writes "
+                            r"them from it without training\.", last), last
+        assert "Traceback" not in proc.stderr and "RESULT" not in proc.stdout
+        assert published(run_dir) == "step_00000002"
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    (run_dir / "adapter").unlink()  # space freed: adapter/ is now a folder on a disk with room
+    rerun = run_cli(args)
+    assert_ok(rerun)
+    assert "at step 2" in rerun.stdout
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
 
 
 def test_torchrun_restarts_a_job_whose_rank_was_killed_and_it_resumes_from_its_checkpoint(tiny, tmp_path):
@@ -271,14 +302,43 @@ def test_skips_between_log_points_are_counted_when_the_window_is_logged(tiny, tm
 
 def test_too_many_non_finite_steps_in_a_row_stop_the_job_keeping_the_last_good_checkpoint(tiny, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_faulty(tiny_overrides(tiny, run_dir, tmp_path / "cache", "train.max_steps=20", "checkpoint.every=2",
-                                     "train.max_nonfinite_steps=3"), "nan_loss=0@3-")
+    args = tiny_overrides(tiny, run_dir, tmp_path / "cache", "train.max_steps=20", "checkpoint.every=2",
+                          "train.max_nonfinite_steps=3")
+    proc = run_faulty(args, "nan_loss=0@3-")
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("distill: error: the loss or gradients were NaN/Inf for 3 steps in a row (steps 3-5)"), last
     # Step 4's checkpoint holds step 2's weights: the skipped updates changed nothing.
-    assert f"the last good checkpoint is {run_dir}/checkpoints/step_00000004" in last
+    assert "the trainable weights they started from are finite, largest |w| " in last
+    assert (f"the newest checkpoint, {run_dir}/checkpoints/step_00000004, holds those same weights (skipped updates "
+            "change nothing), so resuming it replays these steps; start afresh with a lower train.lr") in last
     assert "Traceback" not in proc.stderr
     assert published(run_dir) == "step_00000004"
     assert checkpoint_tags(run_dir) == ["step_00000002", "step_00000004"]
     assert [m["skipped_steps"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [0, 0, 1, 2]
+    assert json.loads((run_dir / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())[
+        "nonfinite_in_a_row"] == 2
+
+    # Run again as it was, the run of skips goes on from the checkpoint's 2: one more stops it.
+    again = run_faulty(args, "nan_loss=0@3-")
+    assert again.returncode == 2, again.stderr[-3000:]
+    last = again.stderr.strip().splitlines()[-1]
+    assert last.startswith("distill: error: the loss or gradients were NaN/Inf for 3 steps in a row (steps 3-5)"), last
+    assert [m["skipped_steps"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [0, 0, 1, 2], "step 5 stopped it"
+    assert not (run_dir / "adapter").exists() and "RESULT" not in again.stdout
+
+
+def test_a_final_evaluation_that_is_not_finite_fails_the_job_without_an_adapter(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_faulty(tiny_overrides(tiny, run_dir, tmp_path / "cache", "train.max_steps=2", "checkpoint.every=1"),
+                      "nan_final_eval")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("distill: error: the final evaluation gave eval/kl_to_teacher=nan, eval/student_ce=nan, "
+                           "so no adapter/ and no final checkpoint were written; the trainable weights are finite, "
+                           "largest |w| "), last
+    assert (f"the last update's loss and gradients were finite; the newest checkpoint is "
+            f"{run_dir}/checkpoints/step_00000001; start afresh with a lower train.lr") in last
+    assert "Traceback" not in proc.stderr and "RESULT" not in proc.stdout
+    assert not (run_dir / "adapter").exists() and not (run_dir / "summary.json").exists()
+    assert published(run_dir) == "step_00000001"

@@ -3,7 +3,8 @@
 A checkpoint is the folder `checkpoints/step_<N>`: DeepSpeed's engine state (trainable weights,
 optimizer, LR scheduler), every rank's RNG states and `trainer_state.json` (step, tokens seen, the
 skipped steps, the W&B run id, and what the run was made of) plus one `rank<R>_state.pt` per
-rank (its RNG states and its share of the open log window). It is written
+rank (its RNG states and its share of the open log window), and `manifest.json`, the size of every
+other file, written last (checkpoint_trust.py verifies it before a resume). It is written
 under `step_<N>.partial`, renamed once every rank's files are complete, and only then published by
 rewriting the `latest` marker (write a temporary file, then rename it over the old one). A crash at
 any moment therefore leaves `latest` naming a complete checkpoint, or no `latest` at all.
@@ -11,12 +12,16 @@ any moment therefore leaves `latest` naming a complete checkpoint, or no `latest
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 TAG_PREFIX = "step_"
 
@@ -52,6 +58,15 @@ class TrainerState:
     """The global batch: the rows of step s depend on it (batching.py), not on how ranks split it."""
     identity: dict = field(default_factory=dict)
     """What the run is made of (models, data, LoRA shape): a checkpoint of another run is refused."""
+    zero_stage: int | None = None
+    """The ZeRO stage it was saved under, which decides DeepSpeed's file layout (None: saved before
+    this was recorded; checkpoint_trust.py then reads the layout from the file names)."""
+    nonfinite_in_a_row: int = 0
+    """Updates skipped (NaN/Inf) in a row up to `step`: a resumed run goes on counting from here."""
+    largest_abs_weight: float | None = None
+    """max |w| over the trainable weights at `step` (inf when one is not finite); None: not recorded."""
+    initial_largest_abs_weight: float | None = None
+    """The same at step 0 of the run, to judge the one above by."""
 
 
 def tag_for(step: int) -> str:
@@ -59,25 +74,6 @@ def tag_for(step: int) -> str:
 
 
 # ------------------------------------------------------------------------------------ finding
-def find_resume_point(run_dir: Path, resume: str) -> Path | None:
-    """The complete checkpoint folder to continue from, or None for a fresh start.
-
-    `auto`: the run directory's latest published checkpoint, if any. A path: a checkpoint folder
-    (`.../step_N`) or a checkpoints folder with a `latest` marker."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return published(run_dir / CHECKPOINTS)
-    path = Path(os.path.expanduser(resume))
-    if (path / STATE_FILE).is_file():
-        return path
-    found = published(path)
-    if found is None:
-        raise CheckpointError(f"resume={resume} is not a checkpoint: it holds neither {STATE_FILE} nor a `{LATEST}` "
-                              "marker; point it at a checkpoints/step_N folder, or use resume=auto or resume=never.")
-    return found
-
-
 def published(root: Path) -> Path | None:
     """The checkpoint `root/latest` names; None when nothing was published yet."""
     marker = root / LATEST
@@ -120,22 +116,31 @@ def save_checkpoint(engine, run_dir: Path, state: TrainerState, keep: int, rank_
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # a save of this step that crashed midway
     dist.barrier()
-    try:
+    with _save_failures_reported(root, staging, tag):
         # Frozen base weights are reloaded from the model folder; saving them would cost a copy
         # of the whole student per checkpoint for a LoRA run.
         engine.save_checkpoint(str(root), tag=staging.name, save_latest=False, exclude_frozen_parameters=True)
         torch.save({**rank_state, "rng": _rng_states()}, _rank_file(staging))
         if is_main:
             (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
-        shutil.rmtree(staging, ignore_errors=True)
-        raise _save_failed(error, root, tag) from None
     dist.barrier()  # every rank's files are written before the checkpoint may count
     if is_main:
+        with _save_failures_reported(root, staging, tag):
+            _write_manifest(staging)
         _publish(root, staging, tag)
         _keep_newest(root, keep)
     dist.barrier()
     return root / tag
+
+
+def _write_manifest(staging: Path) -> None:
+    """Every file's size, read once all ranks have written theirs. Each is opened to be measured:
+    on a network filesystem opening a file revalidates the size another node left it at."""
+    sizes = {}
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        with path.open("rb") as handle:
+            sizes[path.relative_to(staging).as_posix()] = os.fstat(handle.fileno()).st_size
+    (staging / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1))
 
 
 def _publish(root: Path, staging: Path, tag: str) -> None:
@@ -166,14 +171,60 @@ def _keep_newest(root: Path, keep: int) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _save_failures_reported(root: Path, staging: Path, tag: str):
+    """A failed write becomes one line saying why and what is left; the half-written folder goes."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        failure = _save_failed(error, root, tag)  # first: it asks the disk, before the cleanup frees space
+        shutil.rmtree(staging, ignore_errors=True)
+        raise failure from None
+
+
 def _save_failed(error: BaseException, root: Path, tag: str) -> CheckpointError:
-    reason = os.strerror(errno.ENOSPC) if getattr(error, "errno", None) == errno.ENOSPC else _first_line(error)
-    free_mib = shutil.disk_usage(root).free / 2**20 if root.exists() else float("nan")
+    reason = _write_failure_reason(error, root)
     previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     kept = (f"the previous checkpoint {previous} is intact and the same command resumes from it"
             if previous else "no earlier checkpoint exists")
-    return CheckpointError(f"writing checkpoint {tag} in {root} failed ({reason}; {free_mib:.0f} MiB free there); "
+    return CheckpointError(f"writing checkpoint {tag} in {root} failed ({reason}; {_free_space(root)}); "
                            f"{kept}; free some space (or lower checkpoint.keep) and run the same command again.")
+
+
+def _write_failure_reason(error: BaseException, folder: Path) -> str:
+    """The OS's words for a failed write into `folder`: `No space left on device` for a full disk,
+    however the writer put it (torch: `unexpected pos N vs M`; safetensors: `(os error 28)`)."""
+    code = getattr(error, "errno", None)
+    if code is None and (match := re.search(r"\(os error (\d+)\)", str(error))):
+        code = int(match.group(1))
+    if code not in (errno.ENOSPC, errno.EDQUOT):
+        code = _disk_full_errno(folder) or code
+    return os.strerror(code) if code else _first_line(error)
+
+
+def _disk_full_errno(folder: Path) -> int | None:
+    """ENOSPC or EDQUOT when `folder` cannot take one more block of data now, else None.
+
+    torch.save reports a short write as `unexpected pos N vs M`, dropping the OS's error: ask the
+    disk again, with a write of our own (synced: a network filesystem reports a full disk then)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        return error.errno if error.errno in (errno.ENOSPC, errno.EDQUOT) else None
+    return None
+
+
+def _free_space(folder: Path) -> str:
+    """`N MiB free on the filesystem at <mount point>`: the disk to clear, named."""
+    if not folder.exists():
+        return "the folder could not be created"
+    mount = folder.resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free on the filesystem at {mount}"
 
 
 def _first_line(error: BaseException) -> str:
@@ -184,18 +235,33 @@ def _first_line(error: BaseException) -> str:
 # ------------------------------------------------------------------------------------ loading
 def load_checkpoint(engine, folder: Path, step: int) -> dict:
     """Engine state and this rank's RNG states from `folder`; returns this rank's `rank_state`. Collective."""
-    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {folder}; start afresh with resume=never.")
-    rank_state = {}
-    if _rank_file(folder).is_file():
-        rank_state = torch.load(_rank_file(folder), weights_only=True)
-        _restore_rng_states(rank_state.pop("rng"))
-    else:  # resumed on more ranks than saved: the new ranks' random streams start from the seed
-        log.warning("%s has no state for rank %d; its random numbers will differ from an uninterrupted run.",
-                    folder, dist.get_rank())
+    with _load_failures_reported(folder):
+        path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {folder}; start afresh with resume=never.")
+        rank_state = {}
+        if _rank_file(folder).is_file():
+            rank_state = torch.load(_rank_file(folder), weights_only=True)
+            _restore_rng_states(rank_state.pop("rng"))
+        else:  # resumed on more ranks than saved: the new ranks' random streams start from the seed
+            log.warning("%s has no state for rank %d; its random numbers will differ from an uninterrupted run.",
+                        folder, dist.get_rank())
     log.info("resumed from %s at step %d", path, step)
     return rank_state
+
+
+@contextlib.contextmanager
+def _load_failures_reported(folder: Path):
+    """The last net, for what the file checks before loading cannot see (bytes changed in place, a
+    setting DeepSpeed needs the same): one line rather than DeepSpeed's bare assertion."""
+    try:
+        yield
+    except (AssertionError, RuntimeError, OSError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {folder} ({type(error).__name__}: "
+                              f"{_first_line(error)}) although its files passed the checks made before loading; "
+                              "restore the settings it was saved with (number of ranks, deepspeed), resume from an "
+                              "earlier checkpoint with resume=<its step_N folder>, or start afresh with resume=never "
+                              "in a new run directory (hydra.run.dir=...).") from None
 
 
 def _rank_file(folder: Path) -> Path:
@@ -247,10 +313,26 @@ def export_student(model, tokenizer, run_dir: Path, peft_kind: str, is_main: boo
     state = gathered_state_dict(model, trainable_only=peft_kind == "lora", is_main=is_main)
     out_dir = run_dir / ("adapter" if peft_kind == "lora" else "model")
     if is_main:
-        model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(str(out_dir))
+        with _export_failures_reported(out_dir):
+            model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(str(out_dir))
     dist.barrier()
     return out_dir
+
+
+@contextlib.contextmanager
+def _export_failures_reported(out_dir: Path):
+    """A failed export (a full disk, at the very end) costs no training: the final checkpoint was
+    published first, and a job resumed at train.max_steps only exports."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        raise CheckpointError(
+            f"writing {out_dir} failed ({_write_failure_reason(error, out_dir)}; {_free_space(out_dir)}), so its "
+            "files are incomplete; the final checkpoint is intact: free some space and run the same command again, "
+            "which writes them from it without training.") from None
 
 
 def export_merged(student_cfg, adapter_dir: Path, run_dir: Path, dtype: torch.dtype) -> Path:
@@ -263,6 +345,7 @@ def export_merged(student_cfg, adapter_dir: Path, run_dir: Path, dtype: torch.dt
     base = load_model("student", student_cfg, dtype, zero3_config=None)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out_dir = run_dir / "merged"
-    merged.save_pretrained(str(out_dir), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out_dir))
+    with _export_failures_reported(out_dir):
+        merged.save_pretrained(str(out_dir), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out_dir))
     return out_dir

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from trainer import checkpoints, engines, models, throughput
+from trainer import checkpoint_trust, checkpoints, engines, models, throughput
 from trainer.batching import eval_batches, micro_batches_for_step, step_row_ids
 from trainer.cache.cached_teacher import CachedStates, CachedTeacher, open_cache
 from trainer.config import ConfigError, unread_loss_settings, validate
@@ -21,7 +22,7 @@ from trainer.evaluation import evaluate, to_device
 from trainer.heads import Scorer, check_head_parity, fused_unsupported_reason
 from trainer.inputs import data_sources, load_splits, materialise_demo
 from trainer.losses import default_chunk_size
-from trainer.nonfinite import TrainingDiverged
+from trainer.nonfinite import TrainingDiverged, describe_weights, largest_abs_weight, streak_message
 from trainer.objective import IGNORE_INDEX, fused_micro_batch_sums, micro_batch_sums, supervised_positions
 from trainer.packing import check_documents_stay_apart, collate_packed, document_lengths, pack_rows
 from trainer.preemption import Preempted, PreemptionWatch, hand_back
@@ -47,7 +48,8 @@ class DistillJob:
         self.summary: dict = {}
         self.state = checkpoints.TrainerState(
             step=0, world_size=rank.world_size,
-            rows_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * rank.world_size)
+            rows_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * rank.world_size,
+            zero_stage=cfg.deepspeed.stage)
 
     def _check_metric_is_measured(self) -> None:
         """`validate` knows the names; only the device decides whether MFU has a peak to divide by."""
@@ -208,12 +210,15 @@ class DistillJob:
         self.window_flops = 0.0
 
     def _checked_resume_point(self):
-        """The checkpoint this job continues from (None: a fresh start), refused by name when it
-        belongs to another teacher, student, data or LoRA shape."""
-        folder = checkpoints.find_resume_point(self.run_dir, self.cfg.resume)
+        """The checkpoint this job continues from (None: a fresh start), verified, and refused by
+        name when it belongs to another teacher, student, data or LoRA shape, another ZeRO layout,
+        or a step past train.max_steps."""
+        cfg = self.cfg
+        folder = self._agreed_resume_point()
         if folder is not None:
             self.resumed_state = checkpoints.read_state(folder)
             checkpoints.check_same_run(folder, self.resumed_state, self._identity())
+            checkpoint_trust.check_fits_job(folder, self.resumed_state, cfg.deepspeed.stage, cfg.train.max_steps)
             self._check_metric_survives_resume(folder)
         return folder
 
@@ -224,6 +229,21 @@ class DistillJob:
             raise ConfigError(f"train.metric={metric} is measured before the first step, and this job resumes from "
                               f"{folder} at step {self.resumed_state.step}, so it has none; pick an eval/ or train/ "
                               "metric, or set resume=never to start afresh.")
+
+    def _agreed_resume_point(self) -> Path | None:
+        """Rank 0 verifies the checkpoints and chooses; every rank takes its choice, or its error.
+        Ranks judging the files each on their own could resume from different checkpoints."""
+        choice = None
+        if self.rank.is_main:
+            try:
+                folder = checkpoint_trust.choose_resume_point(self.run_dir, self.cfg.resume)
+                choice = ("resume", str(folder) if folder is not None else None)
+            except checkpoints.CheckpointError as error:
+                choice = ("refuse", str(error))
+        verdict, value = broadcast_object(choice)
+        if verdict == "refuse":
+            raise checkpoints.CheckpointError(value)
+        return Path(value) if value is not None else None
 
     def _identity(self) -> dict:
         """What makes a checkpoint belong to this run: a different value is a different run."""
@@ -248,10 +268,14 @@ class DistillJob:
     def _resume(self) -> int:
         """Engine, RNG and loop state from the checkpoint found at setup; the step to start at."""
         if self.resume_from is None:
+            self.state.initial_largest_abs_weight = largest_abs_weight(self.student.module)
             return 0
         saved = self.resumed_state
         rank_state = checkpoints.load_checkpoint(self.student, self.resume_from, saved.step)
         self.state.step, self.state.tokens_seen, self.state.skipped_steps = saved.step, saved.tokens_seen, saved.skipped_steps
+        self.state.initial_largest_abs_weight = saved.initial_largest_abs_weight
+        self.state.nonfinite_in_a_row = saved.nonfinite_in_a_row
+        self.optimizer.resume_skips_in_a_row(saved.nonfinite_in_a_row)
         self.resumed_window = rank_state.get("window")
         if saved.rows_per_step != self.state.rows_per_step:
             log.warning("resumed with %d rows per optimizer step a checkpoint saved with %d (micro-batch x accumulation "
@@ -375,6 +399,7 @@ class DistillJob:
         """`window`: this rank's sums of the log window still open after `step`."""
         self.state.step = step
         self.state.identity = self._identity()
+        self.state.largest_abs_weight = largest_abs_weight(self.student.module)
         checkpoints.save_checkpoint(self.student, self.run_dir, self.state, self.cfg.checkpoint.keep,
                                     rank_state={"window": window})
 
@@ -384,6 +409,7 @@ class DistillJob:
         total, in_a_row = self.optimizer.read_skips()
         new = self.skips_before + total - self.state.skipped_steps
         self.state.skipped_steps = self.skips_before + total
+        self.state.nonfinite_in_a_row = in_a_row
         since, self.skips_counted_at = self.skips_counted_at + 1, step
         if new:
             where, what = (f"step {step}", "this update") if since == step else (f"steps {since}-{step}",
@@ -391,12 +417,38 @@ class DistillJob:
             log.warning("%s: a loss or gradient was NaN/Inf on some rank; every rank skipped %s (%d in a row, %d in "
                         "all).", where, what, in_a_row, self.state.skipped_steps)
         if in_a_row >= self.cfg.train.max_nonfinite_steps:
-            good = checkpoints.published(self.run_dir / checkpoints.CHECKPOINTS)
-            kept = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before them"
-            raise TrainingDiverged(
-                f"the loss or gradients were NaN/Inf for {in_a_row} steps in a row (steps {step - in_a_row + 1}-{step}), "
-                f"so the job stopped without saving; {kept}; lower train.lr or check those steps' rows, then run again "
-                "(or raise train.max_nonfinite_steps).")
+            weights = self._weights_now()  # collective: every rank reads the same counts, and stops here
+            newest, saved = self._newest_checkpoint()
+            raise TrainingDiverged(streak_message(
+                step - in_a_row + 1, step, weights, newest, saved.step if saved else None,
+                describe_weights(saved.largest_abs_weight, saved.initial_largest_abs_weight) if saved else ""))
+
+    def _weights_now(self) -> str:
+        return describe_weights(largest_abs_weight(self.student.module), self.state.initial_largest_abs_weight)
+
+    def _newest_checkpoint(self) -> tuple[Path | None, checkpoints.TrainerState | None]:
+        """The published checkpoint and its state: what a stop message can tell about it."""
+        newest = checkpoints.published(self.run_dir / checkpoints.CHECKPOINTS)
+        return newest, checkpoints.read_state(newest) if newest is not None else None
+
+    def _refuse_non_finite(self, final: dict) -> None:
+        """A student whose final evaluation is NaN/Inf is no result: stop before its checkpoint,
+        adapter and RESULT line, saying what is known. Collective (every rank has the same `final`).
+        The teacher's own CE is left out: a cached teacher's stored log-probabilities may hold -inf."""
+        bad = {key: value for key, value in final.items() if key != "eval/teacher_ce" and not math.isfinite(value)}
+        if not bad:
+            return
+        weights = self._weights_now()
+        newest, _ = self._newest_checkpoint()
+        skipped = self.state.nonfinite_in_a_row
+        last_steps = (f"the last {skipped} updates were skipped as NaN/Inf" if skipped
+                      else "the last update's loss and gradients were finite")
+        kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved"
+        out = "adapter/" if self.cfg.peft.kind == "lora" else "model/"
+        raise TrainingDiverged(
+            f"the final evaluation gave {', '.join(f'{k}={v}' for k, v in sorted(bad.items()))}, so no {out} and "
+            f"no final checkpoint were written; the trainable weights are {weights} and {last_steps}; {kept}; "
+            "start afresh with a lower train.lr (resume=never in a new run directory, hydra.run.dir=...).")
 
     def _log_window(self, step: int, lr: float, window: torch.Tensor, seconds: float) -> None:
         objective, kd, ce, tokens, inputs = all_reduce_sum(window.clone()).tolist()
@@ -445,6 +497,7 @@ class DistillJob:
     # ---------------------------------------------------------------------------------- finish
     def finish(self, initial: dict, final: dict, seconds: float) -> float:
         cfg = self.cfg
+        self._refuse_non_finite(final)
         if self.first_step < cfg.train.max_steps:  # else the final checkpoint is the one resumed from
             self.save_checkpoint(cfg.train.max_steps, [0.0] * 5)  # the last step always closes its window
         out_dir = checkpoints.export_student(self.student.module, self.tokenizer, self.run_dir, cfg.peft.kind,

@@ -10,6 +10,8 @@ the decision common even without it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -35,6 +37,12 @@ class SkippingAdamW(torch.optim.AdamW):
         self.found_inf: torch.Tensor | None = None  # read by the fused kernel
         self.skip_counts: torch.Tensor | None = None
         self.decided = False
+        self.resumed_in_a_row = 0
+
+    def resume_skips_in_a_row(self, in_a_row: int) -> None:
+        """Go on counting the run of skipped updates a checkpoint ended in: a job resumed after a
+        NaN stop must stop again after the steps the limit has left, not after the whole limit."""
+        self.resumed_in_a_row = in_a_row
 
     def arm(self, step_loss: torch.Tensor) -> None:
         """This rank's loss sums for the coming step (any shape; only finiteness is read)."""
@@ -50,7 +58,7 @@ class SkippingAdamW(torch.optim.AdamW):
     def _decide(self) -> None:
         bad = self._any_rank_non_finite()
         if self.skip_counts is None:
-            self.skip_counts = torch.zeros(2, dtype=torch.int64, device=bad.device)
+            self.skip_counts = torch.tensor([0, self.resumed_in_a_row], dtype=torch.int64, device=bad.device)
         self.skip_counts[0] += bad
         self.skip_counts[1] = (self.skip_counts[1] + bad) * bad  # back to 0 at a finite step
         device = next(p.device for group in self.param_groups for p in group["params"])
@@ -60,7 +68,7 @@ class SkippingAdamW(torch.optim.AdamW):
     def read_skips(self) -> tuple[int, int]:
         """Updates skipped (in all, in a row up to the last step) since this optimizer was made: a host read."""
         if self.skip_counts is None:
-            return 0, 0
+            return 0, self.resumed_in_a_row
         total, in_a_row = self.skip_counts.tolist()
         return total, in_a_row
 
@@ -72,8 +80,57 @@ class SkippingAdamW(torch.optim.AdamW):
         if self.step_loss is not None:  # times 0: a finite loss adds nothing, a NaN or Inf one adds NaN
             total = total + self.step_loss.float().sum().to(total.device) * 0
         flag = (~torch.isfinite(total)).to(torch.int64).reshape(1)
-        if dist.is_initialized():
-            if dist.get_backend() == "nccl" and flag.device.type != "cuda":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # asynchronous to the host under NCCL
-        return flag[0]
+        return _max_over_ranks(flag)[0]  # asynchronous to the host under NCCL
+
+
+def _max_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl" and values.device.type != "cuda":
+            values = values.cuda()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def largest_abs_weight(model: torch.nn.Module) -> float:
+    """max |w| over the trainable weights of every rank (their shards under ZeRO-3); inf when one
+    is NaN or Inf. Collective, and a host read: for checkpoints and stops, not for every step.
+
+    A finite loss does not make weights healthy: at train.lr=1e6 one finite update took them to
+    |w| ~ 1e5, and every later step was NaN. This number, beside its value at step 0, shows it."""
+    tensors = [getattr(p, "ds_tensor", p).detach() for p in model.parameters() if p.requires_grad]
+    tensors = [t for t in tensors if t.numel()]  # a rank's ZeRO-3 shard of a small weight may be empty
+    local = torch.stack(torch._foreach_norm(tensors, ord=float("inf"))).float().amax() if tensors else torch.zeros(())
+    local = torch.nan_to_num(local, nan=float("inf")).reshape(1)  # NaN loses every comparison; inf wins them
+    return float(_max_over_ranks(local)[0])
+
+
+def describe_weights(largest: float | None, at_step_0: float | None) -> str:
+    """`finite, largest |w| 2.3e+05 (0.12 at step 0)`, or `not all finite`."""
+    if largest is None:
+        return "not recorded"
+    if largest == float("inf"):
+        return "not all finite"
+    return f"finite, largest |w| {largest:.3g}" + (f" ({at_step_0:.3g} at step 0)" if at_step_0 is not None else "")
+
+
+def streak_message(first: int, last: int, weights: str, newest: Path | None, newest_step: int | None,
+                   newest_weights: str) -> str:
+    """Why a run of `last - first + 1` skipped updates stopped the job, what its newest checkpoint
+    holds, and what to do.
+
+    Skipped updates leave the weights as they were and a step's rows depend on the seed and the
+    step alone, so a checkpoint saved during the run of skips (or just before it) replays the
+    same steps from the same weights. A resumed run also keeps its checkpoint's learning rate
+    (the scheduler's state), so the way out is a fresh start with a lower one."""
+    told = (f"the loss or gradients were NaN/Inf for {last - first + 1} steps in a row (steps {first}-{last}), so "
+            f"the job stopped without saving; the trainable weights they started from are {weights}")
+    if newest is None:
+        kept = "no checkpoint was saved before them"
+    elif newest_step is not None and newest_step >= first - 1:
+        kept = (f"the newest checkpoint, {newest}, holds those same weights (skipped updates change nothing), so "
+                "resuming it replays these steps")
+    else:
+        kept = f"the newest checkpoint, {newest}, is from step {newest_step}, before them (its trainable weights: {newest_weights})"
+    return (f"{told}; {kept}; start afresh with a lower train.lr (resume=never in a new run directory, "
+            "hydra.run.dir=...; a resumed run keeps its checkpoint's learning rate), or check those steps' rows "
+            "(or raise train.max_nonfinite_steps).")
