@@ -322,6 +322,9 @@ class DistillJob:
         window_counts = torch.tensor(window[3:], dtype=torch.float64)
         window_start = time.perf_counter()
         self.skips_before, self.skips_counted_at = self.state.skipped_steps, self.first_step
+        # Dropout on for the steps, whatever ran before: from_pretrained returns a model in eval
+        # mode, and a resumed job runs no evaluation first. Evaluations restore it (eval_mode).
+        self.student.train()
         for step in range(self.first_step, cfg.train.max_steps):
             done = step + 1
             log_now = done % cfg.train.log_every == 0 or done == cfg.train.max_steps

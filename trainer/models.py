@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import types
 from pathlib import Path
 
 import torch
@@ -246,9 +248,32 @@ def checkpoint_activations(model: nn.Module) -> None:
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    model.eval()
+    """No gradients, and eval mode for good: a frozen model's dropout must never run. Its `train`
+    is pinned to eval because callers switch "the model" back to train mode after a probe, and
+    under DeepSpeed they cannot tell which mode it was in (see :func:`eval_mode`)."""
     model.requires_grad_(False)
-    return model
+    model.train = types.MethodType(_stay_in_eval, model)
+    return model.eval()
+
+
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """`model` (a module or a DeepSpeed engine) in eval mode for the duration, then every submodule
+    back in the mode it was in. Read from the modules themselves: a DeepSpeed engine's own
+    `.training` never changes (its train() and eval() set only its module's), so an engine in
+    eval mode still says True."""
+    module = getattr(model, "module", model)
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for submodule, mode in modes:
+            submodule.training = mode
 
 
 def find_lora_targets(model: nn.Module) -> list[str]:
