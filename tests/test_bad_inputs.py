@@ -60,6 +60,20 @@ def _pickled(tiny: dict, root: Path) -> Path:
     return folder
 
 
+def _truncated_weights(tiny: dict, root: Path) -> Path:
+    folder = _copy_student(tiny, root, "truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    return folder
+
+
+def _without_tokenizer(tiny: dict, root: Path) -> Path:
+    folder = _copy_student(tiny, root, "no_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    return folder
+
+
 @pytest.fixture(scope="module")
 def odd(tiny, tmp_path_factory) -> dict:
     from transformers import AutoTokenizer
@@ -77,6 +91,8 @@ def odd(tiny, tmp_path_factory) -> dict:
                                     auto_map={"AutoConfig": "configuration_custom.CustomConfig",
                                               "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}),
         "pickled": _pickled(tiny, root),
+        "truncated": _truncated_weights(tiny, root),
+        "no_tokenizer": _without_tokenizer(tiny, root),
         "empty": root / "empty.jsonl",
         "malformed": root / "malformed.jsonl",
         "unknown": write_jsonl(root / "unknown.jsonl", [{"question": "1+1=", "answer": "2"}]),
@@ -110,6 +126,10 @@ CATALOGUE = {
     "remote_code_not_trusted": (lambda o: [f"student.path={o['remote_code']}"], "student.trust_remote_code=true", {}),
     "pickle_weights_not_allowed": (lambda o: [f"student.path={o['pickled']}"],
                                    "only as pickle (pytorch_model.bin)", {}),
+    "truncated_weights": (lambda o: [f"student.path={o['truncated']}"], "model.safetensors is truncated", {}),
+    "attention_unknown": (lambda o: ["teacher.attn_implementation=fast"],
+                          "teacher.attn_implementation=fast is not an attention implementation", {}),
+    "student_without_tokenizer": (lambda o: [f"student.path={o['no_tokenizer']}"], "has no tokenizer files", {}),
     "secret_in_config": (lambda o: [f"logger.name={SECRETS['WANDB_API_KEY']}"], "holds the value of WANDB_API_KEY",
                          {"WANDB_API_KEY": SECRETS["WANDB_API_KEY"]}),
 }

@@ -6,6 +6,9 @@ tokenizer files), or warn about pairs that are legal but odd."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from trainer import models
 from trainer.heads import HiddenTap, check_head_parity, model_head
+from trainer.models import ModelError
 
 DROPOUT = dict(resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2)
 
@@ -118,3 +122,115 @@ def test_a_teacher_with_dropout_distilled_into_itself_starts_at_zero_kl_and_scor
         "evaluate": {"teacher": [False], "student": [False]},
         "step": {"teacher": [False], "student": [True]},
     }
+
+
+# ------------------------------------------------------------------------ weight files
+def _model_cfg(path: Path, **settings) -> SimpleNamespace:
+    defaults = dict(revision=None, trust_remote_code=False, allow_pickle=False, attn_implementation="sdpa")
+    return SimpleNamespace(path=str(path), **{**defaults, **settings})
+
+
+def _copy(source: Path, folder: Path) -> Path:
+    shutil.copytree(source, folder)
+    return folder
+
+
+def _sharded(tiny: dict, folder: Path) -> Path:
+    """The tiny student saved in several safetensors shards, with its index."""
+    model = AutoModelForCausalLM.from_pretrained(tiny["student"])
+    model.save_pretrained(folder, max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny["student"] / name, folder / name)
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+def test_intact_weights_single_or_sharded_pass(tiny, tmp_path):
+    models.check_model("student", _model_cfg(tiny["student"]))
+    models.check_model("student", _model_cfg(_sharded(tiny, tmp_path / "sharded")))
+
+
+def _truncate(file: Path, keep: int | None = None) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2 if keep is None else keep])
+
+
+def _drop_a_shard(folder: Path) -> None:
+    shards = sorted(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    (folder / shards[-1]).unlink()
+
+
+BROKEN_WEIGHTS = {
+    "empty": (lambda folder: _truncate(folder / "model.safetensors", keep=0), "model.safetensors is empty (0 bytes)"),
+    "truncated": (lambda folder: _truncate(folder / "model.safetensors"), "model.safetensors is truncated ("),
+    "header cut short": (lambda folder: _truncate(folder / "model.safetensors", keep=20),
+                         "model.safetensors is truncated (20 bytes, shorter than its own header)"),
+    "not safetensors": (lambda folder: (folder / "model.safetensors").write_bytes(b"\x04" + b"\x00" * 7 + b"oops"),
+                        "model.safetensors is not a safetensors file"),
+    "no weights": (lambda folder: (folder / "model.safetensors").unlink(), "holds no weights"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_WEIGHTS))
+def test_broken_weight_files_are_refused_naming_the_file(tiny, tmp_path, case):
+    breaks, phrase = BROKEN_WEIGHTS[case]
+    folder = _copy(tiny["student"], tmp_path / "student")
+    breaks(folder)
+    with pytest.raises(ModelError, match="^student.path=.*") as error:
+        models.check_model("student", _model_cfg(folder))
+    assert phrase in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_missing_or_truncated_shard_is_refused(tiny, tmp_path):
+    folder = _sharded(tiny, tmp_path / "sharded")
+    _drop_a_shard(folder)
+    with pytest.raises(ModelError, match=r"model.safetensors.index.json names \d+ shard files, 1 of which are not there"):
+        models.check_model("teacher", _model_cfg(folder))
+    folder = _sharded(tiny, tmp_path / "sharded_truncated")
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    _truncate(shard)
+    with pytest.raises(ModelError, match=f"{shard.name} is truncated"):
+        models.check_model("teacher", _model_cfg(folder))
+
+
+def test_weights_are_not_checked_for_a_teacher_that_is_never_loaded(tiny, tmp_path):
+    folder = _copy(tiny["teacher"], tmp_path / "teacher")
+    _truncate(folder / "model.safetensors")
+    models.check_model("teacher", _model_cfg(folder, attn_implementation="nonsense"), loads_weights=False)
+
+
+# --------------------------------------------------------------------------- attention
+def test_attention_implementations_this_machine_runs_pass():
+    for name in (None, "eager", "sdpa", "paged|eager", *models.usable_attention()):
+        models.check_attention("teacher", name)
+
+
+@pytest.mark.skipif("flash_attention_2" in models.usable_attention(), reason="FlashAttention 2 is installed here")
+def test_flash_attention_that_is_not_installed_is_refused_naming_what_is():
+    from transformers.utils import is_kernels_available
+
+    if is_kernels_available():
+        pytest.skip("transformers falls back to the hub's kernels")
+    installed = ", ".join(models.usable_attention())
+    with pytest.raises(ModelError, match=f"teacher.attn_implementation=flash_attention_2 needs FlashAttention 2 .*"
+                                         f"not installed here .*use one that is: {installed}.$"):
+        models.check_attention("teacher", "flash_attention_2")
+
+
+def test_an_unknown_attention_implementation_is_refused_naming_what_is_installed():
+    with pytest.raises(ModelError, match="student.attn_implementation=fast is not an attention implementation "
+                                         "transformers knows; use one of those installed here: eager, sdpa"):
+        models.check_attention("student", "fast")
+
+
+# ------------------------------------------------------------------------- tokenizers
+def test_a_model_folder_without_tokenizer_files_says_so(tiny, gpt2, tmp_path):
+    """Before: a Llama folder gave "Couldn't instantiate the backend tokenizer", a GPT-2 one an
+    empty tokenizer that "differs" from the teacher's."""
+    for name, source in (("llama", tiny["student"]), ("gpt2", gpt2["dropout"])):
+        folder = _copy(source, tmp_path / name)
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / file).unlink()
+        with pytest.raises(ModelError, match=f"student.path={folder} has no tokenizer files .*; save the tokenizer "
+                                             "of the model it was made from into that folder"):
+            models.load_tokenizer("student", _model_cfg(folder))

@@ -15,6 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trainer import model_files
+
+log = logging.getLogger(__name__)
+
 
 class ModelError(ValueError):
     """A model or tokenizer cannot be used; the message says what to do."""
@@ -37,13 +41,17 @@ def check_model_source(role: str, path: str) -> None:
 
 
 def check_model(role: str, model_cfg, loads_weights: bool = True) -> None:
-    """Everything about a model that can be refused before a file of it is parsed: a missing
-    folder, a hub id that cannot be fetched offline, code shipped with the checkpoint and pickled
-    weights. A hub id is checked against its snapshot in the local hub cache when there is one;
-    otherwise transformers' own refusals (turned into one line below) and `use_safetensors` hold."""
+    """Everything about a model that can be refused before its config is parsed: a missing
+    folder, a hub id that cannot be fetched offline, code shipped with the checkpoint, an attention
+    implementation this machine cannot run, pickled weights, and weight files that are missing,
+    empty or truncated. A hub id is checked against its snapshot in the local hub cache when there
+    is one; otherwise transformers' own refusals (turned into one line below) and `use_safetensors`
+    hold."""
     from huggingface_hub import is_offline_mode
 
     check_model_source(role, model_cfg.path)
+    if loads_weights:  # settings made in code rather than by Hydra may not name one
+        check_attention(role, getattr(model_cfg, "attn_implementation", None))
     folder = local_files(model_cfg.path, model_cfg.revision)
     if folder is None:
         if is_offline_mode():
@@ -55,8 +63,14 @@ def check_model(role: str, model_cfg, loads_weights: bool = True) -> None:
         return
     if not model_cfg.trust_remote_code and _needs_own_code(folder):
         raise _remote_code_error(role, model_cfg.path)
-    if loads_weights and not model_cfg.allow_pickle:
+    if not loads_weights:
+        return
+    if not model_cfg.allow_pickle:
         _check_no_pickle_only(role, model_cfg.path, folder)
+    # Online, from_pretrained fetches what a hub snapshot still lacks; a folder, or the hub cache
+    # offline, is all there will be.
+    if Path(os.path.expanduser(model_cfg.path)).is_dir() or is_offline_mode():
+        _check_weight_files(role, model_cfg.path, folder)
 
 
 def local_files(path: str, revision: str | None) -> Path | None:
@@ -109,9 +123,79 @@ def _check_no_pickle_only(role: str, path: str, folder: Path) -> None:
         )
 
 
+def _check_weight_files(role: str, path: str, folder: Path) -> None:
+    """The safetensors files from_pretrained will read are all there, each as long as its header
+    says; a folder with no weights at all is refused too (pickled ones are checked above)."""
+    try:
+        files = model_files.safetensors_files(folder)
+        for file in files or ():
+            model_files.read_header(file)
+    except model_files.WeightsFileError as error:
+        raise ModelError(f"{role}.path={path}: {error}; copy or download the model's weights again.") from None
+    if files is None and not any(p.name.endswith(PICKLE_SUFFIXES) for p in folder.iterdir()):
+        raise ModelError(f"{role}.path={path} holds no weights ({model_files.SAFE_WEIGHTS} or "
+                         f"{model_files.SAFE_WEIGHTS_INDEX} and its shards); point it at a folder written by "
+                         "save_pretrained.")
+
+
+def check_attention(role: str, name: str | None) -> None:
+    """`<role>.attn_implementation` names one transformers knows and this machine can run; checked
+    before any model is built, since transformers finds out only while building the model."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.utils import is_kernels_available
+
+    usable = usable_attention()
+    if name is None or name in usable:
+        return
+    installed = ", ".join(usable)
+    if name in _flash_attention_versions() or "/" in name:
+        # Without the FlashAttention package transformers falls back to the hub's kernels when the
+        # `kernels` package is there; a kernel named by hub id (org/repo) needs that package anyway.
+        if is_kernels_available():
+            return
+        missing = "the kernels package" if "/" in name else f"FlashAttention {name[-1]} (or the kernels package)"
+        raise ModelError(f"{role}.attn_implementation={name} needs {missing}, which is not installed here (or has "
+                         f"no GPU to run on); install it, or use one that is: {installed}.")
+    if name in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        return  # a variant transformers knows (paged|eager): it checks the rest itself
+    raise ModelError(f"{role}.attn_implementation={name} is not an attention implementation transformers knows; "
+                     f"use one of those installed here: {installed} (or null to let transformers choose).")
+
+
+def usable_attention() -> list[str]:
+    """The attention implementations this machine can run: eager and sdpa always, flex_attention
+    where torch has it, each FlashAttention version whose package (and a GPU for it) is here."""
+    from transformers.utils import is_torch_flex_attn_available
+
+    names = ["eager", "sdpa"] + (["flex_attention"] if is_torch_flex_attn_available() else [])
+    return names + [name for name, available in _flash_attention_versions().items() if available()]
+
+
+def _flash_attention_versions() -> dict:
+    """{"flash_attention_<N>": whether its package is installed and a device for it present}."""
+    from transformers.modeling_flash_attention_utils import FLASH_ATTENTION_COMPATIBILITY_MATRIX
+
+    return {f"flash_attention_{version}": spec["general_availability_check"]
+            for version, spec in FLASH_ATTENTION_COMPATIBILITY_MATRIX.items()}
+
+
+def check_tokenizer_files(role: str, path: str, revision: str | None) -> None:
+    """A model folder with no tokenizer in it, named as such: AutoTokenizer would either fail with
+    a riddle or build an empty tokenizer that then 'differs' from the other model's."""
+    folder = local_files(path, revision)
+    if folder is None or model_files.has_tokenizer_files(folder):
+        return
+    raise ModelError(
+        f"{role}.path={path} has no tokenizer files (none of {', '.join(model_files.TOKENIZER_FILES[:4])}, ...); "
+        "save the tokenizer of the model it was made from into that folder (AutoTokenizer.from_pretrained(that "
+        f"model).save_pretrained('{path}')); a student cut from the teacher takes the teacher's."
+    )
+
+
 def load_tokenizer(role: str, model_cfg):
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(role, model_cfg.path, model_cfg.revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             os.path.expanduser(model_cfg.path),
