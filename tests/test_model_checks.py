@@ -6,6 +6,7 @@ tokenizer files), or warn about pairs that are legal but odd."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ import torch
 from conftest import REPO, read_jsonl, run_cli, save_model, tiny_overrides
 from deepspeed.runtime.engine import DeepSpeedEngine
 from torch import nn
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig
 
 from trainer import models
 from trainer.heads import HiddenTap, check_head_parity, model_head
@@ -122,6 +123,7 @@ def test_a_teacher_with_dropout_distilled_into_itself_starts_at_zero_kl_and_scor
         "evaluate": {"teacher": [False], "student": [False]},
         "step": {"teacher": [False], "student": [True]},
     }
+    assert "teacher.path and student.path are the same model" in proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------------ weight files
@@ -199,6 +201,56 @@ def test_weights_are_not_checked_for_a_teacher_that_is_never_loaded(tiny, tmp_pa
     models.check_model("teacher", _model_cfg(folder, attn_implementation="nonsense"), loads_weights=False)
 
 
+def test_a_config_whose_vocabulary_disagrees_with_the_weights_is_refused(tiny, tmp_path):
+    folder = _copy(tiny["student"], tmp_path / "student")
+    config = json.loads((folder / "config.json").read_text())
+    rows = config["vocab_size"]
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": rows + 5}))
+    with pytest.raises(ModelError, match=f"describes {rows + 5} token rows .* has {rows}, so the config and the "
+                                         "weights do not belong together"):
+        models.check_fits("student", _model_cfg(folder), AutoConfig.from_pretrained(folder), seq_len=32)
+    models.check_fits("student", _model_cfg(tiny["student"]), AutoConfig.from_pretrained(tiny["student"]), 32)
+
+
+def test_embedding_names_match_a_checkpoint_saved_without_the_base_model_prefix():
+    shapes = {"embed_tokens.weight": [31, 64], "lm_head.weight": [31, 64]}
+    assert models._stored_name("model.embed_tokens.weight", shapes) == "embed_tokens.weight"
+    assert models._stored_name("lm_head.weight", shapes) == "lm_head.weight"
+    assert models._stored_name("transformer.wte.weight", shapes) is None
+
+
+# --------------------------------------------------------------------------- positions
+POSITION_TABLES = {
+    "gpt2": (tiny_gpt2_config(40, positions=16), "transformer.wpe"),
+    "opt": (OPTConfig(vocab_size=40, hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4,
+                      max_position_embeddings=16, word_embed_proj_dim=64), "model.decoder.embed_positions"),
+    "llama": (LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=4, max_position_embeddings=16), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POSITION_TABLES))
+def test_seq_len_beyond_a_learned_position_table_is_refused_and_rotary_limits_are_returned(name):
+    config, table = POSITION_TABLES[name]
+    model = models.build_on_meta(config, trust_remote_code=False)
+    assert models.check_positions("student", config, model, seq_len=16) == (None if table else 16)
+    if table is None:
+        assert models.check_positions("student", config, model, seq_len=512) == 16
+        return
+    with pytest.raises(ModelError, match=fr"train.seq_len=17 is longer than the student's learned position table "
+                                         fr"\({table}: 16 positions\); set train.seq_len=16 or less."):
+        models.check_positions("student", config, model, seq_len=17)
+
+
+def test_rows_past_a_rotary_models_positions_are_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="trainer.models"):
+        models.warn_past_positions("teacher", 128, longest_row=128)
+        models.warn_past_positions("teacher", None, longest_row=10_000)
+        assert not caplog.records
+        models.warn_past_positions("teacher", 128, longest_row=200)
+    assert "teacher: rows of up to 200 tokens are longer than the 128 positions it was made for" in caplog.text
+
+
 # --------------------------------------------------------------------------- attention
 def test_attention_implementations_this_machine_runs_pass():
     for name in (None, "eager", "sdpa", "paged|eager", *models.usable_attention()):
@@ -234,3 +286,35 @@ def test_a_model_folder_without_tokenizer_files_says_so(tiny, gpt2, tmp_path):
         with pytest.raises(ModelError, match=f"student.path={folder} has no tokenizer files .*; save the tokenizer "
                                              "of the model it was made from into that folder"):
             models.load_tokenizer("student", _model_cfg(folder))
+
+
+# ------------------------------------------------------------------------------ pairs
+def _pair_warnings(caplog, teacher_cfg, student_cfg, teacher=None, student=None) -> list[str]:
+    caplog.clear()
+    meta = models.build_on_meta(tiny_gpt2_config(40), trust_remote_code=False)
+    teacher, student = (meta if model is None else model for model in (teacher, student))
+    with caplog.at_level(logging.WARNING, logger="trainer.models"):
+        models.warn_about_pair(teacher_cfg, student_cfg, teacher, student)
+    return [record.getMessage() for record in caplog.records]
+
+
+def test_the_same_model_as_teacher_and_student_is_warned_about(tiny, tmp_path, caplog):
+    link = tmp_path / "link"
+    link.symlink_to(tiny["student"])
+    for teacher_path in (tiny["student"], f"{tiny['student']}/", link):
+        warnings = _pair_warnings(caplog, _model_cfg(teacher_path), _model_cfg(tiny["student"]))
+        assert len(warnings) == 1 and warnings[0].startswith("teacher.path and student.path are the same model")
+    hub = _model_cfg("Qwen/Qwen2.5-0.5B")
+    assert len(_pair_warnings(caplog, hub, _model_cfg("Qwen/Qwen2.5-0.5B"))) == 1
+    assert _pair_warnings(caplog, hub, _model_cfg("Qwen/Qwen2.5-0.5B", revision="v2")) == []
+
+
+def test_a_student_larger_than_its_teacher_is_warned_about(tiny, caplog):
+    small = models.build_on_meta(tiny_gpt2_config(40), trust_remote_code=False)
+    large = models.build_on_meta(tiny_gpt2_config(40, layers=4), trust_remote_code=False)
+    teacher_cfg, student_cfg = _model_cfg(tiny["teacher"]), _model_cfg(tiny["student"])
+    assert _pair_warnings(caplog, teacher_cfg, student_cfg, teacher=large, student=small) == []
+    warnings = _pair_warnings(caplog, teacher_cfg, student_cfg, teacher=small, student=large)
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"the student ({models._in_words(models.parameter_count(large))} parameters) is larger than the teacher "
+        f"({models._in_words(models.parameter_count(small))})")

@@ -40,6 +40,7 @@ class DistillJob:
         validate(cfg)  # before anything is loaded, so a bad value costs nothing
         self.cfg, self.rank, self.run_dir = cfg, rank, run_dir
         self.summary: dict = {}
+        self.position_limits: dict[str, int | None] = {}  # by role; see _warn_past_positions
         self.state = checkpoints.TrainerState(
             step=0, world_size=rank.world_size,
             rows_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * rank.world_size)
@@ -86,16 +87,26 @@ class DistillJob:
         self.name_complies = gate.check_name(self.licence, self.model_name, self.rank.is_main)
         student_tokenizer = models.load_tokenizer("student", cfg.student)
         student_config = models.load_config("student", cfg.student)
+        student = self._check_fits("student", cfg.student, student_config)
         if cfg.peft.kind == "lora":
-            models.check_lora_targets(student_config, cfg.peft, cfg.student.trust_remote_code)
+            models.lora_targets(student, cfg.peft.target_modules)
         if cfg.teacher.path is None:  # a teacher cache that records its own teacher (e.g. an API model)
             return student_tokenizer, models.shared_vocab_size(student_tokenizer, None, student_config)
         teacher_tokenizer = models.load_tokenizer("teacher", cfg.teacher)
         models.check_same_tokenizer(teacher_tokenizer, student_tokenizer)
-        vocab_size = models.shared_vocab_size(
-            student_tokenizer, models.load_config("teacher", cfg.teacher), student_config
-        )
+        teacher_config = models.load_config("teacher", cfg.teacher)
+        vocab_size = models.shared_vocab_size(student_tokenizer, teacher_config, student_config)
+        # A cached teacher is never run: its weights and positions do not matter.
+        teacher = None if cfg.teacher.cache else self._check_fits("teacher", cfg.teacher, teacher_config)
+        if self.rank.is_main:
+            models.warn_about_pair(cfg.teacher, cfg.student, teacher, student)
         return student_tokenizer, vocab_size
+
+    def _check_fits(self, role: str, model_cfg, config):
+        """The model built on the meta device, checked against its weights and train.seq_len. The
+        positions it was made for are kept for a warning once the rows' lengths are known."""
+        model, self.position_limits[role] = models.check_fits(role, model_cfg, config, self.cfg.train.seq_len)
+        return model
 
     def _load_data(self) -> None:
         cfg = self.cfg
@@ -106,6 +117,7 @@ class DistillJob:
         else:
             train_rows, eval_rows = split_holdout(train.rows, cfg.data.eval_fraction, cfg.train.seed)
         self.train_rows = supervised_only(train_rows, cfg.train.seq_len)
+        self._warn_past_positions([*self.train_rows, *eval_rows[: cfg.data.max_eval_rows]])  # before packing
         if len(self.train_rows) < len(train_rows):
             log.warning("data: dropped %d of %d training rows with no token to learn (no response or assistant "
                         "turn, or one cut off by train.seq_len=%d)", len(train_rows) - len(self.train_rows),
@@ -119,6 +131,15 @@ class DistillJob:
                                          cfg.train.micro_batch_size, self.tokenizer.pad_token_id)
         log.info("data: %d training rows (%d truncated to train.seq_len=%d), %d held-out rows",
                  len(self.train_rows), train.num_truncated, cfg.train.seq_len, len(eval_rows))
+
+    def _warn_past_positions(self, rows: list) -> None:
+        """Rows longer than a model without a learned position table was made for (checked on the
+        rows, not train.seq_len: the demo's teacher has 128 positions, its rows fewer, seq_len 512).
+        Before packing: a packed row's positions restart at each of its documents."""
+        longest = max((len(row.input_ids) for row in rows), default=0)
+        if self.rank.is_main:
+            for role, limit in self.position_limits.items():
+                models.warn_past_positions(role, limit, longest)
 
     def _pack_training_rows(self) -> None:
         rows = self.train_rows

@@ -375,14 +375,138 @@ def find_lora_targets(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def check_lora_targets(config, peft_cfg, trust_remote_code: bool) -> list[str]:
-    """The LoRA targets `apply_lora` will use, found on the student built from its config on the
-    meta device: no memory, no weights read, so a wrong name costs nothing."""
+def build_on_meta(config, trust_remote_code: bool) -> nn.Module:
+    """The model `config` describes, on the meta device: its modules and shapes, no memory, no
+    weights read. What start-up checks that need the architecture look at."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return lora_targets(model, peft_cfg.target_modules)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_lora_targets(config, peft_cfg, trust_remote_code: bool) -> list[str]:
+    """The LoRA targets `apply_lora` will use, found on the student built from its config on the
+    meta device, so a wrong name costs nothing."""
+    return lora_targets(build_on_meta(config, trust_remote_code), peft_cfg.target_modules)
+
+
+def check_fits(role: str, model_cfg, config, seq_len: int | None) -> tuple[nn.Module, int | None]:
+    """The checks that need the architecture, on the model built from `config` on the meta device:
+    the weights' embedding rows against the config's vocabulary, and `seq_len` against a learned
+    position table. Returns that model (for the LoRA and pair checks) and the positions beyond
+    which a model without such a table extrapolates (None: no limit known), which only the
+    rows' real lengths can tell matter (:func:`warn_past_positions`)."""
+    model = build_on_meta(config, model_cfg.trust_remote_code)
+    check_embedding_rows(role, model_cfg, model)
+    limit = None if seq_len is None else check_positions(role, config, model, seq_len)
+    return model, limit
+
+
+def check_embedding_rows(role: str, model_cfg, model: nn.Module) -> None:
+    """The token embeddings and LM head in the safetensors headers have the rows the config says:
+    a config.json whose vocab_size was edited (or belongs to another checkpoint) would otherwise
+    stop the job with a size-mismatch report once the other model's weights are loaded."""
+    folder = local_files(model_cfg.path, model_cfg.revision)
+    try:
+        files = model_files.safetensors_files(folder) if folder is not None else None
+        shapes = model_files.tensor_shapes(files) if files else {}
+    except model_files.WeightsFileError:
+        return  # reported by check_model, in its own words
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is None or getattr(module, "weight", None) is None:
+            continue
+        name = _qualified_name(model, module.weight)
+        stored = _stored_name(name, shapes)
+        if stored is not None and shapes[stored][:1] != [module.weight.shape[0]]:
+            raise ModelError(
+                f"{role}.path={model_cfg.path}: its config.json describes {module.weight.shape[0]} token rows "
+                f"(vocab_size) but its weights' {stored} has {shapes[stored][0]}, so the config and the weights do "
+                "not belong together; restore the config.json saved with these weights."
+            )
+
+
+def _qualified_name(model: nn.Module, param: nn.Parameter) -> str:
+    return next(name for name, p in model.named_parameters(remove_duplicate=False) if p is param)
+
+
+def _stored_name(name: str, shapes: dict) -> str | None:
+    """`name` as a checkpoint stores it: as is, or with the base model's prefix (`model.`,
+    `transformer.`) missing or extra, as checkpoints saved from the bare backbone have."""
+    if name in shapes:
+        return name
+    return next((key for key in shapes if name.endswith("." + key) or key.endswith("." + name)), None)
+
+
+def check_positions(role: str, config, model: nn.Module, seq_len: int) -> int | None:
+    """Refuse `seq_len` beyond a learned position table (GPT-2's wpe, OPT's embed_positions): a
+    position past its last row is an IndexError in the middle of a step. Returns the positions
+    a model without such a table (rotary, ALiBi) was made for, for a warning once the rows'
+    lengths are known; None when the config gives none."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    table = _position_table(model, limit)
+    if table is not None and seq_len > limit:
+        raise ModelError(f"train.seq_len={seq_len} is longer than the {role}'s learned position table ({table}: "
+                         f"{limit} positions); set train.seq_len={limit} or less.")
+    return None if table is not None else limit
+
+
+def _position_table(model: nn.Module, limit: int) -> str | None:
+    """The name of an embedding with one row per position, if the model has one: any embedding
+    but the token embeddings with `max_position_embeddings` rows (OPT keeps 2 more, an offset)."""
+    tokens = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module is not tokens and 0 <= module.num_embeddings - limit <= 2:
+            return name
+    return None
+
+
+def warn_past_positions(role: str, limit: int | None, longest_row: int) -> None:
+    """A model without a learned position table runs past `max_position_embeddings`, but its
+    outputs there are those of positions it never saw in training."""
+    if limit is not None and longest_row > limit:
+        log.warning("%s: rows of up to %d tokens are longer than the %d positions it was made for "
+                    "(max_position_embeddings); its outputs past them are usually poor: lower train.seq_len, or "
+                    "extend its context (rope_scaling in its config) first.", role, longest_row, limit)
+
+
+def warn_about_pair(teacher_cfg, student_cfg, teacher: nn.Module | None, student: nn.Module) -> None:
+    """Allowed but odd pairs, said once at start-up: the same model as teacher and student (a
+    sanity check: the KL starts at 0), or a student larger than its teacher (swapped paths?)."""
+    if same_model(teacher_cfg, student_cfg):
+        log.warning("teacher.path and student.path are the same model (%s): the student starts equal to its "
+                    "teacher, so the KL starts at 0 and there is nothing to distil; fine as a sanity check, "
+                    "otherwise point student.path at a smaller model.", student_cfg.path)
+        return
+    if teacher is None:
+        return
+    teacher_size, student_size = parameter_count(teacher), parameter_count(student)
+    if student_size > teacher_size:
+        log.warning("the student (%s parameters) is larger than the teacher (%s): distillation usually makes a "
+                    "smaller model; check that teacher.path and student.path are not swapped.",
+                    _in_words(student_size), _in_words(teacher_size))
+
+
+def same_model(first, second) -> bool:
+    """Whether two model settings name the same model: one folder (however written, symlinks
+    included), or one hub id at one revision."""
+    paths = [os.path.expanduser(cfg.path) for cfg in (first, second)]
+    if all(os.path.isdir(path) for path in paths):
+        return os.path.samefile(*paths)
+    return paths[0] == paths[1] and first.revision == second.revision
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters, tied ones once (a meta model counts as a real one)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _in_words(count: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return str(count)
 
 
 def lora_targets(model: nn.Module, targets) -> list[str]:
