@@ -87,13 +87,14 @@ class DistillJob:
         self.name_complies = gate.check_name(self.licence, self.model_name, self.rank.is_main)
         student_tokenizer = models.load_tokenizer("student", cfg.student)
         student_config = models.load_config("student", cfg.student)
+        if cfg.teacher.path is not None:  # else a teacher cache that records its own teacher (e.g. an API model)
+            # First: with another tokenizer nothing else about the pair matters.
+            models.check_same_tokenizer(models.load_tokenizer("teacher", cfg.teacher), student_tokenizer)
         student = self._check_fits("student", cfg.student, student_config)
         if cfg.peft.kind == "lora":
             models.lora_targets(student, cfg.peft.target_modules)
-        if cfg.teacher.path is None:  # a teacher cache that records its own teacher (e.g. an API model)
+        if cfg.teacher.path is None:
             return student_tokenizer, models.shared_vocab_size(student_tokenizer, None, student_config)
-        teacher_tokenizer = models.load_tokenizer("teacher", cfg.teacher)
-        models.check_same_tokenizer(teacher_tokenizer, student_tokenizer)
         teacher_config = models.load_config("teacher", cfg.teacher)
         vocab_size = models.shared_vocab_size(student_tokenizer, teacher_config, student_config)
         # A cached teacher is never run: its weights and positions do not matter.

@@ -74,8 +74,3 @@ def read_header(file: Path) -> dict[str, dict]:
     if 8 + length + end > size:
         raise WeightsFileError(f"{file.name} is truncated ({size} bytes of the {8 + length + end} its header declares)")
     return tensors
-
-
-def tensor_shapes(files: list[Path]) -> dict[str, list[int]]:
-    """Every tensor's shape over `files` (the shards of one checkpoint), by name."""
-    return {name: entry["shape"] for file in files for name, entry in read_header(file).items()}

@@ -41,12 +41,12 @@ def check_model_source(role: str, path: str) -> None:
 
 
 def check_model(role: str, model_cfg, loads_weights: bool = True) -> None:
-    """Everything about a model that can be refused before its config is parsed: a missing
+    """Everything about a model that can be refused before a file of it is parsed: a missing
     folder, a hub id that cannot be fetched offline, code shipped with the checkpoint, an attention
-    implementation this machine cannot run, pickled weights, and weight files that are missing,
-    empty or truncated. A hub id is checked against its snapshot in the local hub cache when there
-    is one; otherwise transformers' own refusals (turned into one line below) and `use_safetensors`
-    hold."""
+    implementation this machine cannot run and pickled weights (the weight files themselves are
+    checked by :func:`check_fits`, after the tokenizers are compared). A hub id is checked against
+    its snapshot in the local hub cache when there is one; otherwise transformers' own refusals
+    (turned into one line below) and `use_safetensors` hold."""
     from huggingface_hub import is_offline_mode
 
     check_model_source(role, model_cfg.path)
@@ -63,14 +63,8 @@ def check_model(role: str, model_cfg, loads_weights: bool = True) -> None:
         return
     if not model_cfg.trust_remote_code and _needs_own_code(folder):
         raise _remote_code_error(role, model_cfg.path)
-    if not loads_weights:
-        return
-    if not model_cfg.allow_pickle:
+    if loads_weights and not model_cfg.allow_pickle:
         _check_no_pickle_only(role, model_cfg.path, folder)
-    # Online, from_pretrained fetches what a hub snapshot still lacks; a folder, or the hub cache
-    # offline, is all there will be.
-    if Path(os.path.expanduser(model_cfg.path)).is_dir() or is_offline_mode():
-        _check_weight_files(role, model_cfg.path, folder)
 
 
 def local_files(path: str, revision: str | None) -> Path | None:
@@ -123,19 +117,26 @@ def _check_no_pickle_only(role: str, path: str, folder: Path) -> None:
         )
 
 
-def _check_weight_files(role: str, path: str, folder: Path) -> None:
-    """The safetensors files from_pretrained will read are all there, each as long as its header
-    says; a folder with no weights at all is refused too (pickled ones are checked above)."""
+def stored_shapes(role: str, model_cfg) -> dict[str, list[int]]:
+    """Every tensor's shape in the safetensors files from_pretrained will read, after checking
+    they are all there, each as long as its header says; a folder with no weights at all is
+    refused too (one with pickled weights only, by check_model). Empty when pickled weights will
+    be read, or for a hub snapshot while online (from_pretrained fetches what it still lacks)."""
+    from huggingface_hub import is_offline_mode
+
+    folder = local_files(model_cfg.path, model_cfg.revision)
+    if folder is None or not (Path(os.path.expanduser(model_cfg.path)).is_dir() or is_offline_mode()):
+        return {}
     try:
         files = model_files.safetensors_files(folder)
-        for file in files or ():
-            model_files.read_header(file)
+        shapes = {name: entry["shape"] for file in files or () for name, entry in model_files.read_header(file).items()}
     except model_files.WeightsFileError as error:
-        raise ModelError(f"{role}.path={path}: {error}; copy or download the model's weights again.") from None
+        raise ModelError(f"{role}.path={model_cfg.path}: {error}; copy or download the model's weights again.") from None
     if files is None and not any(p.name.endswith(PICKLE_SUFFIXES) for p in folder.iterdir()):
-        raise ModelError(f"{role}.path={path} holds no weights ({model_files.SAFE_WEIGHTS} or "
+        raise ModelError(f"{role}.path={model_cfg.path} holds no weights ({model_files.SAFE_WEIGHTS} or "
                          f"{model_files.SAFE_WEIGHTS_INDEX} and its shards); point it at a folder written by "
                          "save_pretrained.")
+    return shapes
 
 
 def check_attention(role: str, name: str | None) -> None:
@@ -391,27 +392,23 @@ def check_lora_targets(config, peft_cfg, trust_remote_code: bool) -> list[str]:
 
 
 def check_fits(role: str, model_cfg, config, seq_len: int | None) -> tuple[nn.Module, int | None]:
-    """The checks that need the architecture, on the model built from `config` on the meta device:
-    the weights' embedding rows against the config's vocabulary, and `seq_len` against a learned
-    position table. Returns that model (for the LoRA and pair checks) and the positions beyond
-    which a model without such a table extrapolates (None: no limit known), which only the
-    rows' real lengths can tell matter (:func:`warn_past_positions`)."""
+    """The checks that need the weights' headers or the architecture, on the model built from
+    `config` on the meta device: weight files missing, empty or truncated, embedding rows against
+    the config's vocabulary, and `seq_len` against a learned position table. Returns that model
+    (for the LoRA and pair checks) and the positions beyond which a model without such a table
+    extrapolates (None: no limit known), which only the rows' real lengths can tell matter
+    (:func:`warn_past_positions`)."""
     model = build_on_meta(config, model_cfg.trust_remote_code)
-    check_embedding_rows(role, model_cfg, model)
+    check_embedding_rows(role, model_cfg.path, model, stored_shapes(role, model_cfg))
     limit = None if seq_len is None else check_positions(role, config, model, seq_len)
     return model, limit
 
 
-def check_embedding_rows(role: str, model_cfg, model: nn.Module) -> None:
-    """The token embeddings and LM head in the safetensors headers have the rows the config says:
-    a config.json whose vocab_size was edited (or belongs to another checkpoint) would otherwise
-    stop the job with a size-mismatch report once the other model's weights are loaded."""
-    folder = local_files(model_cfg.path, model_cfg.revision)
-    try:
-        files = model_files.safetensors_files(folder) if folder is not None else None
-        shapes = model_files.tensor_shapes(files) if files else {}
-    except model_files.WeightsFileError:
-        return  # reported by check_model, in its own words
+def check_embedding_rows(role: str, path: str, model: nn.Module, shapes: dict[str, list[int]]) -> None:
+    """The token embeddings and LM head in the weights (`shapes`, from their headers) have the
+    rows the config says: a config.json whose vocab_size was edited (or belongs to another
+    checkpoint) would otherwise stop the job with a size-mismatch report once the other model's
+    weights are loaded."""
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         if module is None or getattr(module, "weight", None) is None:
             continue
@@ -419,7 +416,7 @@ def check_embedding_rows(role: str, model_cfg, model: nn.Module) -> None:
         stored = _stored_name(name, shapes)
         if stored is not None and shapes[stored][:1] != [module.weight.shape[0]]:
             raise ModelError(
-                f"{role}.path={model_cfg.path}: its config.json describes {module.weight.shape[0]} token rows "
+                f"{role}.path={path}: its config.json describes {module.weight.shape[0]} token rows "
                 f"(vocab_size) but its weights' {stored} has {shapes[stored][0]}, so the config and the weights do "
                 "not belong together; restore the config.json saved with these weights."
             )
