@@ -60,6 +60,31 @@ def _pickled(tiny: dict, root: Path) -> Path:
     return folder
 
 
+def _truncated_weights(tiny: dict, root: Path) -> Path:
+    folder = _copy_student(tiny, root, "truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    return folder
+
+
+def _without_tokenizer(tiny: dict, root: Path) -> Path:
+    folder = _copy_student(tiny, root, "no_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    return folder
+
+
+def _short_gpt2(tiny: dict, root: Path, positions: int) -> Path:
+    """A GPT-2 with the tiny models' tokenizer and a learned table of `positions` positions."""
+    from conftest import save_model
+    from transformers import AutoTokenizer, GPT2Config
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=1, n_head=4, n_positions=positions,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return save_model(config, tokenizer, root / "short_gpt2", seed=7)
+
+
 @pytest.fixture(scope="module")
 def odd(tiny, tmp_path_factory) -> dict:
     from transformers import AutoTokenizer
@@ -77,6 +102,10 @@ def odd(tiny, tmp_path_factory) -> dict:
                                     auto_map={"AutoConfig": "configuration_custom.CustomConfig",
                                               "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}),
         "pickled": _pickled(tiny, root),
+        "truncated": _truncated_weights(tiny, root),
+        "no_tokenizer": _without_tokenizer(tiny, root),
+        "vocab_beyond_weights": _edit_config(_copy_student(tiny, root, "vocab_beyond_weights"), vocab_size=real_ids + 5),
+        "short_gpt2": _short_gpt2(tiny, root, positions=16),
         "empty": root / "empty.jsonl",
         "malformed": root / "malformed.jsonl",
         "unknown": write_jsonl(root / "unknown.jsonl", [{"question": "1+1=", "answer": "2"}]),
@@ -110,6 +139,14 @@ CATALOGUE = {
     "remote_code_not_trusted": (lambda o: [f"student.path={o['remote_code']}"], "student.trust_remote_code=true", {}),
     "pickle_weights_not_allowed": (lambda o: [f"student.path={o['pickled']}"],
                                    "only as pickle (pytorch_model.bin)", {}),
+    "truncated_weights": (lambda o: [f"student.path={o['truncated']}"], "model.safetensors is truncated", {}),
+    "config_vocab_disagrees_with_weights": (lambda o: [f"student.path={o['vocab_beyond_weights']}"],
+                                            "the config and the weights do not belong together", {}),
+    "seq_len_beyond_position_table": (lambda o: [f"student.path={o['short_gpt2']}"],
+                                      "train.seq_len=32 is longer than the student's learned position table", {}),
+    "attention_unknown": (lambda o: ["teacher.attn_implementation=fast"],
+                          "teacher.attn_implementation=fast is not an attention implementation", {}),
+    "student_without_tokenizer": (lambda o: [f"student.path={o['no_tokenizer']}"], "has no tokenizer files", {}),
     "secret_in_config": (lambda o: [f"logger.name={SECRETS['WANDB_API_KEY']}"], "holds the value of WANDB_API_KEY",
                          {"WANDB_API_KEY": SECRETS["WANDB_API_KEY"]}),
     # Issue 17: caught at start-up, not after the run (or after building the demo's teacher).

@@ -9,6 +9,7 @@ from trainer.cache.cached_teacher import CachedStates
 from trainer.distributed import all_reduce_sum
 from trainer.heads import Scorer
 from trainer.losses import sparse_per_token_divergence
+from trainer.models import eval_mode
 from trainer.objective import IGNORE_INDEX, targets_at_each_position
 
 _COUNTERS = ("kl", "student_ce", "teacher_ce", "agree", "tokens", "exact", "rows")
@@ -26,15 +27,14 @@ def evaluate(teacher, student: Scorer, batches: list[dict], device, chunk_size: 
     under teacher forcing, which is exactly the share that greedy decoding would get right.
     Logits are built `chunk_size` tokens at a time, as in the fused loss. `teacher` is a
     :class:`Scorer` or a :class:`~trainer.cache.cached_teacher.CachedTeacher`."""
-    student.engine.eval()
     sums = torch.zeros(len(_COUNTERS), dtype=torch.float64)
-    for batch in batches:
-        batch = to_device(batch, device)
-        teacher_states = teacher.states(batch)
-        student_states = student.states(batch)
-        with teacher.gathered(), student.gathered():
-            sums += _batch_counters(student, student_states, teacher, teacher_states, batch["labels"], chunk_size)
-    student.engine.train()
+    with eval_mode(student.engine):  # the teacher's engine is frozen in eval mode for good (models.freeze)
+        for batch in batches:
+            batch = to_device(batch, device)
+            teacher_states = teacher.states(batch)
+            student_states = student.states(batch)
+            with teacher.gathered(), student.gathered():
+                sums += _batch_counters(student, student_states, teacher, teacher_states, batch["labels"], chunk_size)
     totals = dict(zip(_COUNTERS, all_reduce_sum(sums).tolist()))
     tokens, rows = max(totals["tokens"], 1.0), max(totals["rows"], 1.0)
     return {

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from trainer.losses import LMHead, head_quirks
-from trainer.models import ModelError
+from trainer.models import ModelError, eval_mode
 
 
 def model_inputs(batch: dict) -> dict:
@@ -102,15 +102,11 @@ def check_head_parity(role: str, engine, tap: HiddenTap, head: LMHead, device: t
     collective)."""
     probe = torch.arange(1, 17, device=device).remainder(head.rows).unsqueeze(0)
     batch = {"input_ids": probe, "attention_mask": torch.ones_like(probe)}
-    was_training = engine.training
-    engine.eval()
-    try:
+    with eval_mode(engine):  # no dropout: the two forwards must be comparable
         reference = engine(**batch).logits[..., : head.rows].float()
         hidden = tap.hidden_states(engine, batch)
         with gathered(head):
             ours = head.logits(hidden.reshape(-1, hidden.shape[-1])).view_as(reference)
-    finally:
-        engine.train(was_training)
     gap = float((ours - reference).abs().max())
     tolerance = (1e-4 if head.weight.dtype == torch.float32 else 3e-2) * max(1.0, float(reference.abs().max()))
     if not gap <= tolerance:

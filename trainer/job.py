@@ -46,6 +46,7 @@ class DistillJob:
             for warning in unread_loss_settings(cfg.loss):
                 log.warning(warning)
         self.summary: dict = {}
+        self.position_limits: dict[str, int | None] = {}  # by role; see _warn_past_positions
         self.state = checkpoints.TrainerState(
             step=0, world_size=rank.world_size,
             rows_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * rank.world_size,
@@ -102,16 +103,27 @@ class DistillJob:
         self.name_complies = gate.check_name(self.licence, self.model_name, self.rank.is_main)
         student_tokenizer = models.load_tokenizer("student", cfg.student)
         student_config = models.load_config("student", cfg.student)
+        if cfg.teacher.path is not None:  # else a teacher cache that records its own teacher (e.g. an API model)
+            # First: with another tokenizer nothing else about the pair matters.
+            models.check_same_tokenizer(models.load_tokenizer("teacher", cfg.teacher), student_tokenizer)
+        student = self._check_fits("student", cfg.student, student_config)
         if cfg.peft.kind == "lora":
-            models.check_lora_targets(student_config, cfg.peft, cfg.student.trust_remote_code)
-        if cfg.teacher.path is None:  # a teacher cache that records its own teacher (e.g. an API model)
+            models.lora_targets(student, cfg.peft.target_modules)
+        if cfg.teacher.path is None:
             return student_tokenizer, models.shared_vocab_size(student_tokenizer, None, student_config)
-        teacher_tokenizer = models.load_tokenizer("teacher", cfg.teacher)
-        models.check_same_tokenizer(teacher_tokenizer, student_tokenizer)
-        vocab_size = models.shared_vocab_size(
-            student_tokenizer, models.load_config("teacher", cfg.teacher), student_config
-        )
+        teacher_config = models.load_config("teacher", cfg.teacher)
+        vocab_size = models.shared_vocab_size(student_tokenizer, teacher_config, student_config)
+        # A cached teacher is never run: its weights and positions do not matter.
+        teacher = None if cfg.teacher.cache else self._check_fits("teacher", cfg.teacher, teacher_config)
+        if self.rank.is_main:
+            models.warn_about_pair(cfg.teacher, cfg.student, teacher, student)
         return student_tokenizer, vocab_size
+
+    def _check_fits(self, role: str, model_cfg, config):
+        """The model built on the meta device, checked against its weights and train.seq_len. The
+        positions it was made for are kept for a warning once the rows' lengths are known."""
+        model, self.position_limits[role] = models.check_fits(role, model_cfg, config, self.cfg.train.seq_len)
+        return model
 
     def _load_data(self) -> None:
         cfg = self.cfg
@@ -122,6 +134,7 @@ class DistillJob:
         else:
             train_rows, eval_rows = split_holdout(train.rows, cfg.data.eval_fraction, cfg.train.seed)
         self.train_rows = supervised_only(train_rows, cfg.train.seq_len)
+        self._warn_past_positions([*self.train_rows, *eval_rows[: cfg.data.max_eval_rows]])  # before packing
         if len(self.train_rows) < len(train_rows):
             log.warning("data: dropped %d of %d training rows with no token to learn (no response or assistant "
                         "turn, or one cut off by train.seq_len=%d)", len(train_rows) - len(self.train_rows),
@@ -135,6 +148,15 @@ class DistillJob:
                                          cfg.train.micro_batch_size, self.tokenizer.pad_token_id)
         log.info("data: %d training rows (%d truncated to train.seq_len=%d), %d held-out rows",
                  len(self.train_rows), train.num_truncated, cfg.train.seq_len, len(eval_rows))
+
+    def _warn_past_positions(self, rows: list) -> None:
+        """Rows longer than a model without a learned position table was made for (checked on the
+        rows, not train.seq_len: the demo's teacher has 128 positions, its rows fewer, seq_len 512).
+        Before packing: a packed row's positions restart at each of its documents."""
+        longest = max((len(row.input_ids) for row in rows), default=0)
+        if self.rank.is_main:
+            for role, limit in self.position_limits.items():
+                models.warn_past_positions(role, limit, longest)
 
     def _pack_training_rows(self) -> None:
         rows = self.train_rows
@@ -369,6 +391,9 @@ class DistillJob:
         window_counts = torch.tensor(window[3:], dtype=torch.float64)
         window_start = time.perf_counter()
         self.skips_before, self.skips_counted_at = self.state.skipped_steps, self.first_step
+        # Dropout on for the steps, whatever ran before: from_pretrained returns a model in eval
+        # mode, and a resumed job runs no evaluation first. Evaluations restore it (eval_mode).
+        self.student.train()
         for step in range(self.first_step, cfg.train.max_steps):
             done = step + 1
             log_now = done % cfg.train.log_every == 0 or done == cfg.train.max_steps

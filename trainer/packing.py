@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from trainer.data import collate
-from trainer.models import ModelError
+from trainer.models import ModelError, eval_mode
 from trainer.objective import IGNORE_INDEX
 
 
@@ -94,13 +94,9 @@ def check_documents_stay_apart(role: str, model: nn.Module, device: torch.device
     first, second = (torch.randint(0, vocab, (1, n), generator=generator) for n in (5, 7))
     packed = {"input_ids": torch.cat([first, second], dim=1),
               "position_ids": torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0)}
-    was_training = model.training
-    model.eval()  # no dropout: the two forwards must be comparable
-    try:
+    with eval_mode(model):  # no dropout: the two forwards must be comparable
         together = model(**model_inputs({k: v.to(device) for k, v in packed.items()})).logits[0, 5:].float()
         alone = model(input_ids=second.to(device), use_cache=False).logits[0].float()
-    finally:
-        model.train(was_training)
     # Attention across documents moves logits by O(1); bf16 kernels alone by about 1%.
     if not torch.allclose(together, alone, atol=0.02 * max(1.0, float(alone.abs().max())), rtol=0.02):
         raise ModelError(

@@ -52,8 +52,13 @@ def build_cache(cfg, rank: RankInfo) -> Path:
     models.check_model("teacher", cfg.teacher)
     check_teacher_licence(cfg, rank.is_main)  # the cache is the teacher's outputs, made to train students
     tokenizer = models.load_tokenizer("teacher", cfg.teacher)
-    vocab_size = models.shared_vocab_size(tokenizer, models.load_config("teacher", cfg.teacher))
+    config = models.load_config("teacher", cfg.teacher)
+    vocab_size = models.shared_vocab_size(tokenizer, config)
+    _, position_limit = models.check_fits("teacher", cfg.teacher, config, cfg.train.seq_len)
     splits = load_splits(cfg, tokenizer, rank)
+    if rank.is_main:
+        longest = max((len(row.input_ids) for split in splits.values() for row in split.rows), default=0)
+        models.warn_past_positions("teacher", position_limit, longest)
     identity = job_identity(cfg, tokenizer, rank.is_main)
     manifest = _start_manifest(cfg, identity, splits, vocab_size, rank)
     if manifest.complete:

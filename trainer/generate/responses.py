@@ -53,6 +53,7 @@ def generate_dataset(cfg, rank: RankInfo) -> Path:
     models.check_model("teacher", cfg.teacher)
     check_teacher_licence(cfg, rank.is_main)  # the responses are the teacher's outputs, made to train students
     tokenizer = models.load_tokenizer("teacher", cfg.teacher)
+    models.check_fits("teacher", cfg.teacher, models.load_config("teacher", cfg.teacher), seq_len=None)
     prompts = [read_prompt(row, origin, tokenizer) for origin, row in read_rows(cfg.generate.prompts, key="generate.prompts")]
     out = Path(cfg.generate.out).expanduser()
     record = broadcast_object(_record(cfg, prompts) if rank.is_main else None)
