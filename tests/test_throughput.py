@@ -153,3 +153,36 @@ def test_a_lone_stage_0_replica_skips_deepspeed_s_gradient_all_reduce(stage, red
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"ALLREDUCES {reduces} MOVED True" in proc.stdout
+
+
+LONE_RANK_CHECKS = """
+import os, signal, torch, torch.distributed as dist
+from trainer.distributed import free_port
+from trainer.nonfinite import SkippingAdamW
+from trainer.preemption import PreemptionWatch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo", rank=0, world_size=1)
+calls = []
+reduce = dist.all_reduce
+dist.all_reduce = lambda *args, **kwargs: (calls.append(1), reduce(*args, **kwargs))[1]
+watch = PreemptionWatch()
+quiet = watch.agreed_signal()
+watch.received = signal.SIGUSR1
+weight = torch.nn.Parameter(torch.ones(3))
+optimizer = SkippingAdamW([weight], lr=0.1)
+weight.grad = torch.tensor([1.0, float("nan"), 1.0])
+optimizer.arm(torch.tensor(1.0))
+optimizer.step()
+print("COLLECTIVES", len(calls), "SIGNALS", quiet, watch.agreed_signal() == signal.SIGUSR1,
+      "SKIPPED", optimizer.read_skips()[0], bool((weight == 1).all()))
+"""
+
+
+def test_a_lone_rank_agrees_on_stop_signals_and_skips_without_a_collective_each_step():
+    """Each step's two checks (a stop signal on any rank, a NaN/Inf on any rank) need no all-reduce
+    when there is one rank, and still decide the same."""
+    proc = subprocess.run([sys.executable, "-c", LONE_RANK_CHECKS], cwd=REPO,
+                          env={**outside_any_launcher(os.environ), "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "COLLECTIVES 0 SIGNALS 0 True SKIPPED 1 True" in proc.stdout

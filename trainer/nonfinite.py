@@ -72,7 +72,7 @@ class SkippingAdamW(torch.optim.AdamW):
         if self.step_loss is not None:  # times 0: a finite loss adds nothing, a NaN or Inf one adds NaN
             total = total + self.step_loss.float().sum().to(total.device) * 0
         flag = (~torch.isfinite(total)).to(torch.int64).reshape(1)
-        if dist.is_initialized():
+        if dist.is_initialized() and dist.get_world_size() > 1:  # one rank decides alone, with no collective
             if dist.get_backend() == "nccl" and flag.device.type != "cuda":
                 flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # asynchronous to the host under NCCL
