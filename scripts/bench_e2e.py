@@ -10,7 +10,8 @@ Three contenders distil the same frozen teacher into the same LoRA student, on t
 
 All three: LoRA r=16, alpha=32, dropout 0 on every linear layer of the student's blocks (never the
 head), AdamW with the same lr, weight decay 0 and cosine schedule (no warm-up, down to 0.1x),
-gradient clipping at 1.0, fp32, sdpa attention, `torch` threads = `os.cpu_count()`, micro-batch B, no
+gradient clipping at 1.0, fp32, sdpa attention, `torch` threads = `--threads` (default `os.cpu_count()`;
+1 on a CPU that others share, where idle threads spin against theirs), micro-batch B, no
 accumulation. TRL's own defaults that would change the work are overridden to match (bf16 and
 gradient checkpointing off).
 
@@ -22,13 +23,20 @@ by the wall time from the end of step W to the end of step N: the first W steps 
 not timed. For ours that is the sum of its `metrics.jsonl` log windows after the first (`train.log_every=W`),
 which cover the same steps; its evaluations before and after training are outside them.
 
-The models are built here into `--work` from random weights (Llama-shaped, one word-level tokenizer
-of `--vocab` ids): speed and memory do not depend on what the weights have learned. Every row is
+The models are built here into `--work` from random weights (`--arch`: Llama-, Qwen2- or GPT-2-shaped,
+one word-level tokenizer of `--vocab` ids): speed and memory do not depend on what the weights have learned. Every row is
 exactly `--seq-len` tokens, so every step does the same work whatever rows it draws. Results go to
 stdout as a markdown table and to `--work/results.json`.
 
     pip install -e ".[bench]"                 # TRL, for this script only
-    python scripts/bench_e2e.py --repeats 5   # the table in docs/benchmarks.md
+    python scripts/bench_e2e.py --repeats 5   # the V=32k table in docs/benchmarks.md
+    python scripts/bench_e2e.py --repeats 5 --arch gpt2 --vocab 2048 --teacher-hidden 128 \
+        --student-hidden 64 --seq-len 128     # the tiny shape, where fixed per-step costs show
+
+`--device cuda` runs all three on the GPU in bf16 (ours: `train.precision=auto`; TRL: `bf16=True`; the
+minimal loop: bf16 weights, its log-softmax in float32), and reports each one's peak allocated GPU
+memory and, from ours' model FLOPs per token (the same work for all three), each one's MFU.
+scripts/gpu/check.py runs it that way at real shapes.
 """
 
 from __future__ import annotations
@@ -52,14 +60,14 @@ sys.path.insert(0, str(REPO))
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 CONTENDERS = ("ours", "trl", "minimal")
-# What each contender runs with: offline, no W&B, one tokenizer thread pool, torch on every core.
-CHILD_ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
-             "OMP_NUM_THREADS": str(os.cpu_count())}
+# What each contender runs with: offline, no W&B, one tokenizer thread pool (torch's threads: --threads).
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_e2e"))
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="llama", help="the models' architecture")
     parser.add_argument("--vocab", type=int, default=32768, help="ids of the shared tokenizer (and both models)")
     parser.add_argument("--teacher-hidden", type=int, default=512)
     parser.add_argument("--teacher-layers", type=int, default=4)
@@ -70,6 +78,9 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per contender")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's CPU threads in every contender")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: fp32; cuda: every contender on the GPU in bf16")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="which to run, in this order")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of all contenders, interleaved so that drift in the machine's speed hits each "
@@ -86,6 +97,8 @@ def parse_args():
     unknown = set(args.contenders.split(",")) - set(CONTENDERS)
     if unknown:
         parser.error(f"--contenders has {sorted(unknown)}; choose from {', '.join(CONTENDERS)}.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no GPU; run on a GPU machine or with --device cpu.")
     return args
 
 
@@ -114,12 +127,40 @@ def llama(vocab: int, hidden: int, layers: int, seq_len: int):
     return LlamaForCausalLM(config)
 
 
+# Qwen2.5's own shapes by width (config.json of Qwen2.5-0.5B/1.5B/3B/7B): MLP width, query heads,
+# key/value heads, tied embeddings. Other widths: 64-wide heads, 2 KV heads, MLP 5.4x, untied.
+QWEN2_SHAPES = {896: (4864, 14, 2, True), 1536: (8960, 12, 2, True), 2048: (11008, 16, 2, True),
+                3584: (18944, 28, 4, False)}
+
+
+def qwen2(vocab: int, hidden: int, layers: int, seq_len: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    mlp, heads, kv_heads, tied = QWEN2_SHAPES.get(hidden, (-(-hidden * 27 // 5 // 64) * 64, max(2, hidden // 64), 2,
+                                                            False))
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=seq_len,
+                         tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return Qwen2ForCausalLM(config)
+
+
+def gpt2(vocab: int, hidden: int, layers: int, seq_len: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=max(1, hidden // 32),
+                        n_positions=seq_len, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+ARCHS = {"llama": llama, "qwen2": qwen2, "gpt2": gpt2}
+
+
 def prepare(args) -> dict:
     """Models, tokenizer and rows in `--work`, rebuilt only when a setting that shapes them changed."""
     work = args.work
     paths = {"teacher": work / "teacher", "student": work / "student", "train": work / "train.jsonl",
              "eval": work / "eval.jsonl"}
-    shape = {key: getattr(args, key) for key in ("vocab", "teacher_hidden", "teacher_layers", "student_hidden",
+    shape = {key: getattr(args, key) for key in ("arch", "vocab", "teacher_hidden", "teacher_layers", "student_hidden",
                                                  "student_layers", "seq_len", "batch", "steps")}
     stamp = work / "setup.json"
     if stamp.exists() and json.loads(stamp.read_text()) == shape:
@@ -128,7 +169,8 @@ def prepare(args) -> dict:
     tokenizer = build_tokenizer(args.vocab)
     torch.manual_seed(0)
     for name in ("teacher", "student"):
-        model = llama(args.vocab, getattr(args, f"{name}_hidden"), getattr(args, f"{name}_layers"), args.seq_len)
+        model = ARCHS[args.arch](args.vocab, getattr(args, f"{name}_hidden"), getattr(args, f"{name}_layers"),
+                                 args.seq_len)
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
         # Random weights built here restrict nothing; the licence gate refuses a teacher without a card.
@@ -157,7 +199,7 @@ def run_contender(name: str, args, paths: dict, round_: int) -> dict:
                    "--child", name, "--child-out", str(out)]
     print(f"{name} (round {round_ + 1} of {args.repeats}): running ({out / 'log.txt'})", flush=True)
     started = time.perf_counter()
-    usage = run_measured(command, out / "log.txt")
+    usage = run_measured(command, out / "log.txt", args.threads)
     result = read_ours(out) if name == "ours" else json.loads((out / "timing.json").read_text())
     result.update(usage, process_s=time.perf_counter() - started, command=" ".join(command))
     print(f"{name}: {result['tokens_per_s']:.0f} tokens/s, peak RSS {result['peak_rss_mib']:.0f} MiB, "
@@ -165,12 +207,12 @@ def run_contender(name: str, args, paths: dict, round_: int) -> dict:
     return result
 
 
-def run_measured(command: list[str], log: Path) -> dict:
+def run_measured(command: list[str], log: Path, threads: int) -> dict:
     """Run `command` to completion; its peak resident set (its own, not the largest child's so far, which
     `getrusage(RUSAGE_CHILDREN)` would give) and CPU time (sys time and minor faults: allocator churn)."""
     with open(log, "w") as stream:
         proc = subprocess.Popen(command, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT,
-                                env={**os.environ, **CHILD_ENV})
+                                env={**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": str(threads)})
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
     if proc.returncode != 0:
@@ -213,18 +255,23 @@ class StepClock:
         self.tokens: list[int] = []
 
     def tick(self, tokens: int | None = None) -> None:
+        if torch.cuda.is_initialized():  # the step's kernels are queued, not done
+            torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
         if tokens is not None:
             self.tokens.append(tokens)
 
     def write(self, out: Path, warmup: int, trainable: int, losses: list[float]) -> None:
-        """timing.json: throughput over steps warmup+1.. and, per log window, the mean loss."""
+        """timing.json: throughput over steps warmup+1.., per log window the mean loss, and on a GPU the
+        peak allocated memory."""
         steps = len(self.ends)
         tokens = sum(self.tokens[warmup:steps])  # TRL's loader may have collated one batch ahead
         seconds = self.ends[-1] - self.ends[warmup - 1]
         (out / "timing.json").write_text(json.dumps({
             "tokens_per_s": tokens / seconds, "timed_tokens": tokens, "timed_s": seconds, "trainable": trainable,
-            "losses": losses, "step_s": [b - a for a, b in zip(self.ends, self.ends[1:])]}, indent=2))
+            "losses": losses, "step_s": [b - a for a, b in zip(self.ends, self.ends[1:])],
+            **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_initialized() else {}),
+        }, indent=2))
 
 
 def load_rows(paths: dict, seq_len: int):
@@ -238,12 +285,13 @@ def load_rows(paths: dict, seq_len: int):
     return tokenizer, load_examples(paths["train"], tokenizer, seq_len, cache_dir=None).rows
 
 
-def load_models(paths: dict):
+def load_models(paths: dict, device: str = "cpu"):
+    """Teacher (frozen) and student: fp32 on the CPU, bf16 on a GPU (what ours and TRL train in there)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=torch.float32, attn_implementation="sdpa")
+    kwargs = dict(dtype=torch.float32 if device == "cpu" else torch.bfloat16, attn_implementation="sdpa")
     teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"], **kwargs).eval().requires_grad_(False)
-    return teacher, AutoModelForCausalLM.from_pretrained(paths["student"], **kwargs)
+    return teacher.to(device), AutoModelForCausalLM.from_pretrained(paths["student"], **kwargs).to(device)
 
 
 def lora_config():
@@ -264,7 +312,7 @@ def train_trl(args, paths: dict, out: Path) -> None:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     tokenizer, rows = load_rows(paths, args.seq_len)
-    teacher, student = load_models(paths)
+    teacher, student = load_models(paths, args.device)
     clock = StepClock()
     pad = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)  # TRL's own, for tokenized rows
 
@@ -282,7 +330,8 @@ def train_trl(args, paths: dict, out: Path) -> None:
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps,
         learning_rate=args.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        bf16=False, activation_checkpointing=False, use_cpu=True,  # TRL turns both on by default; ours uses neither
+        # TRL turns bf16 and checkpointing on by default; ours uses bf16 on a GPU only, and no checkpointing.
+        bf16=args.device == "cuda", activation_checkpointing=False, use_cpu=args.device == "cpu",
         logging_steps=args.warmup, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0)
     dataset = Dataset.from_dict({"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]})
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
@@ -301,8 +350,8 @@ def forward_kl(student_logits, teacher_logits, labels):
     import torch.nn.functional as F
 
     mask = labels[:, 1:] != -100
-    log_q = F.log_softmax(student_logits[:, :-1][mask], dim=-1)  # [N, V]
-    log_p = F.log_softmax(teacher_logits[:, :-1][mask], dim=-1)
+    log_q = F.log_softmax(student_logits[:, :-1][mask].float(), dim=-1)  # [N, V], in float32 even from bf16
+    log_p = F.log_softmax(teacher_logits[:, :-1][mask].float(), dim=-1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="sum") / mask.sum()
 
 
@@ -313,7 +362,7 @@ def train_minimal(args, paths: dict, out: Path) -> None:
     from trainer.engines import warmup_cosine
 
     tokenizer, rows = load_rows(paths, args.seq_len)
-    teacher, student = load_models(paths)
+    teacher, student = load_models(paths, args.device)
     student = get_peft_model(student, lora_config()).train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -322,6 +371,7 @@ def train_minimal(args, paths: dict, out: Path) -> None:
     for step in range(args.steps):
         # Our trainer's rows for this step, so the two see the same batches.
         batch = micro_batches_for_step(step, rows, 0, 1, args.batch, 1, 0, tokenizer.pad_token_id)[0]
+        batch = {key: value.to(args.device) for key, value in batch.items()}
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -332,7 +382,7 @@ def train_minimal(args, paths: dict, out: Path) -> None:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step_losses.append(loss.item())
-        clock.tick(int(batch["attention_mask"].sum()))
+        clock.tick(int(batch["attention_mask"].sum()))  # a host read: the step's kernels are done
     windows = [step_losses[i:i + args.warmup] for i in range(0, args.steps, args.warmup)]  # as the others log
     clock.write(out, args.warmup, trainable_count(student), [sum(w) / len(w) for w in windows])
 
@@ -345,7 +395,8 @@ def machine() -> dict:
                     if line.startswith("model name")), "")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"cpu": cpu or platform.machine(), "cores": os.cpu_count(), "memory_gib": round(memory, 1),
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version(),
+            **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {})}
 
 
 def versions() -> dict:
@@ -373,34 +424,55 @@ def summarise(runs: list[dict]) -> dict:
         summary["tflops_per_s"] = statistics.median(run["tflops_per_s"] for run in runs)
         mfus = [run["mfu"] for run in runs]
         summary["mfu"] = statistics.median(mfus) if None not in mfus else None
+    if all("peak_memory_gib" in run for run in runs):  # ours; the others on a GPU (peak allocated memory)
+        summary["peak_memory_gib"] = statistics.median(run["peak_memory_gib"] for run in runs)
     return summary
+
+
+def add_model_rates(summary: dict) -> None:
+    """Model TFLOP/s and MFU of the other contenders, from ours' accounting: all three do the same work
+    per token (the same models, rows and loss), so FLOPs per token and the device's peak are ours'."""
+    ours = summary.get("ours")
+    if ours is None:
+        return
+    flops_per_token = ours["tflops_per_s"] * 1e12 / ours["tokens_per_s"]
+    peak = ours["tflops_per_s"] / ours["mfu"] if ours.get("mfu") else None
+    for name, run in summary.items():
+        if name != "ours":
+            run["tflops_per_s"] = flops_per_token * run["tokens_per_s"] / 1e12
+            run["mfu"] = run["tflops_per_s"] / peak if peak else None
 
 
 def print_table(results: dict) -> None:
     summary = results["summary"]
     ours = summary.get("ours")
     repeats = len(results["rounds"])
-    print(f"| contender | tokens/s{f' (median of {repeats}; range)' if repeats > 1 else ''} | peak RSS "
-          "| ours ÷ it, tokens/s | ours ÷ it, peak RSS |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    gpu = results["args"]["device"] == "cuda"  # peak allocated GPU memory; on the CPU, each process's peak RSS
+    memory, unit = ("peak_memory_gib", "GiB") if gpu else ("peak_rss_mib", "MiB")
+    print(f"| contender | tokens/s{f' (median of {repeats}; range)' if repeats > 1 else ''} | "
+          f"{'peak GPU memory' if gpu else 'peak RSS'} | model TFLOP/s | MFU | ours ÷ it, tokens/s | ours ÷ it, memory |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, run in summary.items():
         speed = f"{run['tokens_per_s']:.0f}"
         if repeats > 1:
             speed += " ({:.0f}–{:.0f})".format(*run["tokens_per_s_range"])
         versus = ["", ""] if ours is None or name == "ours" else [
-            f"{ours['tokens_per_s'] / run['tokens_per_s']:.2f}x", f"{ours['peak_rss_mib'] / run['peak_rss_mib']:.2f}x"]
-        print(f"| {name} | {speed} | {run['peak_rss_mib']:.0f} MiB | {versus[0]} | {versus[1]} |")
+            f"{ours['tokens_per_s'] / run['tokens_per_s']:.2f}x", f"{ours[memory] / run[memory]:.2f}x"]
+        rate = f"{run['tflops_per_s']:.3g}" if "tflops_per_s" in run else ""
+        mfu = f"{run['mfu']:.1%}" if run.get("mfu") is not None else "n/a"
+        print(f"| {name} | {speed} | {run[memory]:.{1 if gpu else 0}f} {unit} | {rate} | {mfu} | {versus[0]} | "
+              f"{versus[1]} |")
     if ours is not None and repeats > 1:  # the spread of the ratio itself, round by round
         print()
         for name in (n for n in summary if n != "ours"):
             ratios = [runs["ours"]["tokens_per_s"] / runs[name]["tokens_per_s"] for runs in results["rounds"]]
             print(f"ours ÷ {name}, tokens/s, round by round: " + ", ".join(f"{r:.2f}x" for r in ratios))
     if ours is not None:
-        mfu = ours.get("mfu")
-        print(f"\nours, by its own accounting (median of windows): {ours['tflops_per_s']:.3f} model TFLOP/s, "
-              f"MFU {f'{mfu:.1%}' if mfu is not None else 'n/a (no known peak for this device)'}")
+        print("\nModel TFLOP/s: ours by its own accounting (median of windows), the others from ours' FLOPs per "
+              "token; MFU n/a where the device has no known peak (a CPU).")
     m = results["machine"]
-    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch {m['torch']}; "
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB{'; ' + m['gpu'] if 'gpu' in m else ''}; "
+          f"torch {m['torch']}; "
           + ", ".join(f"{k} {v}" for k, v in results["versions"].items()))
     print(f"command: {results['command']}")
 
@@ -411,7 +483,7 @@ def main() -> None:
         print("bench_e2e: error: TRL is not installed; install the benchmark extra with "
               "pip install -e '.[bench]' and run again.", file=sys.stderr)
         raise SystemExit(2)
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads)
     paths = prepare(args)
     if args.child:
         {"trl": train_trl, "minimal": train_minimal}[args.child](args, paths, args.child_out)
@@ -422,7 +494,9 @@ def main() -> None:
     if len({count for _, count in trainable}) > 1:  # not the same LoRA: the comparison would be void
         raise SystemExit(f"bench_e2e: the contenders train different numbers of parameters ({sorted(trainable)}); "
                          "check their LoRA targets.")
-    results = {"summary": {name: summarise([runs[name] for runs in rounds]) for name in names}, "rounds": rounds,
+    summary = {name: summarise([runs[name] for runs in rounds]) for name in names}
+    add_model_rates(summary)
+    results = {"summary": summary, "rounds": rounds,
                "args": {k: str(v) for k, v in vars(args).items() if not k.startswith("child")},
                "machine": machine(), "versions": versions(),
                "command": "python scripts/bench_e2e.py " + " ".join(sys.argv[1:])}

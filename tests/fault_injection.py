@@ -96,7 +96,7 @@ def _print_param_digest():
         digest = hashlib.sha256()
         for name, param in self.student.module.named_parameters():
             if param.requires_grad:
-                digest.update(name.encode() + param.detach().to(torch.float32).numpy().tobytes())
+                digest.update(name.encode() + param.detach().to(torch.float32).cpu().numpy().tobytes())
         print(f"PARAM_DIGEST rank={dist.get_rank()} {digest.hexdigest()}", flush=True)
         return original(self, initial, final, seconds)
 

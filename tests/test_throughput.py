@@ -4,10 +4,13 @@ here; MFU against the peak table; data-loading share; peak memory per rank; acti
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import read_jsonl, run_cli, tiny_overrides
+from conftest import REPO, outside_any_launcher, read_jsonl, run_cli, tiny_overrides
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trainer import throughput
@@ -112,3 +115,74 @@ def test_activation_checkpointing_trains_the_same_student(tiny, tmp_path):
         assert ("activation checkpointing on" in proc.stdout + proc.stderr) == bool(extra)
         losses[name] = [value for m in read_jsonl(run_dir / "metrics.jsonl") for value in (m["loss"], m["grad_norm"])]
     assert losses["recomputed"] == pytest.approx(losses["kept"], rel=1e-6)
+
+
+LONE_REPLICA_STEP = """
+import os, torch, torch.distributed as dist
+from omegaconf import OmegaConf
+from trainer import engines
+from trainer.distributed import free_port
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo", rank=0, world_size=1)
+cfg = OmegaConf.create({
+    "train": {"lr": 0.1, "weight_decay": 0.0, "warmup_steps": 0, "max_steps": 2, "micro_batch_size": 3, "grad_accum": 1},
+    "deepspeed": {"stage": STAGE, "offload_optimizer": False, "offload_param": False, "gradient_clipping": 1.0,
+                  "extra": {}}})
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 2)
+engine, optimizer = engines.build_student_engine(model, engines.deepspeed_config(cfg, STAGE, False, 1), cfg)
+calls = []
+reduce = engine.allreduce_gradients
+engine.allreduce_gradients = lambda *args, **kwargs: (calls.append(1), reduce(*args, **kwargs))
+before = [p.detach().clone() for p in engine.module.parameters()]
+loss = engine(torch.randn(3, 4)).square().sum()
+engine.backward(loss)
+optimizer.arm(loss)
+engine.step()
+moved = any(not torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+print("ALLREDUCES", len(calls), "MOVED", moved)
+"""
+
+
+@pytest.mark.parametrize("stage,reduces", [(0, 0), (1, 1)])
+def test_a_lone_stage_0_replica_skips_deepspeed_s_gradient_all_reduce(stage, reduces):
+    """A fixed per-step cost with nothing to average; stages 1-3 keep DeepSpeed's own path. In a child
+    process: the process group it starts must not outlive the test."""
+    proc = subprocess.run([sys.executable, "-c", LONE_REPLICA_STEP.replace("STAGE", str(stage))], cwd=REPO,
+                          env={**outside_any_launcher(os.environ), "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"ALLREDUCES {reduces} MOVED True" in proc.stdout
+
+
+LONE_RANK_CHECKS = """
+import os, signal, torch, torch.distributed as dist
+from trainer.distributed import free_port
+from trainer.nonfinite import SkippingAdamW
+from trainer.preemption import PreemptionWatch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo", rank=0, world_size=1)
+calls = []
+reduce = dist.all_reduce
+dist.all_reduce = lambda *args, **kwargs: (calls.append(1), reduce(*args, **kwargs))[1]
+watch = PreemptionWatch()
+quiet = watch.agreed_signal()
+watch.received = signal.SIGUSR1
+weight = torch.nn.Parameter(torch.ones(3))
+optimizer = SkippingAdamW([weight], lr=0.1)
+weight.grad = torch.tensor([1.0, float("nan"), 1.0])
+optimizer.arm(torch.tensor(1.0))
+optimizer.step()
+print("COLLECTIVES", len(calls), "SIGNALS", quiet, watch.agreed_signal() == signal.SIGUSR1,
+      "SKIPPED", optimizer.read_skips()[0], bool((weight == 1).all()))
+"""
+
+
+def test_a_lone_rank_agrees_on_stop_signals_and_skips_without_a_collective_each_step():
+    """Each step's two checks (a stop signal on any rank, a NaN/Inf on any rank) need no all-reduce
+    when there is one rank, and still decide the same."""
+    proc = subprocess.run([sys.executable, "-c", LONE_RANK_CHECKS], cwd=REPO,
+                          env={**outside_any_launcher(os.environ), "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "COLLECTIVES 0 SIGNALS 0 True SKIPPED 1 True" in proc.stdout

@@ -84,7 +84,7 @@ class SkippingAdamW(torch.optim.AdamW):
 
 
 def _max_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
+    if dist.is_initialized() and dist.get_world_size() > 1:  # one rank decides alone, with no collective
         if dist.get_backend() == "nccl" and values.device.type != "cuda":
             values = values.cuda()
         dist.all_reduce(values, op=dist.ReduceOp.MAX)

@@ -70,6 +70,8 @@ class PreemptionWatch:
 
     def agreed_signal(self) -> int:
         """The signal any rank received (0 if none), the same on every rank."""
+        if dist.get_world_size() == 1:  # no one to agree with: no collective every step
+            return self.received
         flag = torch.tensor([self.received], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return int(flag.item())

@@ -1,0 +1,490 @@
+"""The GPU check: every figure a GPU machine owes this project, in one run.
+
+Sections, each written to `gpu_check.json` and `gpu_check.md` in `--out` as soon as it ends (a run
+stopped by its time limit keeps what it measured):
+
+1. **correctness**: the fused loss of every kind in bf16 and fp32 against a float64 reference
+   (value and both gradients); head parity on a Qwen2- and a Llama-shaped model; NaN/Inf steps
+   skipped by the fused optimizer; a short job at ZeRO-0 and ZeRO-3 (1 rank; NCCL on a GPU) killed
+   after a checkpoint and resumed, its losses and adapter compared bit for bit with a run never
+   interrupted.
+2. **liger_shape**: the jsd loss at Liger-Kernel's published shape (V=128256, 8192 tokens, H=2048,
+   bf16): ours (fused), plain PyTorch and Liger's own chunked JSD, peak memory and time
+   (`scripts/bench_loss.py`'s measurement).
+3. **end_to_end**: a Qwen2.5-1.5B-shaped teacher and a 0.5B-shaped LoRA student, random weights,
+   vocabulary 151936, 2048 tokens per row, bf16: ours vs TRL's GKDTrainer vs the minimal loop
+   (`scripts/bench_e2e.py --device cuda`): tokens/s, model TFLOP/s, MFU, peak memory, and the goals.
+4. **onpolicy**: rollout tokens/s and step share, once on-policy distillation exists.
+
+`--cpu` runs the same code at tiny shapes on the CPU (fp32, gloo), so CI keeps the kit working; its
+figures say nothing about a GPU. A section whose tool is missing (TRL, liger-kernel, a GPU) records
+"skipped: <why>" and the rest go on.
+
+    scripts/gpu/check.sh /tmp/gpu_out          # on the GPU machine, after scripts/gpu/wheels.sh here
+    python scripts/gpu/check.py --cpu --out /tmp/gpu_cpu
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# scripts/bench_loss.py re-executes itself with this set (its CPU memory accounting needs it); set it
+# before importing it, so that the import does not restart this run.
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+SECTIONS = ("correctness", "liger_shape", "end_to_end", "onpolicy")
+# The job runs of section 1: offline, no W&B, and the test suite's fault injection on the path.
+JOB_ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Every size the check uses: the GPU's, or --cpu's tiny ones."""
+
+    loss: tuple[int, int, int]  # tokens, vocabulary, hidden: the fused loss against float64
+    head_hidden: int  # head parity models' width
+    resume_stages: tuple[int, ...]  # ZeRO stages of the kill-and-resume runs
+    liger: tuple[int, int, int]  # tokens, vocabulary, hidden
+    liger_repeats: int
+    e2e: tuple[str, ...]  # scripts/bench_e2e.py's arguments
+    e2e_timeout_s: int
+
+
+GPU_SHAPES = Shapes(
+    loss=(1024, 32768, 1024), head_hidden=512, resume_stages=(0, 3), liger=(8192, 128256, 2048), liger_repeats=3,
+    e2e=("--device", "cuda", "--arch", "qwen2", "--vocab", "151936", "--teacher-hidden", "1536",
+         "--teacher-layers", "28", "--student-hidden", "896", "--student-layers", "24", "--seq-len", "2048",
+         "--batch", "4", "--steps", "14", "--warmup", "4"),
+    e2e_timeout_s=330)
+# On the CPU, kill-and-resume at ZeRO-3 only: ZeRO-0's is tests/test_resume.py's own case, and each
+# stage costs three job start-ups; the loop over stages is the same code either way.
+CPU_SHAPES = Shapes(
+    loss=(64, 512, 32), head_hidden=64, resume_stages=(3,), liger=(256, 2048, 64), liger_repeats=1,
+    e2e=("--device", "cpu", "--threads", "1", "--arch", "qwen2", "--vocab", "512", "--teacher-hidden", "64", "--teacher-layers", "2",
+         "--student-hidden", "32", "--student-layers", "1", "--seq-len", "32", "--batch", "2", "--steps", "4",
+         "--warmup", "2"),
+    e2e_timeout_s=900)
+
+# Relative error to float64 that each dtype must stay within (fp32 sums stay near 1e-6; bf16
+# operands give 1e-3 to 1e-2).
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json and gpu_check.md")
+    parser.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (CI): checks the kit, not a GPU")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="which to run, in this order")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/distill_gpu_check"), help="scratch: models, runs")
+    parser.add_argument("--limit-s", type=float, default=480.0,
+                        help="the whole run's time limit: the end-to-end runs get what is left of it")
+    args = parser.parse_args()
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--sections has {sorted(unknown)}; choose from {', '.join(SECTIONS)}.")
+    if not args.cpu and not torch.cuda.is_available():
+        parser.error("torch sees no GPU; run this on a GPU machine, or with --cpu for the tiny CPU check.")
+    args.out, args.work = args.out.resolve(), args.work.resolve()
+    args.deadline = time.monotonic() + args.limit_s
+    return args
+
+
+class Report:
+    """gpu_check.json and gpu_check.md, rewritten after every section."""
+
+    def __init__(self, out: Path, header: dict):
+        self.out, self.header, self.sections = out, header, {}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, name: str, section: dict) -> None:
+        self.sections[name] = section
+        (self.out / "gpu_check.json").write_text(json.dumps({**self.header, "sections": self.sections}, indent=2))
+        (self.out / "gpu_check.md").write_text(markdown(self.header, self.sections))
+
+
+# ------------------------------------------------------------------------------ 1. correctness
+def fused_loss_against_float64(shapes: Shapes, device: torch.device) -> list[dict]:
+    """Every kind, fp32 and (on a GPU) bf16: the fused loss's value and its gradients for the
+    student's hidden states and head weight, relative to distill_loss on the same inputs in float64."""
+    from bench_loss import make_inputs
+
+    from trainer.losses import KINDS, distill_loss, fused_distill_loss
+
+    tokens, vocab, hidden = shapes.loss
+    dtypes = (torch.float32,) if device.type == "cpu" else (torch.bfloat16, torch.float32)
+    rows = []
+    for dtype in dtypes:
+        inputs = make_inputs(tokens, vocab, hidden, dtype, device, seed=len(rows))
+        exact = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs[:4]]
+        for kind in KINDS:
+            for t in (*inputs[:2], *exact[:2]):
+                t.grad = None
+            reference = distill_loss(exact[0] @ exact[1].T, exact[2] @ exact[3].T, inputs[4], kind=kind)
+            reference.backward()
+            loss = fused_distill_loss(*inputs[:4], inputs[4], kind=kind)
+            loss.backward()
+            errors = [relative_error(loss.detach(), reference.detach()),
+                      relative_error(inputs[0].grad, exact[0].grad), relative_error(inputs[1].grad, exact[1].grad)]
+            worst = max(errors)
+            rows.append({"kind": kind, "dtype": str(dtype).removeprefix("torch."), "loss": float(loss.detach()),
+                         "loss_rel_err": errors[0], "grad_hidden_rel_err": errors[1], "grad_weight_rel_err": errors[2],
+                         "ok": math.isfinite(worst) and worst <= TOLERANCE[dtype]})
+    return rows
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64; NaN stays NaN (and fails)."""
+    expected = expected.double()
+    return float((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def head_parity(shapes: Shapes, device: torch.device) -> list[dict]:
+    """Qwen2- and Llama-shaped models, random weights, in the dtype training uses there: the head
+    applied to the hidden states against the model's own logits (the trainer's start-up check)."""
+    from bench_e2e import llama, qwen2
+
+    from trainer.heads import HiddenTap, check_head_parity, model_head
+    from trainer.models import ModelError
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    rows = []
+    for arch, build in (("qwen2", qwen2), ("llama", llama)):
+        torch.manual_seed(0)
+        model = build(4096, shapes.head_hidden, 2, 64).to(device=device, dtype=dtype)
+        row = {"arch": arch, "dtype": str(dtype).removeprefix("torch.")}
+        try:
+            row.update(max_abs_gap=check_head_parity(arch, model, HiddenTap(model), model_head(model, 4096), device),
+                       ok=True)
+        except ModelError as error:  # the gap was over the trainer's tolerance
+            row.update(error=str(error), ok=False)
+        rows.append(row)
+    return rows
+
+
+def nonfinite_skipping(device: torch.device) -> dict:
+    """SkippingAdamW (torch's fused AdamW with a found_inf flag) on the device: a NaN gradient and an
+    Inf loss each leave the weights and the step count untouched, finite steps move them."""
+    from trainer.nonfinite import SkippingAdamW
+
+    weight = torch.nn.Parameter(torch.randn(1000, device=device))
+    optimizer = SkippingAdamW([weight], lr=1e-2)
+    plan = [("finite", 1.0, 0.0), ("nan gradient", 1.0, float("nan")), ("inf loss", float("inf"), 0.0),
+            ("finite", 1.0, 0.0)]
+    steps, ok = [], True
+    for what, loss, poison in plan:
+        before = weight.detach().clone()
+        weight.grad = torch.randn_like(weight)
+        weight.grad[0] += poison
+        optimizer.arm(torch.tensor(loss, device=device))
+        optimizer.step()
+        moved = not torch.equal(before, weight.detach())
+        expected = what == "finite"
+        ok &= moved == expected and bool(torch.isfinite(weight).all())
+        steps.append({"step": what, "weights_moved": moved})
+    total, in_a_row = optimizer.read_skips()
+    step_count = float(optimizer.state[weight]["step"])
+    ok &= (total, in_a_row, step_count) == (2, 0, 2.0)
+    return {"steps": steps, "skipped": total, "optimizer_step_count": step_count, "ok": ok}
+
+
+def resumed_jobs(args, shapes: Shapes, device: torch.device) -> list[dict]:
+    """At each of `shapes.resume_stages` (ZeRO-0 and ZeRO-3 on a GPU): a run straight through, and one SIGKILLed after its step-3 checkpoint
+    and run again; every logged loss, gradient norm and the adapter must be equal bit for bit."""
+    from bench_e2e import prepare
+
+    shape = argparse.Namespace(work=args.work / "resume_models", arch="llama", vocab=512, teacher_hidden=128,
+                               teacher_layers=2, student_hidden=64, student_layers=1, seq_len=64, batch=4, steps=6)
+    paths = prepare(shape)
+    rows = []
+    for stage in shapes.resume_stages:
+        started = time.perf_counter()
+        runs = args.work / f"resume_zero{stage}"
+        subprocess.run(["rm", "-rf", str(runs)], check=True)
+        overrides = [f"teacher.path={paths['teacher']}", f"student.path={paths['student']}",
+                     f"data.train={paths['train']}", f"data.eval={paths['eval']}", f"deepspeed=zero{stage}",
+                     "train.max_steps=6", "checkpoint.every=3", "train.log_every=1", "train.seq_len=64",
+                     "train.micro_batch_size=4", "train.warmup_steps=0", "peft.dropout=0.1", "logger=none",
+                     f"cache_dir={runs / 'cache'}"]
+        straight = run_job([*overrides, f"hydra.run.dir={runs / 'straight'}"], "none")
+        killed = run_job([*overrides, f"hydra.run.dir={runs / 'resumed'}"], "kill_after_checkpoint=3")
+        rerun = run_job([*overrides, f"hydra.run.dir={runs / 'resumed'}"], "none")
+        row = {"stage": stage, "backend": "nccl" if device.type == "cuda" else "gloo",
+               "precision": "bf16" if device.type == "cuda" else "fp32"}
+        if straight.returncode or rerun.returncode or not killed.returncode:
+            failed = next(p for p in (straight, killed, rerun) if (p.returncode != 0) != (p is killed))
+            row.update(ok=False, error=(failed.stdout + failed.stderr)[-2000:])
+        else:
+            row.update(compare_runs(runs / "straight", runs / "resumed"), resumed="resumed from" in rerun.stdout)
+            row["ok"] = row["ok"] and row["resumed"]
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+    return rows
+
+
+def run_job(overrides: list[str], fault: str) -> subprocess.CompletedProcess:
+    """`python -m trainer` through tests/fault_injection.py, on one rank."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}, **JOB_ENV,
+           "DISTILL_TEST_FAULT": fault,
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "fault_injection", *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def compare_runs(straight: Path, resumed: Path) -> dict:
+    from safetensors.torch import load_file
+
+    def logged(run: Path) -> list:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(m["step"], m["loss"], m["kd_loss"], m["grad_norm"]) for m in rows]
+
+    adapters = [load_file(run / "adapter" / "adapter_model.safetensors") for run in (straight, resumed)]
+    same_adapter = adapters[0].keys() == adapters[1].keys() and all(
+        torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    a, b = logged(straight), logged(resumed)
+    return {"steps": len(a), "losses": [row[1] for row in a], "losses_equal": a == b, "adapter_equal": same_adapter,
+            "ok": a == b and same_adapter and len(a) == 6}
+
+
+def correctness(args, shapes: Shapes, device: torch.device) -> dict:
+    parts = {"fused_loss_vs_float64": fused_loss_against_float64(shapes, device),
+             "head_parity": head_parity(shapes, device),
+             "nonfinite_skipping": nonfinite_skipping(device),
+             "kill_and_resume": resumed_jobs(args, shapes, device)}
+    rows = [*parts["fused_loss_vs_float64"], *parts["head_parity"], parts["nonfinite_skipping"],
+            *parts["kill_and_resume"]]
+    return {"status": "ok" if all(row["ok"] for row in rows) else "failed", **parts}
+
+
+# ------------------------------------------------------------------------------ 2. liger_shape
+def liger_step(sh, ws, th, wt, labels, kind, chunk_size):
+    """Liger-Kernel's chunked JSD (soft loss only, β=½, T=1), forward and backward."""
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, temperature=1.0)(
+        sh, ws, th, wt, labels)
+    loss.backward()
+    return loss.detach()
+
+
+def liger_shape(args, shapes: Shapes, device: torch.device) -> dict:
+    from bench_loss import fused_step, make_inputs, measure, plain_step
+
+    from trainer.losses import default_chunk_size
+
+    tokens, vocab, hidden = shapes.liger
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    inputs = make_inputs(tokens, vocab, hidden, dtype, device)
+    chunk = default_chunk_size(vocab)
+    paths = {"ours (fused)": fused_step, "plain PyTorch": plain_step}
+    skipped = liger_unavailable(device)
+    if skipped is None:
+        paths["Liger chunked JSD"] = liger_step
+    warm = make_inputs(64, 512, 64, dtype, device)
+    rows = []
+    for name, step in paths.items():
+        step(*warm, "jsd", 0)  # kernels compiled and loaded outside the timing
+        result = measure(step, inputs, "jsd", chunk, device, shapes.liger_repeats)
+        rows.append({"path": name, "ms": None if result["oom"] else 1e3 * result["seconds"],
+                     "peak_extra_gib": None if result["oom"] else result["peak_extra_bytes"] / 2**30,
+                     "loss": result.get("loss"), "oom": result["oom"]})
+    return {"status": "ok", "shape": {"tokens": tokens, "vocab": vocab, "hidden": hidden,
+                                      "dtype": str(dtype).removeprefix("torch."), "kind": "jsd", "chunk": chunk},
+            "paths": rows, "liger": skipped or "measured",
+            "published_liger_h100": {"liger_gb": 11.1, "plain_gb": 68.9, "liger_ms": 60.7, "plain_ms": 213.2}}
+
+
+def liger_unavailable(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "skipped: liger-kernel's Triton kernels need a GPU"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "skipped: liger-kernel is not installed (scripts/gpu/wheels.sh brings it)"
+    return None
+
+
+# ------------------------------------------------------------------------------- 3. end_to_end
+E2E_GOALS = {"mfu": 0.45, "vs_trl": 1.3, "vs_minimal": 0.95}
+
+
+def end_to_end(args, shapes: Shapes, device: torch.device) -> dict:
+    if args.deadline - time.monotonic() < 60:
+        return {"status": "skipped: out of time (the sections before it took the run's limit)"}
+    contenders = ["ours", "trl", "minimal"]
+    notes = []
+    trl_missing = trl_unavailable()
+    if trl_missing:
+        contenders.remove("trl")
+        notes.append(f"trl {trl_missing}")
+    work = args.work / "e2e"
+    command = [sys.executable, str(REPO / "scripts" / "bench_e2e.py"), *shapes.e2e, "--work", str(work),
+               "--contenders", ",".join(contenders)]
+    # Whatever time is left (less a margin to write the report), so that a slow machine loses this
+    # section's figures rather than everyone's.
+    timeout = min(shapes.e2e_timeout_s, args.deadline - time.monotonic() - 15)
+    if timeout < 30:
+        return {"status": "skipped: out of time (the sections before it took the run's limit)", "notes": notes}
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **JOB_ENV})
+    except subprocess.TimeoutExpired as expired:
+        return {"status": f"failed: out of time after {timeout:.0f} s", "command": " ".join(command[1:]),
+                "error": output_text(expired.stdout)[-3000:]}
+    if proc.returncode:
+        return {"status": "failed", "command": " ".join(command), "error": (proc.stdout + proc.stderr)[-3000:]}
+    summary = json.loads((work / "results.json").read_text())["summary"]
+    # On a GPU each one's peak allocated memory; on the CPU each process's peak resident set.
+    rows = [{"contender": name, "tokens_per_s": run["tokens_per_s"], "tflops_per_s": run.get("tflops_per_s"),
+             "mfu": run.get("mfu"), "peak_memory_gib": run["peak_memory_gib"] if device.type == "cuda"
+             else run["peak_rss_mib"] / 1024} for name, run in summary.items()]
+    return {"status": "ok", "command": " ".join(command[1:]), "contenders": rows, "goals": e2e_goals(summary),
+            "notes": notes}
+
+
+def output_text(output: str | bytes | None) -> str:
+    """A child's output as text: TimeoutExpired carries bytes even from a text-mode run."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def trl_unavailable() -> str | None:
+    """Why TRL's GKDTrainer cannot run here, or None. Imported in a child: a wheel that does not fit the
+    image (an older pyarrow under datasets, say) fails the import, not this run."""
+    if importlib.util.find_spec("trl") is None:
+        return "skipped: TRL is not installed (pip install -e '.[bench]'; scripts/gpu/wheels.sh brings it)"
+    probe = subprocess.run([sys.executable, "-c", "import trl.experimental.gkd"], capture_output=True, text=True)
+    if probe.returncode:
+        return f"skipped: importing TRL failed: {(probe.stderr.strip().splitlines() or ['?'])[-1]}"
+    return None
+
+
+def e2e_goals(summary: dict) -> dict:
+    ours = summary["ours"]
+    goals = {"mfu >= 45%": (ours.get("mfu"), ours["mfu"] >= E2E_GOALS["mfu"] if ours.get("mfu") else None)}
+    for name, key in (("trl", "vs_trl"), ("minimal", "vs_minimal")):
+        if name in summary:
+            ratio = ours["tokens_per_s"] / summary[name]["tokens_per_s"]
+            goals[f"tokens/s >= {E2E_GOALS[key]}x {name}"] = (ratio, ratio >= E2E_GOALS[key])
+    return {goal: {"value": value, "met": met} for goal, (value, met) in goals.items()}
+
+
+# --------------------------------------------------------------------------------- 4. onpolicy
+def onpolicy(args, shapes: Shapes, device: torch.device) -> dict:
+    # The on-policy issue has not landed: nothing samples rollouts yet (onpolicy.* keys absent).
+    return {"status": "skipped: on-policy distillation has not landed yet; nothing to measure"}
+
+
+# -------------------------------------------------------------------------------------- main
+def header(args, device: torch.device) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    names = ("torch", "transformers", "peft", "deepspeed", "hydra-core", "accelerate", "trl", "liger-kernel", "triton")
+    return {"mode": "cpu (tiny shapes: checks the kit, not a GPU)" if args.cpu else "gpu",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "python": platform.python_version(), "versions": {name: installed(name) for name in names},
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cpu" if args.cpu else "cuda")
+    shapes = CPU_SHAPES if args.cpu else GPU_SHAPES
+    report = Report(args.out, header(args, device))
+    run_section = {"correctness": correctness, "liger_shape": liger_shape, "end_to_end": end_to_end,
+                   "onpolicy": onpolicy}
+    for name in args.sections.split(","):
+        started = time.perf_counter()
+        print(f"gpu check: {name} ...", flush=True)
+        try:
+            section = run_section[name](args, shapes, device)
+        except Exception as error:  # one broken section must not cost the others' figures
+            section = {"status": f"failed: {type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
+        section["seconds"] = round(time.perf_counter() - started, 1)
+        report.add(name, section)
+        print(f"gpu check: {name}: {section['status']} ({section['seconds']} s)", flush=True)
+    print((args.out / "gpu_check.md").read_text())
+
+
+# --------------------------------------------------------------------------------- markdown
+def markdown(header: dict, sections: dict) -> str:
+    lines = [f"# GPU check: {header['device']} ({header['mode']})", "",
+             f"Started {header['started']}; Python {header['python']}; "
+             + ", ".join(f"{k} {v}" for k, v in header["versions"].items()), ""]
+    for name, section in sections.items():
+        lines += [f"## {name}: {section['status']} ({section.get('seconds', '?')} s)", ""]
+        broken = "error" in section or "traceback" in section
+        measured = section["status"] == "ok" or (name == "correctness" and not broken)  # a failed check keeps its table
+        if name in SECTION_MARKDOWN and measured:
+            lines += SECTION_MARKDOWN[name](section)
+        if broken:
+            lines += ["```", (section.get("error") or section["traceback"]).strip()[-1500:], "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def table(rows: list[dict], columns: list[str]) -> list[str]:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return "" if value is None else str(value)
+
+    return [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}",
+            *(f"| {' | '.join(cell(row.get(c)) for c in columns)} |" for row in rows), ""]
+
+
+def correctness_markdown(section: dict) -> list[str]:
+    lines = ["Fused loss against float64 (relative errors):", ""]
+    lines += table(section["fused_loss_vs_float64"],
+                   ["kind", "dtype", "loss", "loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err", "ok"])
+    lines += ["Head parity:", ""] + table(section["head_parity"], ["arch", "dtype", "max_abs_gap", "ok"])
+    skip = section["nonfinite_skipping"]
+    lines += [f"NaN/Inf skipping (fused AdamW): {skip['steps']}; skipped {skip['skipped']}, optimizer steps "
+              f"{skip['optimizer_step_count']:g}; ok: {skip['ok']}", "", "Killed after a checkpoint and resumed:", ""]
+    lines += table(section["kill_and_resume"],
+                   ["stage", "backend", "precision", "steps", "losses_equal", "adapter_equal", "resumed", "ok", "seconds"])
+    return lines
+
+
+def liger_markdown(section: dict) -> list[str]:
+    shape = section["shape"]
+    lines = [f"jsd, {shape['tokens']} tokens, V={shape['vocab']}, H={shape['hidden']}, {shape['dtype']}, "
+             f"chunk {shape['chunk']}; Liger: {section['liger']}", ""]
+    lines += table(section["paths"], ["path", "ms", "peak_extra_gib", "loss", "oom"])
+    published = section["published_liger_h100"]
+    return lines + [f"Liger's published figures (H100): Liger {published['liger_gb']} GB / {published['liger_ms']} ms, "
+                    f"plain {published['plain_gb']} GB / {published['plain_ms']} ms.", ""]
+
+
+def e2e_markdown(section: dict) -> list[str]:
+    lines = [f"`{section['command']}`", ""]
+    lines += table(section["contenders"], ["contender", "tokens_per_s", "tflops_per_s", "mfu", "peak_memory_gib"])
+    lines += [f"- {goal}: {g['value']:.3g} ({'met' if g['met'] else 'not met' if g['met'] is not None else 'n/a'})"
+              if g["value"] is not None else f"- {goal}: n/a" for goal, g in section["goals"].items()]
+    return lines + [f"- {note}" for note in section["notes"]] + [""]
+
+
+SECTION_MARKDOWN = {"correctness": correctness_markdown, "liger_shape": liger_markdown, "end_to_end": e2e_markdown}
+
+
+if __name__ == "__main__":
+    main()

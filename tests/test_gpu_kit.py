@@ -1,0 +1,124 @@
+"""The GPU kit: installable beside a cluster's own torch, and scripts/gpu/check.sh working at tiny
+shapes on the CPU (`--cpu`), so that the check a GPU machine runs once cannot rot unnoticed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+SECTIONS = ("correctness", "liger_shape", "end_to_end", "onpolicy")
+
+
+def project_requirements() -> list[Requirement]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = [r for group in project["optional-dependencies"].values() for r in group]
+    return [Requirement(r) for r in project["dependencies"] + extras]
+
+
+def constraints() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_pyproject_states_ranges_so_pip_keeps_a_cluster_s_own_torch():
+    requirements = {canonicalize_name(r.name): r for r in project_requirements()}
+    assert not [str(r) for r in requirements.values() if any(s.operator == "==" for s in r.specifier)], \
+        "exact pins belong in constraints.txt"
+    # The GPU image the check runs on: torch 2.11+cu130, transformers 5.17.
+    assert requirements["torch"].specifier.contains("2.11.0+cu130") and requirements["torch"].specifier.contains("2.13.0")
+    assert requirements["transformers"].specifier.contains("5.17.0")
+    assert not requirements["transformers"].specifier.contains("6.0.0")
+
+
+def test_constraints_pin_every_requirement_inside_its_range():
+    pins = constraints()
+    for requirement in project_requirements():
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not pinned in constraints.txt"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {requirement}"
+    assert pins["torch"] == "2.13.0", "CI's CPU build of torch"
+
+
+def test_setup_installs_the_pinned_versions():
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert re.search(r"pip install .*-c constraints\.txt .*-e \"\.\[dev\]\"", setup)
+    assert "constraints.txt" in setup.split("exit 0")[0], "a changed constraints.txt reinstalls"
+
+
+def test_every_wheel_the_gpu_machine_gets_is_pinned():
+    script = (REPO / "scripts" / "gpu" / "wheels.sh").read_text()
+    names = [n for array in ("BINARY", "SOURCE_ONLY")
+             for n in re.search(rf"^{array}=\(([^)]*)\)", script, re.M).group(1).split()]
+    assert {"deepspeed", "hydra-core", "omegaconf", "antlr4-python3-runtime", "trl"} <= set(names)
+    pins = constraints()
+    assert [n for n in names if canonicalize_name(n) not in pins] == []
+
+
+def test_other_contenders_get_model_rates_from_ours():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_e2e import add_model_rates
+
+    summary = {"ours": {"tokens_per_s": 2000.0, "tflops_per_s": 400.0, "mfu": 0.4},
+               "trl": {"tokens_per_s": 1000.0}, "minimal": {"tokens_per_s": 2500.0}}
+    add_model_rates(summary)
+    assert summary["trl"]["tflops_per_s"] == pytest.approx(200.0) and summary["trl"]["mfu"] == pytest.approx(0.2)
+    assert summary["minimal"]["mfu"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_the_check_at_tiny_shapes_on_the_cpu_writes_every_section_with_numbers(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu" / "check.sh"), str(out), "--cpu",
+                           "--work", str(tmp_path / "work")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    sections = report["sections"]
+    assert tuple(sections) == SECTIONS
+    assert report["versions"]["torch"]
+
+    correctness = sections["correctness"]
+    assert correctness["status"] == "ok", correctness
+    assert {row["kind"] for row in correctness["fused_loss_vs_float64"]} == {"fkl", "rkl", "jsd", "skl", "srkl", "tvd"}
+    assert all(row["loss_rel_err"] < 1e-4 for row in correctness["fused_loss_vs_float64"])
+    assert {row["arch"] for row in correctness["head_parity"]} == {"qwen2", "llama"}
+    assert correctness["nonfinite_skipping"]["skipped"] == 2
+    assert [(r["stage"], r["losses_equal"], r["adapter_equal"]) for r in correctness["kill_and_resume"]] == \
+        [(3, True, True)]
+
+    liger = sections["liger_shape"]
+    assert liger["status"] == "ok" and liger["liger"].startswith("skipped: ")
+    assert [row["path"] for row in liger["paths"]] == ["ours (fused)", "plain PyTorch"]
+    assert all(row["ms"] > 0 and row["peak_extra_gib"] >= 0 for row in liger["paths"])
+
+    e2e = sections["end_to_end"]
+    assert e2e["status"] == "ok", e2e
+    rows = {row["contender"]: row for row in e2e["contenders"]}
+    assert {"ours", "minimal"} <= set(rows)
+    assert all(row["tokens_per_s"] > 0 and row["tflops_per_s"] > 0 and row["peak_memory_gib"] > 0
+               for row in rows.values())
+    assert all(row["mfu"] is None for row in rows.values()), "a CPU has no known peak"
+    assert "trl" in rows or any(note.startswith("trl skipped: ") for note in e2e["notes"])
+    assert all(math.isfinite(g["value"]) for name, g in e2e["goals"].items() if name.startswith("tokens/s"))
+
+    assert sections["onpolicy"]["status"].startswith("skipped: ")
+    md = (out / "gpu_check.md").read_text()
+    assert all(f"## {name}: " in md for name in SECTIONS)
+    assert "| fkl | float32 |" in md and "| ours |" in md
