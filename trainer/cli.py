@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 from trainer.cache.store import CacheError
 from trainer.checkpoints import CheckpointError
@@ -18,9 +19,11 @@ from trainer.data import DataError
 from trainer.models import ModelError
 from trainer.nonfinite import TrainingDiverged
 from trainer.provenance.licences import LicenceError
+from trainer.rundir import RunDirError
 
 # What the user can fix (a setting, an input, disk space, a learning rate): one line, exit status 2.
-USER_ERRORS = (ConfigError, DataError, ModelError, CacheError, CheckpointError, TrainingDiverged, LicenceError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CacheError, CheckpointError, TrainingDiverged, LicenceError,
+               RunDirError)
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
@@ -46,18 +49,24 @@ def _refuse_secrets_in(argv: list[str]) -> None:
 
 
 def run_entry(task, cfg):
-    """Join the process group, run `task(cfg, rank)` and return its result on every rank.
+    """Join the process group, hold the run directory (rank 0's, on every rank) for the job's life,
+    run `task(cfg, rank, run_dir)` and return its result on every rank. The task calls
+    `run_dir.keep_record()` once its inputs passed their checks (see trainer/rundir.py).
 
     A wrong setting or input is the user's to fix: one line, no traceback, exit status 2. Every
     rank validates the same inputs, so every rank stops there."""
+    from hydra.core.hydra_config import HydraConfig
+
     from trainer.distributed import finish_together, init_distributed
+    from trainer.rundir import claim_run_dir
     from trainer.secrets import redact_secrets_in_logs
 
     redact_secrets_in_logs()  # before anything logs: no token of the environment reaches a log
     rank = init_distributed()
     _quiet_other_ranks(rank.is_main)
     try:
-        result = task(cfg, rank)
+        with claim_run_dir(Path(HydraConfig.get().runtime.output_dir), rank, cfg) as run_dir:
+            result = task(cfg, rank, run_dir)
     except USER_ERRORS as error:
         print(f"distill: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -66,8 +75,14 @@ def run_entry(task, cfg):
 
 
 def run_and_announce(task, cfg, label: str) -> None:
-    """:func:`run_entry` for a task that returns a path; rank 0 prints `<label> <path>` last, for scripts."""
-    path = run_entry(task, cfg)
+    """:func:`run_entry` for a task `task(cfg, rank)` that returns a path; rank 0 prints `<label> <path>`
+    last, for scripts. Its results go elsewhere (a cache, a dataset folder), so the run directory's
+    record is written at the start, as Hydra would."""
+    def recorded_first(cfg, rank, run_dir):
+        run_dir.keep_record()
+        return task(cfg, rank)
+
+    path = run_entry(recorded_first, cfg)
     if os.environ.get("RANK", "0") == "0":  # run_entry has set it, under torchrun or not
         print(f"{label} {path.resolve()}", flush=True)
 

@@ -16,7 +16,7 @@ from trainer.batching import eval_batches, micro_batches_for_step, step_row_ids
 from trainer.cache.cached_teacher import CachedStates, CachedTeacher, open_cache
 from trainer.config import validate
 from trainer.data import collate, examples_fingerprint, split_holdout, supervised_only
-from trainer.distributed import RankInfo, all_gather_floats, all_reduce_sum, broadcast_object
+from trainer.distributed import RankInfo, all_gather_floats, all_reduce_sum
 from trainer.evaluation import evaluate, to_device
 from trainer.heads import Scorer, check_head_parity, fused_unsupported_reason
 from trainer.inputs import data_sources, load_splits, materialise_demo
@@ -36,9 +36,11 @@ log = logging.getLogger(__name__)
 class DistillJob:
     """Holds what a run needs between stages; each method is one stage of the run."""
 
-    def __init__(self, cfg, rank: RankInfo, run_dir: Path):
+    def __init__(self, cfg, rank: RankInfo, run_dir: Path, inputs_checked=lambda: None):
+        """`inputs_checked()` is called once the inputs passed their checks, before the job changes
+        anything in `run_dir` (there may be an earlier run's files) or loads any weights."""
         validate(cfg)  # before anything is loaded, so a bad value costs nothing
-        self.cfg, self.rank, self.run_dir = cfg, rank, run_dir
+        self.cfg, self.rank, self.run_dir, self.inputs_checked = cfg, rank, run_dir, inputs_checked
         self.summary: dict = {}
         self.state = checkpoints.TrainerState(
             step=0, world_size=rank.world_size,
@@ -51,6 +53,8 @@ class DistillJob:
         self.tokenizer, self.vocab_size = self._check_models_fit()
         self._load_data()
         self.resume_from = self._checked_resume_point()  # before any weights: a wrong checkpoint costs nothing
+        self.teacher_cache = open_cache(cfg, self.tokenizer, self.vocab_size, self.rank) if cfg.teacher.cache else None
+        self.inputs_checked()
         # Seeded here, after anything that may draw random numbers (building the demo's teacher on a
         # cold cache does): the same LoRA initialisation on every rank, cold cache or warm.
         torch.manual_seed(cfg.train.seed)
@@ -130,8 +134,7 @@ class DistillJob:
     def _build_teacher(self):
         """The teacher's engine, or None when its top-k is read from a cache instead."""
         cfg = self.cfg
-        if cfg.teacher.cache:
-            self.teacher_cache = open_cache(cfg, self.tokenizer, self.vocab_size, self.rank)
+        if self.teacher_cache is not None:
             manifest = self.teacher_cache.manifest
             self.summary.update({"teacher/source": "cache", "teacher/cache": str(self.teacher_cache.folder),
                                  "teacher/cache_top_k": manifest.key["top_k"], "teacher/cached_from": manifest.teacher})
@@ -440,7 +443,7 @@ class DistillJob:
         self.tracker.write_summary(self.summary)
         ranks = provenance.gather_ranks(self.rank)  # every rank joins; rank 0 writes
         if self.rank.is_main:  # after the summary: the record holds the final metrics
-            cache = getattr(self, "teacher_cache", None)
+            cache = self.teacher_cache
             provenance.write(cfg, self.run_dir, out_dir, decision=self.licence, ranks=ranks,
                              student_licence=self.student_licence, model_name=self.model_name,
                              name_complies=self.name_complies, started_at=self.started_at,
@@ -452,11 +455,12 @@ class DistillJob:
         return float(self.summary[cfg.train.metric])
 
 
-def run(cfg, rank: RankInfo, run_dir: Path) -> float:
-    """The whole job. Returns the metric named by `train.metric` (for Hydra sweepers)."""
+def run(cfg, rank: RankInfo, run_dir: Path, inputs_checked=lambda: None) -> float:
+    """The whole job (see :class:`DistillJob` for `inputs_checked`). Returns the metric named by
+    `train.metric` (for Hydra sweepers)."""
     # Watching from the start: SIGUSR1/2's default action would kill a job still loading its models.
     with PreemptionWatch() as watch:
-        job = DistillJob(cfg, rank, run_dir)
+        job = DistillJob(cfg, rank, run_dir, inputs_checked)
         job.setup()
         started = time.perf_counter()
         initial = job.evaluate(job.first_step) if job.first_step == 0 else {}
@@ -493,8 +497,3 @@ def _model_id(path: str) -> str:
     """A local folder as an absolute path (the same folder named two ways is one model); a hub id as is."""
     expanded = os.path.expanduser(path)
     return os.path.abspath(expanded) if os.path.exists(expanded) else path
-
-
-def agree_run_dir(run_dir: Path) -> Path:
-    """Rank 0's run directory on every rank, whatever each process's Hydra resolved."""
-    return Path(broadcast_object(str(run_dir)))
