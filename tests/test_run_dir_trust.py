@@ -179,3 +179,58 @@ def test_the_held_log_writes_nothing_until_the_job_passed_its_checks(tmp_path):
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+# ------------------------------------------------------- Hydra's own failures, in one line
+def _one_line_refusal(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len([line for line in lines if line.startswith("distill: error: ")]) == 1, proc.stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize("override, quoted", [
+    ("logger.name=a=b", """'logger.name="a=b"'"""),
+    ("logger.name=~/runs", """'logger.name="~/runs"'"""),
+])
+def test_an_override_hydra_cannot_read_stops_in_one_line_saying_how_to_quote_it(tmp_path, override, quoted):
+    proc = run_cli([f"hydra.run.dir={tmp_path / 'run'}", override], timeout=120)
+    line = _one_line_refusal(proc)
+    assert line.startswith(f"distill: error: Hydra cannot read the override '{override}' (") and quoted in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_that_is_a_file_stops_in_one_line(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    for run_dir in (tmp_path / "run", tmp_path / "run" / "sub"):
+        line = _one_line_refusal(run_cli([f"hydra.run.dir={run_dir}"], timeout=120))
+        assert line == (f"distill: error: the run directory {run_dir} cannot be used: {tmp_path / 'run'} is a file, "
+                        "not a folder; choose another with hydra.run.dir=<folder>.")
+
+
+def test_a_sweep_directory_that_is_a_file_stops_in_one_line(tmp_path):
+    (tmp_path / "sweep").write_text("not a folder")
+    line = _one_line_refusal(run_cli(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "loss.kind=fkl,jsd"],
+                                     timeout=120))
+    assert line.endswith("is a file, not a folder; choose another with hydra.sweep.dir=<folder>."), line
+
+
+def test_a_read_only_run_directory_stops_in_one_line(tmp_path):
+    disk = tmp_path / "read_only"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    try:
+        line = _one_line_refusal(run_cli([f"hydra.run.dir={disk / 'run'}"], timeout=120))
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    assert line == (f"distill: error: the run directory {disk / 'run'} cannot be used: {disk} is read-only; "
+                    "choose another with hydra.run.dir=<folder>.")
+
+
+def test_a_folder_the_user_may_not_write_is_unusable(tmp_path, monkeypatch):
+    """Permissions as a user other than root sees them (root may write anywhere but a read-only mount)."""
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert rundir.unusable_reason(tmp_path / "a" / "b") == f"{tmp_path} is read-only"
+    assert rundir.unusable_reason(tmp_path.parent / "elsewhere") is None

@@ -29,12 +29,71 @@ USER_ERRORS = (ConfigError, DataError, ModelError, CacheError, CheckpointError, 
 def prepare_argv(argv: list[str]) -> list[str]:
     _refuse_secrets_in(argv)
     argv = _strip_launcher_local_rank(argv)
+    overrides = _parsed_overrides(argv)
     if any(a in ("-m", "--multirun") for a in argv):
-        return argv  # the sweeper and its launcher give each job its own directory
+        # The sweeper and its launcher give each job its own directory under the sweep's.
+        _check_run_dir(_dir_override(overrides, "hydra.sweep.dir", "multirun/"), "hydra.sweep.dir")
+        return argv
     from trainer.distributed import fill_launcher_env
 
     fill_launcher_env()
-    return _shared_run_dir_args(argv)
+    argv = _shared_run_dir_args(argv)
+    _check_run_dir(_dir_override(_parsed_overrides(argv), "hydra.run.dir", "outputs/"), "hydra.run.dir")
+    return argv
+
+
+def _stop(message: str) -> None:
+    """A user error found before Hydra starts: one line, exit status 2, as `run_entry` reports them."""
+    print(f"distill: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _parsed_overrides(argv: list[str]) -> list:
+    """The command line's overrides as Hydra will read them. One Hydra cannot read is refused here, in
+    one line naming it, rather than in Hydra's own report (exit status 1)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for override in get_args_parser().parse_args(argv[1:]).overrides:
+        try:
+            parsed.append(parser.parse_override(override))
+        except HydraException as error:
+            _stop(f"Hydra cannot read the override {override!r} ({str(error).splitlines()[0]}); "
+                  f"{_quoting_advice(override)}")
+    return parsed
+
+
+def _quoting_advice(override: str) -> str:
+    key, _, value = override.partition("=")
+    if not value:
+        return "write it as key=value (see https://hydra.cc/docs/advanced/override_grammar/basic/)."
+    advice = (f"quote a value holding '=', '~', spaces or brackets, with the shell's quotes around Hydra's: "
+              f"'{key}=\"{value}\"'")
+    if value.startswith("~"):
+        advice += " (Hydra does not expand ~: write $HOME/... for your home folder)"
+    return advice + "."
+
+
+def _dir_override(overrides: list, key: str, default: str) -> str:
+    """The last value given for `key` on the command line, else `default` (where the config's own
+    default puts it)."""
+    values = [o.value() for o in overrides if o.key_or_group == key and isinstance(o.value(), str)]
+    return values[-1] if values else default
+
+
+def _check_run_dir(value: str, key: str) -> None:
+    """Hydra creates the run directory before any of our code runs, and fails with a traceback where
+    it cannot: check the part of the path known now (up to any `${...}`)."""
+    from trainer.rundir import unusable_reason
+
+    known = value.split("${", 1)[0]
+    folder = Path(known) if known == value or known.endswith("/") else Path(known).parent
+    reason = unusable_reason(folder if str(folder) else Path("."))
+    if reason:
+        _stop(f"the run directory {value} cannot be used: {reason}; choose another with {key}=<folder>.")
 
 
 def _refuse_secrets_in(argv: list[str]) -> None:
@@ -43,9 +102,8 @@ def _refuse_secrets_in(argv: list[str]) -> None:
 
     for name, value in secret_values().items():
         if any(value in arg for arg in argv[1:]):
-            print(f"distill: error: an override holds the value of {name}; keep secrets in the environment only "
-                  "(the overrides are saved with the run) and remove it from the command line.", file=sys.stderr)
-            raise SystemExit(2)
+            _stop(f"an override holds the value of {name}; keep secrets in the environment only "
+                  "(the overrides are saved with the run) and remove it from the command line.")
 
 
 def run_entry(task, cfg):

@@ -125,6 +125,18 @@ def _lock(path: Path):
     return handle, None
 
 
+def unusable_reason(folder: Path) -> str | None:
+    """Why no run directory can be made at `folder` (a file in the way, a read-only place), or None."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is read-only"
+    return None
+
+
 def _unwritable(path: Path, error: OSError) -> str:
     return (f"cannot write to the run directory {path} ({error.strerror or error}); make it a writable folder, or "
             f"choose another with {_dir_key()}=<folder>.")
