@@ -153,8 +153,10 @@ class TrainConfig:
     precision: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     log_every: int = 10
-    eval_every: int = 0
-    """Evaluate every N steps; 0 evaluates only before the first and after the last step."""
+    eval_every: Optional[int] = None
+    """Evaluate every N steps, besides before the first and after the last step (0: only then);
+    null: every ceil(max_steps / 5) steps, 4 times in between (fewer for under 5 steps), so that the
+    report's plots show a curve."""
     max_nonfinite_steps: int = 5
     """Optimizer steps in a row skipped for a NaN/Inf loss or gradient before the job stops."""
     metric: str = "eval/kl_to_teacher"
@@ -233,6 +235,16 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="distill_schema", node=DistillConfig)
 
 
+EVALUATIONS_BETWEEN = 4  # with train.eval_every=null: enough points for a curve, at little cost
+
+
+def evaluation_interval(train) -> int:
+    """Steps between held-out evaluations during training (0: none between the first and the last)."""
+    if train.eval_every is not None:
+        return train.eval_every
+    return -(-train.max_steps // (EVALUATIONS_BETWEEN + 1))  # ceil: at most that many
+
+
 def validate(cfg) -> None:
     """Reject values that would fail later, before any model or dataset is loaded."""
     _check_choice("peft.kind", cfg.peft.kind, ("lora", "none"))
@@ -263,6 +275,9 @@ def validate(cfg) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "max_nonfinite_steps"):
         if cfg.train[key] < 1:
             raise ConfigError(f"train.{key}={cfg.train[key]} must be at least 1.")
+    if cfg.train.eval_every is not None and cfg.train.eval_every < 0:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every} is negative; use 0 (evaluate before and after "
+                          "training only), N (every N steps) or null (4 times in between).")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr={cfg.train.lr} must be positive.")
     if cfg.peft.kind == "lora" and cfg.peft.r < 1:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from trainer import checkpoints, engines, models, throughput
 from trainer.batching import eval_batches, micro_batches_for_step, step_row_ids
 from trainer.cache.cached_teacher import CachedStates, CachedTeacher, open_cache
-from trainer.config import validate
+from trainer.config import evaluation_interval, validate
 from trainer.data import collate, examples_fingerprint, split_holdout, supervised_only
 from trainer.distributed import RankInfo, all_gather_floats, all_reduce_sum
 from trainer.evaluation import evaluate, to_device
@@ -195,6 +195,7 @@ class DistillJob:
         self.peak_flops = throughput.peak_flops(self.rank.device, bf16, self.cfg.train.peak_tflops)
         self.data_time = throughput.Stopwatch()
         self.window_flops = 0.0
+        self.run_work = throughput.Work()  # every log window of this job (of its life, when resumed)
 
     def _checked_resume_point(self):
         """The checkpoint this job continues from (None: a fresh start), refused by name when it
@@ -324,6 +325,7 @@ class DistillJob:
         window_losses = torch.tensor(window[:3], dtype=torch.float64, device=self.rank.device)
         window_counts = torch.tensor(window[3:], dtype=torch.float64)
         window_start = time.perf_counter()
+        eval_every = evaluation_interval(cfg.train)
         self.skips_before, self.skips_counted_at = self.state.skipped_steps, self.first_step
         for step in range(self.first_step, cfg.train.max_steps):
             done = step + 1
@@ -344,8 +346,10 @@ class DistillJob:
                 window_losses.zero_()
                 window_counts.zero_()
                 window_start = time.perf_counter()
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps:
+            if eval_every and done % eval_every == 0 and done != cfg.train.max_steps:
+                evaluating = time.perf_counter()
                 self.evaluate(done)
+                window_start += time.perf_counter() - evaluating  # tokens/s counts training time only
             if periodic or stopping:
                 self.save_checkpoint(done, torch.cat([window_losses.cpu(), window_counts]).tolist())
             if stopping:
@@ -385,7 +389,7 @@ class DistillJob:
         grad_norm = self.student.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self.pre_step_grad_norm
-        self.throughput = inputs / max(seconds, 1e-9)
+        rates = self._window_rates(seconds, inputs)
         self.tracker.log_step({
             "step": step,
             "loss": objective * per_token,
@@ -393,27 +397,35 @@ class DistillJob:
             "ce_loss": ce * per_token,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": self.throughput,
+            "tokens_per_s": rates["tokens_per_s"],
             "tokens_seen": self.state.tokens_seen,
             "skipped_steps": self.state.skipped_steps,
-            **self._window_rates(seconds),
+            **rates,
         })
 
-    def _window_rates(self, seconds: float) -> dict:
-        """The log window's model FLOP/s (all ranks), MFU, data-loading share and peak memory per rank."""
+    def _window_rates(self, seconds: float, inputs: float) -> dict:
+        """The log window's tokens/s and model FLOP/s (all ranks), MFU, data-loading share and peak
+        memory per rank; the window is added to the run's work."""
         flops, data_seconds = all_reduce_sum(torch.tensor([self.window_flops, self.data_time.take()],
                                                           dtype=torch.float64)).tolist()
         self.window_flops = 0.0
-        world = self.rank.world_size
+        window = throughput.Work(seconds, inputs, flops, data_seconds)
+        self.run_work += window
         peaks = [b / 2**30 for b in all_gather_floats(float(throughput.peak_memory_bytes(self.rank.device)))]
-        self.rates = {
-            "tflops_per_s": flops / max(seconds, 1e-9) / 1e12,
-            "mfu": flops / max(seconds, 1e-9) / (self.peak_flops * world) if self.peak_flops else None,
-            "data_share": data_seconds / world / max(seconds, 1e-9),
-            "peak_memory_gib": max(peaks),
-            "peak_memory_gib_per_rank": peaks,
-        }
+        self.rates = {**window.rates(self.peak_flops, self.rank.world_size),
+                      "peak_memory_gib": max(peaks), "peak_memory_gib_per_rank": peaks}
         return self.rates
+
+    def _run_rates(self) -> dict:
+        """summary.json's speed: the whole run's rates (its windows' work over their seconds), and the
+        last window's beside them; NaN for a job that trained no step (resumed at the end)."""
+        if not self.run_work.seconds:
+            return {"train/tokens_per_s": float("nan")}
+        last = {f"train/last_window_{key}": value for key, value in self.rates.items()
+                if key in ("tokens_per_s", "tflops_per_s", "mfu", "data_share")}
+        return {**{f"train/{key}": value for key, value in self.run_work.rates(self.peak_flops,
+                                                                                self.rank.world_size).items()},
+                **last, "train/peak_memory_gib": self.rates["peak_memory_gib"]}
 
     # -------------------------------------------------------------------------------- evaluate
     def evaluate(self, step: int) -> dict:
@@ -434,12 +446,9 @@ class DistillJob:
                                      engines.precision(cfg, self.rank.device)[1])
         self.summary.update(final)
         self.summary.update({f"initial/{k}": v for k, v in initial.items()})
-        self.summary.update({"train/tokens_per_s": getattr(self, "throughput", float("nan")),
-                             "train/tokens_seen": self.state.tokens_seen,
+        self.summary.update({**self._run_rates(), "train/tokens_seen": self.state.tokens_seen,
                              "train/skipped_steps": self.state.skipped_steps, "train/steps": cfg.train.max_steps,
-                             "train/wall_s": seconds, "world_size": self.rank.world_size,
-                             **{f"train/{k}": v for k, v in getattr(self, "rates", {}).items()
-                                if k != "peak_memory_gib_per_rank"}})
+                             "train/wall_s": seconds, "world_size": self.rank.world_size})
         self.tracker.write_summary(self.summary)
         ranks = provenance.gather_ranks(self.rank)  # every rank joins; rank 0 writes
         if self.rank.is_main:  # after the summary: the record holds the final metrics
