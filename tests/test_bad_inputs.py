@@ -159,10 +159,15 @@ CATALOGUE = {
 
 
 def _run_dir_with_history(run_dir: Path) -> dict[Path, bytes]:
-    """A run directory that already holds a checkpoint and metrics; returns the files' bytes."""
+    """A run directory that already holds a checkpoint, metrics, Hydra's record and its log; returns
+    the files' bytes."""
     (run_dir / "checkpoints" / "step_00000002").mkdir(parents=True)
     (run_dir / "checkpoints" / "step_00000002" / "x").write_bytes(b"weights of an earlier run")
     (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.5}) + "\n")
+    (run_dir / ".hydra").mkdir()
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run_dir / ".hydra" / name).write_text(f"# the earlier run's {name}\n")
+    (run_dir / "__main__.log").write_text("[the earlier run's log]\n")
     return {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
 
 

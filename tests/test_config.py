@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from trainer.config import ConfigError, register_configs, validate
+from trainer.config import ConfigError, evaluation_interval, register_configs, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
@@ -36,6 +36,19 @@ def test_every_option_of_every_group_composes_and_validates(group):
         cfg = composed(f"{group}={option}")
         validate(cfg)
         OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("overrides, steps", [
+    ((), [60, 120, 180, 240]),  # the demo's 300 steps
+    (("train.max_steps=4",), [1, 2, 3]),
+    (("train.max_steps=1001",), [201, 402, 603, 804]),
+    (("train.eval_every=0",), []),
+    (("train.eval_every=100",), [100, 200]),
+])
+def test_by_default_the_job_evaluates_four_times_between_before_and_after_training(overrides, steps):
+    train = composed(*overrides).train
+    every = evaluation_interval(train)
+    assert [step for step in range(1, train.max_steps) if every and step % every == 0] == steps
 
 
 def test_zero3_groups_set_stage_3():
@@ -71,6 +84,7 @@ def test_a_wrongly_typed_value_is_rejected():
         ("teacher.tail_samples=64", "teacher.tail_samples"),
         ("teacher.tail_samples=-1", "teacher.tail_samples"),
         ("train.peak_tflops=0", "train.peak_tflops"),
+        ("train.eval_every=-1", "train.eval_every"),
     ],
 )
 def test_out_of_range_values_fail_validation_with_one_line(override, key):

@@ -302,13 +302,45 @@ def test_the_model_card_loads_and_the_adapter_still_loads_with_peft(tiny, permis
 
     run_dir, _, _ = permissive_run
     card = ModelCard.load(run_dir / "adapter" / "README.md")
-    assert card.data.base_model == str(tiny["student"]) and card.data.license == "apache-2.0"
+    # A local student is named by its folder (a published card holds no local path; provenance.json does).
+    assert card.data.base_model == Path(tiny["student"]).name and card.data.license == "apache-2.0"
     assert "distillation" in card.data.tags and card.data.teacher == str(tiny["teacher"])
     assert card.data.datasets == ["train.jsonl", "eval.jsonl"]
     assert "eval/kl_to_teacher" in card.text
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["student"]), run_dir / "adapter")
     with torch.no_grad():
         assert torch.isfinite(adapted(torch.tensor([[1, 5, 6, 7]])).logits).all()
+
+
+@pytest.mark.slow
+def test_the_cards_how_to_load_snippet_loads_the_adapter(tiny, permissive_run, monkeypatch):
+    run_dir, _, _ = permissive_run
+    text = (run_dir / "adapter" / "README.md").read_text()
+    snippet = text.split("## How to load", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert f'from_pretrained("{Path(tiny["student"]).name}")' in snippet
+    monkeypatch.chdir(Path(tiny["student"]).parent)  # where the base model's folder name resolves
+    scope: dict = {}
+    exec(snippet.replace("path/to/adapter", str(run_dir / "adapter")), scope)
+    assert type(scope["model"]).__name__ == "PeftModelForCausalLM" and scope["tokenizer"] is not None
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ("hub_id", "Qwen/Qwen2.5-0.5B"),
+    ("hub_snapshot", "Qwen/Qwen2.5-0.5B"),
+    ("recorded_hub_id", "my-org/tiny-student"),
+    ("recorded_local_path", "my-student"),
+    ("plain_folder", "my-student"),
+])
+def test_the_cards_base_model_is_a_hub_id_where_known_else_the_folders_name(tmp_path, layout, expected):
+    from trainer.provenance.card import card_base_model
+
+    folders = {"hub_snapshot": tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / "0123abc"}
+    folder = folders.get(layout, tmp_path / "my-student")
+    if layout != "hub_id":
+        folder.mkdir(parents=True)
+        recorded = {"recorded_hub_id": "my-org/tiny-student", "recorded_local_path": str(tmp_path / "elsewhere")}
+        (folder / "config.json").write_text(json.dumps({"_name_or_path": recorded.get(layout, "")}))
+    assert card_base_model("Qwen/Qwen2.5-0.5B" if layout == "hub_id" else str(folder)) == expected
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ from conftest import REPO, outside_any_launcher, read_jsonl, run_cli, tiny_overr
 from safetensors.torch import load_file
 from test_e2e import assert_ok
 
+from trainer.rundir import LOCK_FILE
+
 pytestmark = pytest.mark.slow
 
 FAULTS_ENV = {"PYTHONPATH": str(REPO / "tests")}
@@ -132,9 +134,8 @@ def test_a_checkpoint_of_another_run_is_refused_by_name_before_weights_load(tiny
 
 
 def _run_files(run_dir: Path) -> dict:
-    """The run's own files; Hydra's log and `.hydra/` are rewritten by every launch, before any job code runs."""
-    return {p: p.read_bytes() for p in run_dir.rglob("*")
-            if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}
+    """The run's files, but the lock file, which names whichever job last held the directory."""
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK_FILE}
 
 
 def test_resume_from_a_checkpoint_path_of_another_run_directory(tiny, tmp_path):

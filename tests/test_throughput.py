@@ -87,6 +87,9 @@ def test_each_step_logs_model_flops_by_the_formula_data_share_and_memory_per_ran
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["train/tflops_per_s"] > 0 and summary["train/peak_memory_gib"] > 0.1
         assert "train/mfu" in summary and summary["train/mfu"] is None  # CPU: no peak to compare with
+        _assert_the_summary_gives_the_runs_rate_and_the_last_windows(runs[nproc], summary)
+        # Evaluated between too by default (train.eval_every=null), so the report's plots are curves.
+        assert [e["step"] for e in read_jsonl(run_dir / "eval.jsonl")] == [0, 1, 2, 3]
     tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
     rows = load_examples(tiny["train"], tokenizer, 32, cache_dir=None).rows
     per_token, per_length = formula_cost(tiny)
@@ -103,6 +106,24 @@ def test_each_step_logs_model_flops_by_the_formula_data_share_and_memory_per_ran
             flops_per_token = logged["tflops_per_s"] * 1e12 / logged["tokens_per_s"]
             expected = per_token + per_length * sum(t * t for t in lengths) / sum(lengths)
             assert flops_per_token == pytest.approx(expected, rel=1e-6)
+
+
+def _assert_the_summary_gives_the_runs_rate_and_the_last_windows(metrics: list[dict], summary: dict) -> None:
+    tokens = [m["tokens_seen"] - previous for m, previous in zip(metrics, [0] + [m["tokens_seen"] for m in metrics])]
+    seconds = [window / m["tokens_per_s"] for window, m in zip(tokens, metrics)]
+    assert summary["train/tokens_per_s"] == pytest.approx(sum(tokens) / sum(seconds), rel=1e-9)
+    assert summary["train/tflops_per_s"] == pytest.approx(
+        sum(m["tflops_per_s"] * s for m, s in zip(metrics, seconds)) / sum(seconds), rel=1e-9)
+    assert summary["train/last_window_tokens_per_s"] == metrics[-1]["tokens_per_s"]
+    assert summary["train/last_window_tflops_per_s"] == metrics[-1]["tflops_per_s"]
+
+
+def test_the_runs_rates_weigh_each_window_by_its_seconds():
+    """Not the last window's rate (367 tokens/s against a run average of 672 in one run)."""
+    run = throughput.Work(1.0, 900.0, 4e12, 0.1) + throughput.Work(3.0, 300.0, 2e12, 0.3)
+    assert run.rates(peak=None, world_size=2) == {"tokens_per_s": 300.0, "tflops_per_s": 1.5, "mfu": None,
+                                                   "data_share": 0.05}
+    assert run.rates(peak=1e12, world_size=2)["mfu"] == 0.75
 
 
 @pytest.mark.slow

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 
 from trainer.cli import prepare_argv, run_entry
 from trainer.config import register_configs
@@ -19,11 +17,10 @@ def distill(cfg) -> float:
     return run_entry(_train, cfg)
 
 
-def _train(cfg, rank) -> float:
+def _train(cfg, rank, run_dir) -> float:
     from trainer import job
 
-    run_dir = job.agree_run_dir(Path(HydraConfig.get().runtime.output_dir))
-    return job.run(cfg, rank, run_dir)
+    return job.run(cfg, rank, run_dir.path, inputs_checked=run_dir.keep_record)
 
 
 def main() -> None:

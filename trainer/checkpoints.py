@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.files import write_text_atomically
+from trainer.files import honour_umask, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +316,7 @@ def export_student(model, tokenizer, run_dir: Path, peft_kind: str, is_main: boo
         with _export_failures_reported(out_dir):
             model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(str(out_dir))
+            honour_umask(out_dir)  # colleagues on a shared filesystem load the adapter too
     dist.barrier()
     return out_dir
 
@@ -348,4 +349,5 @@ def export_merged(student_cfg, adapter_dir: Path, run_dir: Path, dtype: torch.dt
     with _export_failures_reported(out_dir):
         merged.save_pretrained(str(out_dir), safe_serialization=True)
         AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out_dir))
+        honour_umask(out_dir)
     return out_dir

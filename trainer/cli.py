@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 from trainer.cache.store import CacheError
 from trainer.checkpoints import CheckpointError
@@ -19,21 +20,82 @@ from trainer.data import DataError
 from trainer.models import ModelError
 from trainer.nonfinite import TrainingDiverged
 from trainer.provenance.licences import LicenceError
+from trainer.rundir import RunDirError
 
 # What the user can fix (a setting, an input, disk space, a learning rate): one line, exit status 2.
-USER_ERRORS = (ConfigError, DataError, ModelError, CacheError, CheckpointError, TrainingDiverged, LicenceError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CacheError, CheckpointError, TrainingDiverged, LicenceError,
+               RunDirError)
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
     hold_third_party_output()  # first: before anything imports DeepSpeed
     _refuse_secrets_in(argv)
     argv = _strip_launcher_local_rank(argv)
+    overrides = _parsed_overrides(argv)
     if any(a in ("-m", "--multirun") for a in argv):
-        return argv  # the sweeper and its launcher give each job its own directory
+        # The sweeper and its launcher give each job its own directory under the sweep's.
+        _check_run_dir(_dir_override(overrides, "hydra.sweep.dir", "multirun/"), "hydra.sweep.dir")
+        return argv
     from trainer.distributed import fill_launcher_env
 
     fill_launcher_env()
-    return _shared_run_dir_args(argv)
+    argv = _shared_run_dir_args(argv)
+    _check_run_dir(_dir_override(_parsed_overrides(argv), "hydra.run.dir", "outputs/"), "hydra.run.dir")
+    return argv
+
+
+def _stop(message: str) -> None:
+    """A user error found before Hydra starts: one line, exit status 2, as `run_entry` reports them."""
+    print(f"distill: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _parsed_overrides(argv: list[str]) -> list:
+    """The command line's overrides as Hydra will read them. One Hydra cannot read is refused here, in
+    one line naming it, rather than in Hydra's own report (exit status 1)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for override in get_args_parser().parse_args(argv[1:]).overrides:
+        try:
+            parsed.append(parser.parse_override(override))
+        except HydraException as error:
+            _stop(f"Hydra cannot read the override {override!r} ({str(error).splitlines()[0]}); "
+                  f"{_quoting_advice(override)}")
+    return parsed
+
+
+def _quoting_advice(override: str) -> str:
+    key, _, value = override.partition("=")
+    if not value:
+        return "write it as key=value (see https://hydra.cc/docs/advanced/override_grammar/basic/)."
+    advice = (f"quote a value holding '=', '~', spaces or brackets, with the shell's quotes around Hydra's: "
+              f"'{key}=\"{value}\"'")
+    if value.startswith("~"):
+        advice += " (Hydra does not expand ~: write $HOME/... for your home folder)"
+    return advice + "."
+
+
+def _dir_override(overrides: list, key: str, default: str) -> str:
+    """The last value given for `key` on the command line, else `default` (where the config's own
+    default puts it)."""
+    values = [o.value() for o in overrides if o.key_or_group == key and isinstance(o.value(), str)]
+    return values[-1] if values else default
+
+
+def _check_run_dir(value: str, key: str) -> None:
+    """Hydra creates the run directory before any of our code runs, and fails with a traceback where
+    it cannot: check the part of the path known now (up to any `${...}`)."""
+    from trainer.rundir import unusable_reason
+
+    known = value.split("${", 1)[0]
+    folder = Path(known) if known == value or known.endswith("/") else Path(known).parent
+    reason = unusable_reason(folder if str(folder) else Path("."))
+    if reason:
+        _stop(f"the run directory {value} cannot be used: {reason}; choose another with {key}=<folder>.")
 
 
 def _refuse_secrets_in(argv: list[str]) -> None:
@@ -42,17 +104,21 @@ def _refuse_secrets_in(argv: list[str]) -> None:
 
     for name, value in secret_values().items():
         if any(value in arg for arg in argv[1:]):
-            print(f"distill: error: an override holds the value of {name}; keep secrets in the environment only "
-                  "(the overrides are saved with the run) and remove it from the command line.", file=sys.stderr)
-            raise SystemExit(2)
+            _stop(f"an override holds the value of {name}; keep secrets in the environment only "
+                  "(the overrides are saved with the run) and remove it from the command line.")
 
 
 def run_entry(task, cfg):
-    """Join the process group, run `task(cfg, rank)` and return its result on every rank.
+    """Join the process group, hold the run directory (rank 0's, on every rank) for the job's life,
+    run `task(cfg, rank, run_dir)` and return its result on every rank. The task calls
+    `run_dir.keep_record()` once its inputs passed their checks (see trainer/rundir.py).
 
     A wrong setting or input is the user's to fix: one line, no traceback, exit status 2. Every
     rank validates the same inputs, so every rank stops there."""
+    from hydra.core.hydra_config import HydraConfig
+
     from trainer.distributed import finish_together, init_distributed
+    from trainer.rundir import claim_run_dir
     from trainer.secrets import redact_secrets_in_logs
 
     redact_secrets_in_logs()  # before anything logs: no token of the environment reaches a log
@@ -60,7 +126,8 @@ def run_entry(task, cfg):
     rank = init_distributed()
     _quiet_other_ranks(rank.is_main)
     try:
-        result = task(cfg, rank)
+        with claim_run_dir(Path(HydraConfig.get().runtime.output_dir), rank, cfg) as run_dir:
+            result = task(cfg, rank, run_dir)
     except USER_ERRORS as error:
         print(f"distill: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -69,8 +136,14 @@ def run_entry(task, cfg):
 
 
 def run_and_announce(task, cfg, label: str) -> None:
-    """:func:`run_entry` for a task that returns a path; rank 0 prints `<label> <path>` last, for scripts."""
-    path = run_entry(task, cfg)
+    """:func:`run_entry` for a task `task(cfg, rank)` that returns a path; rank 0 prints `<label> <path>`
+    last, for scripts. Its results go elsewhere (a cache, a dataset folder), so the run directory's
+    record is written at the start, as Hydra would."""
+    def recorded_first(cfg, rank, run_dir):
+        run_dir.keep_record()
+        return task(cfg, rank)
+
+    path = run_entry(recorded_first, cfg)
     if os.environ.get("RANK", "0") == "0":  # run_entry has set it, under torchrun or not
         print(f"{label} {path.resolve()}", flush=True)
 

@@ -171,8 +171,10 @@ class TrainConfig:
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     log_every: int = 10
     """Write metrics.jsonl, W&B and the progress bar every N optimizer steps (and at the last one)."""
-    eval_every: int = 0
-    """Evaluate every N steps; 0 evaluates only before the first and after the last step."""
+    eval_every: Optional[int] = None
+    """Evaluate every N steps, besides before the first and after the last step (0: only then);
+    null: every ceil(max_steps / 5) steps, 4 times in between (fewer for under 5 steps), so that the
+    report's plots show a curve."""
     max_nonfinite_steps: int = 5
     """Optimizer steps in a row skipped for a NaN/Inf loss or gradient before the job stops."""
     metric: str = "eval/kl_to_teacher"
@@ -264,6 +266,16 @@ def register_configs() -> None:
     register_help_resolver()  # `--help` renders the key table from this module's field docs
 
 
+EVALUATIONS_BETWEEN = 4  # with train.eval_every=null: enough points for a curve, at little cost
+
+
+def evaluation_interval(train) -> int:
+    """Steps between held-out evaluations during training (0: none between the first and the last)."""
+    if train.eval_every is not None:
+        return train.eval_every
+    return -(-train.max_steps // (EVALUATIONS_BETWEEN + 1))  # ceil: at most that many
+
+
 def validate(cfg) -> None:
     """Reject values that would fail later, before any model or dataset is loaded."""
     _check_choice("peft.kind", cfg.peft.kind, ("lora", "none"))
@@ -340,6 +352,9 @@ def _validate_train(train) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "max_nonfinite_steps"):
         if train[key] < 1:
             raise ConfigError(f"train.{key}={train[key]} must be at least 1.")
+    if train.eval_every is not None and train.eval_every < 0:
+        raise ConfigError(f"train.eval_every={train.eval_every} is negative; use 0 (evaluate before and after "
+                          "training only), N (every N steps) or null (4 times in between).")
     if not (math.isfinite(train.lr) and train.lr > 0):
         raise ConfigError(f"train.lr={train.lr} must be a finite number > 0; e.g. train.lr=2e-4 for LoRA on an LLM.")
     if not (math.isfinite(train.weight_decay) and train.weight_decay >= 0):

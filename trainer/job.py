@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from trainer import checkpoint_trust, checkpoints, engines, models, throughput
 from trainer.batching import eval_batches, micro_batches_for_step, step_row_ids
 from trainer.cache.cached_teacher import CachedStates, CachedTeacher, open_cache
-from trainer.config import ConfigError, unread_loss_settings, validate
+from trainer.config import ConfigError, evaluation_interval, unread_loss_settings, validate
 from trainer.data import collate, examples_fingerprint, split_holdout, supervised_only
 from trainer.distributed import RankInfo, all_gather_floats, all_reduce_sum, broadcast_object
 from trainer.evaluation import evaluate, to_device
@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 class DistillJob:
     """Holds what a run needs between stages; each method is one stage of the run."""
 
-    def __init__(self, cfg, rank: RankInfo, run_dir: Path):
+    def __init__(self, cfg, rank: RankInfo, run_dir: Path, inputs_checked=lambda: None):
+        """`inputs_checked()` is called once the inputs passed their checks, before the job changes
+        anything in `run_dir` (there may be an earlier run's files) or loads any weights."""
         validate(cfg)  # before anything is loaded, so a bad value costs nothing
-        self.cfg, self.rank, self.run_dir = cfg, rank, run_dir
+        self.cfg, self.rank, self.run_dir, self.inputs_checked = cfg, rank, run_dir, inputs_checked
         self._check_metric_is_measured()
         if rank.is_main:
             for warning in unread_loss_settings(cfg.loss):
@@ -68,6 +70,8 @@ class DistillJob:
         self.tokenizer, self.vocab_size = self._check_models_fit()
         self._load_data()
         self.resume_from = self._checked_resume_point()  # before any weights: a wrong checkpoint costs nothing
+        self.teacher_cache = open_cache(cfg, self.tokenizer, self.vocab_size, self.rank) if cfg.teacher.cache else None
+        self.inputs_checked()
         # Seeded here, after anything that may draw random numbers (building the demo's teacher on a
         # cold cache does): the same LoRA initialisation on every rank, cold cache or warm.
         torch.manual_seed(cfg.train.seed)
@@ -168,8 +172,7 @@ class DistillJob:
     def _build_teacher(self):
         """The teacher's engine, or None when its top-k is read from a cache instead."""
         cfg = self.cfg
-        if cfg.teacher.cache:
-            self.teacher_cache = open_cache(cfg, self.tokenizer, self.vocab_size, self.rank)
+        if self.teacher_cache is not None:
             manifest = self.teacher_cache.manifest
             self.summary.update({"teacher/source": "cache", "teacher/cache": str(self.teacher_cache.folder),
                                  "teacher/cache_top_k": manifest.key["top_k"], "teacher/cached_from": manifest.teacher})
@@ -230,6 +233,7 @@ class DistillJob:
         self.peak_flops = throughput.peak_flops(self.rank.device, bf16, self.cfg.train.peak_tflops)
         self.data_time = throughput.Stopwatch()
         self.window_flops = 0.0
+        self.run_work = throughput.Work()  # every log window of this job (of its life, when resumed)
 
     def _checked_resume_point(self):
         """The checkpoint this job continues from (None: a fresh start), verified, and refused by
@@ -390,6 +394,7 @@ class DistillJob:
         window_losses = torch.tensor(window[:3], dtype=torch.float64, device=self.rank.device)
         window_counts = torch.tensor(window[3:], dtype=torch.float64)
         window_start = time.perf_counter()
+        eval_every = evaluation_interval(cfg.train)
         self.skips_before, self.skips_counted_at = self.state.skipped_steps, self.first_step
         # Dropout on for the steps, whatever ran before: from_pretrained returns a model in eval
         # mode, and a resumed job runs no evaluation first. Evaluations restore it (eval_mode).
@@ -413,8 +418,10 @@ class DistillJob:
                 window_losses.zero_()
                 window_counts.zero_()
                 window_start = time.perf_counter()
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps:
+            if eval_every and done % eval_every == 0 and done != cfg.train.max_steps:
+                evaluating = time.perf_counter()
                 self.evaluate(done)
+                window_start += time.perf_counter() - evaluating  # tokens/s counts training time only
             if periodic or stopping:
                 self.save_checkpoint(done, torch.cat([window_losses.cpu(), window_counts]).tolist())
             if stopping:
@@ -482,7 +489,7 @@ class DistillJob:
         grad_norm = self.student.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self.pre_step_grad_norm
-        self.throughput = inputs / max(seconds, 1e-9)
+        rates = self._window_rates(seconds, inputs)
         self.tracker.log_step({
             "step": step,
             "loss": objective * per_token,
@@ -490,27 +497,35 @@ class DistillJob:
             "ce_loss": ce * per_token,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": self.throughput,
+            "tokens_per_s": rates["tokens_per_s"],
             "tokens_seen": self.state.tokens_seen,
             "skipped_steps": self.state.skipped_steps,
-            **self._window_rates(seconds),
+            **rates,
         })
 
-    def _window_rates(self, seconds: float) -> dict:
-        """The log window's model FLOP/s (all ranks), MFU, data-loading share and peak memory per rank."""
+    def _window_rates(self, seconds: float, inputs: float) -> dict:
+        """The log window's tokens/s and model FLOP/s (all ranks), MFU, data-loading share and peak
+        memory per rank; the window is added to the run's work."""
         flops, data_seconds = all_reduce_sum(torch.tensor([self.window_flops, self.data_time.take()],
                                                           dtype=torch.float64)).tolist()
         self.window_flops = 0.0
-        world = self.rank.world_size
+        window = throughput.Work(seconds, inputs, flops, data_seconds)
+        self.run_work += window
         peaks = [b / 2**30 for b in all_gather_floats(float(throughput.peak_memory_bytes(self.rank.device)))]
-        self.rates = {
-            "tflops_per_s": flops / max(seconds, 1e-9) / 1e12,
-            "mfu": flops / max(seconds, 1e-9) / (self.peak_flops * world) if self.peak_flops else None,
-            "data_share": data_seconds / world / max(seconds, 1e-9),
-            "peak_memory_gib": max(peaks),
-            "peak_memory_gib_per_rank": peaks,
-        }
+        self.rates = {**window.rates(self.peak_flops, self.rank.world_size),
+                      "peak_memory_gib": max(peaks), "peak_memory_gib_per_rank": peaks}
         return self.rates
+
+    def _run_rates(self) -> dict:
+        """summary.json's speed: the whole run's rates (its windows' work over their seconds), and the
+        last window's beside them; NaN for a job that trained no step (resumed at the end)."""
+        if not self.run_work.seconds:
+            return {"train/tokens_per_s": float("nan")}
+        last = {f"train/last_window_{key}": value for key, value in self.rates.items()
+                if key in ("tokens_per_s", "tflops_per_s", "mfu", "data_share")}
+        return {**{f"train/{key}": value for key, value in self.run_work.rates(self.peak_flops,
+                                                                                self.rank.world_size).items()},
+                **last, "train/peak_memory_gib": self.rates["peak_memory_gib"]}
 
     # -------------------------------------------------------------------------------- evaluate
     def evaluate(self, step: int) -> dict:
@@ -532,16 +547,13 @@ class DistillJob:
                                      engines.precision(cfg, self.rank.device)[1])
         self.summary.update(final)
         self.summary.update({f"initial/{k}": v for k, v in initial.items()})
-        self.summary.update({"train/tokens_per_s": getattr(self, "throughput", float("nan")),
-                             "train/tokens_seen": self.state.tokens_seen,
+        self.summary.update({**self._run_rates(), "train/tokens_seen": self.state.tokens_seen,
                              "train/skipped_steps": self.state.skipped_steps, "train/steps": cfg.train.max_steps,
-                             "train/wall_s": seconds, "world_size": self.rank.world_size,
-                             **{f"train/{k}": v for k, v in getattr(self, "rates", {}).items()
-                                if k != "peak_memory_gib_per_rank"}})
+                             "train/wall_s": seconds, "world_size": self.rank.world_size})
         self.tracker.write_summary(self.summary)
         ranks = provenance.gather_ranks(self.rank)  # every rank joins; rank 0 writes
         if self.rank.is_main:  # after the summary: the record holds the final metrics
-            cache = getattr(self, "teacher_cache", None)
+            cache = self.teacher_cache
             provenance.write(cfg, self.run_dir, out_dir, decision=self.licence, ranks=ranks,
                              student_licence=self.student_licence, model_name=self.model_name,
                              name_complies=self.name_complies, started_at=self.started_at,
@@ -553,11 +565,12 @@ class DistillJob:
         return float(self.summary[cfg.train.metric])
 
 
-def run(cfg, rank: RankInfo, run_dir: Path) -> float:
-    """The whole job. Returns the metric named by `train.metric` (for Hydra sweepers)."""
+def run(cfg, rank: RankInfo, run_dir: Path, inputs_checked=lambda: None) -> float:
+    """The whole job (see :class:`DistillJob` for `inputs_checked`). Returns the metric named by
+    `train.metric` (for Hydra sweepers)."""
     # Watching from the start: SIGUSR1/2's default action would kill a job still loading its models.
     with PreemptionWatch() as watch:
-        job = DistillJob(cfg, rank, run_dir)
+        job = DistillJob(cfg, rank, run_dir, inputs_checked)
         job.setup()
         started = time.perf_counter()
         initial = job.evaluate(job.first_step) if job.first_step == 0 else {}
@@ -594,8 +607,3 @@ def _model_id(path: str) -> str:
     """A local folder as an absolute path (the same folder named two ways is one model); a hub id as is."""
     expanded = os.path.expanduser(path)
     return os.path.abspath(expanded) if os.path.exists(expanded) else path
-
-
-def agree_run_dir(run_dir: Path) -> Path:
-    """Rank 0's run directory on every rank, whatever each process's Hydra resolved."""
-    return Path(broadcast_object(str(run_dir)))

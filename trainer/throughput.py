@@ -132,3 +132,28 @@ class Stopwatch:
     def take(self) -> float:
         seconds, self.seconds = self.seconds, 0.0
         return seconds
+
+
+@dataclass
+class Work:
+    """What all ranks did over some seconds of training: a log window, or every window of the run."""
+
+    seconds: float = 0.0
+    input_tokens: float = 0.0
+    flops: float = 0.0
+    data_seconds: float = 0.0
+    """Summed over ranks."""
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(self.seconds + other.seconds, self.input_tokens + other.input_tokens,
+                    self.flops + other.flops, self.data_seconds + other.data_seconds)
+
+    def rates(self, peak: float | None, world_size: int) -> dict:
+        """tokens/s and model FLOP/s of all ranks, MFU (None without a peak), data-loading share."""
+        seconds = max(self.seconds, 1e-9)
+        return {
+            "tokens_per_s": self.input_tokens / seconds,
+            "tflops_per_s": self.flops / seconds / 1e12,
+            "mfu": self.flops / seconds / (peak * world_size) if peak else None,
+            "data_share": self.data_seconds / world_size / seconds,
+        }

@@ -19,7 +19,7 @@ from trainer.demo.student import drop_layers
 from trainer.demo.task import unique_problems, write_jsonl
 from trainer.demo.teacher import soften, train_teacher
 from trainer.demo.tokenizer import build_char_tokenizer
-from trainer.files import write_text_atomically
+from trainer.files import honour_umask, write_text_atomically
 
 # Written last; a folder without it was never finished and is never returned.
 _COMPLETE_MARKER = "COMPLETE"
@@ -92,6 +92,7 @@ def _torch_threads(n: int):
 def _publish(staging: Path, final: Path) -> None:
     """Rename the finished build into place; if another process got there first, keep theirs."""
     staging.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
+    honour_umask(staging)  # and so are the weights safetensors wrote owner-only
     try:
         os.rename(staging, final)
     except OSError:

@@ -5,6 +5,9 @@ the student, and the held-out metrics. peft writes a generic card on save; this 
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 
 from trainer.provenance.gate import CardLicence
@@ -23,6 +26,29 @@ def card_datasets(sources: dict) -> list[str]:
             path = Path(str(spec)).expanduser()
             names.append(path.name if path.exists() else str(spec))
     return names
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the hub spells repositories
+_HUB_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
+
+
+def card_base_model(student_path: str) -> str:
+    """The student as a published card names it: a hub id as given; for a local folder, the hub id it
+    came from where that is known (a hub cache snapshot's folder, or a hub id left as `_name_or_path`
+    in its config.json), else the folder's name (the full path stays in provenance.json)."""
+    folder = Path(os.path.expanduser(student_path))
+    if not folder.exists():
+        return student_path
+    snapshot = _HUB_SNAPSHOT.search(str(folder.resolve()))
+    if snapshot:
+        return f"{snapshot['owner']}/{snapshot['name']}"
+    try:
+        recorded = json.loads((folder / "config.json").read_text()).get("_name_or_path", "")
+    except (OSError, ValueError):
+        recorded = ""
+    if isinstance(recorded, str) and _HUB_ID.match(recorded) and not Path(recorded).exists():
+        return recorded
+    return folder.resolve().name
 
 
 def write_card(out_dir: Path, *, name: str, student_id: str, student_licence: CardLicence, teacher_id: str,
@@ -61,6 +87,7 @@ def _body(name, student_id, teacher_id, decision: Decision, name_ok, metrics: di
     if name_ok is False:
         lines += ["", f"**This model's name, {name!r}, does not begin with {decision.name_prefix!r}, as the teacher's "
                   "licence requires of a distributed model: rename it before you publish it.**"]
+    lines += ["", "## How to load", "", *_how_to_load(student_id, lora)]
     lines += ["", "## Held-out evaluation", "", "| metric | before | after |", "| --- | ---: | ---: |"]
     for key in CARD_METRICS:
         if key in metrics:
@@ -71,6 +98,22 @@ def _body(name, student_id, teacher_id, decision: Decision, name_ok, metrics: di
               "resolved config, the code's git commit, package versions and devices; its `record_sha256` is the "
               "sha256 of its canonical JSON without that field (`trainer.provenance.record.verify_file`).", ""]
     return "\n".join(lines)
+
+
+def _how_to_load(student_id: str, lora: bool) -> list[str]:
+    """A snippet that loads what this card describes (`student_id` is the card's base_model)."""
+    where = "" if _HUB_ID.match(student_id) else " (a local folder: provenance.json has its path)"
+    if not lora:
+        return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                'model_dir = "path/to/model"  # this folder, or its hub id once uploaded',
+                "model = AutoModelForCausalLM.from_pretrained(model_dir)",
+                "tokenizer = AutoTokenizer.from_pretrained(model_dir)", "```"]
+    return ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "", 'adapter_dir = "path/to/adapter"  # this folder, or its hub id once uploaded',
+            f"base = AutoModelForCausalLM.from_pretrained({json.dumps(student_id)})  # the student it adapts{where}",
+            "model = PeftModel.from_pretrained(base, adapter_dir)",
+            "tokenizer = AutoTokenizer.from_pretrained(adapter_dir)", "```", "",
+            "`model.merge_and_unload()` folds the adapter into the weights (`peft.merge=true` saves that as `merged/`)."]
 
 
 def _number(value) -> str:

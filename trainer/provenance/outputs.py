@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from trainer.config import cache_root
-from trainer.provenance.card import card_datasets, write_card
+from trainer.provenance.card import card_base_model, card_datasets, write_card
 from trainer.provenance.record import FILE_NAME, build_record, gather_ranks, now
 from trainer.provenance.record import write as write_record
 
@@ -30,7 +30,8 @@ def write(cfg, run_dir: Path, out_dir: Path, *, decision, ranks: list[dict], stu
         memo_file=cache_root(cfg) / "weight_hashes.json")
     sealed = write_record(record, [run_dir, out_dir])
     card = write_card(
-        out_dir, name=model_name, student_id=str(cfg.student.path), student_licence=student_licence,
+        out_dir, name=model_name, student_id=card_base_model(str(cfg.student.path)),
+        student_licence=student_licence,
         teacher_id=_teacher_id(cfg, cache), decision=decision, name_ok=name_complies,
         datasets=card_datasets(data_sources(cfg)), metrics=metrics, lora=cfg.peft.kind == "lora",
         loss_kind=cfg.loss.kind, steps=cfg.train.max_steps)
