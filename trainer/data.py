@@ -653,7 +653,8 @@ def collate(rows: Sequence[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor
     `[B]`, each row's position in its source (-1 for rows that never came from one).
     """
     if pad_id is None:
-        raise DataError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos) before batching")
+        raise DataError("the tokenizer has no pad token; add a \"pad_token\" to the model folder's tokenizer_config.json "
+                        "(any token will do: padding is masked out), or load it with trainer.models.load_tokenizer")
     longest = max((len(row.input_ids) for row in rows), default=0)
     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
