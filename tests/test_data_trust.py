@@ -5,10 +5,60 @@ from __future__ import annotations
 
 import pytest
 from omegaconf import OmegaConf
+from test_data import build_tokenizer
 
 from trainer import data
 from trainer.data import DataError, TokenizedRow
 from trainer.models import ModelError, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def tokenize(tokenizer, row):
+    return data.tokenize_row(row, tokenizer, 256, "chats.jsonl:3")
+
+
+# --- conversations ---------------------------------------------------------------------------
+def test_a_conversation_that_starts_with_the_assistant_is_named(tokenizer):
+    row = {"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "1+1="}]}
+    with pytest.raises(DataError, match=r"chats\.jsonl:3 starts with an assistant turn.*put the user"):
+        tokenize(tokenizer, row)
+
+
+def test_sharegpt_roles_are_named_with_the_roles_to_use(tokenizer):
+    row = {"messages": [{"role": "human", "content": "1+1="}, {"role": "gpt", "content": "2"}]}
+    with pytest.raises(DataError) as refused:
+        tokenize(tokenizer, row)
+    message = str(refused.value)
+    assert "chats.jsonl:3 has the roles 'human', 'gpt' and no 'assistant' turn" in message
+    assert "system, user, assistant" in message and "human->user, gpt->assistant" in message
+
+
+def test_other_unknown_roles_without_an_assistant_turn_are_named(tokenizer):
+    row = {"messages": [{"role": "user", "content": "1+1="}, {"role": "bot", "content": "2"}]}
+    with pytest.raises(DataError, match=r"roles 'user', 'bot' and no 'assistant' turn") as refused:
+        tokenize(tokenizer, row)
+    assert "ShareGPT" not in str(refused.value)
+
+
+def test_sharegpt_from_and_value_keys_are_named(tokenizer):
+    row = {"messages": [{"from": "human", "value": "1+1="}, {"from": "gpt", "value": "2"}]}
+    with pytest.raises(DataError, match=r"chats\.jsonl:3 has messages\[0\] in ShareGPT's form.*'role'/'content'"):
+        tokenize(tokenizer, row)
+
+
+def test_a_custom_role_beside_assistant_turns_still_trains(tokenizer):
+    row = {"messages": [{"role": "user", "content": "1+1="}, {"role": "observation", "content": "calc: 2"},
+                        {"role": "assistant", "content": "2"}]}
+    assert tokenize(tokenizer, row).num_supervised > 0
+
+
+def test_a_conversation_of_known_roles_without_an_assistant_turn_is_still_only_dropped(tokenizer):
+    row = {"messages": [{"role": "system", "content": "Add."}, {"role": "user", "content": "1+1="}]}
+    assert tokenize(tokenizer, row).num_supervised == 0
 
 
 # --- no pad token ----------------------------------------------------------------------------

@@ -45,6 +45,13 @@ _FORMATS = {
 }
 _EXPECTED_FORMATS = "expected {prompt,response}, {messages} or {text}"
 
+# The roles the loss and common chat templates know; the loss learns the "assistant" turns only.
+CHAT_ROLES = ("system", "user", "assistant")
+# Roles that templates of tool-using models render as well, beside the assistant's turns.
+TOOL_ROLES = ("tool", "developer", "function", "ipython")
+# ShareGPT writes turns as {"from", "value"} with these roles; what they are called here.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
 
 class DataError(ValueError):
     """A problem with the user's data or data settings; the message is one line saying what to do."""
@@ -360,10 +367,35 @@ def check_messages(messages: Any, origin: str) -> None:
             "make it a list of {role, content} objects"
         )
     for index, message in enumerate(messages):
+        if isinstance(message, dict) and "from" in message and "value" in message and "role" not in message:
+            raise DataError(
+                f"data row {origin} has messages[{index}] in ShareGPT's form ('from'/'value'); rename the keys to "
+                f"'role'/'content' and the roles {_sharegpt_mapping()}"
+            )
         if not (isinstance(message, dict) and all(isinstance(message.get(f), str) for f in ("role", "content"))):
             raise DataError(
                 f"data row {origin} has messages[{index}] without string 'role' and 'content'; give every message both"
             )
+
+
+def _sharegpt_mapping() -> str:
+    return ", ".join(f"{sharegpt}->{ours}" for sharegpt, ours in SHAREGPT_ROLES.items() if sharegpt != ours)
+
+
+def _check_training_roles(messages: Sequence[dict], origin: str) -> None:
+    """A conversation without an 'assistant' turn teaches nothing. When it also has roles no chat
+    template knows, the assistant's turns are most likely under another name (ShareGPT's 'gpt'):
+    refuse it by name rather than drop it with every row like it."""
+    roles = list(dict.fromkeys(message["role"] for message in messages))
+    unknown = [role for role in roles if role not in CHAT_ROLES + TOOL_ROLES]
+    if "assistant" in roles or not unknown:
+        return
+    found = ", ".join(repr(role) for role in roles)
+    hint = f" (ShareGPT's roles: {_sharegpt_mapping()})" if set(unknown) & set(SHAREGPT_ROLES) else ""
+    raise DataError(
+        f"data row {origin} has the roles {found} and no 'assistant' turn, so it has no token to learn; "
+        f"name its roles {', '.join(CHAT_ROLES)}{hint}: the loss learns the 'assistant' turns"
+    )
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -392,6 +424,14 @@ def _tokenize_messages(messages: Sequence[dict], tokenizer: Any, origin: str) ->
         raise DataError(
             f"data row {origin} has 'messages' but the tokenizer has no chat template; "
             "use prompt/response rows or a tokenizer with a chat template"
+        )
+    _check_training_roles(messages, origin)
+    if messages[0]["role"] == "assistant":
+        # Its start is where the template's generation prompt for the turns before it ends, and a
+        # template cannot render zero turns; templates that require user/assistant turns refuse it too.
+        raise DataError(
+            f"data row {origin} starts with an assistant turn, which has no turn before it to answer; "
+            "put the user (or system) turn it answers first, or drop that assistant turn"
         )
     # Null fields (from Parquet) would read as "defined" to templates that test `message.tool_calls is defined`.
     messages = [{field: value for field, value in message.items() if value is not None} for message in messages]
