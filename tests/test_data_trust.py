@@ -3,9 +3,12 @@ names the file and line and what to do, or a warning that counts the rows."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+import torch
 from omegaconf import OmegaConf
-from test_data import build_tokenizer
+from test_data import build_tokenizer, write_jsonl
 
 from trainer import data
 from trainer.data import DataError, TokenizedRow
@@ -59,6 +62,50 @@ def test_a_custom_role_beside_assistant_turns_still_trains(tokenizer):
 def test_a_conversation_of_known_roles_without_an_assistant_turn_is_still_only_dropped(tokenizer):
     row = {"messages": [{"role": "system", "content": "Add."}, {"role": "user", "content": "1+1="}]}
     assert tokenize(tokenizer, row).num_supervised == 0
+
+
+# --- empty responses -------------------------------------------------------------------------
+@pytest.mark.parametrize("row, empty", [
+    ({"prompt": "1+1=", "response": ""}, True),
+    ({"prompt": "1+1=", "response": " \n"}, True),
+    ({"prompt": "1+1=", "response": "2"}, False),
+    ({"text": ""}, True),
+    ({"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": ""}]}, True),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""},
+                   {"role": "user", "content": "b"}, {"role": "assistant", "content": "2"}]}, False),
+])
+def test_rows_know_when_their_response_is_empty(tokenizer, row, empty):
+    assert tokenize(tokenizer, row).empty_response is empty
+
+
+def test_a_source_whose_every_response_is_empty_is_refused_from_the_cache_too(tokenizer, tmp_path):
+    source = write_jsonl(tmp_path / "blank.jsonl", [{"prompt": f"{i}+1=", "response": ""} for i in range(3)])
+    for attempt in ("tokenized", "cached"):
+        with pytest.raises(DataError, match=r"every one of the 3 rows of data\.train has an empty response "
+                                            r"\(first: .*blank\.jsonl:1\).*python -m trainer\.generate"):
+            data.load_examples(str(source), tokenizer, 64, tmp_path / "cache", key="data.train")
+    assert list((tmp_path / "cache").iterdir()), "the second attempt read the rows from the cache"
+
+
+def test_some_empty_responses_are_counted_in_a_warning(tokenizer, tmp_path, caplog):
+    rows = [{"prompt": "1+1=", "response": "2"}, {"prompt": "1+2=", "response": ""}, {"prompt": "2+2=", "response": "4"}]
+    source = write_jsonl(tmp_path / "some.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        examples = data.load_examples(str(source), tokenizer, 64, None, key="data.train")
+    assert len(examples) == 3 and examples.num_empty_responses == 1
+    assert "1 of 3 rows of data.train have an empty response (first: " in caplog.text
+    assert "some.jsonl:2" in caplog.text
+
+
+def test_a_tokenized_cache_from_before_the_empty_flag_is_rebuilt(tokenizer, tmp_path):
+    source = write_jsonl(tmp_path / "some.jsonl", [{"prompt": "1+1=", "response": ""}, {"prompt": "1+2=", "response": "3"}])
+    data.load_examples(str(source), tokenizer, 64, tmp_path / "cache")
+    (cache_file,) = (tmp_path / "cache").iterdir()
+    blob = torch.load(cache_file, weights_only=True)
+    del blob["empty_response"]  # as written before the flag existed
+    torch.save(blob, cache_file)
+    examples = data.load_examples(str(source), tokenizer, 64, tmp_path / "cache")
+    assert not examples.from_cache and [row.empty_response for row in examples.rows] == [True, False]
 
 
 # --- no pad token ----------------------------------------------------------------------------

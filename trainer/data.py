@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import pickle
 import random
@@ -28,8 +29,12 @@ import torch
 
 from trainer.files import write_atomically
 
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
-# Bump whenever tokenization or the cache layout changes, so that old caches are not reused.
+# Bump whenever tokenization changes the rows. It is part of `examples_fingerprint`, by which teacher
+# caches and checkpoints know their data, so a bump makes them refuse this data. A cache file that
+# lacks a field added later is rebuilt anyway (see `_load_cache`): a new field needs no bump.
 FORMAT_VERSION = 1
 
 FILE_SUFFIXES = (".jsonl", ".parquet")
@@ -70,6 +75,9 @@ class TokenizedRow:
     truncated: bool = False
     index: int = -1
     """The row's position in its source, which is how a teacher cache finds its entry."""
+    empty_response: bool = False
+    """Its response (its assistant turns, or its text) is empty or blank, so it teaches nothing but
+    the end-of-sequence or end-of-turn marker."""
 
     @property
     def num_supervised(self) -> int:
@@ -100,6 +108,10 @@ class Examples:
     def num_unsupervised_rows(self) -> int:
         """Rows that add nothing to the loss, e.g. a prompt that fills all of `seq_len`."""
         return sum(row.num_supervised == 0 for row in self.rows)
+
+    @property
+    def num_empty_responses(self) -> int:
+        return sum(row.empty_response for row in self.rows)
 
 
 @dataclass(frozen=True)
@@ -327,7 +339,20 @@ def tokenize_row(
         ids, supervised = _tokenize_messages(row["messages"], tokenizer, origin)
     else:
         ids, supervised = _tokenize_text(row["text"], tokenizer, specials)
-    return _to_row(ids, supervised, seq_len)
+    tokenized = _to_row(ids, supervised, seq_len)
+    tokenized.empty_response = _has_empty_response(row, kind)
+    return tokenized
+
+
+def _has_empty_response(row: dict, kind: str) -> bool:
+    """A blank response, text, or assistant turns that are all blank (a row without any assistant
+    turn has nothing to learn at all, which `supervised_only` counts)."""
+    if kind == "prompt/response":
+        return not row["response"].strip()
+    if kind == "text":
+        return not row["text"].strip()
+    answers = [message["content"] for message in row["messages"] if message["role"] == "assistant"]
+    return bool(answers) and not any(answer.strip() for answer in answers)
 
 
 def _row_format(row: Any, origin: str) -> str:
@@ -504,12 +529,14 @@ def load_examples(
     tokenizer, `seq_len` and FORMAT_VERSION. `cache_dir=None` turns caching off.
     `truncate=False` refuses a row longer than `seq_len` instead of cutting it. The rows are the
     same either way, so the flag is not in the key: it is checked on the rows, cached or not.
+    A source whose every response is empty is refused; one with some empty responses is warned about.
     """
     if seq_len < 2:
         raise DataError(f"seq_len is {seq_len}, too short to predict any token; set train.seq_len to 2 or more")
     examples = _tokenized(source, tokenizer, seq_len, cache_dir, key)
     if not truncate:
         _refuse_long_rows(examples.rows, source, tokenizer, seq_len, key)
+    _check_empty_responses(examples, source, key)
     return examples
 
 
@@ -543,6 +570,24 @@ def _refuse_long_rows(rows: list[TokenizedRow], source: Any, tokenizer: Any, seq
         f"data row {origin} is {length} tokens long, more than train.seq_len={seq_len}, and data.truncate=false "
         "refuses to cut it; raise train.seq_len, shorten or drop the row, or set data.truncate=true"
     )
+
+
+def _check_empty_responses(examples: Examples, source: Any, key: str) -> None:
+    """Refuse a source whose every response is empty (the student would learn to stop at once and
+    its evaluation would look perfect); warn, naming the first, when only some are."""
+    empty = examples.num_empty_responses
+    if not empty:
+        return
+    first = next(row.index for row in examples.rows if row.empty_response)
+    origin = read_rows(source, key=key)[first][0]  # rows keep no origin: read again, only on the way to a message
+    if empty == len(examples):
+        raise DataError(
+            f"every one of the {empty} rows of {key} has an empty response (first: {origin}), so the student would "
+            f"learn only to stop at once; fill in the responses (python -m trainer.generate writes the teacher's) "
+            f"or point {key} at the data that has them"
+        )
+    log.warning("data: %d of %d rows of %s have an empty response (first: %s); they teach only where to stop: fill "
+                "them in or drop them", empty, len(examples), key, origin)
 
 
 def _numbered(rows: list[TokenizedRow]) -> list[TokenizedRow]:
@@ -617,6 +662,7 @@ def _save_cache(path: Path, rows: list[TokenizedRow]) -> None:
         "input_ids": _flat_tensor(row.input_ids for row in rows),
         "labels": _flat_tensor(row.labels for row in rows),
         "truncated": torch.tensor([row.truncated for row in rows], dtype=torch.bool),
+        "empty_response": torch.tensor([row.empty_response for row in rows], dtype=torch.bool),
     }
     write_atomically(path, lambda temporary: torch.save(blob, temporary))
 
@@ -626,7 +672,8 @@ def _flat_tensor(lists: Iterable[list[int]]) -> torch.Tensor:
 
 
 def _load_cache(path: Path) -> list[TokenizedRow] | None:
-    """The cached rows, or None when there is no usable cache (a damaged one is rebuilt)."""
+    """The cached rows, or None when there is no usable cache (a damaged one, or one written before a
+    field existed, is rebuilt)."""
     if not path.is_file():
         return None
     try:
@@ -639,10 +686,13 @@ def _load_cache(path: Path) -> list[TokenizedRow] | None:
 
 
 def _unpack(blob: dict) -> list[TokenizedRow]:
+    """The rows of a cache file; KeyError for one written before a field existed, so it is rebuilt."""
     input_ids, labels = blob["input_ids"].tolist(), blob["labels"].tolist()
     rows, start = [], 0
-    for length, truncated in zip(blob["lengths"].tolist(), blob["truncated"].tolist()):
-        rows.append(TokenizedRow(input_ids[start : start + length], labels[start : start + length], truncated))
+    flags = zip(blob["lengths"].tolist(), blob["truncated"].tolist(), blob["empty_response"].tolist())
+    for length, truncated, empty_response in flags:
+        rows.append(TokenizedRow(input_ids[start : start + length], labels[start : start + length], truncated,
+                                 empty_response=empty_response))
         start += length
     return rows
 
