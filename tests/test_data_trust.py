@@ -133,3 +133,28 @@ def test_a_tokenizer_with_no_token_to_pad_with_is_refused_naming_its_config_file
 def test_collate_without_a_pad_id_names_a_real_fix():
     with pytest.raises(DataError, match=r"add a \"pad_token\" to the model folder's tokenizer_config\.json"):
         data.collate([TokenizedRow([1, 2], [-100, 2])], pad_id=None)
+
+
+# --- a float16 teacher cache as the loss sees it ---------------------------------------------
+def test_a_cached_batch_keeps_the_caches_dtype_so_reverse_kl_floors_the_tail_at_its_rounding(tmp_path):
+    """The loss reads the rounding of the teacher's log-probabilities from their dtype: a float16
+    cache must reach it as float16, not widened to float32 (whose rounding is 10⁻⁴⁵, not 10⁻⁸)."""
+    from trainer.cache.store import CacheReader, Manifest, RowTopK, SplitInfo, shard_path, write_manifest, write_shard
+    from trainer.losses import sparse_distill_loss
+
+    labels = torch.tensor([[-100, 5, 6, 7]])  # positions 0-2 predict the three supervised tokens
+    confident = torch.tensor([[0.0, -25.0, -25.0]] * 3)  # log(1 − 1e-10) rounds to 0: the listed mass is 1+
+    row = RowTopK(confident, torch.tensor([[5, 1, 2]] * 3, dtype=torch.int32), torch.zeros(3))
+    shard = shard_path(tmp_path, "train", 0)
+    shard.parent.mkdir(parents=True)
+    write_shard(shard, [row], torch.float16)
+    write_manifest(tmp_path, Manifest(key={"top_k": 3}, teacher={}, dtype="float16", vocab_size=10, complete=True,
+                                      splits={"train": SplitInfo(data="x", source="x", rows=1, shard_rows=1)}))
+    sparse, _ = CacheReader(tmp_path).batch("train", torch.tensor([0]), labels)
+    assert sparse.logprobs.dtype == torch.float16
+
+    student = torch.zeros(1, 4, 10, requires_grad=True)  # uniform: 70% of its mass in the teacher's tail
+    loss = sparse_distill_loss(student, sparse, torch.tensor([[5, 6, 7, -100]]), kind="rkl")
+    # Per position 0.1·log(0.1) + 2·0.1·log(0.1 / e⁻²⁵) + 0.7·log(0.7 / 2⁻²⁵) = 16.19, the tail outcome
+    # against float16's rounding; against float32's (2⁻¹⁵⁰) it would be 77.
+    assert loss.item() == pytest.approx(16.19, abs=0.01)
