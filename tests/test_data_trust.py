@@ -53,6 +53,13 @@ def test_sharegpt_from_and_value_keys_are_named(tokenizer):
         tokenize(tokenizer, row)
 
 
+def test_a_sharegpt_row_is_told_how_its_fields_map(tokenizer):
+    row = {"id": "1", "conversations": [{"from": "human", "value": "1+1="}, {"from": "gpt", "value": "2"}]}
+    with pytest.raises(DataError, match=r"chats\.jsonl:3 fits no known format.*ShareGPT's 'conversations' is "
+                                        r"'messages' here.*human->user, gpt->assistant"):
+        tokenize(tokenizer, row)
+
+
 def test_a_custom_role_beside_assistant_turns_still_trains(tokenizer):
     row = {"messages": [{"role": "user", "content": "1+1="}, {"role": "observation", "content": "calc: 2"},
                         {"role": "assistant", "content": "2"}]}

@@ -368,8 +368,10 @@ def _row_format(row: Any, origin: str) -> str:
     present = {field for field, value in row.items() if value is not None}
     fits = [kind for kind, fields in _FORMATS.items() if present.issuperset(fields)]
     if not fits:
+        sharegpt = (" (ShareGPT's 'conversations' is 'messages' here, its turns {role, content} with the roles "
+                    f"{_sharegpt_mapping()})") if "conversations" in present else ""
         raise DataError(f"data row {origin} fits no known format ({_EXPECTED_FORMATS}); got keys {sorted(row)}; "
-                        "rename its fields to one of those")
+                        f"rename its fields to one of those{sharegpt}")
     if len(fits) > 1:
         raise DataError(f"data row {origin} fits more than one format ({', '.join(fits)}); keep the fields of only one")
     _check_fields(row, fits[0], origin)
