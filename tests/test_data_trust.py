@@ -165,3 +165,50 @@ def test_a_cached_batch_keeps_the_caches_dtype_so_reverse_kl_floors_the_tail_at_
     # Per position 0.1·log(0.1) + 2·0.1·log(0.1 / e⁻²⁵) + 0.7·log(0.7 / 2⁻²⁵) = 16.19, the tail outcome
     # against float16's rounding; against float32's (2⁻¹⁵⁰) it would be 77.
     assert loss.item() == pytest.approx(16.19, abs=0.01)
+
+
+# --- teacher-written data: the teacher's own sampling settings ------------------------------
+def _generate_settings(**values):
+    from trainer.config import GenerateConfig
+
+    return OmegaConf.merge(OmegaConf.structured(GenerateConfig), values)
+
+
+@pytest.mark.parametrize("written, expected", [
+    (None, {"temperature": 0.0, "top_p": 1.0, "top_k": 0}),  # transformers decodes greedily without do_sample
+    ({"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}, {"temperature": 0.6, "top_p": 0.95, "top_k": 20}),
+    ({"do_sample": False, "temperature": 0.7}, {"temperature": 0.0, "top_p": 1.0, "top_k": 0}),
+    ({"do_sample": True}, {"temperature": 1.0, "top_p": 1.0, "top_k": 0}),
+])
+def test_unset_sampling_settings_are_the_teachers_own(tmp_path, written, expected):
+    import json
+
+    from trainer.generate.sampling import fill_sampling
+
+    if written is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(written))
+    settings = _generate_settings()
+    fill_sampling(settings, tmp_path, log_it=False)
+    assert {key: settings[key] for key in expected} == expected
+
+
+def test_sampling_settings_that_are_set_are_kept(tmp_path):
+    from trainer.generate.sampling import fill_sampling
+
+    (tmp_path / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.95}')
+    settings = _generate_settings(temperature=1.0)
+    fill_sampling(settings, tmp_path, log_it=False)
+    assert (settings.temperature, settings.top_p, settings.top_k) == (1.0, 0.95, 0)
+
+
+def test_with_no_overrides_the_demo_teacher_answers_the_demo_prompts_and_no_other_teacher_does():
+    from trainer.config import ConfigError, validate_generate
+    from trainer.generate.responses import _demo_prompts_for_the_demo_teacher
+
+    demo = OmegaConf.create({"teacher": {"path": "demo://teacher"}, "generate": _generate_settings()})
+    _demo_prompts_for_the_demo_teacher(demo)
+    assert demo.generate.prompts == "demo://train" and demo.generate.out == "outputs/generated"
+    own = OmegaConf.create({"teacher": {"path": "/models/teacher"}, "generate": _generate_settings()})
+    _demo_prompts_for_the_demo_teacher(own)
+    with pytest.raises(ConfigError, match="generate.prompts is not set"):
+        validate_generate(own.generate)
