@@ -11,27 +11,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    """A cache holding the demo's assets, built as the first demo run would build them."""
-    from trainer.demo.assets import build_demo_assets
-
-    cache = tmp_path_factory.mktemp("demo_cache")
-    build_demo_assets(cache / "demo")
-    return cache
-
-
-@pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory, demo_cache):
+def demo_runs(tmp_path_factory):
     """The demo (forward KL) and its hard-label baseline, same student, data and steps."""
     root = tmp_path_factory.mktemp("demo")
-    env = {"DISTILL_CACHE": str(demo_cache)}
+    env = {"DISTILL_CACHE": str(root / "cache")}
     summaries = {}
     for name, extra in (("kd", []), ("sft", ["experiment=demo_sft"])):
         proc = run_cli([f"hydra.run.dir={root / name}", "logger=none", *extra], env=env, timeout=900)
         assert proc.returncode == 0, proc.stderr[-5000:]
         assert proc.stdout.strip().splitlines()[-1].startswith("RESULT eval/kl_to_teacher=")
         summaries[name] = json.loads((root / name / "summary.json").read_text())
-    summaries["cache"] = demo_cache
+    summaries["cache"] = root / "cache"
     return summaries
 
 
@@ -64,7 +54,7 @@ def test_distillation_ends_closer_to_the_teacher_than_hard_labels_at_equal_steps
     assert kd["eval/kl_to_teacher"] < 0.5 * sft["eval/kl_to_teacher"]
 
 
-def test_the_demo_generation_line_writes_the_teachers_greedy_and_right_answers(demo_cache, tmp_path):
+def test_the_demo_generation_line_writes_the_teachers_greedy_and_right_answers(demo_runs, tmp_path):
     """`python -m trainer.generate` as the README's demo line runs it, on the 300 held-out prompts
     rather than the 4000 training ones, to stay quick. Unset, the sampling settings are the demo
     teacher's own: greedy, which gets its sums right (at temperature 1 it gets 14% right)."""
@@ -73,11 +63,12 @@ def test_the_demo_generation_line_writes_the_teachers_greedy_and_right_answers(d
     out = tmp_path / "generated"
     args = [f"hydra.run.dir={tmp_path / 'run'}", "generate.prompts=demo://eval", f"generate.out={out}",
             "generate.batch_size=64"]
-    proc = run_cli(args, env={"DISTILL_CACHE": str(demo_cache)}, timeout=900, module="trainer.generate")
+    cache = demo_runs["cache"]  # the demo's teacher, as the demo runs built it
+    proc = run_cli(args, env={"DISTILL_CACHE": str(cache)}, timeout=900, module="trainer.generate")
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "generate: greedy decoding (temperature=0.0" in proc.stdout + proc.stderr
     assert json.loads((out / "generation.json").read_text())["key"]["temperature"] == 0.0
-    expected = {row["prompt"]: row["response"] for row in read_jsonl(build_demo_assets(demo_cache / "demo").eval_path)}
+    expected = {row["prompt"]: row["response"] for row in read_jsonl(build_demo_assets(cache / "demo").eval_path)}
     rows = read_jsonl(out / "train.jsonl")
     assert len(rows) == len(expected) == 300
     assert sum(row["response"] == expected[row["prompt"]] for row in rows) >= 0.9 * len(rows)
