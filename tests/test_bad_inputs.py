@@ -112,6 +112,9 @@ def odd(tiny, tmp_path_factory) -> dict:
         "long": write_jsonl(root / "long.jsonl", [{"prompt": "1+1=", "response": "2"}] * 2 + [long_response]),
         # Each prompt fills train.seq_len=32, so its response is cut off: nothing left to learn.
         "masked": write_jsonl(root / "masked.jsonl", [{"prompt": "1" * 40, "response": "2"}] * 4),
+        "blank": write_jsonl(root / "blank.jsonl", [{"prompt": "1+1=", "response": ""}] * 4),
+        "sharegpt": write_jsonl(root / "sharegpt.jsonl", [{"messages": [{"role": "human", "content": "1+1="},
+                                                                        {"role": "gpt", "content": "2"}]}] * 2),
     }
 
 
@@ -131,6 +134,9 @@ CATALOGUE = {
                                 "long.jsonl:3 is 66 tokens long", {}),
     "every_row_masked": (lambda o: [f"data.train={o['masked']}"],
                          "none of the 4 training rows has a token to learn", {}),
+    "every_response_empty": (lambda o: [f"data.train={o['blank']}"],
+                             "every one of the 4 rows of data.train has an empty response", {}),
+    "sharegpt_roles": (lambda o: [f"data.train={o['sharegpt']}"], "sharegpt.jsonl:1 has the roles 'human', 'gpt'", {}),
     "loss_beta_out_of_range": (lambda o: ["loss.kind=jsd", "loss.beta=1.5"], "loss.beta=1.5 is out of range", {}),
     "loss_skew_out_of_range": (lambda o: ["loss.kind=skl", "loss.skew=1.0"], "loss.skew=1.0 is out of range", {}),
     "loss_temperature_out_of_range": (lambda o: ["loss.temperature=0"], "loss.temperature=0.0 is out of range", {}),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -52,3 +52,23 @@ def test_distillation_ends_closer_to_the_teacher_than_hard_labels_at_equal_steps
     kd, sft = demo_runs["kd"], demo_runs["sft"]
     assert kd["train/steps"] == sft["train/steps"]
     assert kd["eval/kl_to_teacher"] < 0.5 * sft["eval/kl_to_teacher"]
+
+
+def test_the_demo_generation_line_writes_the_teachers_greedy_and_right_answers(demo_runs, tmp_path):
+    """`python -m trainer.generate` as the README's demo line runs it, on the 300 held-out prompts
+    rather than the 4000 training ones, to stay quick. Unset, the sampling settings are the demo
+    teacher's own: greedy, which gets its sums right (at temperature 1 it gets 14% right)."""
+    from trainer.demo.assets import build_demo_assets
+
+    out = tmp_path / "generated"
+    args = [f"hydra.run.dir={tmp_path / 'run'}", "generate.prompts=demo://eval", f"generate.out={out}",
+            "generate.batch_size=64"]
+    cache = demo_runs["cache"]  # the demo's teacher, as the demo runs built it
+    proc = run_cli(args, env={"DISTILL_CACHE": str(cache)}, timeout=900, module="trainer.generate")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "generate: greedy decoding (temperature=0.0" in proc.stdout + proc.stderr
+    assert json.loads((out / "generation.json").read_text())["key"]["temperature"] == 0.0
+    expected = {row["prompt"]: row["response"] for row in read_jsonl(build_demo_assets(cache / "demo").eval_path)}
+    rows = read_jsonl(out / "train.jsonl")
+    assert len(rows) == len(expected) == 300
+    assert sum(row["response"] == expected[row["prompt"]] for row in rows) >= 0.9 * len(rows)

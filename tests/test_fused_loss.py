@@ -323,8 +323,10 @@ def test_sparse_equals_dense_when_the_teacher_tail_is_empty(kind, temperature):
     settings = dict(kind=kind, temperature=temperature)
     dense_value = distill_loss(student, truncated, labels, **settings)
     sparse_value = sparse_distill_loss(student, sparse, labels, **settings)
-    if kind == "rkl":  # the student has mass where the teacher has none: infinite both ways
-        assert dense_value > 1e30 and sparse_value > 1e30
+    if kind == "rkl":  # the student has mass where the teacher has none: infinite on dense logits; the
+        # sparse teacher's tail is floored at its rounding (float64's here), so it is large but finite
+        (grad,) = torch.autograd.grad(sparse_value, student)
+        assert dense_value > 1e30 and 1 < sparse_value < 100 and torch.isfinite(grad).all()
         return
     torch.testing.assert_close(sparse_value, dense_value)
     torch.testing.assert_close(torch.autograd.grad(sparse_value, student)[0], torch.autograd.grad(dense_value, student)[0])
@@ -361,6 +363,54 @@ def test_a_low_precision_cache_whose_top_k_sums_past_one_stays_finite():
         loss = sparse_distill_loss(student, SparseTeacher(logprobs, ids), torch.zeros(4, dtype=torch.long), kind=kind)
         (grad,) = torch.autograd.grad(loss, student)
         assert torch.isfinite(loss) and torch.isfinite(grad).all(), kind
+
+
+def confident_float16_cache(positions=6, vocab=50, k=4):
+    """A teacher 1 − 7e-10 sure of token 0, as a float16 cache stores its top-k: log(1 − 7e-10) rounds
+    to 0, so the listed mass comes out at 1 or above and the computed tail mass at 0."""
+    teacher = torch.zeros(positions, vocab)
+    teacher[:, 0] = 25.0
+    sparse = top_k_teacher(teacher, k)
+    cached = SparseTeacher(sparse.logprobs.to(torch.float16), sparse.ids.to(torch.int32))
+    assert (cached.logprobs.float().logsumexp(dim=-1) >= 0).all(), "the listed mass must round to 1 or more"
+    return teacher, cached
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_reverse_kl_on_a_float16_cache_whose_listed_mass_rounds_to_one_is_finite(temperature):
+    teacher, cached = confident_float16_cache()
+    student = torch.randn(6, 50, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    labels = torch.zeros(6, dtype=torch.long)
+    loss = sparse_distill_loss(student, cached, labels, kind="rkl", temperature=temperature)
+    (grad,) = torch.autograd.grad(loss, student)
+    dense = distill_loss(student, teacher, labels, kind="rkl", temperature=temperature)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad.abs().max() < 10
+    # Still a lower bound of the full-vocabulary loss (finite here), and not a vanishing one.
+    assert 0.5 * dense < loss <= dense
+
+
+def test_the_tail_floor_is_the_rounding_of_the_cache_dtype():
+    from trainer.losses.sparse import log_rounding_of_mass
+
+    stored = torch.tensor([[0.0, -20.0]], dtype=torch.float16)
+    floor = log_rounding_of_mass(stored, stored.float()).exp().item()
+    # Half float16's smallest step (2⁻²⁴) at a log-probability stored as 0, plus e⁻²⁰ times half its step at 20.
+    assert floor == pytest.approx(2.0**-25 + torch.tensor(-20.0).exp().item() * 2.0**-7, rel=1e-6)
+    finer = log_rounding_of_mass(stored.float(), stored.float()).exp().item()  # float32 rounds far finer
+    assert finer == pytest.approx(2.0**-150 + torch.tensor(-20.0).exp().item() * 2.0**-20, rel=1e-6)
+    padded = torch.tensor([[0.0, float("-inf")]])
+    assert torch.isfinite(log_rounding_of_mass(padded.half(), padded))
+
+
+def test_the_fused_sparse_reverse_kl_on_that_cache_is_finite_and_matches():
+    _, cached = confident_float16_cache(positions=7)
+    sh, sw, _, _, labels = make_inputs(tokens=7, vocab=50, masked=0.0)
+    settings = dict(kind="rkl")
+    plain = value_and_grads(lambda: sparse_distill_loss(sh @ sw.T, cached, labels, **settings), sh, sw)
+    fused = value_and_grads(lambda: fused_sparse_distill_loss(sh, sw, cached, labels, chunk_size=3, **settings), sh, sw)
+    value, grads = plain
+    assert torch.isfinite(value) and all(torch.isfinite(grad).all() for grad in grads)
+    assert_close_all(fused, plain, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -201,17 +201,21 @@ class GenerateConfig:
 
     prompts: Any = None
     """Prompt rows in the data forms: {prompt} (a response, if any, is replaced) or {messages}
-    (a final assistant turn, if any, is replaced)."""
-    out: Optional[str] = None
+    (a final assistant turn, if any, is replaced). null: the demo's training prompts when the
+    teacher is the demo's (the only teacher they suit); required otherwise."""
+    out: Optional[str] = "outputs/generated"
     """Folder to write: train.jsonl (rows the trainer reads), generation.json, shards/."""
     max_new_tokens: int = 256
     """The longest response the teacher writes, in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature of the teacher's responses (not loss.temperature); 0 decodes greedily."""
-    top_p: float = 1.0
-    """Nucleus sampling: sample among the likeliest tokens holding this much probability, in (0, 1]."""
-    top_k: int = 0
-    """Sample among the k likeliest tokens only; 0 keeps all."""
+    temperature: Optional[float] = None
+    """Sampling temperature of the teacher's responses (not loss.temperature); 0 decodes greedily.
+    null: as the teacher's generation_config.json asks (its temperature if it sets do_sample, else
+    greedy, as transformers' generate does): model authors publish what suits their model there."""
+    top_p: Optional[float] = None
+    """null: the teacher's generation_config.json's, else 1.0 (no nucleus cut)."""
+    top_k: Optional[int] = None
+    """Sample among the k likeliest tokens only; 0 keeps all. null: the teacher's
+    generation_config.json's, else 0."""
     samples_per_prompt: int = 1
     """Responses written per prompt."""
     batch_size: int = 8
@@ -413,19 +417,20 @@ def _validate_teacher(teacher) -> None:
 
 
 def validate_generate(generate) -> None:
-    """The checks `python -m trainer.generate` adds to :func:`validate`."""
+    """The checks `python -m trainer.generate` adds to :func:`validate`. Sampling settings left null
+    are the teacher's own (trainer/generate/sampling.py), filled in once its folder is known."""
     if generate.prompts is None:
         raise ConfigError("generate.prompts is not set; point it at a .jsonl/.parquet file of {prompt} or {messages} rows.")
     if not generate.out:
         raise ConfigError("generate.out is not set; name the folder the generated dataset goes to.")
-    if generate.temperature < 0:
+    if generate.temperature is not None and generate.temperature < 0:
         raise ConfigError(f"generate.temperature={generate.temperature} is negative; use 0 (greedy) or more.")
-    if not 0.0 < generate.top_p <= 1.0:
+    if generate.top_p is not None and not 0.0 < generate.top_p <= 1.0:
         raise ConfigError(f"generate.top_p={generate.top_p} must be in (0, 1].")
     for key in ("max_new_tokens", "samples_per_prompt", "batch_size", "shard_rows"):
         if generate[key] < 1:
             raise ConfigError(f"generate.{key}={generate[key]} must be at least 1.")
-    if generate.top_k < 0:
+    if generate.top_k is not None and generate.top_k < 0:
         raise ConfigError(f"generate.top_k={generate.top_k} is negative; use 0 (off) or a token count.")
 
 

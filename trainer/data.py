@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import pickle
 import random
@@ -28,8 +29,12 @@ import torch
 
 from trainer.files import write_atomically
 
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
-# Bump whenever tokenization or the cache layout changes, so that old caches are not reused.
+# Bump whenever tokenization changes the rows. It is part of `examples_fingerprint`, by which teacher
+# caches and checkpoints know their data, so a bump makes them refuse this data. A cache file that
+# lacks a field added later is rebuilt anyway (see `_load_cache`): a new field needs no bump.
 FORMAT_VERSION = 1
 
 FILE_SUFFIXES = (".jsonl", ".parquet")
@@ -44,6 +49,13 @@ _FORMATS = {
     "text": ("text",),
 }
 _EXPECTED_FORMATS = "expected {prompt,response}, {messages} or {text}"
+
+# The roles the loss and common chat templates know; the loss learns the "assistant" turns only.
+CHAT_ROLES = ("system", "user", "assistant")
+# Roles that templates of tool-using models render as well, beside the assistant's turns.
+TOOL_ROLES = ("tool", "developer", "function", "ipython")
+# ShareGPT writes turns as {"from", "value"} with these roles; what they are called here.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
 class DataError(ValueError):
@@ -63,6 +75,9 @@ class TokenizedRow:
     truncated: bool = False
     index: int = -1
     """The row's position in its source, which is how a teacher cache finds its entry."""
+    empty_response: bool = False
+    """Its response (its assistant turns, or its text) is empty or blank, so it teaches nothing but
+    the end-of-sequence or end-of-turn marker."""
 
     @property
     def num_supervised(self) -> int:
@@ -93,6 +108,10 @@ class Examples:
     def num_unsupervised_rows(self) -> int:
         """Rows that add nothing to the loss, e.g. a prompt that fills all of `seq_len`."""
         return sum(row.num_supervised == 0 for row in self.rows)
+
+    @property
+    def num_empty_responses(self) -> int:
+        return sum(row.empty_response for row in self.rows)
 
 
 @dataclass(frozen=True)
@@ -320,7 +339,20 @@ def tokenize_row(
         ids, supervised = _tokenize_messages(row["messages"], tokenizer, origin)
     else:
         ids, supervised = _tokenize_text(row["text"], tokenizer, specials)
-    return _to_row(ids, supervised, seq_len)
+    tokenized = _to_row(ids, supervised, seq_len)
+    tokenized.empty_response = _has_empty_response(row, kind)
+    return tokenized
+
+
+def _has_empty_response(row: dict, kind: str) -> bool:
+    """A blank response, text, or assistant turns that are all blank (a row without any assistant
+    turn has nothing to learn at all, which `supervised_only` counts)."""
+    if kind == "prompt/response":
+        return not row["response"].strip()
+    if kind == "text":
+        return not row["text"].strip()
+    answers = [message["content"] for message in row["messages"] if message["role"] == "assistant"]
+    return bool(answers) and not any(answer.strip() for answer in answers)
 
 
 def _row_format(row: Any, origin: str) -> str:
@@ -336,8 +368,10 @@ def _row_format(row: Any, origin: str) -> str:
     present = {field for field, value in row.items() if value is not None}
     fits = [kind for kind, fields in _FORMATS.items() if present.issuperset(fields)]
     if not fits:
+        sharegpt = (" (ShareGPT's 'conversations' is 'messages' here, its turns {role, content} with the roles "
+                    f"{_sharegpt_mapping()})") if "conversations" in present else ""
         raise DataError(f"data row {origin} fits no known format ({_EXPECTED_FORMATS}); got keys {sorted(row)}; "
-                        "rename its fields to one of those")
+                        f"rename its fields to one of those{sharegpt}")
     if len(fits) > 1:
         raise DataError(f"data row {origin} fits more than one format ({', '.join(fits)}); keep the fields of only one")
     _check_fields(row, fits[0], origin)
@@ -360,10 +394,35 @@ def check_messages(messages: Any, origin: str) -> None:
             "make it a list of {role, content} objects"
         )
     for index, message in enumerate(messages):
+        if isinstance(message, dict) and "from" in message and "value" in message and "role" not in message:
+            raise DataError(
+                f"data row {origin} has messages[{index}] in ShareGPT's form ('from'/'value'); rename the keys to "
+                f"'role'/'content' and the roles {_sharegpt_mapping()}"
+            )
         if not (isinstance(message, dict) and all(isinstance(message.get(f), str) for f in ("role", "content"))):
             raise DataError(
                 f"data row {origin} has messages[{index}] without string 'role' and 'content'; give every message both"
             )
+
+
+def _sharegpt_mapping() -> str:
+    return ", ".join(f"{sharegpt}->{ours}" for sharegpt, ours in SHAREGPT_ROLES.items() if sharegpt != ours)
+
+
+def _check_training_roles(messages: Sequence[dict], origin: str) -> None:
+    """A conversation without an 'assistant' turn teaches nothing. When it also has roles no chat
+    template knows, the assistant's turns are most likely under another name (ShareGPT's 'gpt'):
+    refuse it by name rather than drop it with every row like it."""
+    roles = list(dict.fromkeys(message["role"] for message in messages))
+    unknown = [role for role in roles if role not in CHAT_ROLES + TOOL_ROLES]
+    if "assistant" in roles or not unknown:
+        return
+    found = ", ".join(repr(role) for role in roles)
+    hint = f" (ShareGPT's roles: {_sharegpt_mapping()})" if set(unknown) & set(SHAREGPT_ROLES) else ""
+    raise DataError(
+        f"data row {origin} has the roles {found} and no 'assistant' turn, so it has no token to learn; "
+        f"name its roles {', '.join(CHAT_ROLES)}{hint}: the loss learns the 'assistant' turns"
+    )
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -392,6 +451,14 @@ def _tokenize_messages(messages: Sequence[dict], tokenizer: Any, origin: str) ->
         raise DataError(
             f"data row {origin} has 'messages' but the tokenizer has no chat template; "
             "use prompt/response rows or a tokenizer with a chat template"
+        )
+    _check_training_roles(messages, origin)
+    if messages[0]["role"] == "assistant":
+        # Its start is where the template's generation prompt for the turns before it ends, and a
+        # template cannot render zero turns; templates that require user/assistant turns refuse it too.
+        raise DataError(
+            f"data row {origin} starts with an assistant turn, which has no turn before it to answer; "
+            "put the user (or system) turn it answers first, or drop that assistant turn"
         )
     # Null fields (from Parquet) would read as "defined" to templates that test `message.tool_calls is defined`.
     messages = [{field: value for field, value in message.items() if value is not None} for message in messages]
@@ -464,12 +531,14 @@ def load_examples(
     tokenizer, `seq_len` and FORMAT_VERSION. `cache_dir=None` turns caching off.
     `truncate=False` refuses a row longer than `seq_len` instead of cutting it. The rows are the
     same either way, so the flag is not in the key: it is checked on the rows, cached or not.
+    A source whose every response is empty is refused; one with some empty responses is warned about.
     """
     if seq_len < 2:
         raise DataError(f"seq_len is {seq_len}, too short to predict any token; set train.seq_len to 2 or more")
     examples = _tokenized(source, tokenizer, seq_len, cache_dir, key)
     if not truncate:
         _refuse_long_rows(examples.rows, source, tokenizer, seq_len, key)
+    _check_empty_responses(examples, source, key)
     return examples
 
 
@@ -503,6 +572,24 @@ def _refuse_long_rows(rows: list[TokenizedRow], source: Any, tokenizer: Any, seq
         f"data row {origin} is {length} tokens long, more than train.seq_len={seq_len}, and data.truncate=false "
         "refuses to cut it; raise train.seq_len, shorten or drop the row, or set data.truncate=true"
     )
+
+
+def _check_empty_responses(examples: Examples, source: Any, key: str) -> None:
+    """Refuse a source whose every response is empty (the student would learn to stop at once and
+    its evaluation would look perfect); warn, naming the first, when only some are."""
+    empty = examples.num_empty_responses
+    if not empty:
+        return
+    first = next(row.index for row in examples.rows if row.empty_response)
+    origin = read_rows(source, key=key)[first][0]  # rows keep no origin: read again, only on the way to a message
+    if empty == len(examples):
+        raise DataError(
+            f"every one of the {empty} rows of {key} has an empty response (first: {origin}), so the student would "
+            f"learn only to stop at once; fill in the responses (python -m trainer.generate writes the teacher's) "
+            f"or point {key} at the data that has them"
+        )
+    log.warning("data: %d of %d rows of %s have an empty response (first: %s); they teach only where to stop: fill "
+                "them in or drop them", empty, len(examples), key, origin)
 
 
 def _numbered(rows: list[TokenizedRow]) -> list[TokenizedRow]:
@@ -577,6 +664,7 @@ def _save_cache(path: Path, rows: list[TokenizedRow]) -> None:
         "input_ids": _flat_tensor(row.input_ids for row in rows),
         "labels": _flat_tensor(row.labels for row in rows),
         "truncated": torch.tensor([row.truncated for row in rows], dtype=torch.bool),
+        "empty_response": torch.tensor([row.empty_response for row in rows], dtype=torch.bool),
     }
     write_atomically(path, lambda temporary: torch.save(blob, temporary))
 
@@ -586,7 +674,8 @@ def _flat_tensor(lists: Iterable[list[int]]) -> torch.Tensor:
 
 
 def _load_cache(path: Path) -> list[TokenizedRow] | None:
-    """The cached rows, or None when there is no usable cache (a damaged one is rebuilt)."""
+    """The cached rows, or None when there is no usable cache (a damaged one, or one written before a
+    field existed, is rebuilt)."""
     if not path.is_file():
         return None
     try:
@@ -599,10 +688,13 @@ def _load_cache(path: Path) -> list[TokenizedRow] | None:
 
 
 def _unpack(blob: dict) -> list[TokenizedRow]:
+    """The rows of a cache file; KeyError for one written before a field existed, so it is rebuilt."""
     input_ids, labels = blob["input_ids"].tolist(), blob["labels"].tolist()
     rows, start = [], 0
-    for length, truncated in zip(blob["lengths"].tolist(), blob["truncated"].tolist()):
-        rows.append(TokenizedRow(input_ids[start : start + length], labels[start : start + length], truncated))
+    flags = zip(blob["lengths"].tolist(), blob["truncated"].tolist(), blob["empty_response"].tolist())
+    for length, truncated, empty_response in flags:
+        rows.append(TokenizedRow(input_ids[start : start + length], labels[start : start + length], truncated,
+                                 empty_response=empty_response))
         start += length
     return rows
 
@@ -653,7 +745,8 @@ def collate(rows: Sequence[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor
     `[B]`, each row's position in its source (-1 for rows that never came from one).
     """
     if pad_id is None:
-        raise DataError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos) before batching")
+        raise DataError("the tokenizer has no pad token; add a \"pad_token\" to the model folder's tokenizer_config.json "
+                        "(any token will do: padding is masked out), or load it with trainer.models.load_tokenizer")
     longest = max((len(row.input_ids) for row in rows), default=0)
     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)

@@ -210,10 +210,24 @@ def load_tokenizer(role: str, model_cfg):
             f"cannot load the {role} tokenizer from {model_cfg.path} ({_first_line(error)}); check the path or hub id; "
             f"with no network, download the model first or set {role}.path to a local model folder."
         ) from None
-    if tokenizer.pad_token_id is None:
-        # Padding positions are masked out of every loss, so any id will do; eos is always there.
-        tokenizer.pad_token = tokenizer.eos_token
+    _give_pad_token(tokenizer, role, model_cfg.path)
     return tokenizer
+
+
+def _give_pad_token(tokenizer, role: str, path: str) -> None:
+    """Padding positions are masked out of every loss and attention, so any token will do: its eos,
+    else its unk or bos. One with none of them is refused before any weights load."""
+    if tokenizer.pad_token_id is not None:
+        return
+    stand_in = next((token for token in (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token)
+                     if token is not None), None)
+    if stand_in is None:
+        raise ModelError(
+            f"the {role} tokenizer of {path} has no pad, eos, unk or bos token to pad batches with; add a "
+            f"\"pad_token\" (any of its tokens will do: padding is masked out) to its tokenizer_config.json, in a "
+            f"local copy of the model if {role}.path is a hub id."
+        )
+    tokenizer.pad_token = stand_in
 
 
 def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:

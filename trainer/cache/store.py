@@ -145,10 +145,11 @@ class CacheReader:
         row_index: ``[B]`` each row's index in its split; labels: ``[B, T]`` (unshifted).
         Returns a :class:`SparseTeacher` ``[B, T, k]`` aligned with
         :func:`~trainer.objective.targets_at_each_position` (unsupervised positions are all
-        padding) and the teacher's log-probability of each target ``[B, T]`` (0 where unsupervised)."""
+        padding) and the teacher's log-probability of each target ``[B, T]`` (0 where unsupervised).
+        The top-k log-probabilities keep the cache's dtype: the loss reads their rounding from it."""
         supervised = targets_at_each_position(labels) != IGNORE_INDEX
         batch_size, length = labels.shape
-        logprobs = torch.zeros(batch_size, length, self.top_k, dtype=torch.float32)
+        logprobs = torch.zeros(batch_size, length, self.top_k, dtype=getattr(torch, self.manifest.dtype))
         ids = torch.full((batch_size, length, self.top_k), -1, dtype=torch.int64)
         target_logprobs = torch.zeros(batch_size, length, dtype=torch.float32)
         for b, index in enumerate(row_index.tolist()):
@@ -162,7 +163,7 @@ class CacheReader:
                     f"cache in {self.folder} holds {row.ids.shape[0]}; the data changed since the cache was built, "
                     "rebuild it with python -m trainer.cache."
                 )
-            logprobs[b, positions] = row.logprobs.float()
+            logprobs[b, positions] = row.logprobs
             ids[b, positions] = row.ids.long()
             target_logprobs[b, positions] = row.target_logprobs
         return SparseTeacher(logprobs, ids), target_logprobs

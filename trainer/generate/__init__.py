@@ -1,4 +1,5 @@
 """Sequence-level distillation: the teacher writes responses that the student then learns as text.
 
-`python -m trainer.generate generate.prompts=<rows> generate.out=<folder>` (see `responses.py`).
+`python -m trainer.generate generate.prompts=<rows> generate.out=<folder>` (see `responses.py`); the
+sampling settings left unset are the teacher's own (`sampling.py`).
 """

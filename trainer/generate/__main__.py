@@ -1,7 +1,8 @@
 """`python -m trainer.generate generate.prompts=<rows> generate.out=<folder> [overrides]` (or under
 torchrun): the teacher writes `generate.samples_per_prompt` responses per prompt into
 `<folder>/train.jsonl`, which a student then learns with `data.train=<folder>/train.jsonl`
-(`loss.kind=sft`, or KD on top). Prints `DATASET <path>` last; run it again to resume."""
+(`loss.kind=sft`, or KD on top). Prints `DATASET <path>` last; run it again to resume. With no
+overrides, the demo's teacher answers the demo's training prompts into `outputs/generated`."""
 
 from __future__ import annotations
 

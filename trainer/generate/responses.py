@@ -22,11 +22,12 @@ import torch.distributed as dist
 
 from trainer import engines, models
 from trainer.cache.key import differences, model_folder, weights_fingerprint
-from trainer.config import ConfigError, cache_root, validate, validate_generate
+from trainer.config import DEMO_SCHEME, ConfigError, cache_root, validate, validate_generate
 from trainer.data import read_rows
 from trainer.distributed import RankInfo, broadcast_object, in_lockstep
 from trainer.files import write_text_atomically
 from trainer.generate.prompts import Prompt, read_prompt
+from trainer.generate.sampling import fill_sampling
 from trainer.inputs import GENERATE_KEYS, materialise_demo
 from trainer.provenance.gate import check_teacher_licence
 from trainer.teacher import load_teacher
@@ -48,10 +49,12 @@ class _Batch:
 def generate_dataset(cfg, rank: RankInfo) -> Path:
     """Write (or finish) the generated dataset; returns the path of its train.jsonl."""
     validate(cfg)
+    _demo_prompts_for_the_demo_teacher(cfg)
     validate_generate(cfg.generate)
     materialise_demo(cfg, rank, GENERATE_KEYS)
     models.check_model("teacher", cfg.teacher)
     check_teacher_licence(cfg, rank.is_main)  # the responses are the teacher's outputs, made to train students
+    fill_sampling(cfg.generate, model_folder(cfg.teacher.path, cfg.teacher.revision), log_it=rank.is_main)
     tokenizer = models.load_tokenizer("teacher", cfg.teacher)
     models.check_fits("teacher", cfg.teacher, models.load_config("teacher", cfg.teacher), seq_len=None)
     prompts = [read_prompt(row, origin, tokenizer) for origin, row in read_rows(cfg.generate.prompts, key="generate.prompts")]
@@ -74,6 +77,12 @@ def generate_dataset(cfg, rank: RankInfo) -> Path:
         log.info("generate: %d rows in %s", len(prompts) * cfg.generate.samples_per_prompt, out / DATASET)
     dist.barrier()
     return out / DATASET
+
+
+def _demo_prompts_for_the_demo_teacher(cfg) -> None:
+    """`generate.prompts=null` with the demo's teacher is the demo: its teacher answers its training prompts."""
+    if cfg.generate.prompts is None and str(cfg.teacher.path).startswith(DEMO_SCHEME):
+        cfg.generate.prompts = DEMO_SCHEME + "train"
 
 
 def _record(cfg, prompts: list[Prompt]) -> dict:

@@ -19,15 +19,21 @@ top-k. The divergence of ``kind`` is then taken between these two ``(k+1)``-outc
 - Otherwise, at ``T = 1``, it is a lower bound of the dense loss: all six kinds are f-divergences,
   and merging outcomes never increases an f-divergence. With ``k = 64`` the missing mass of a
   trained LM is usually well under 1%.
-- ``rkl`` is infinite wherever the teacher's listed mass is (or rounds to) 1 while the student
-  keeps some mass elsewhere, as it is on dense logits with a zero probability; with a sparse
-  teacher prefer ``srkl`` (bounded by ``log(1/skew)``) for a mode-seeking loss.
+- The teacher's tail is never taken below the rounding of its listed log-probabilities: each stored
+  ``l`` stands for any value within half the spacing ``s`` of its dtype at ``l``, so their mass is
+  known only to ``Σ p·s/2`` (about ``3e-8`` for a float16 top-1 stored as 0). A tail computed below
+  that (a confident teacher whose listed mass rounds to 1, or past it) is that floor instead. The
+  data cannot tell a smaller tail apart, and ``rkl`` would otherwise be infinite there (the student's
+  tail against a teacher tail of 0), where the dense ``rkl`` is finite; with the floor it is finite,
+  ``≈ Q_tail·log(Q_tail / floor)`` for that outcome, with finite gradients. Every other kind moves by
+  no more than that rounding. ``srkl`` (bounded by ``log(1/skew)``) stays the steadier mode-seeking loss.
 - Entries with id ``-1`` are padding (fewer than ``k`` were available, e.g. an API returned 5);
   they carry no mass. Ids must otherwise be distinct within a position.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +169,18 @@ def coarse_log_probs(student_logits: Tensor, teacher: SparseTeacher, temperature
     return teacher_coarse_log_probs(teacher, padding, covers_vocab, temperature, dtype), log_q_coarse
 
 
+def log_rounding_of_mass(stored: Tensor, log_p: Tensor) -> Tensor:
+    """``log Σ p·s/2`` ``[..., 1]``: how far the listed mass may be off because each stored log-probability
+    is rounded to its dtype, ``s`` being the dtype's spacing at it.
+
+    stored: ``[..., k]`` the log-probabilities as stored (their dtype decides ``s``); log_p: ``[..., k]``
+    the same in the compute dtype, ``-inf`` at padding entries."""
+    magnitude = stored.detach().abs()
+    spacing = torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude
+    spacing = torch.where(torch.isfinite(spacing), spacing, 0.0)  # a stored -inf lists no mass to round
+    return (log_p + spacing.to(log_p.dtype).log() - math.log(2)).logsumexp(dim=-1, keepdim=True)
+
+
 def teacher_coarse_log_probs(teacher: SparseTeacher, padding: Tensor, covers_vocab: Tensor, temperature: float,
                              dtype: torch.dtype) -> Tensor:
     """The teacher's tempered log-probabilities over its ``k + 1`` outcomes ``[..., k+1]``, never ``-inf``.
@@ -170,8 +188,10 @@ def teacher_coarse_log_probs(teacher: SparseTeacher, padding: Tensor, covers_voc
     padding: ``[..., k]`` its padding entries; covers_vocab: ``[..., 1]`` where its top-k lists every id."""
     teacher_top = torch.where(padding, float("-inf"), teacher.logprobs.to(dtype))
     covered = teacher_top.logsumexp(dim=-1, keepdim=True)
-    # log(1 − Σ top-k); rounding in a fp16 cache can push the sum to 1 or past it: the tail is 0 then.
-    teacher_tail = torch.where(covered < 0, torch.log(-torch.expm1(covered.clamp(max=-1e-30))), float("-inf"))
+    # log(1 − Σ top-k); rounding in a fp16 cache can push the sum to 1 or past it, so the tail is
+    # never below what that rounding hides (see the module docstring).
+    computed = torch.where(covered < 0, torch.log(-torch.expm1(covered.clamp(max=-1e-30))), float("-inf"))
+    teacher_tail = torch.maximum(computed, log_rounding_of_mass(teacher.logprobs, teacher_top))
     # With every token in the top-k there is no tail outcome; rounding must not invent one.
     teacher_tail = torch.where(covers_vocab, float("-inf"), teacher_tail)
     log_p_coarse = F.log_softmax(torch.cat([teacher_top, teacher_tail], dim=-1) / temperature, dim=-1)
