@@ -28,7 +28,7 @@ from trainer.packing import check_documents_stay_apart, collate_packed, document
 from trainer.preemption import Preempted, PreemptionWatch, hand_back
 from trainer.provenance import gate
 from trainer.provenance import outputs as provenance
-from trainer.summary import INITIAL
+from trainer.summary import INITIAL, LAST_WINDOW_METRICS
 from trainer.teacher import load_teacher
 from trainer.tracking import Tracker, forget_steps_after
 
@@ -522,7 +522,7 @@ class DistillJob:
         if not self.run_work.seconds:
             return {"train/tokens_per_s": float("nan")}
         last = {f"train/last_window_{key}": value for key, value in self.rates.items()
-                if key in ("tokens_per_s", "tflops_per_s", "mfu", "data_share")}
+                if key in LAST_WINDOW_METRICS}
         return {**{f"train/{key}": value for key, value in self.run_work.rates(self.peak_flops,
                                                                                 self.rank.world_size).items()},
                 **last, "train/peak_memory_gib": self.rates["peak_memory_gib"]}

@@ -14,6 +14,9 @@ TRAIN_METRICS = ("tokens_per_s", "tokens_seen", "skipped_steps", "steps", "wall_
                  "data_share", "peak_memory_gib")
 """The run as a whole, written as `train/<name>`; `mfu` is null where the device's peak is unknown."""
 
+LAST_WINDOW_METRICS = ("tokens_per_s", "tflops_per_s", "mfu", "data_share")
+"""The last log window's speed, written as `train/last_window_<name>` beside the run's."""
+
 INITIAL = "initial/"
 
 
@@ -24,11 +27,13 @@ def eval_key(name: str) -> str:
 def metric_names() -> tuple[str, ...]:
     """Every number `summary.json` holds that `train.metric` may name."""
     evals = tuple(eval_key(name) for name in EVAL_METRICS)
-    return evals + tuple(INITIAL + key for key in evals) + tuple(f"train/{name}" for name in TRAIN_METRICS)
+    return (evals + tuple(INITIAL + key for key in evals) + tuple(f"train/{name}" for name in TRAIN_METRICS)
+            + tuple(f"train/last_window_{name}" for name in LAST_WINDOW_METRICS))
 
 
 def describe_metric_names() -> str:
     """The valid names for an error line, the before-training ones folded into one phrase."""
     evals = ", ".join(eval_key(name) for name in EVAL_METRICS)
     trains = ", ".join(f"train/{name}" for name in TRAIN_METRICS)
-    return f"{evals} (each also as {INITIAL}eval/..., before training), {trains}"
+    return (f"{evals} (each also as {INITIAL}eval/..., before training), {trains} "
+            f"(and train/last_window_... of {', '.join(LAST_WINDOW_METRICS)})")
