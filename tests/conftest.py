@@ -116,3 +116,12 @@ def _free_port() -> int:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def mount_tmpfs(path: Path, options: str) -> bool:
+    """Mount a small tmpfs at `path` (made here) with mount's `options` (`size=256k`, `ro,size=64k`):
+    a real full or read-only filesystem. False where this machine does not let us mount one (not
+    root); CI runs as root, so there the tests that need it run."""
+    path.mkdir(exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0

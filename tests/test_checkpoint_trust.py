@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_jsonl, run_cli, tiny_overrides
+from conftest import mount_tmpfs, read_jsonl, run_cli, tiny_overrides
 from test_e2e import assert_ok
 
 from trainer import checkpoints
@@ -156,16 +156,10 @@ def test_a_checkpoint_past_train_max_steps_is_refused_and_one_at_it_is_not(tmp_p
 
 
 # ------------------------------------------------------------------------------- a full disk
-def _mounted_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
-
-
 def test_torchs_short_write_error_on_a_full_disk_reads_no_space_left_on_device(tmp_path):
     """torch.save on a full disk says `unexpected pos N vs M`: the message asks the disk instead."""
     disk = tmp_path / "disk"
-    if not _mounted_tmpfs(disk, "256k"):
+    if not mount_tmpfs(disk, "size=256k"):
         pytest.skip("this machine does not allow mounting a tmpfs")
     try:
         with pytest.raises(RuntimeError) as torch_error:

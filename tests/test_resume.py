@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, outside_any_launcher, read_jsonl, run_cli, tiny_overrides
+from conftest import REPO, mount_tmpfs, outside_any_launcher, read_jsonl, run_cli, tiny_overrides
 from safetensors.torch import load_file
 from test_e2e import assert_ok
 
@@ -168,19 +168,13 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny, tmp_path):
     assert "at step 2" in rerun.stdout
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
-
-
 def test_a_real_full_filesystem_while_saving_keeps_the_previous_checkpoint(tiny, tmp_path):
     """The same on a real, small filesystem (a tmpfs, where this machine lets us mount one)."""
     probe = tmp_path / "probe"
     assert_ok(run_cli(tiny_overrides(tiny, probe, tmp_path / "cache", "train.max_steps=1")))
     size = sum(p.stat().st_size for p in (probe / "checkpoints").rglob("*") if p.is_file())
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, f"{int(size * 2.5) // 1024}k"):
+    if not mount_tmpfs(disk, f"size={int(size * 2.5) // 1024}k"):
         pytest.skip("this machine does not allow mounting a tmpfs")
     try:
         run_dir = tmp_path / "run"
@@ -205,7 +199,7 @@ def test_a_real_full_filesystem_while_saving_keeps_the_previous_checkpoint(tiny,
 def test_a_full_disk_while_exporting_keeps_the_final_checkpoint_and_the_same_command_exports_it(tiny, tmp_path):
     """adapter/ on a real filesystem too small for its weights (a tmpfs, where this machine lets us mount one)."""
     run_dir, disk = tmp_path / "run", tmp_path / "disk"
-    if not _mount_tmpfs(disk, "32k"):
+    if not mount_tmpfs(disk, "size=32k"):
         pytest.skip("this machine does not allow mounting a tmpfs")
     args = tiny_overrides(tiny, run_dir, tmp_path / "cache", "train.max_steps=2")
     try:

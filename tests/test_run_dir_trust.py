@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, mount_tmpfs, run_cli, tiny_overrides
 
 from trainer import rundir
 from trainer.files import honour_umask, write_atomically, write_text_atomically
@@ -218,8 +218,7 @@ def test_a_sweep_directory_that_is_a_file_stops_in_one_line(tmp_path):
 
 def test_a_read_only_run_directory_stops_in_one_line(tmp_path):
     disk = tmp_path / "read_only"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+    if not mount_tmpfs(disk, "ro,size=64k"):
         pytest.skip("this machine does not allow mounting a tmpfs")
     try:
         line = _one_line_refusal(run_cli([f"hydra.run.dir={disk / 'run'}"], timeout=120))

@@ -26,6 +26,7 @@ if [[ "$cpu" == false ]]; then
     exit 2
   fi
   SITE=$(mktemp -d /tmp/distill-site.XXXXXX)
+  trap 'rm -rf "$SITE"' EXIT  # the scratch install is this run's only: nothing is left on the image
   "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -33,5 +34,6 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false MALLOC_MMAP_THRESHOLD_=65536
 [[ "$cpu" == true ]] && limit=${LIMIT_S:-1500} || limit=${LIMIT_S:-480}
 # check.py fits its sections into the limit; timeout is the backstop.
-PYTHONUNBUFFERED=1 exec timeout --signal=TERM --kill-after=10 "$((limit + 30))" \
+# Not exec: the shell stays to run the EXIT trap that removes the scratch install.
+PYTHONUNBUFFERED=1 timeout --signal=TERM --kill-after=10 "$((limit + 30))" \
   "$PYTHON" scripts/gpu/check.py --out "$OUT" --limit-s "$limit" "$@"
