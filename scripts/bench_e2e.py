@@ -279,7 +279,7 @@ def load_rows(paths: dict, seq_len: int):
     token supervised but the first, which nothing predicts)."""
     from transformers import AutoTokenizer
 
-    from trainer.data import load_examples
+    from trainer.data.examples import load_examples
 
     tokenizer = AutoTokenizer.from_pretrained(paths["student"])
     return tokenizer, load_examples(paths["train"], tokenizer, seq_len, cache_dir=None).rows
@@ -358,8 +358,8 @@ def forward_kl(student_logits, teacher_logits, labels):
 def train_minimal(args, paths: dict, out: Path) -> None:
     from peft import get_peft_model
 
-    from trainer.batching import micro_batches_for_step
-    from trainer.engines import warmup_cosine
+    from trainer.data.batching import micro_batches_for_step
+    from trainer.models.engines import warmup_cosine
 
     tokenizer, rows = load_rows(paths, args.seq_len)
     teacher, student = load_models(paths, args.device)

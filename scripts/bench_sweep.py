@@ -97,7 +97,7 @@ def sample_text(probs: torch.Tensor, rows: int, length: int, seed: int) -> list[
 def train_teacher(tokenizer, texts: list[str], steps: int, hidden: int, layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainer.engines import warmup_cosine
+    from trainer.models.engines import warmup_cosine
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,
@@ -180,9 +180,9 @@ def full_teacher_kl(paths: dict, adapter: Path, teacher, tokenizer, eval_rows) -
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainer.batching import eval_batches
-    from trainer.evaluation import evaluate
-    from trainer.heads import Scorer
+    from trainer.data.batching import eval_batches
+    from trainer.models.heads import Scorer
+    from trainer.train.evaluation import evaluate
 
     student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(paths["student"]), adapter).eval()
     batches = eval_batches(eval_rows, 0, 1, 32, tokenizer.pad_token_id)
@@ -220,8 +220,8 @@ def main() -> None:
 def evaluate_runs(paths: dict, work: Path, points: list[str]) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.data import load_examples
-    from trainer.distributed import init_distributed
+    from trainer.data.examples import load_examples
+    from trainer.launch.distributed import init_distributed
 
     init_distributed()
     tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])

@@ -110,18 +110,19 @@ def teacher_eval(cache: Path, max_rows: int) -> dict:
     """The teacher's CE on the labels and task accuracy on the held-out rows the runs evaluate on.
 
     `eval/exact_match` of the trainer is computed for the student only; the teacher's is computed
-    here with the same definition (`trainer.evaluation.solved_rows`: every supervised token is the
+    here with the same definition (`trainer.train.evaluation.solved_rows`: every supervised token is the
     argmax under teacher forcing, i.e. greedy decoding gets the row right), on the same rows,
     tokenised as the trainer tokenises them."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.data import IGNORE_INDEX, collate
+    from trainer.data.batching import collate
+    from trainer.data.tokenize import IGNORE_INDEX
     from trainer.demo import build_demo_assets
     from trainer.demo.metrics import encode_rows
     from trainer.demo.task import read_jsonl
-    from trainer.evaluation import solved_rows
+    from trainer.losses.objective import solved_rows
 
     assets = build_demo_assets(cache / "demo")
     # As the trainer loads it (conf/teacher/demo.yaml: dtype auto, which is float32 on a CPU; sdpa).
@@ -242,7 +243,7 @@ def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float
         "one run per loss is shown.",
         "",
         "- **teacher**: CE is the runs' `eval/teacher_ce`; task accuracy is computed by the script with the "
-        "trainer's definition (`trainer.evaluation.solved_rows`: every answer token is the argmax under teacher "
+        "trainer's definition (`trainer.train.evaluation.solved_rows`: every answer token is the argmax under teacher "
         f"forcing, i.e. greedy decoding is right) on the same rows; {ce_check}. KL and agreement "
         "are measured against the teacher, so it has none.",
         f"- **student before training**: `initial/*` of the runs' summaries ({same_start}: "

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The launcher tests start a real one-node SLURM (tests/test_launchers.py); its Debian packages
+# The launcher tests start a real one-node SLURM (tests/launch/test_launchers.py); its Debian packages
 # install here when this runs as root, as in CI. Elsewhere install them once: sudo scripts/local_slurm.sh install
 if [[ "$(id -u)" == 0 ]]; then bash scripts/local_slurm.sh install; fi
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true

@@ -109,7 +109,7 @@ def outside_any_launcher(environ) -> dict:
 
 
 def _free_port() -> int:
-    from trainer.distributed import free_port
+    from trainer.launch.distributed import free_port
 
     return free_port()
 
@@ -125,3 +125,7 @@ def mount_tmpfs(path: Path, options: str) -> bool:
     path.mkdir(exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                           capture_output=True).returncode == 0
+
+
+def assert_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"

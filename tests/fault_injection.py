@@ -24,8 +24,8 @@ import signal
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoints, job
-from trainer.objective import TokenSums
+from trainer.losses.objective import TokenSums
+from trainer.train import checkpoints, job
 
 FAULT, _, ARGUMENT = os.environ.get("DISTILL_TEST_FAULT", "").partition("=")
 saving_step = {"now": None}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-from trainer import evaluation, job
+from trainer.train import evaluation, job
 
 seen: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
 

@@ -6,8 +6,8 @@ import sys
 
 import hydra
 
-from trainer.cli import prepare_argv, run_entry
 from trainer.config import register_configs
+from trainer.launch.cli import prepare_argv, run_entry
 
 register_configs()
 
@@ -18,7 +18,7 @@ def distill(cfg) -> float:
 
 
 def _train(cfg, rank, run_dir) -> float:
-    from trainer import job
+    from trainer.train import job
 
     return job.run(cfg, rank, run_dir.path, inputs_checked=run_dir.keep_record)
 

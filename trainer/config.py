@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from trainer.losses import KINDS, validate_loss_params
-from trainer.summary import describe_metric_names, metric_names
+from trainer.metric_names import describe_metric_names, metric_names
 
 DEMO_SCHEME = "demo://"
 
@@ -113,7 +113,7 @@ class DataConfig:
     than train.seq_len, naming the first one."""
     pack: bool = False
     """Pack several training rows into each row of up to train.seq_len tokens, with no attention
-    across them (trainer/packing.py): no compute spent on padding. Not with a teacher cache."""
+    across them (trainer/data/packing.py): no compute spent on padding. Not with a teacher cache."""
 
 
 @dataclass
@@ -183,7 +183,7 @@ class TrainConfig:
     """Recompute the student's layers in the backward instead of keeping their activations: less
     memory for longer sequences or bigger batches, about a third more student compute."""
     peak_tflops: Optional[float] = None
-    """The device's peak TFLOP/s for MFU, per rank; null uses the table in trainer/throughput.py
+    """The device's peak TFLOP/s for MFU, per rank; null uses the table in trainer/train/throughput.py
     (bf16 peaks of known GPUs) and reports no MFU where the device is not in it (CPU)."""
 
 
@@ -264,7 +264,7 @@ class DistillConfig:
 
 
 def register_configs() -> None:
-    from trainer.help import register_help_resolver
+    from trainer.launch.help import register_help_resolver
 
     ConfigStore.instance().store(name="distill_schema", node=DistillConfig)
     register_help_resolver()  # `--help` renders the key table from this module's field docs
@@ -381,7 +381,7 @@ def _refuse_secrets(cfg) -> None:
     """The resolved config goes to W&B, checkpoints and the log: a token in it would leak there."""
     from omegaconf import OmegaConf
 
-    from trainer.secrets import secret_values
+    from trainer.launch.secrets import secret_values
 
     secrets = secret_values()
     if not secrets:

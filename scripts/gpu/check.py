@@ -74,7 +74,7 @@ GPU_SHAPES = Shapes(
          "--teacher-layers", "28", "--student-hidden", "896", "--student-layers", "24", "--seq-len", "2048",
          "--batch", "4", "--steps", "14", "--warmup", "4"),
     e2e_timeout_s=330)
-# On the CPU, kill-and-resume at ZeRO-3 only: ZeRO-0's is tests/test_resume.py's own case, and each
+# On the CPU, kill-and-resume at ZeRO-3 only: ZeRO-0's is tests/train/test_resume.py's own case, and each
 # stage costs three job start-ups; the loop over stages is the same code either way.
 CPU_SHAPES = Shapes(
     loss=(64, 512, 32), head_hidden=64, resume_stages=(3,), liger=(256, 2048, 64), liger_repeats=1,
@@ -161,8 +161,9 @@ def head_parity(shapes: Shapes, device: torch.device) -> list[dict]:
     applied to the hidden states against the model's own logits (the trainer's start-up check)."""
     from bench_e2e import llama, qwen2
 
-    from trainer.heads import HiddenTap, check_head_parity, model_head
-    from trainer.models import ModelError
+    from trainer.models.heads import HiddenTap, model_head
+    from trainer.models.loading import ModelError
+    from trainer.models.probes import check_head_parity
 
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     rows = []
@@ -182,7 +183,7 @@ def head_parity(shapes: Shapes, device: torch.device) -> list[dict]:
 def nonfinite_skipping(device: torch.device) -> dict:
     """SkippingAdamW (torch's fused AdamW with a found_inf flag) on the device: a NaN gradient and an
     Inf loss each leave the weights and the step count untouched, finite steps move them."""
-    from trainer.nonfinite import SkippingAdamW
+    from trainer.models.optimizer import SkippingAdamW
 
     weight = torch.nn.Parameter(torch.randn(1000, device=device))
     optimizer = SkippingAdamW([weight], lr=1e-2)

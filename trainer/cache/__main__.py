@@ -13,8 +13,8 @@ import sys
 
 import hydra
 
-from trainer.cli import prepare_argv, run_and_announce
 from trainer.config import register_configs
+from trainer.launch.cli import prepare_argv, run_and_announce
 
 register_configs()
 

@@ -15,20 +15,22 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer import engines, models
 from trainer.cache.identity import CacheIdentity, check_matches, job_identity
-from trainer.cache.tail import draw_seed, top_and_sampled_tail
 from trainer.cache.store import Manifest, RowTopK, SplitInfo, read_manifest, shard_path, write_manifest, write_shard
+from trainer.cache.tail import draw_seed, top_and_sampled_tail
 from trainer.config import validate
-from trainer.data import TokenizedRow, collate
-from trainer.distributed import RankInfo, broadcast_object, in_lockstep
-from trainer.evaluation import to_device
-from trainer.heads import Scorer, check_head_parity, fused_unsupported_reason
-from trainer.inputs import CACHE_KEYS, data_sources, load_splits, materialise_demo
+from trainer.data.batching import collate
+from trainer.data.tokenize import TokenizedRow
 from trainer.losses import PADDING_ID, default_chunk_size
-from trainer.objective import IGNORE_INDEX, targets_at_each_position
-from trainer.provenance.gate import check_teacher_licence
-from trainer.teacher import load_teacher
+from trainer.losses.objective import IGNORE_INDEX, targets_at_each_position
+from trainer.models import checks, engines, loading
+from trainer.models.heads import Scorer, fused_unsupported_reason
+from trainer.models.probes import check_head_parity
+from trainer.models.teacher import load_teacher
+from trainer.preflight.inputs import CACHE_KEYS, data_sources, load_splits, materialise_demo
+from trainer.preflight.licence_check import check_teacher_licence
+from trainer.ranks import RankInfo, broadcast_object, in_lockstep
+from trainer.train.evaluation import to_device
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +51,16 @@ def build_cache(cfg, rank: RankInfo) -> Path:
     """Build (or finish) the cache for this config; returns its folder."""
     validate(cfg)
     materialise_demo(cfg, rank, CACHE_KEYS)
-    models.check_model("teacher", cfg.teacher)
+    checks.check_model("teacher", cfg.teacher)
     check_teacher_licence(cfg, rank.is_main)  # the cache is the teacher's outputs, made to train students
-    tokenizer = models.load_tokenizer("teacher", cfg.teacher)
-    config = models.load_config("teacher", cfg.teacher)
-    vocab_size = models.shared_vocab_size(tokenizer, config)
-    _, position_limit = models.check_fits("teacher", cfg.teacher, config, cfg.train.seq_len)
+    tokenizer = loading.load_tokenizer("teacher", cfg.teacher)
+    config = loading.load_config("teacher", cfg.teacher)
+    vocab_size = checks.shared_vocab_size(tokenizer, config)
+    _, position_limit = checks.check_fits("teacher", cfg.teacher, config, cfg.train.seq_len)
     splits = load_splits(cfg, tokenizer, rank)
     if rank.is_main:
         longest = max((len(row.input_ids) for split in splits.values() for row in split.rows), default=0)
-        models.warn_past_positions("teacher", position_limit, longest)
+        checks.warn_past_positions("teacher", position_limit, longest)
     identity = job_identity(cfg, tokenizer, rank.is_main)
     manifest = _start_manifest(cfg, identity, splits, vocab_size, rank)
     if manifest.complete:

@@ -30,18 +30,13 @@ from pathlib import Path
 import torch
 
 from trainer.cache.store import CacheError, Manifest, RowTopK, SplitInfo, shard_path, write_manifest, write_shard
-from trainer.data import (
-    DataError,
-    encode_text,
-    examples_fingerprint,
-    load_examples,
-    read_rows,
-    tokenizer_fingerprint,
-)
+from trainer.data.examples import examples_fingerprint, load_examples, tokenizer_fingerprint
+from trainer.data.sources import DataError, read_rows
+from trainer.data.tokenize import encode_text
 from trainer.files import write_text_atomically
 from trainer.losses import PADDING_ID
-from trainer.models import ModelError, load_tokenizer
-from trainer.objective import IGNORE_INDEX
+from trainer.losses.objective import IGNORE_INDEX
+from trainer.models.loading import ModelError, load_tokenizer
 
 log = logging.getLogger(__name__)
 

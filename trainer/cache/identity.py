@@ -9,9 +9,9 @@ from pathlib import Path
 from trainer.cache.key import auto_cache_folder, differences, model_folder, weights_fingerprint
 from trainer.cache.store import CacheError, Manifest
 from trainer.config import cache_root
-from trainer.data import examples_fingerprint, tokenizer_fingerprint
-from trainer.distributed import broadcast_object
-from trainer.inputs import data_sources
+from trainer.data.examples import examples_fingerprint, tokenizer_fingerprint
+from trainer.preflight.inputs import data_sources
+from trainer.ranks import broadcast_object
 
 _KEY_NAMES = {"teacher": "teacher weights", "tokenizer": "tokenizer", "top_k": "teacher.top_k",
               "tail_samples": "teacher.tail_samples"}

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from trainer.files import write_text_atomically
-from trainer.models import ModelError
+from trainer.models.loading import ModelError
 
 # Files that decide what a model computes. Tokenizer files are fingerprinted separately.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from trainer.files import write_atomically, write_text_atomically
 from trainer.losses import SparseTeacher
-from trainer.objective import IGNORE_INDEX, targets_at_each_position
+from trainer.losses.objective import IGNORE_INDEX, targets_at_each_position
 
 FORMAT = "distill-teacher-cache"
 FORMAT_VERSION = 1
@@ -144,7 +144,7 @@ class CacheReader:
 
         row_index: ``[B]`` each row's index in its split; labels: ``[B, T]`` (unshifted).
         Returns a :class:`SparseTeacher` ``[B, T, k]`` aligned with
-        :func:`~trainer.objective.targets_at_each_position` (unsupervised positions are all
+        :func:`~trainer.losses.objective.targets_at_each_position` (unsupervised positions are all
         padding) and the teacher's log-probability of each target ``[B, T]`` (0 where unsupervised).
         The top-k log-probabilities keep the cache's dtype: the loss reads their rounding from it."""
         supervised = targets_at_each_position(labels) != IGNORE_INDEX

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from trainer.data import collate, tokenize_row
-from trainer.evaluation import solved_rows
+from trainer.data.batching import collate
+from trainer.data.tokenize import tokenize_row
+from trainer.losses.objective import solved_rows
 
 # Demo rows are ~50 tokens; this only bounds the encoder.
 _DEMO_SEQ_LEN = 512
@@ -18,7 +19,7 @@ def encode_rows(rows: list[dict], tokenizer) -> list:
 
 @torch.no_grad()
 def exact_match_rate(model, rows: list[dict], tokenizer, batch_size: int = 64) -> float:
-    """Fraction of rows the model solves exactly (see `trainer.evaluation.solved_rows`)."""
+    """Fraction of rows the model solves exactly (see `trainer.train.evaluation.solved_rows`)."""
     was_training = model.training
     model.eval()
     solved = 0

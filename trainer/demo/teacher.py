@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.data import IGNORE_INDEX, collate
+from trainer.data.batching import collate
+from trainer.data.tokenize import IGNORE_INDEX
 from trainer.demo.metrics import encode_rows
 from trainer.demo.recipe import DemoRecipe
-from trainer.engines import warmup_cosine
+from trainer.models.engines import warmup_cosine
 
 
 def teacher_config(recipe: DemoRecipe, tokenizer) -> LlamaConfig:

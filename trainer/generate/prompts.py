@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from trainer.data import DataError, check_messages, encode_text, render_chat, special_ids
+from trainer.data.sources import DataError
+from trainer.data.tokenize import check_messages, encode_text, render_chat, special_ids
 
 
 @dataclass

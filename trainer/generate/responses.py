@@ -20,17 +20,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import engines, models
 from trainer.cache.key import differences, model_folder, weights_fingerprint
 from trainer.config import DEMO_SCHEME, ConfigError, cache_root, validate, validate_generate
-from trainer.data import read_rows
-from trainer.distributed import RankInfo, broadcast_object, in_lockstep
+from trainer.data.sources import read_rows
 from trainer.files import write_text_atomically
 from trainer.generate.prompts import Prompt, read_prompt
 from trainer.generate.sampling import fill_sampling
-from trainer.inputs import GENERATE_KEYS, materialise_demo
-from trainer.provenance.gate import check_teacher_licence
-from trainer.teacher import load_teacher
+from trainer.models import checks, engines, loading
+from trainer.models.teacher import load_teacher
+from trainer.preflight.inputs import GENERATE_KEYS, materialise_demo
+from trainer.preflight.licence_check import check_teacher_licence
+from trainer.ranks import RankInfo, broadcast_object, in_lockstep
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,11 @@ def generate_dataset(cfg, rank: RankInfo) -> Path:
     _demo_prompts_for_the_demo_teacher(cfg)
     validate_generate(cfg.generate)
     materialise_demo(cfg, rank, GENERATE_KEYS)
-    models.check_model("teacher", cfg.teacher)
+    checks.check_model("teacher", cfg.teacher)
     check_teacher_licence(cfg, rank.is_main)  # the responses are the teacher's outputs, made to train students
     fill_sampling(cfg.generate, model_folder(cfg.teacher.path, cfg.teacher.revision), log_it=rank.is_main)
-    tokenizer = models.load_tokenizer("teacher", cfg.teacher)
-    models.check_fits("teacher", cfg.teacher, models.load_config("teacher", cfg.teacher), seq_len=None)
+    tokenizer = loading.load_tokenizer("teacher", cfg.teacher)
+    checks.check_fits("teacher", cfg.teacher, loading.load_config("teacher", cfg.teacher), seq_len=None)
     prompts = [read_prompt(row, origin, tokenizer) for origin, row in read_rows(cfg.generate.prompts, key="generate.prompts")]
     out = Path(cfg.generate.out).expanduser()
     record = broadcast_object(_record(cfg, prompts) if rank.is_main else None)

@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from trainer.models import ModelError
+from trainer.models.loading import ModelError
 
 log = logging.getLogger(__name__)
 

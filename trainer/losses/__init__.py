@@ -12,13 +12,7 @@
   padded vocabulary rows).
 """
 
-from trainer.losses.divergence import (
-    KINDS,
-    distill_loss,
-    masked_sum,
-    per_token_divergence,
-    validate_loss_params,
-)
+from trainer.losses.divergence import KINDS, distill_loss, masked_sum, per_token_divergence, validate_loss_params
 from trainer.losses.fused import FusedSums, default_chunk_size, fused_distill_loss, fused_sparse_distill_loss, fused_token_sums
 from trainer.losses.head import LMHead, head_quirks
 from trainer.losses.sparse import PADDING_ID, SparseTeacher, sparse_distill_loss, sparse_per_token_divergence

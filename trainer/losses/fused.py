@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainer.losses.dense_chunk import CLOSED_FORM_KINDS, closed_form_chunk
 from trainer.losses.divergence import (
     compute_dtype,
     divergence_from_log_probs,
@@ -32,7 +33,6 @@ from trainer.losses.divergence import (
     tempered_log_probs,
     validate_divergence_params,
 )
-from trainer.losses.dense_chunk import CLOSED_FORM_KINDS, closed_form_chunk
 from trainer.losses.head import LMHead
 from trainer.losses.sparse import SparseTeacher, check_sparse_teacher
 from trainer.losses.sparse_chunk import sparse_chunk

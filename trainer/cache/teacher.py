@@ -1,0 +1,72 @@
+"""The teacher as a cache presents it to the trainer and the evaluation: no model, only disk reads."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from trainer.cache.identity import check_matches, job_identity
+from trainer.cache.store import CacheError, CacheReader, read_manifest
+from trainer.losses import SparseTeacher
+from trainer.losses.sparse import check_sparse_teacher
+from trainer.ranks import RankInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CachedStates:
+    """A batch's cached teacher: top-k ``[B, T, k]`` and the log-probability of each target ``[B, T]``,
+    both aligned with :func:`~trainer.losses.objective.targets_at_each_position`."""
+
+    sparse: SparseTeacher
+    target_logprobs: torch.Tensor
+
+
+class CachedTeacher:
+    """Stands where the teacher's :class:`~trainer.models.heads.Scorer` stands, for one data split."""
+
+    fused = False
+
+    def __init__(self, reader: CacheReader, split: str, device: torch.device):
+        self.reader, self.split, self.device = reader, split, device
+
+    def states(self, batch: dict) -> CachedStates:
+        """The batch's cached top-k; checked on the host, where the rows were read, then moved."""
+        labels = batch["labels"].cpu()
+        sparse, target_logprobs = self.reader.batch(self.split, batch["row_index"].cpu(), labels)
+        check_sparse_teacher(sparse, self.reader.manifest.vocab_size, labels.shape)
+        return CachedStates(
+            SparseTeacher(sparse.logprobs.to(self.device), sparse.ids.to(self.device), checked=True),
+            target_logprobs.to(self.device),
+        )
+
+    def gathered(self):
+        return contextlib.nullcontext()
+
+
+def open_cache(cfg, tokenizer, vocab_size: int, rank: RankInfo) -> CacheReader:
+    """The cache this job reads, after checking it was built from this job's teacher, tokenizer and data."""
+    identity = job_identity(cfg, tokenizer, rank.is_main)
+    explicit = cfg.teacher.cache != "auto"
+    build = "build it with python -m trainer.cache and the same overrides as this job"
+    if read_manifest(identity.folder) is None:
+        where = "for this teacher, data and teacher.top_k " if not explicit else ""
+        raise CacheError(f"there is no teacher cache {where}in {identity.folder}; {build}.")
+    reader = CacheReader(identity.folder)
+    check_matches(reader.manifest, identity, explicit_folder=explicit,
+                  fix=f"{build}, or point teacher.cache at the cache that was.")
+    if reader.manifest.vocab_size != vocab_size:
+        raise CacheError(f"the teacher cache in {identity.folder} scores {reader.manifest.vocab_size} token ids but "
+                         f"this job's tokenizer has {vocab_size}; {build}.")
+    tail_samples = reader.manifest.key.get("tail_samples", 0)
+    if tail_samples and cfg.loss.kind == "rkl":
+        raise CacheError(f"the teacher cache in {identity.folder} draws its tail (teacher.tail_samples={tail_samples}), "
+                         "against which reverse KL is unbounded; use loss.kind=srkl for a mode-seeking loss, or a "
+                         "cache built with teacher.tail_samples=0.")
+    log.info("teacher: read from the cache in %s (top-%d, %d of them drawn from the tail; teacher %s); no teacher "
+             "is loaded", identity.folder, reader.top_k, tail_samples, reader.manifest.teacher)
+    return reader

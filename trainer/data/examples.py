@@ -1,0 +1,271 @@
+"""A split's tokenized rows: tokenised once, cached on disk by fingerprint, split into train and held-out."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import pickle
+import random
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.data.sources import DataError, _resolve_sources, _Source, read_rows
+from trainer.data.tokenize import TokenizedRow, special_ids, tokenize_row
+from trainer.files import write_atomically
+
+log = logging.getLogger(__name__)
+
+
+# Bump whenever tokenization changes the rows. It is part of `examples_fingerprint`, by which teacher
+# caches and checkpoints know their data, so a bump makes them refuse this data. A cache file that
+# lacks a field added later is rebuilt anyway (see `_load_cache`): a new field needs no bump.
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Examples:
+    """The tokenized rows of one source, with the counts worth logging."""
+
+    rows: list[TokenizedRow]
+    origin: str
+    """The source as the user gave it, for log lines."""
+    from_cache: bool = False
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_truncated(self) -> int:
+        return sum(row.truncated for row in self.rows)
+
+    @property
+    def num_supervised_tokens(self) -> int:
+        return sum(row.num_supervised for row in self.rows)
+
+    @property
+    def num_unsupervised_rows(self) -> int:
+        """Rows that add nothing to the loss, e.g. a prompt that fills all of `seq_len`."""
+        return sum(row.num_supervised == 0 for row in self.rows)
+
+    @property
+    def num_empty_responses(self) -> int:
+        return sum(row.empty_response for row in self.rows)
+
+
+def load_examples(
+    source: Any, tokenizer: Any, seq_len: int, cache_dir: str | os.PathLike | None, *, key: str = "data",
+    truncate: bool = True,
+) -> Examples:
+    """Read and tokenize `source`, reusing the cached result when nothing that shapes it changed.
+
+    The cache is keyed by the contents of the source files (the name, for hub datasets), the
+    tokenizer, `seq_len` and FORMAT_VERSION. `cache_dir=None` turns caching off.
+    `truncate=False` refuses a row longer than `seq_len` instead of cutting it. The rows are the
+    same either way, so the flag is not in the key: it is checked on the rows, cached or not.
+    A source whose every response is empty is refused; one with some empty responses is warned about.
+    """
+    if seq_len < 2:
+        raise DataError(f"seq_len is {seq_len}, too short to predict any token; set train.seq_len to 2 or more")
+    examples = _tokenized(source, tokenizer, seq_len, cache_dir, key)
+    if not truncate:
+        _refuse_long_rows(examples.rows, source, tokenizer, seq_len, key)
+    _check_empty_responses(examples, source, key)
+    return examples
+
+
+def _tokenized(source: Any, tokenizer: Any, seq_len: int, cache_dir, key: str) -> Examples:
+    origin = _describe(source)
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / f"{examples_fingerprint(source, tokenizer, seq_len, key)}.pt"
+        cached = _load_cache(cache_path)
+        if cached is not None:
+            return Examples(_numbered(cached), origin, from_cache=True)
+    specials = special_ids(tokenizer)
+    rows = [
+        tokenize_row(row, tokenizer, seq_len, row_origin, specials=specials)
+        for row_origin, row in read_rows(source, key=key)
+    ]
+    if cache_path is not None:
+        _save_cache(cache_path, rows)
+    return Examples(_numbered(rows), origin)
+
+
+def _refuse_long_rows(rows: list[TokenizedRow], source: Any, tokenizer: Any, seq_len: int, key: str) -> None:
+    """DataError naming the first row that was cut to `seq_len`. Rows keep no origin (nor does the
+    cache), so the source is read again to name the file and line: only on the way to an error."""
+    first = next((row.index for row in rows if row.truncated), None)
+    if first is None:
+        return
+    origin, raw = read_rows(source, key=key)[first]
+    length = len(tokenize_row(raw, tokenizer, sys.maxsize, origin).input_ids)
+    raise DataError(
+        f"data row {origin} is {length} tokens long, more than train.seq_len={seq_len}, and data.truncate=false "
+        "refuses to cut it; raise train.seq_len, shorten or drop the row, or set data.truncate=true"
+    )
+
+
+def _check_empty_responses(examples: Examples, source: Any, key: str) -> None:
+    """Refuse a source whose every response is empty (the student would learn to stop at once and
+    its evaluation would look perfect); warn, naming the first, when only some are."""
+    empty = examples.num_empty_responses
+    if not empty:
+        return
+    first = next(row.index for row in examples.rows if row.empty_response)
+    origin = read_rows(source, key=key)[first][0]  # rows keep no origin: read again, only on the way to a message
+    if empty == len(examples):
+        raise DataError(
+            f"every one of the {empty} rows of {key} has an empty response (first: {origin}), so the student would "
+            f"learn only to stop at once; fill in the responses (python -m trainer.generate writes the teacher's) "
+            f"or point {key} at the data that has them"
+        )
+    log.warning("data: %d of %d rows of %s have an empty response (first: %s); they teach only where to stop: fill "
+                "them in or drop them", empty, len(examples), key, origin)
+
+
+def _numbered(rows: list[TokenizedRow]) -> list[TokenizedRow]:
+    for index, row in enumerate(rows):
+        row.index = index
+    return rows
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return ", ".join(str(spec) for spec in source) if isinstance(source, Iterable) else repr(source)
+
+
+def examples_fingerprint(source: Any, tokenizer: Any, seq_len: int, key: str = "data") -> str:
+    """sha256 of everything that decides `load_examples`' rows: the sources' contents, the
+    tokenizer, `seq_len` and FORMAT_VERSION. Equal fingerprints mean equal rows, in order."""
+    described = {
+        "format_version": FORMAT_VERSION,
+        "sources": [_source_fingerprint(src) for src in _resolve_sources(source, key)],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "seq_len": seq_len,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def _source_fingerprint(src: _Source) -> list[Any]:
+    # A hub dataset is keyed by name only, so a cache hit needs no network; delete the cache
+    # folder to pick up a new upstream revision.
+    if src.kind == "hub":
+        return [src.kind, src.location, src.config, src.split]
+    return [src.kind, src.split, _hash_path(Path(src.location).expanduser())]
+
+
+def _hash_path(path: Path) -> str:
+    """sha256 of a file's bytes, or of every file in a folder with its relative name."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything about `tokenizer` that changes how rows are tokenized."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        vocab = json.loads(backend.to_str())
+        # The wrapper switches these on and off around calls; they do not change our encodings.
+        vocab.pop("truncation", None)
+        vocab.pop("padding", None)
+    else:
+        vocab = sorted(tokenizer.get_vocab().items())
+    described = {
+        "class": type(tokenizer).__name__,
+        "vocab": vocab,
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "chat_template": tokenizer.chat_template,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_cache(path: Path, rows: list[TokenizedRow]) -> None:
+    """Write flat tensors (compact and quick to load) atomically, so that ranks writing at once are safe."""
+    blob = {
+        "format_version": FORMAT_VERSION,
+        "lengths": torch.tensor([len(row.input_ids) for row in rows], dtype=torch.int64),
+        "input_ids": _flat_tensor(row.input_ids for row in rows),
+        "labels": _flat_tensor(row.labels for row in rows),
+        "truncated": torch.tensor([row.truncated for row in rows], dtype=torch.bool),
+        "empty_response": torch.tensor([row.empty_response for row in rows], dtype=torch.bool),
+    }
+    write_atomically(path, lambda temporary: torch.save(blob, temporary))
+
+
+def _flat_tensor(lists: Iterable[list[int]]) -> torch.Tensor:
+    return torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.int64)
+
+
+def _load_cache(path: Path) -> list[TokenizedRow] | None:
+    """The cached rows, or None when there is no usable cache (a damaged one, or one written before a
+    field existed, is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, weights_only=True)
+        if blob["format_version"] != FORMAT_VERSION:
+            return None
+        return _unpack(blob)
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError):
+        return None
+
+
+def _unpack(blob: dict) -> list[TokenizedRow]:
+    """The rows of a cache file; KeyError for one written before a field existed, so it is rebuilt."""
+    input_ids, labels = blob["input_ids"].tolist(), blob["labels"].tolist()
+    rows, start = [], 0
+    flags = zip(blob["lengths"].tolist(), blob["truncated"].tolist(), blob["empty_response"].tolist())
+    for length, truncated, empty_response in flags:
+        rows.append(TokenizedRow(input_ids[start : start + length], labels[start : start + length], truncated,
+                                 empty_response=empty_response))
+        start += length
+    return rows
+
+
+def split_holdout(
+    rows: Sequence[TokenizedRow], eval_fraction: float, seed: int
+) -> tuple[list[TokenizedRow], list[TokenizedRow]]:
+    """Hold out a seeded random `eval_fraction` of `rows` (at least one) for evaluation.
+
+    Both parts keep the original order; the same rows and seed always give the same split.
+    """
+    if not 0 < eval_fraction < 1:
+        raise DataError(f"eval_fraction is {eval_fraction}; set it between 0 and 1, e.g. 0.05")
+    if len(rows) < 2:
+        raise DataError(
+            f"data.train has {len(rows)} row(s), too few to hold one out for evaluation; add rows or set data.eval"
+        )
+    num_eval = min(max(1, round(len(rows) * eval_fraction)), len(rows) - 1)
+    held_out = set(random.Random(seed).sample(range(len(rows)), num_eval))
+    train = [row for index, row in enumerate(rows) if index not in held_out]
+    evaluation = [row for index, row in enumerate(rows) if index in held_out]
+    return train, evaluation
+
+
+def supervised_only(rows: Sequence[TokenizedRow], seq_len: int) -> list[TokenizedRow]:
+    """The rows with at least one token to learn. A row without one (no response or assistant turn,
+    or one cut off by `seq_len`) adds nothing to the loss, and a batch of such rows has no token to
+    normalise by; DataError when no row is left."""
+    kept = [row for row in rows if row.num_supervised > 0]
+    if not kept:
+        raise DataError(
+            f"none of the {len(rows)} training rows has a token to learn (no response or assistant turn, or one "
+            f"cut off by train.seq_len={seq_len}); give rows a response or assistant turn, or raise train.seq_len"
+        )
+    return kept

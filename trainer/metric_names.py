@@ -1,0 +1,39 @@
+"""The numbers a job writes to `summary.json`, by name: what `train.metric` may name.
+
+Kept apart from the code that computes them (`trainer/train/evaluation.py`, `DistillJob.finish`) so
+that `trainer/config.py` can refuse, at start-up, a metric no job produces without importing
+models; a test holds a real job's summary to these names, so a new metric must be named here.
+"""
+
+from __future__ import annotations
+
+EVAL_METRICS = ("kl_to_teacher", "student_ce", "teacher_ce", "top1_agreement", "exact_match", "tokens")
+"""Held-out evaluation, written as `eval/<name>` (after training) and `initial/eval/<name>` (before)."""
+
+TRAIN_METRICS = ("tokens_per_s", "tokens_seen", "skipped_steps", "steps", "wall_s", "tflops_per_s", "mfu",
+                 "data_share", "peak_memory_gib")
+"""The run as a whole, written as `train/<name>`; `mfu` is null where the device's peak is unknown."""
+
+LAST_WINDOW_METRICS = ("tokens_per_s", "tflops_per_s", "mfu", "data_share")
+"""The last log window's speed, written as `train/last_window_<name>` beside the run's."""
+
+INITIAL = "initial/"
+
+
+def eval_key(name: str) -> str:
+    return f"eval/{name}"
+
+
+def metric_names() -> tuple[str, ...]:
+    """Every number `summary.json` holds that `train.metric` may name."""
+    evals = tuple(eval_key(name) for name in EVAL_METRICS)
+    return (evals + tuple(INITIAL + key for key in evals) + tuple(f"train/{name}" for name in TRAIN_METRICS)
+            + tuple(f"train/last_window_{name}" for name in LAST_WINDOW_METRICS))
+
+
+def describe_metric_names() -> str:
+    """The valid names for an error line, the before-training ones folded into one phrase."""
+    evals = ", ".join(eval_key(name) for name in EVAL_METRICS)
+    trains = ", ".join(f"train/{name}" for name in TRAIN_METRICS)
+    return (f"{evals} (each also as {INITIAL}eval/..., before training), {trains} "
+            f"(and train/last_window_... of {', '.join(LAST_WINDOW_METRICS)})")

@@ -1,0 +1,90 @@
+"""What every entry point (train, cache, generate) resolves before loading a model: the demo's
+assets when asked for, the tokenizer, and the tokenized data of each split."""
+
+from __future__ import annotations
+
+import logging
+
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from trainer.config import DEMO_SCHEME, ConfigError, cache_root
+from trainer.data.examples import Examples, load_examples
+from trainer.ranks import RankInfo
+
+log = logging.getLogger(__name__)
+
+DEMO_TRAIN, DEMO_EVAL = f"{DEMO_SCHEME}train", f"{DEMO_SCHEME}eval"
+
+TRAINING_KEYS = ("teacher.path", "student.path", "data.train", "data.eval")
+"""The keys that may name a demo asset, as training reads them; a cache build reads no student and
+generation reads only the teacher and `generate.prompts`."""
+CACHE_KEYS = ("teacher.path", "data.train", "data.eval")
+GENERATE_KEYS = ("teacher.path", "generate.prompts")
+
+
+def materialise_demo(cfg, rank: RankInfo, keys: tuple[str, ...] = TRAINING_KEYS) -> None:
+    """Swap `demo://` values of `keys` (what the entry point reads) for the demo's models and data,
+    built once on rank 0 and cached. Nothing is built when none of them is a demo asset."""
+    if "data.train" in keys:
+        refuse_demo_data_for_own_models(cfg, keys)
+        pair_demo_held_out(cfg)
+    if not any(_is_demo(OmegaConf.select(cfg, key)) for key in keys):
+        return
+    from trainer.demo import build_demo_assets
+
+    demo_dir = cache_root(cfg) / "demo"
+    if rank.is_main:
+        build_demo_assets(demo_dir, log=log.info)
+    dist.barrier()
+    assets = build_demo_assets(demo_dir, log=log.debug)
+    by_name = {"teacher": assets.teacher_path, "student": assets.student_path,
+               "train": assets.train_path, "eval": assets.eval_path}
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if _is_demo(value):
+            OmegaConf.update(cfg, key, str(by_name[value[len(DEMO_SCHEME):]]))
+
+
+def pair_demo_held_out(cfg) -> None:
+    """The demo's training rows come with their own held-out problems (none in both), so the demo
+    evaluates on those; any other `data.train` without `data.eval` holds out `data.eval_fraction`
+    of itself. (`conf/data/demo.yaml` leaves `eval` null for this: a fixed `demo://eval` there
+    would stay behind when only `data.train` is overridden.)"""
+    if cfg.data.train == DEMO_TRAIN and cfg.data.eval is None:
+        cfg.data.eval = DEMO_EVAL
+
+
+def refuse_demo_data_for_own_models(cfg, keys: tuple[str, ...]) -> None:
+    """The demo's arithmetic rows are data for the demo's models: next to the user's own model they
+    are a data.train left at its default, and building them would train the demo's teacher first."""
+    if not _is_demo(cfg.data.train):
+        return
+    own = [key for key in keys if key.endswith(".path") and not _is_demo(OmegaConf.select(cfg, key))]
+    if own:
+        value = OmegaConf.select(cfg, own[0])
+        raise ConfigError(f"data.train is the demo's arithmetic ({cfg.data.train}), but {own[0]}="
+                          f"{'null' if value is None else value} is not the demo's model; set data.train to your data "
+                          "(a .jsonl/.parquet file, a list of them or a datasets name; without data.eval, "
+                          "data.eval_fraction of it is held out).")
+
+
+def _is_demo(value) -> bool:
+    return isinstance(value, str) and value.startswith(DEMO_SCHEME)
+
+
+def data_sources(cfg) -> dict:
+    """The job's splits by name: `train`, and `eval` when held-out data is given separately."""
+    return {"train": cfg.data.train, **({"eval": cfg.data.eval} if cfg.data.eval else {})}
+
+
+def load_splits(cfg, tokenizer, rank: RankInfo) -> dict[str, Examples]:
+    """Tokenized rows of each split: rank 0 tokenises and caches, then the other ranks read the cache."""
+    cache = cache_root(cfg) / "tokenized"
+    for turn in ("main", "others"):
+        if (turn == "main") == rank.is_main:
+            splits = {name: load_examples(source, tokenizer, cfg.train.seq_len, cache, key=f"data.{name}",
+                                          truncate=cfg.data.truncate)
+                      for name, source in data_sources(cfg).items()}
+        dist.barrier()
+    return splits
