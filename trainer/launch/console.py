@@ -7,7 +7,7 @@ their INFO lines (the compiler commands of DeepSpeed's op probes), Python's depr
 (addressed to the code that calls the library, i.e. ours; a loop repeats them every step because
 libraries reset the warnings registry) and DeepSpeed notes that are expected in normal use here.
 
-Two calls from `trainer.cli`: :func:`hold_third_party_output` first thing (before DeepSpeed may be
+Two calls from `trainer.launch.cli`: :func:`hold_third_party_output` first thing (before DeepSpeed may be
 imported; records made before Hydra opens the log file wait for it), then
 :func:`send_third_party_output_to_log` once Hydra has set up the job's logging. A user who asks for
 Python's warnings (`-W`, `PYTHONWARNINGS`) gets them on the terminal as usual.

@@ -1,4 +1,4 @@
-"""A run directory as the report sees it: what `trainer.tracking` wrote, read without the trainer.
+"""A run directory as the report sees it: what `trainer.outputs.tracking` wrote, read without the trainer.
 
 Everything but `metrics.jsonl` may be missing (a run stopped early has no `summary.json`; one
 stopped before its first evaluation has no `eval.jsonl`), and the last line of a file may be cut
