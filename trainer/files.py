@@ -1,11 +1,17 @@
 """Writing files so that a reader, or a restarted job, never sees half of one, and colleagues
-sharing the filesystem can read them as the user's umask allows."""
+sharing the filesystem can read them as the user's umask allows; a failed write told in the OS's
+words, with the disk to clear named."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
+
+from trainer.errors import first_line
 
 
 def write_atomically(path: Path, write) -> None:
@@ -40,6 +46,42 @@ def honour_umask(folder: Path) -> None:
     for path in Path(folder).rglob("*"):
         if path.is_file() and not path.is_symlink():
             os.chmod(path, mode)
+
+
+def write_failure_reason(error: BaseException, folder: Path) -> str:
+    """The OS's words for a failed write into `folder`: `No space left on device` for a full disk,
+    however the writer put it (torch: `unexpected pos N vs M`; safetensors: `(os error 28)`)."""
+    code = getattr(error, "errno", None)
+    if code is None and (match := re.search(r"\(os error (\d+)\)", str(error))):
+        code = int(match.group(1))
+    if code not in (errno.ENOSPC, errno.EDQUOT):
+        code = _disk_full_errno(folder) or code
+    return os.strerror(code) if code else first_line(error)
+
+
+def _disk_full_errno(folder: Path) -> int | None:
+    """ENOSPC or EDQUOT when `folder` cannot take one more block of data now, else None.
+
+    torch.save reports a short write as `unexpected pos N vs M`, dropping the OS's error: ask the
+    disk again, with a write of our own (synced: a network filesystem reports a full disk then)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        return error.errno if error.errno in (errno.ENOSPC, errno.EDQUOT) else None
+    return None
+
+
+def free_space(folder: Path) -> str:
+    """`N MiB free on the filesystem at <mount point>`: the disk to clear, named."""
+    if not folder.exists():
+        return "the folder could not be created"
+    mount = folder.resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free on the filesystem at {mount}"
 
 
 def _umask() -> int:

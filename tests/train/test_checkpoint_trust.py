@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import assert_ok, mount_tmpfs, read_jsonl, run_cli, tiny_overrides
 
+from trainer.files import write_failure_reason
 from trainer.train import checkpoints
 from trainer.train.checkpoints import CheckpointError, TrainerState
 from trainer.train.resume import check_fits_job, choose_resume_point, problem_with
@@ -182,7 +183,7 @@ def test_safetensors_words_for_a_full_disk_read_no_space_left_on_device(tmp_path
     from safetensors import SafetensorError
 
     error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-    assert checkpoints._write_failure_reason(error, tmp_path) == os.strerror(errno.ENOSPC)
+    assert write_failure_reason(error, tmp_path) == os.strerror(errno.ENOSPC)
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -18,13 +18,14 @@ from trainer.data.sources import DataError
 from trainer.launch.console import hold_third_party_output, send_third_party_output_to_log
 from trainer.launch.rundir import RunDirError
 from trainer.models.loading import ModelError
+from trainer.outputs.export import ExportError
 from trainer.preflight.licences import LicenceError
 from trainer.train.checkpoints import CheckpointError
 from trainer.train.nonfinite import TrainingDiverged
 
 # What the user can fix (a setting, an input, disk space, a learning rate): one line, exit status 2.
-USER_ERRORS = (ConfigError, DataError, ModelError, CacheError, CheckpointError, TrainingDiverged, LicenceError,
-               RunDirError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CacheError, CheckpointError, ExportError, TrainingDiverged,
+               LicenceError, RunDirError)
 
 
 def prepare_argv(argv: list[str]) -> list[str]:

@@ -9,10 +9,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.files import honour_umask
-from trainer.train.checkpoints import CheckpointError, _free_space, _write_failure_reason
+from trainer.errors import UserError
+from trainer.files import free_space, honour_umask, write_failure_reason
 
 log = logging.getLogger(__name__)
+
+
+class ExportError(UserError):
+    """The student could not be written; the final checkpoint is intact and the message says what to do."""
 
 
 def gathered_state_dict(model: torch.nn.Module, trainable_only: bool, is_main: bool) -> dict:
@@ -54,8 +58,8 @@ def _export_failures_reported(out_dir: Path):
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as error:
-        raise CheckpointError(
-            f"writing {out_dir} failed ({_write_failure_reason(error, out_dir)}; {_free_space(out_dir)}), so its "
+        raise ExportError(
+            f"writing {out_dir} failed ({write_failure_reason(error, out_dir)}; {free_space(out_dir)}), so its "
             "files are incomplete; the final checkpoint is intact: free some space and run the same command again, "
             "which writes them from it without training.") from None
 

@@ -13,15 +13,12 @@ any moment therefore leaves `latest` naming a complete checkpoint, or no `latest
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import pickle
 import random
-import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.errors import first_line
-from trainer.files import write_text_atomically
+from trainer.files import free_space, write_failure_reason, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -195,48 +192,12 @@ def _save_failures_reported(root: Path, staging: Path, tag: str):
 
 
 def _save_failed(error: BaseException, root: Path, tag: str) -> CheckpointError:
-    reason = _write_failure_reason(error, root)
+    reason = write_failure_reason(error, root)
     previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     kept = (f"the previous checkpoint {previous} is intact and the same command resumes from it"
             if previous else "no earlier checkpoint exists")
-    return CheckpointError(f"writing checkpoint {tag} in {root} failed ({reason}; {_free_space(root)}); "
+    return CheckpointError(f"writing checkpoint {tag} in {root} failed ({reason}; {free_space(root)}); "
                            f"{kept}; free some space (or lower checkpoint.keep) and run the same command again.")
-
-
-def _write_failure_reason(error: BaseException, folder: Path) -> str:
-    """The OS's words for a failed write into `folder`: `No space left on device` for a full disk,
-    however the writer put it (torch: `unexpected pos N vs M`; safetensors: `(os error 28)`)."""
-    code = getattr(error, "errno", None)
-    if code is None and (match := re.search(r"\(os error (\d+)\)", str(error))):
-        code = int(match.group(1))
-    if code not in (errno.ENOSPC, errno.EDQUOT):
-        code = _disk_full_errno(folder) or code
-    return os.strerror(code) if code else first_line(error)
-
-
-def _disk_full_errno(folder: Path) -> int | None:
-    """ENOSPC or EDQUOT when `folder` cannot take one more block of data now, else None.
-
-    torch.save reports a short write as `unexpected pos N vs M`, dropping the OS's error: ask the
-    disk again, with a write of our own (synced: a network filesystem reports a full disk then)."""
-    try:
-        with tempfile.TemporaryFile(dir=folder) as probe:
-            probe.write(b"\0" * 65536)
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as error:
-        return error.errno if error.errno in (errno.ENOSPC, errno.EDQUOT) else None
-    return None
-
-
-def _free_space(folder: Path) -> str:
-    """`N MiB free on the filesystem at <mount point>`: the disk to clear, named."""
-    if not folder.exists():
-        return "the folder could not be created"
-    mount = folder.resolve()
-    while not os.path.ismount(mount):
-        mount = mount.parent
-    return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free on the filesystem at {mount}"
 
 
 # ------------------------------------------------------------------------------------ loading
