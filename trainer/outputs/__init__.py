@@ -5,4 +5,5 @@
 - `record.py`: `provenance.json` (hashes, data, config, code, packages, metrics, the licence
   decision), sealed with a sha256 of its own canonical JSON. `card.py`: the model card.
 - `provenance.py`: writes both at the end of a run.
+- `finish.py`: the end of a run: export, `summary.json`, provenance, the report, in that order.
 """

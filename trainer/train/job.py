@@ -20,20 +20,22 @@ from trainer.data.packing import collate_packed, document_lengths, pack_rows
 from trainer.launch.preemption import Preempted, PreemptionWatch, hand_back
 from trainer.losses import default_chunk_size
 from trainer.losses.objective import IGNORE_INDEX, fused_micro_batch_sums, micro_batch_sums, supervised_positions
-from trainer.metric_names import INITIAL, LAST_WINDOW_METRICS
+from trainer.metric_names import INITIAL
 from trainer.models import checks, engines, loading, lora
 from trainer.models.heads import Scorer, fused_unsupported_reason
 from trainer.models.probes import check_documents_stay_apart, check_head_parity
 from trainer.models.teacher import load_teacher
-from trainer.outputs import export, provenance
+from trainer.outputs import provenance
+from trainer.outputs.finish import RunFacts, finish_run
 from trainer.outputs.tracking import Tracker, forget_steps_after
 from trainer.preflight import licence_check
 from trainer.preflight.inputs import data_sources, load_splits, materialise_demo
-from trainer.ranks import RankInfo, all_gather_floats, all_reduce_sum, broadcast_object
+from trainer.ranks import RankInfo, broadcast_object
 from trainer.train import checkpoints, throughput
 from trainer.train import resume as checkpoint_trust
 from trainer.train.evaluation import evaluate, to_device
 from trainer.train.nonfinite import TrainingDiverged, describe_weights, largest_abs_weight, streak_message
+from trainer.train.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +236,7 @@ class DistillJob:
         self.step_cost = cost
         bf16 = engines.precision(self.cfg, self.rank.device)[0]
         self.peak_flops = throughput.peak_flops(self.rank.device, bf16, self.cfg.train.peak_tflops)
-        self.data_time = throughput.Stopwatch()
-        self.window_flops = 0.0
-        self.run_work = throughput.Work()  # every log window of this job (of its life, when resumed)
+        self.progress = Progress(self.state, self.rank.device, self.peak_flops, self.rank.world_size)
 
     def _checked_resume_point(self):
         """The checkpoint this job continues from (None: a fresh start), verified, and refused by
@@ -305,7 +305,7 @@ class DistillJob:
         self.state.initial_largest_abs_weight = saved.initial_largest_abs_weight
         self.state.nonfinite_in_a_row = saved.nonfinite_in_a_row
         self.optimizer.resume_skips_in_a_row(saved.nonfinite_in_a_row)
-        self.resumed_window = rank_state.get("window")
+        self.progress.restore_sums(rank_state.get("window"))
         if saved.rows_per_step != self.state.rows_per_step:
             log.warning("resumed with %d rows per optimizer step a checkpoint saved with %d (micro-batch x accumulation "
                         "x ranks): the run will differ from one never interrupted.", self.state.rows_per_step,
@@ -318,19 +318,19 @@ class DistillJob:
         [objective, kd, ce] (left on the device: reading them would stall it every micro-batch)
         and its counts [supervised tokens, input tokens] (on the CPU, from the collated rows)."""
         cfg = self.cfg
-        with self.data_time:
+        with self.progress.data_time:
             batches = micro_batches_for_step(step, self.train_rows, self.rank.rank, self.rank.world_size,
                                              cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.seed,
                                              self.tokenizer.pad_token_id, collate_packed if cfg.data.pack else collate)
             counts = torch.tensor([[float((b["labels"][:, 1:] != IGNORE_INDEX).sum()), float(b["attention_mask"].sum())]
                                    for b in batches], dtype=torch.float64).sum(dim=0)
-            self.window_flops += sum(self.step_cost.of_rows(document_lengths(b)) for b in batches)
+            self.progress.flops += sum(self.step_cost.of_rows(document_lengths(b)) for b in batches)
         # DeepSpeed divides by grad_accum and averages over ranks; undo both so the gradient is
         # that of (Σ over the step's tokens) / (the step's token count).
         scale = self.rank.world_size * cfg.train.grad_accum / max(self._global_supervised_tokens(step), 1.0)
         loss_sums = torch.zeros(3, dtype=torch.float64, device=self.rank.device)
         for index, host_batch in enumerate(batches):
-            with self.data_time:
+            with self.progress.data_time:
                 # Found on the host, where the labels are: on the GPU it would make the host wait.
                 host_batch["supervised"] = supervised_positions(host_batch["labels"])
                 batch = to_device(host_batch, self.rank.device)
@@ -344,7 +344,7 @@ class DistillJob:
             loss_sums += torch.stack([sums.objective.detach(), sums.kd, sums.ce]).double()
             if index == len(batches) - 1:
                 if measure_grad_norm:
-                    self.pre_step_grad_norm = self._replica_grad_norm()
+                    self.progress.pre_step_grad_norm = self._replica_grad_norm()
                 # The objective only: under sft the kd slot is NaN by design.
                 self.optimizer.arm(loss_sums[0])  # the optimizer skips the step if any rank's loss is NaN/Inf
             self.student.step()
@@ -362,7 +362,7 @@ class DistillJob:
         if self.cfg.loss.kind == "sft":
             return None, self.student_scorer.states(batch)
         if self.teacher is None:  # a cache, read by the rows' indices on the host
-            with self.data_time:  # reading it is data loading: the step waits on it as on rows
+            with self.progress.data_time:  # reading it is data loading: the step waits on it as on rows
                 teacher_states = self.teacher_scorer.states(host_batch)
         else:
             with torch.no_grad():
@@ -389,16 +389,10 @@ class DistillJob:
 
     def train(self, watch: PreemptionWatch) -> None:
         """Steps from `first_step` to `train.max_steps`; raises Preempted, checkpoint saved, when
-        any rank was signalled to stop."""
-        cfg = self.cfg
-        # The open log window: [objective, kd, ce] on the device (read only when logged) and
-        # [supervised tokens, input tokens] on the CPU. A resumed run reopens the saved one.
-        window = getattr(self, "resumed_window", None) or [0.0] * 5
-        window_losses = torch.tensor(window[:3], dtype=torch.float64, device=self.rank.device)
-        window_counts = torch.tensor(window[3:], dtype=torch.float64)
-        window_start = time.perf_counter()
+        any rank was signalled to stop. A resumed run goes on with the log window it saved."""
+        cfg, progress = self.cfg, self.progress
         eval_every = evaluation_interval(cfg.train)
-        self.skips_before, self.skips_counted_at = self.state.skipped_steps, self.first_step
+        progress.start(self.first_step)
         # Dropout on for the steps, whatever ran before: from_pretrained returns a model in eval
         # mode, and a resumed job runs no evaluation first. Evaluations restore it (eval_mode).
         self.student.train()
@@ -406,9 +400,7 @@ class DistillJob:
             done = step + 1
             log_now = done % cfg.train.log_every == 0 or done == cfg.train.max_steps
             lr = self.student.get_lr()[0]
-            losses, counts = self.train_step(step, measure_grad_norm=log_now)
-            window_losses += losses
-            window_counts += counts
+            progress.add_step(*self.train_step(step, measure_grad_norm=log_now))
             periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != cfg.train.max_steps
             signum = watch.agreed_signal()
             stopping = signum and done < cfg.train.max_steps
@@ -416,36 +408,31 @@ class DistillJob:
                 self._count_skipped(done)  # a host read: only where the step is logged or saved
             self.tracker.advance()
             if log_now:
-                window = torch.cat([window_losses.cpu(), window_counts])
-                self._log_window(done, lr, window, time.perf_counter() - window_start)
-                window_losses.zero_()
-                window_counts.zero_()
-                window_start = time.perf_counter()
+                self.tracker.log_step(progress.close_window(done, lr, self.student.get_global_grad_norm(),
+                                                            kd_measured=cfg.loss.kind != "sft"))
+                progress.open_window()
             if eval_every and done % eval_every == 0 and done != cfg.train.max_steps:
-                evaluating = time.perf_counter()
-                self.evaluate(done)
-                window_start += time.perf_counter() - evaluating  # tokens/s counts training time only
+                with progress.paused():  # tokens/s counts training time only
+                    self.evaluate(done)
             if periodic or stopping:
-                self.save_checkpoint(done, torch.cat([window_losses.cpu(), window_counts]).tolist())
+                self.save_checkpoint(done)
             if stopping:
                 raise Preempted(signum, done)
 
-    def save_checkpoint(self, step: int, window: list[float]) -> None:
-        """`window`: this rank's sums of the log window still open after `step`."""
+    def save_checkpoint(self, step: int) -> None:
+        """With this rank's sums of the log window still open after `step`."""
         self.state.step = step
         self.state.identity = self._identity()
         self.state.largest_abs_weight = largest_abs_weight(self.student.module)
         checkpoints.save_checkpoint(self.student, self.run_dir, self.state, self.cfg.checkpoint.keep,
-                                    rank_state={"window": window})
+                                    rank_state={"window": self.progress.open_sums()})
 
     def _count_skipped(self, step: int) -> None:
         """Read the updates the optimizer skipped on every rank since the last read (it counts them on
         the device); warn about new ones; stop after train.max_nonfinite_steps in a row."""
         total, in_a_row = self.optimizer.read_skips()
-        new = self.skips_before + total - self.state.skipped_steps
-        self.state.skipped_steps = self.skips_before + total
+        new, since = self.progress.read_skips(total, step)
         self.state.nonfinite_in_a_row = in_a_row
-        since, self.skips_counted_at = self.skips_counted_at + 1, step
         if new:
             where, what = (f"step {step}", "this update") if since == step else (f"steps {since}-{step}",
                                                                                 f"{new} of these updates")
@@ -485,51 +472,6 @@ class DistillJob:
             f"no final checkpoint were written; the trainable weights are {weights} and {last_steps}; {kept}; "
             "start afresh with a lower train.lr (resume=never in a new run directory, hydra.run.dir=...).")
 
-    def _log_window(self, step: int, lr: float, window: torch.Tensor, seconds: float) -> None:
-        objective, kd, ce, tokens, inputs = all_reduce_sum(window.clone()).tolist()
-        self.state.tokens_seen += int(inputs)
-        per_token = 1.0 / max(tokens, 1.0)
-        grad_norm = self.student.get_global_grad_norm()
-        if grad_norm is None:
-            grad_norm = self.pre_step_grad_norm
-        rates = self._window_rates(seconds, inputs)
-        self.tracker.log_step({
-            "step": step,
-            "loss": objective * per_token,
-            "kd_loss": kd * per_token if self.cfg.loss.kind != "sft" else None,
-            "ce_loss": ce * per_token,
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": rates["tokens_per_s"],
-            "tokens_seen": self.state.tokens_seen,
-            "skipped_steps": self.state.skipped_steps,
-            **rates,
-        })
-
-    def _window_rates(self, seconds: float, inputs: float) -> dict:
-        """The log window's tokens/s and model FLOP/s (all ranks), MFU, data-loading share and peak
-        memory per rank; the window is added to the run's work."""
-        flops, data_seconds = all_reduce_sum(torch.tensor([self.window_flops, self.data_time.take()],
-                                                          dtype=torch.float64)).tolist()
-        self.window_flops = 0.0
-        window = throughput.Work(seconds, inputs, flops, data_seconds)
-        self.run_work += window
-        peaks = [b / 2**30 for b in all_gather_floats(float(throughput.peak_memory_bytes(self.rank.device)))]
-        self.rates = {**window.rates(self.peak_flops, self.rank.world_size),
-                      "peak_memory_gib": max(peaks), "peak_memory_gib_per_rank": peaks}
-        return self.rates
-
-    def _run_rates(self) -> dict:
-        """summary.json's speed: the whole run's rates (its windows' work over their seconds), and the
-        last window's beside them; NaN for a job that trained no step (resumed at the end)."""
-        if not self.run_work.seconds:
-            return {"train/tokens_per_s": float("nan")}
-        last = {f"train/last_window_{key}": value for key, value in self.rates.items()
-                if key in LAST_WINDOW_METRICS}
-        return {**{f"train/{key}": value for key, value in self.run_work.rates(self.peak_flops,
-                                                                                self.rank.world_size).items()},
-                **last, "train/peak_memory_gib": self.rates["peak_memory_gib"]}
-
     # -------------------------------------------------------------------------------- evaluate
     def evaluate(self, step: int) -> dict:
         metrics = evaluate(self.eval_teacher, self.student_scorer, self.eval_batches, self.rank.device,
@@ -539,34 +481,22 @@ class DistillJob:
 
     # ---------------------------------------------------------------------------------- finish
     def finish(self, initial: dict, final: dict, seconds: float) -> float:
+        """The final checkpoint, then what a finished run leaves (trainer/outputs/finish.py); the
+        metric named by train.metric."""
         cfg = self.cfg
         self._refuse_non_finite(final)
         if self.first_step < cfg.train.max_steps:  # else the final checkpoint is the one resumed from
-            self.save_checkpoint(cfg.train.max_steps, [0.0] * 5)  # the last step always closes its window
-        out_dir = export.export_student(self.student.module, self.tokenizer, self.run_dir, cfg.peft.kind,
-                                             self.rank.is_main)
-        if cfg.peft.merge and cfg.peft.kind == "lora" and self.rank.is_main:
-            export.export_merged(cfg.student, out_dir, self.run_dir,
-                                     engines.precision(cfg, self.rank.device)[1])
-        self.summary.update(final)
-        self.summary.update({f"initial/{k}": v for k, v in initial.items()})
-        self.summary.update({**self._run_rates(), "train/tokens_seen": self.state.tokens_seen,
-                             "train/skipped_steps": self.state.skipped_steps, "train/steps": cfg.train.max_steps,
-                             "train/wall_s": seconds, "world_size": self.rank.world_size})
-        self.tracker.write_summary(self.summary)
-        ranks = provenance.gather_ranks(self.rank)  # every rank joins; rank 0 writes
-        if self.rank.is_main:  # after the summary: the record holds the final metrics
-            cache = self.teacher_cache
-            provenance.write(cfg, self.run_dir, out_dir, decision=self.licence, ranks=ranks,
-                             student_licence=self.student_licence, model_name=self.model_name,
-                             name_complies=self.name_complies, started_at=self.started_at,
-                             metrics=self.summary, cache=cache, rows_trained=len(self.train_rows))
-        self.tracker.write_report()  # report.md and plots, in the run directory and on W&B
-        self.tracker.close()
-        if cfg.train.metric not in self.summary:
-            raise ValueError(f"train.metric={cfg.train.metric} is not in summary.json; use one of {sorted(self.summary)}.")
-        return float(self.summary[cfg.train.metric])
-
+            self.save_checkpoint(cfg.train.max_steps)  # the last step always closes its window: none is saved
+        summary = {**self.summary, **final, **{f"initial/{k}": v for k, v in initial.items()},
+                   **self.progress.summary(), "train/steps": cfg.train.max_steps, "train/wall_s": seconds,
+                   "world_size": self.rank.world_size}
+        facts = RunFacts(cfg, decision=self.licence, student_licence=self.student_licence, model_name=self.model_name,
+                         name_complies=self.name_complies, started_at=self.started_at, cache=self.teacher_cache,
+                         rows_trained=len(self.train_rows))
+        merged_dtype = engines.precision(cfg, self.rank.device)[1]
+        return finish_run(self.student.module, self.tokenizer, run_dir=self.run_dir, rank=self.rank,
+                          tracker=self.tracker, summary=summary, facts=facts, peft_cfg=cfg.peft,
+                          student_cfg=cfg.student, merged_dtype=merged_dtype, metric=cfg.train.metric)
 
 def run(cfg, rank: RankInfo, run_dir: Path, inputs_checked=lambda: None) -> float:
     """The whole job (see :class:`DistillJob` for `inputs_checked`). Returns the metric named by
