@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.errors import first_line
+from trainer.errors import UserError, first_line
 from trainer.files import write_text_atomically
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ PARTIAL = ".partial"
 TAG_PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written or used; the message says what to do."""
 
 
