@@ -1,9 +1,10 @@
 """Typed schema of every config key, and the checks Hydra cannot express.
 
 The dataclasses back `conf/`: Hydra merges each group's YAML into them, so a mistyped key
-(`train.lrr=1`) fails at start-up by name. Their defaults are the one place a key's default lives
-(the demo's values, since `python -m trainer` with no overrides is the demo): a group's YAML sets
-only what its option changes, and `--help` shows the field docs below. `validate` then checks
+(`train.lrr=1`) fails at start-up by name. A key no group sets (all of `loss.*` and `train.*`)
+takes its default from here alone, the demo's value where it has one (`python -m trainer` with no
+overrides is the demo); a group's YAML sets only what its option chooses. `--help` shows the field
+docs below. `validate` then checks
 values and cross-key rules, raising `ConfigError` with one line that says what to change.
 """
 
