@@ -1,11 +1,11 @@
 """Typed schema of every config key, and the checks Hydra cannot express.
 
 The dataclasses back `conf/`: Hydra merges each group's YAML into them, so a mistyped key
-(`train.lrr=1`) fails at start-up by name. A key no group sets (all of `loss.*` and `train.*`)
-takes its default from here alone, the demo's value where it has one (`python -m trainer` with no
-overrides is the demo); a group's YAML sets only what its option chooses. `--help` shows the field
-docs below. `validate` then checks
-values and cross-key rules, raising `ConfigError` with one line that says what to change.
+(`train.lrr=1`) fails at start-up by name. A key the default groups leave alone (every `loss.*`
+and `train.*` key among them) takes its default from here alone, the demo's value where the demo
+needs one, since `python -m trainer` with no overrides is the demo. `--help` shows the field docs
+below. `validate` then checks values and cross-key rules, raising `ConfigError` with one line that
+says what to change.
 """
 
 from __future__ import annotations
