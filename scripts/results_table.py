@@ -52,7 +52,7 @@ def parse_args():
     parser.add_argument("--work", type=Path, default=Path("/tmp/distill_results"),
                         help="one run directory per loss is made (afresh) under it")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps of every run (default: the demo's, conf/train/default.yaml)")
+                        help="optimizer steps of every run (default: the demo's, train.max_steps in trainer/config.py)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="loss.kind of each run, comma-separated")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--cache", default=os.environ.get("DISTILL_CACHE", "~/.cache/distill"),

@@ -30,8 +30,24 @@ def test_the_default_is_the_demo():
     validate(cfg)
 
 
-@pytest.mark.parametrize("group", ["peft", "deepspeed", "logger", "experiment", "loss", "train", "data"])
+# What conf/loss/default.yaml and conf/train/default.yaml held before the schema's dataclasses became
+# the one place for these defaults: `python -m trainer` with no overrides must still compose them.
+DEMO_LOSS = {"kind": "fkl", "temperature": 1.0, "beta": 0.5, "skew": 0.1, "ce_weight": 0.0, "fused": True,
+             "chunk_size": 0}
+DEMO_TRAIN = {"max_steps": 300, "micro_batch_size": 16, "grad_accum": 1, "lr": 4.0e-3, "warmup_steps": 10,
+              "weight_decay": 0.0, "seq_len": 512, "seed": 0, "precision": "auto", "log_every": 10,
+              "eval_every": None, "max_nonfinite_steps": 5, "metric": "eval/kl_to_teacher"}
+
+
+def test_the_default_loss_and_train_settings_are_the_demos():
+    cfg = composed()
+    assert {key: cfg.loss[key] for key in DEMO_LOSS} == DEMO_LOSS
+    assert {key: cfg.train[key] for key in DEMO_TRAIN} == DEMO_TRAIN
+
+
+@pytest.mark.parametrize("group", ["peft", "deepspeed", "logger", "experiment", "data"])
 def test_every_option_of_every_group_composes_and_validates(group):
+    assert group_options(group), f"conf/{group}/ holds no option"  # else the loop below checks nothing
     for option in group_options(group):
         cfg = composed(f"{group}={option}")
         validate(cfg)

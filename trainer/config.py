@@ -1,8 +1,11 @@
 """Typed schema of every config key, and the checks Hydra cannot express.
 
 The dataclasses back `conf/`: Hydra merges each group's YAML into them, so a mistyped key
-(`train.lrr=1`) fails at start-up by name. `validate` then checks values and cross-key rules,
-raising `ConfigError` with one line that says what to change.
+(`train.lrr=1`) fails at start-up by name. A key the default groups leave alone (every `loss.*`
+and `train.*` key among them) takes its default from here alone, the demo's value where the demo
+needs one, since `python -m trainer` with no overrides is the demo. `--help` shows the field docs
+below. `validate` then checks values and cross-key rules, raising `ConfigError` with one line that
+says what to change.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from trainer.errors import UserError
 from trainer.losses import KINDS, validate_loss_params
 from trainer.metric_names import describe_metric_names, metric_names
 
 DEMO_SCHEME = "demo://"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is wrong; the message says which key and how to fix it."""
 
 
@@ -264,10 +268,9 @@ class DistillConfig:
 
 
 def register_configs() -> None:
-    from trainer.launch.help import register_help_resolver
-
+    """Store the schema under the name `conf/config.yaml`'s defaults list starts with. The entry
+    points also register `--help`'s key table (trainer/launch/help.py), which reads this module."""
     ConfigStore.instance().store(name="distill_schema", node=DistillConfig)
-    register_help_resolver()  # `--help` renders the key table from this module's field docs
 
 
 EVALUATIONS_BETWEEN = 4  # with train.eval_every=null: enough points for a curve, at little cost
@@ -381,7 +384,7 @@ def _refuse_secrets(cfg) -> None:
     """The resolved config goes to W&B, checkpoints and the log: a token in it would leak there."""
     from omegaconf import OmegaConf
 
-    from trainer.launch.secrets import secret_values
+    from trainer.secrets import secret_values
 
     secrets = secret_values()
     if not secrets:

@@ -1,4 +1,4 @@
-"""Third-party noise stays off the terminal and lands in the run's log file, once (`trainer.console`)."""
+"""Third-party noise stays off the terminal and lands in the run's log file, once (`trainer.launch.console`)."""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from trainer.errors import UserError
 from trainer.files import write_atomically, write_text_atomically
 from trainer.losses import SparseTeacher
 from trainer.losses.objective import IGNORE_INDEX, targets_at_each_position
@@ -34,7 +35,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A teacher cache cannot be used for this job; the message says what differs and what to do."""
 
 

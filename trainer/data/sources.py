@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import first_line
+from trainer.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ _OTHER_FILE_SUFFIXES = {".json", ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zst"
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the user's data or data settings; the message is one line saying what to do."""
 
 

@@ -12,8 +12,10 @@ import hydra
 
 from trainer.config import register_configs
 from trainer.launch.cli import prepare_argv, run_and_announce
+from trainer.launch.help import register_help_resolver
 
 register_configs()
+register_help_resolver()  # `--help` renders the key table from the schema's field docs
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")

@@ -28,7 +28,7 @@ class Prompt:
 def read_prompt(row: Any, origin: str, tokenizer) -> Prompt:
     """A {prompt} row (any response is dropped) or a {messages} row (a final assistant turn is dropped)."""
     if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-        # As data.py tokenizes a prompt/response row's prompt: bos (when the tokenizer adds one), then the text.
+        # As data/tokenize.py tokenizes a prompt/response row's prompt: bos (when the tokenizer adds one), then the text.
         return Prompt(origin, special_ids(tokenizer).bos + encode_text(tokenizer, row["prompt"]), prompt=row["prompt"])
     if isinstance(row, dict) and row.get("messages") is not None:
         check_messages(row["messages"], origin)

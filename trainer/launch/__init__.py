@@ -1,6 +1,7 @@
 """Starting a job: the command line, ranks from torchrun or SLURM, the run directory, stop signals.
 
-- `cli.py`: what the entry points share (Hydra, one-line errors, the RESULT line).
+- `cli.py`: what the entry points share (argv checks, one run directory, one-line errors, the
+  CACHE/DATASET line; train/job.py prints the RESULT line).
 - `distributed.py`: the process group, from torchrun's or SLURM's environment.
 - `rundir.py`: one job per run directory (a lock), and the Hydra record written once inputs pass.
 - `preemption.py`: SIGTERM/SIGUSR1 become a checkpoint and a requeue.

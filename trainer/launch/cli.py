@@ -12,20 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.cache.store import CacheError
-from trainer.config import ConfigError
-from trainer.data.sources import DataError
+from trainer.errors import UserError
 from trainer.launch.console import hold_third_party_output, send_third_party_output_to_log
-from trainer.launch.rundir import RunDirError
-from trainer.models.loading import ModelError
-from trainer.outputs.export import ExportError
-from trainer.preflight.licences import LicenceError
-from trainer.train.checkpoints import CheckpointError
-from trainer.train.nonfinite import TrainingDiverged
-
-# What the user can fix (a setting, an input, disk space, a learning rate): one line, exit status 2.
-USER_ERRORS = (ConfigError, DataError, ModelError, CacheError, CheckpointError, ExportError, TrainingDiverged,
-               LicenceError, RunDirError)
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
@@ -101,7 +89,7 @@ def _check_run_dir(value: str, key: str) -> None:
 
 def _refuse_secrets_in(argv: list[str]) -> None:
     """Before Hydra saves the overrides to `.hydra/`: a token typed on the command line would stay there."""
-    from trainer.launch.secrets import secret_values
+    from trainer.secrets import secret_values
 
     for name, value in secret_values().items():
         if any(value in arg for arg in argv[1:]):
@@ -129,7 +117,7 @@ def run_entry(task, cfg):
     try:
         with claim_run_dir(Path(HydraConfig.get().runtime.output_dir), rank, cfg) as run_dir:
             result = task(cfg, rank, run_dir)
-    except USER_ERRORS as error:
+    except UserError as error:  # what the user can fix (a setting, an input, disk space, a learning rate)
         print(f"distill: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     finish_together()

@@ -31,11 +31,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, read_write
 
+from trainer.errors import UserError
+
 LOCK_FILE = ".lock"
 RECORD_SUBDIR = ".hydra"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The run directory is in use by another job, or cannot be written; the message says what to do."""
 
 

@@ -1,27 +1,19 @@
 """Keep the W&B key and the Hugging Face token out of everything a run writes.
 
-Both live in the environment, where W&B and huggingface_hub read them. Nothing of ours prints
-them, but a library's log line may (an HTTP error quoting a header, a debug dump of settings):
-:func:`redact_secrets_in_logs` rewrites every log record that holds one, whoever logs it.
-`trainer.config.validate` refuses a config value holding one, since the config is saved with
-the run and sent to W&B.
+Both live in the environment (trainer/secrets.py says which variables), where W&B and
+huggingface_hub read them. Nothing of ours prints them, but a library's log line may (an HTTP
+error quoting a header, a debug dump of settings): :func:`redact_secrets_in_logs` rewrites every
+log record that holds one, whoever logs it. `trainer.config.validate` refuses a config value
+holding one, and `trainer.launch.cli` an override, since both are saved with the run and sent to W&B.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
-SECRET_VARIABLES = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+from trainer.secrets import secret_values
+
 REDACTED = "[redacted]"
-# Shorter values are placeholders ("x", "0"), not tokens; masking them would garble every log line.
-_MIN_LENGTH = 8
-
-
-def secret_values() -> dict[str, str]:
-    """Variable name -> value of each secret set in the environment."""
-    values = {name: os.environ.get(name, "").strip() for name in SECRET_VARIABLES}
-    return {name: value for name, value in values.items() if len(value) >= _MIN_LENGTH}
 
 
 def redact(text: str, secrets: dict[str, str]) -> str:

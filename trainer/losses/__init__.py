@@ -10,6 +10,8 @@
   closed form, against a dense or a sparse teacher; :mod:`.workspace`: the buffers chunks share.
 - :mod:`.head`: an LM head's weights and its model's quirks (soft-capping, logit scaling, bias,
   padded vocabulary rows).
+- :mod:`.objective`: one micro-batch's training objective (KD + CE) as sums over its supervised
+  tokens, divided once per step.
 """
 
 from trainer.losses.divergence import KINDS, distill_loss, masked_sum, per_token_divergence, validate_loss_params

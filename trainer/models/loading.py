@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.errors import first_line
+from trainer.errors import UserError, first_line
 from trainer.models import files as model_files
 
 log = logging.getLogger(__name__)
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model or tokenizer cannot be used; the message says what to do."""
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from trainer.errors import UserError
+
 RESTRICTED = "restricted"
 """Distillation is forbidden or limited (e.g. non-commercial); the job stops unless acknowledged."""
 OBLIGATIONS = "obligations"
@@ -26,7 +28,7 @@ UNKNOWN = "unknown"
 """The id of a teacher whose licence could not be read (no card, no `license:`, nothing in config)."""
 
 
-class LicenceError(ValueError):
+class LicenceError(UserError, ValueError):
     """The teacher's licence does not allow this job as configured; the message says what to do."""
 
 

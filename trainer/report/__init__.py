@@ -4,6 +4,9 @@ comparison table and plot for several runs, and the same plots and summary table
 `python -m trainer.report RUN_DIR [RUN_DIR ...] [--out DIR]` regenerates them from the files a
 run leaves (`metrics.jsonl`, `eval.jsonl`, `summary.json`, `.hydra/config.yaml`); nothing here
 imports torch or needs the models.
+
+- `runs.py`: a run directory as the report reads it; `markdown.py`: the words and tables;
+  `plots.py`: the PNGs.
 """
 
 from __future__ import annotations

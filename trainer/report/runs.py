@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.errors import UserError
+
 # The held-out metrics a report leads with, in this order, with what "better" means.
 EVAL_METRICS = (
     ("eval/kl_to_teacher", "KL(teacher ‖ student) per token", "lower"),
@@ -20,7 +22,7 @@ EVAL_METRICS = (
 )
 
 
-class NotARunDirectory(ValueError):
+class NotARunDirectory(UserError, ValueError):
     """The folder holds no `metrics.jsonl`; the message says what to pass instead."""
 
 

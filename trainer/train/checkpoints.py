@@ -4,7 +4,7 @@ A checkpoint is the folder `checkpoints/step_<N>`: DeepSpeed's engine state (tra
 optimizer, LR scheduler), every rank's RNG states and `trainer_state.json` (step, tokens seen, the
 skipped steps, the W&B run id, and what the run was made of) plus one `rank<R>_state.pt` per
 rank (its RNG states and its share of the open log window), and `manifest.json`, the size of every
-other file, written last (checkpoint_trust.py verifies it before a resume). It is written
+other file, written last (resume.py verifies it before a resume). It is written
 under `step_<N>.partial`, renamed once every rank's files are complete, and only then published by
 rewriting the `latest` marker (write a temporary file, then rename it over the old one). A crash at
 any moment therefore leaves `latest` naming a complete checkpoint, or no `latest` at all.
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.errors import first_line
+from trainer.errors import UserError, first_line
 from trainer.files import free_space, write_failure_reason, write_text_atomically
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ PARTIAL = ".partial"
 TAG_PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written or used; the message says what to do."""
 
 
@@ -69,7 +69,7 @@ class TrainerState:
     """What the run is made of (models, data, LoRA shape): a checkpoint of another run is refused."""
     zero_stage: int | None = None
     """The ZeRO stage it was saved under, which decides DeepSpeed's file layout (None: saved before
-    this was recorded; checkpoint_trust.py then reads the layout from the file names)."""
+    this was recorded; resume.py then reads the layout from the file names)."""
     nonfinite_in_a_row: int = 0
     """Updates skipped (NaN/Inf) in a row up to `step`: a resumed run goes on counting from here."""
     largest_abs_weight: float | None = None

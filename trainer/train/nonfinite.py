@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from trainer.errors import UserError
 
-class TrainingDiverged(RuntimeError):
+
+class TrainingDiverged(UserError, RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
