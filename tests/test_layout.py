@@ -35,7 +35,6 @@ STAGE_AREAS = {"preflight", "cache", "generate", "demo", "outputs", "report"}
 BEING_FIXED = {
     ("trainer.models.optimizer", "trainer.train.nonfinite"),
     ("trainer.cache.build", "trainer.train.evaluation"),
-    ("trainer.outputs.export", "trainer.train.checkpoints"),
     ("trainer.data.packing", "trainer.losses.objective"),
 }
 
