@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from trainer import preflight
 from trainer.cache.teacher import CachedStates, CachedTeacher, open_cache
 from trainer.config import ConfigError, cache_root, evaluation_interval, unread_loss_settings, validate
 from trainer.data.batching import collate, eval_batches, micro_batches_for_step, step_row_ids
@@ -25,7 +26,6 @@ from trainer.models.probes import check_documents_stay_apart, check_head_parity
 from trainer.models.teacher import load_teacher
 from trainer.outputs import export, provenance
 from trainer.outputs.tracking import Tracker, forget_steps_after
-from trainer import preflight
 from trainer.ranks import RankInfo, all_gather_floats, all_reduce_sum, broadcast_object
 from trainer.train import checkpoints, throughput
 from trainer.train import resume as checkpoint_trust
