@@ -205,12 +205,12 @@ def test_sampling_settings_that_are_set_are_kept(tmp_path):
 
 def test_with_no_overrides_the_demo_teacher_answers_the_demo_prompts_and_no_other_teacher_does():
     from trainer.config import ConfigError, validate_generate
-    from trainer.generate.responses import _demo_prompts_for_the_demo_teacher
+    from trainer.preflight.demo_assets import demo_prompts_for_the_demo_teacher
 
     demo = OmegaConf.create({"teacher": {"path": "demo://teacher"}, "generate": _generate_settings()})
-    _demo_prompts_for_the_demo_teacher(demo)
+    demo_prompts_for_the_demo_teacher(demo)
     assert demo.generate.prompts == "demo://train" and demo.generate.out == "outputs/generated"
     own = OmegaConf.create({"teacher": {"path": "/models/teacher"}, "generate": _generate_settings()})
-    _demo_prompts_for_the_demo_teacher(own)
+    demo_prompts_for_the_demo_teacher(own)
     with pytest.raises(ConfigError, match="generate.prompts is not set"):
         validate_generate(own.generate)

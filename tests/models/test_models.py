@@ -13,8 +13,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from trainer.models.checks import check_same_tokenizer, shared_vocab_size
-from trainer.models.loading import ModelError, check_model_source
+from trainer.models.checks import check_model_source, check_same_tokenizer, shared_vocab_size
+from trainer.models.loading import ModelError
 from trainer.models.lora import apply_lora, find_lora_targets
 
 SMALL = dict(vocab_size=64, num_attention_heads=4)

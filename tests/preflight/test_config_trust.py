@@ -123,44 +123,48 @@ def demo_builds(monkeypatch, tmp_path) -> list:
         return DemoAssets.in_folder(tmp_path / "demo")
 
     monkeypatch.setattr("trainer.demo.build_demo_assets", build)
-    monkeypatch.setattr("trainer.preflight.inputs.dist.barrier", lambda: None)
+    monkeypatch.setattr("trainer.preflight.demo_assets.dist.barrier", lambda: None)
     return builds
 
 
 def test_own_data_train_alone_holds_out_from_it_and_builds_no_demo(demo_builds, tmp_path):
-    from trainer.preflight.inputs import data_sources, materialise_demo
+    from trainer.preflight.demo_assets import materialise_demo
+    from trainer.preflight.splits import data_sources
 
     cfg = composed("teacher.path=/models/t", "student.path=/models/s", f"data.train={tmp_path}/my.jsonl")
     materialise_demo(cfg, _cpu())
     assert demo_builds == []
-    assert data_sources(cfg) == {"train": f"{tmp_path}/my.jsonl"}  # no eval split: held out of train
+    assert data_sources(cfg.data) == {"train": f"{tmp_path}/my.jsonl"}  # no eval split: held out of train
 
 
 def test_the_plain_demo_still_evaluates_on_its_own_held_out_problems(demo_builds, tmp_path):
-    from trainer.preflight.inputs import data_sources, materialise_demo
+    from trainer.preflight.demo_assets import materialise_demo
+    from trainer.preflight.splits import data_sources
 
     cfg = composed()
     materialise_demo(cfg, _cpu())
     assert demo_builds
-    assert data_sources(cfg) == {"train": str(tmp_path / "demo" / "train.jsonl"),
+    assert data_sources(cfg.data) == {"train": str(tmp_path / "demo" / "train.jsonl"),
                                  "eval": str(tmp_path / "demo" / "eval.jsonl")}
     assert cfg.teacher.path == str(tmp_path / "demo" / "teacher")
 
 
 def test_the_demo_models_on_own_data_hold_out_from_that_data(demo_builds, tmp_path):
-    from trainer.preflight.inputs import data_sources, materialise_demo
+    from trainer.preflight.demo_assets import materialise_demo
+    from trainer.preflight.splits import data_sources
 
     cfg = composed(f"data.train={tmp_path}/gen.jsonl", "loss.kind=sft")  # the README's sequence-level example
     materialise_demo(cfg, _cpu())
-    assert data_sources(cfg) == {"train": f"{tmp_path}/gen.jsonl"}
+    assert data_sources(cfg.data) == {"train": f"{tmp_path}/gen.jsonl"}
 
 
 def test_own_data_eval_alone_evaluates_the_demo_on_it(demo_builds, tmp_path):
-    from trainer.preflight.inputs import data_sources, materialise_demo
+    from trainer.preflight.demo_assets import materialise_demo
+    from trainer.preflight.splits import data_sources
 
     cfg = composed(f"data.eval={tmp_path}/mine.jsonl")
     materialise_demo(cfg, _cpu())
-    assert data_sources(cfg) == {"train": str(tmp_path / "demo" / "train.jsonl"), "eval": f"{tmp_path}/mine.jsonl"}
+    assert data_sources(cfg.data) == {"train": str(tmp_path / "demo" / "train.jsonl"), "eval": f"{tmp_path}/mine.jsonl"}
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -169,7 +173,7 @@ def test_own_data_eval_alone_evaluates_the_demo_on_it(demo_builds, tmp_path):
     (["teacher.path=null", "teacher.cache=/caches/api", "student.path=/models/s"], "teacher.path=null"),
 ])
 def test_own_models_with_the_demos_data_are_refused_before_anything_is_built(demo_builds, overrides, named):
-    from trainer.preflight.inputs import materialise_demo
+    from trainer.preflight.demo_assets import materialise_demo
 
     with pytest.raises(ConfigError) as error:
         materialise_demo(composed(*overrides), _cpu())
@@ -180,11 +184,12 @@ def test_own_models_with_the_demos_data_are_refused_before_anything_is_built(dem
 
 
 def test_a_cache_build_or_generation_reads_no_demo_asset_it_does_not_use(demo_builds, tmp_path):
-    from trainer.preflight.inputs import CACHE_KEYS, GENERATE_KEYS, data_sources, materialise_demo
+    from trainer.preflight.demo_assets import CACHE_KEYS, GENERATE_KEYS, materialise_demo
+    from trainer.preflight.splits import data_sources
 
     cache = composed("teacher.path=/models/t", f"data.train={tmp_path}/my.jsonl")  # student.path left at the demo's
     materialise_demo(cache, _cpu(), CACHE_KEYS)
-    assert data_sources(cache) == {"train": f"{tmp_path}/my.jsonl"}
+    assert data_sources(cache.data) == {"train": f"{tmp_path}/my.jsonl"}
     generate = composed("teacher.path=/models/t", f"generate.prompts={tmp_path}/prompts.jsonl")  # data.* the demo's
     materialise_demo(generate, _cpu(), GENERATE_KEYS)
     assert demo_builds == [] and generate.data.train == "demo://train"

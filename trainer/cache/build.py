@@ -18,17 +18,16 @@ import torch.nn.functional as F
 from trainer.cache.identity import CacheIdentity, check_matches, job_identity
 from trainer.cache.store import Manifest, RowTopK, SplitInfo, read_manifest, shard_path, write_manifest, write_shard
 from trainer.cache.tail import draw_seed, top_and_sampled_tail
-from trainer.config import validate
+from trainer.config import cache_root
 from trainer.data.batching import collate
 from trainer.data.tokenize import TokenizedRow
 from trainer.losses import PADDING_ID, default_chunk_size
 from trainer.losses.objective import IGNORE_INDEX, targets_at_each_position
-from trainer.models import checks, engines, loading
+from trainer.models import engines
 from trainer.models.heads import Scorer, fused_unsupported_reason
 from trainer.models.probes import check_head_parity
 from trainer.models.teacher import load_teacher
-from trainer.preflight.inputs import CACHE_KEYS, data_sources, load_splits, materialise_demo
-from trainer.preflight.licence_check import check_teacher_licence
+from trainer.preflight.sequence import Preflight, check
 from trainer.ranks import RankInfo, broadcast_object, in_lockstep
 from trainer.train.evaluation import to_device
 
@@ -49,20 +48,9 @@ class _Batch:
 
 def build_cache(cfg, rank: RankInfo) -> Path:
     """Build (or finish) the cache for this config; returns its folder."""
-    validate(cfg)
-    materialise_demo(cfg, rank, CACHE_KEYS)
-    checks.check_model("teacher", cfg.teacher)
-    check_teacher_licence(cfg, rank.is_main)  # the cache is the teacher's outputs, made to train students
-    tokenizer = loading.load_tokenizer("teacher", cfg.teacher)
-    config = loading.load_config("teacher", cfg.teacher)
-    vocab_size = checks.shared_vocab_size(tokenizer, config)
-    _, position_limit = checks.check_fits("teacher", cfg.teacher, config, cfg.train.seq_len)
-    splits = load_splits(cfg, tokenizer, rank)
-    if rank.is_main:
-        longest = max((len(row.input_ids) for split in splits.values() for row in split.rows), default=0)
-        checks.warn_past_positions("teacher", position_limit, longest)
-    identity = job_identity(cfg, tokenizer, rank.is_main)
-    manifest = _start_manifest(cfg, identity, splits, vocab_size, rank)
+    preflight = check(cfg, rank, "cache")  # the cache is the teacher's outputs, made to train students
+    identity = job_identity(cfg.teacher, preflight, cache_root(cfg))
+    manifest = _start_manifest(cfg, identity, preflight, rank)
     if manifest.complete:
         log.info("cache: %s is already complete", identity.folder)
         return identity.folder
@@ -70,8 +58,9 @@ def build_cache(cfg, rank: RankInfo) -> Path:
     log.info("cache: %d of %d shards to compute in %s", len(todo),
              sum(info.num_shards for info in manifest.splits.values()), identity.folder)
     engine, _ = load_teacher(cfg, rank)
-    scorer = _teacher_scorer(cfg, engine, vocab_size, rank)
-    _compute_shards(cfg, scorer, identity.folder, manifest, splits, todo[rank.rank::rank.world_size], tokenizer, rank)
+    scorer = _teacher_scorer(cfg, engine, preflight.vocab_size, rank)
+    _compute_shards(cfg, scorer, identity.folder, manifest, preflight.splits, todo[rank.rank::rank.world_size],
+                    preflight.tokenizer, rank)
     dist.barrier()
     if rank.is_main:
         manifest.complete = True
@@ -81,7 +70,7 @@ def build_cache(cfg, rank: RankInfo) -> Path:
     return identity.folder
 
 
-def _start_manifest(cfg, identity: CacheIdentity, splits: dict, vocab_size: int, rank: RankInfo) -> Manifest:
+def _start_manifest(cfg, identity: CacheIdentity, preflight: Preflight, rank: RankInfo) -> Manifest:
     """The folder's manifest if it is this cache (resuming), a new one if the folder is empty; a
     cache of anything else is refused, never overwritten."""
     existing = read_manifest(identity.folder)
@@ -91,10 +80,10 @@ def _start_manifest(cfg, identity: CacheIdentity, splits: dict, vocab_size: int,
         return existing
     manifest = Manifest(
         key=identity.key, teacher={"path": cfg.teacher.path, "revision": cfg.teacher.revision},
-        dtype=cfg.teacher.cache_dtype, vocab_size=vocab_size,
-        splits={name: SplitInfo(data=identity.data[name], source=str(data_sources(cfg)[name]),
+        dtype=cfg.teacher.cache_dtype, vocab_size=preflight.vocab_size,
+        splits={name: SplitInfo(data=identity.data[name], source=str(preflight.sources[name]),
                                 rows=len(examples), shard_rows=cfg.teacher.cache_shard_rows)
-                for name, examples in splits.items()},
+                for name, examples in preflight.splits.items()},
     )
     dist.barrier()  # every rank has read the folder before rank 0 writes to it
     if rank.is_main:

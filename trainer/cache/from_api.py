@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from trainer.cache.store import CacheError, Manifest, RowTopK, SplitInfo, shard_path, write_manifest, write_shard
-from trainer.data.examples import examples_fingerprint, load_examples, tokenizer_fingerprint
+from trainer.data.examples import load_examples, tokenizer_fingerprint
 from trainer.data.sources import DataError, read_rows
 from trainer.data.tokenize import encode_text
 from trainer.files import write_text_atomically
@@ -110,7 +110,9 @@ def _response_text(row: dict) -> str:
 
 def _write_cache(entries: list, dataset: Path, tokenizer, folder: Path, teacher: str, dump: str, seq_len: int,
                  top_k: int) -> dict:
-    rows = load_examples(dataset, tokenizer, seq_len, cache_dir=None, key="data.train").rows
+    tokenizer_hash = tokenizer_fingerprint(tokenizer)
+    examples = load_examples(dataset, tokenizer, seq_len, cache_dir=None, key="data.train", tokenizer_hash=tokenizer_hash)
+    rows = examples.rows
     k = top_k or max(len(_listed_tokens(e)) for _, _, lp in entries if lp for e in lp)
     pieces = _piece_ids(tokenizer)
     cached, aligned_rows, positions = [], 0, 0
@@ -124,9 +126,9 @@ def _write_cache(entries: list, dataset: Path, tokenizer, folder: Path, teacher:
         log.warning("from_api: %d rows with logprobs did not align with the tokenizer's tokens; they train on text only.",
                     unaligned)
     manifest = Manifest(
-        key={"teacher": f"api:{teacher}", "tokenizer": tokenizer_fingerprint(tokenizer), "top_k": k},
+        key={"teacher": f"api:{teacher}", "tokenizer": tokenizer_hash, "top_k": k},
         teacher={"api": teacher, "dump": dump}, dtype="float32", vocab_size=len(tokenizer),
-        splits={"train": SplitInfo(data=examples_fingerprint(dataset, tokenizer, seq_len, key="data.train"),
+        splits={"train": SplitInfo(data=examples.fingerprint,
                                    source=str(dataset), rows=len(rows), shard_rows=SHARD_ROWS)},
     )
     for shard in range(manifest.splits["train"].num_shards):

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from trainer.cache.key import auto_cache_folder, differences, model_folder, weights_fingerprint
+from trainer.cache.key import auto_cache_folder, differences
 from trainer.cache.store import CacheError, Manifest
-from trainer.config import cache_root
-from trainer.data.examples import examples_fingerprint, tokenizer_fingerprint
-from trainer.preflight.inputs import data_sources
-from trainer.ranks import broadcast_object
+
+if TYPE_CHECKING:
+    from trainer.preflight.sequence import Preflight
 
 _KEY_NAMES = {"teacher": "teacher weights", "tokenizer": "tokenizer", "top_k": "teacher.top_k",
               "tail_samples": "teacher.tail_samples"}
@@ -27,25 +27,19 @@ class CacheIdentity:
     folder: Path
 
 
-def job_identity(cfg, tokenizer, is_main: bool) -> CacheIdentity:
-    """Computed on rank 0 (hashing weights and data can take a while) and shared with every rank."""
-    identity = _compute_identity(cfg, tokenizer) if is_main else None
-    return broadcast_object(identity)
-
-
-def _compute_identity(cfg, tokenizer) -> CacheIdentity:
-    key = {"tokenizer": tokenizer_fingerprint(tokenizer), "top_k": cfg.teacher.top_k}
-    if cfg.teacher.tail_samples:  # absent at 0, so exact top-k caches keep the keys they were built with
-        key["tail_samples"] = cfg.teacher.tail_samples
-    if cfg.teacher.path is not None:
-        folder = model_folder(cfg.teacher.path, cfg.teacher.revision)
-        key["teacher"] = weights_fingerprint(folder, cache_root(cfg) / "weight_hashes.json")
-    data = {name: examples_fingerprint(source, tokenizer, cfg.train.seq_len, key=f"data.{name}")
-            for name, source in data_sources(cfg).items()}
-    if cfg.teacher.cache in (None, "auto"):
-        folder = auto_cache_folder(cache_root(cfg), key, data)
+def job_identity(teacher_cfg, preflight: Preflight, cache_root: Path) -> CacheIdentity:
+    """The cache `preflight` describes. Nothing is hashed here: the preflight hashed the weights (on
+    rank 0, shared), the tokenizer and each split once, so every rank holds the same identity."""
+    key = {"tokenizer": preflight.tokenizer_hash, "top_k": teacher_cfg.top_k}
+    if teacher_cfg.tail_samples:  # absent at 0, so exact top-k caches keep the keys they were built with
+        key["tail_samples"] = teacher_cfg.tail_samples
+    if teacher_cfg.path is not None:
+        key["teacher"] = preflight.teacher_weights
+    data = preflight.data_fingerprints
+    if teacher_cfg.cache in (None, "auto"):
+        folder = auto_cache_folder(cache_root, key, data)
     else:
-        folder = Path(cfg.teacher.cache).expanduser()
+        folder = Path(teacher_cfg.cache).expanduser()
     return CacheIdentity(key, data, folder)
 
 

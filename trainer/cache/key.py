@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -21,22 +20,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _MODEL_FILES = ("config.json",)
 # The Hugging Face hub cache stores each large file as blobs/<sha256 of its content>.
 _HUB_BLOB = re.compile(r"^[0-9a-f]{64}$")
-
-
-def model_folder(path: str, revision: str | None) -> Path:
-    """The local folder holding `path`'s files: the folder itself, or its hub snapshot already on disk."""
-    expanded = Path(os.path.expanduser(path))
-    if expanded.is_dir():
-        return expanded
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(path, revision=revision, local_files_only=True))
-    except Exception as error:  # not downloaded, no such repo, offline: all mean the same here
-        raise ModelError(
-            f"teacher.path={path} is not on this machine ({type(error).__name__}), so the teacher cache cannot be "
-            "checked against it; download it, or set teacher.path=null to trust the cache's own record."
-        ) from None
 
 
 def weights_fingerprint(folder: Path, memo_file: Path) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,7 +14,9 @@ from trainer.cache.identity import check_matches, job_identity
 from trainer.cache.store import CacheError, CacheReader, read_manifest
 from trainer.losses import SparseTeacher
 from trainer.losses.sparse import check_sparse_teacher
-from trainer.ranks import RankInfo
+
+if TYPE_CHECKING:
+    from trainer.preflight.sequence import Preflight
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +52,12 @@ class CachedTeacher:
         return contextlib.nullcontext()
 
 
-def open_cache(cfg, tokenizer, vocab_size: int, rank: RankInfo) -> CacheReader:
-    """The cache this job reads, after checking it was built from this job's teacher, tokenizer and data."""
-    identity = job_identity(cfg, tokenizer, rank.is_main)
-    explicit = cfg.teacher.cache != "auto"
+def open_cache(teacher_cfg, loss_kind: str, preflight: Preflight, cache_root: Path) -> CacheReader:
+    """The cache this job reads, after checking it was built from this job's teacher, tokenizer and
+    data (as its `preflight` fingerprinted them)."""
+    identity = job_identity(teacher_cfg, preflight, cache_root)
+    vocab_size = preflight.vocab_size
+    explicit = teacher_cfg.cache != "auto"
     build = "build it with python -m trainer.cache and the same overrides as this job"
     if read_manifest(identity.folder) is None:
         where = "for this teacher, data and teacher.top_k " if not explicit else ""
@@ -63,7 +69,7 @@ def open_cache(cfg, tokenizer, vocab_size: int, rank: RankInfo) -> CacheReader:
         raise CacheError(f"the teacher cache in {identity.folder} scores {reader.manifest.vocab_size} token ids but "
                          f"this job's tokenizer has {vocab_size}; {build}.")
     tail_samples = reader.manifest.key.get("tail_samples", 0)
-    if tail_samples and cfg.loss.kind == "rkl":
+    if tail_samples and loss_kind == "rkl":
         raise CacheError(f"the teacher cache in {identity.folder} draws its tail (teacher.tail_samples={tail_samples}), "
                          "against which reverse KL is unbounded; use loss.kind=srkl for a mode-seeking loss, or a "
                          "cache built with teacher.tail_samples=0.")

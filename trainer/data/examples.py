@@ -37,6 +37,9 @@ class Examples:
     rows: list[TokenizedRow]
     origin: str
     """The source as the user gave it, for log lines."""
+    fingerprint: str
+    """:func:`examples_fingerprint` of the rows, computed once here for everything that identifies
+    them (the tokenized-rows cache, teacher caches, checkpoints)."""
     from_cache: bool = False
 
     def __len__(self) -> int:
@@ -62,7 +65,7 @@ class Examples:
 
 def load_examples(
     source: Any, tokenizer: Any, seq_len: int, cache_dir: str | os.PathLike | None, *, key: str = "data",
-    truncate: bool = True,
+    truncate: bool = True, tokenizer_hash: str | None = None,
 ) -> Examples:
     """Read and tokenize `source`, reusing the cached result when nothing that shapes it changed.
 
@@ -70,25 +73,27 @@ def load_examples(
     tokenizer, `seq_len` and FORMAT_VERSION. `cache_dir=None` turns caching off.
     `truncate=False` refuses a row longer than `seq_len` instead of cutting it. The rows are the
     same either way, so the flag is not in the key: it is checked on the rows, cached or not.
+    `tokenizer_hash`: :func:`tokenizer_fingerprint` of `tokenizer`, when the caller has it already.
     A source whose every response is empty is refused; one with some empty responses is warned about.
     """
     if seq_len < 2:
         raise DataError(f"seq_len is {seq_len}, too short to predict any token; set train.seq_len to 2 or more")
-    examples = _tokenized(source, tokenizer, seq_len, cache_dir, key)
+    fingerprint = examples_fingerprint(source, tokenizer_hash or tokenizer_fingerprint(tokenizer), seq_len, key)
+    examples = _tokenized(source, tokenizer, seq_len, fingerprint, cache_dir, key)
     if not truncate:
         _refuse_long_rows(examples.rows, source, tokenizer, seq_len, key)
     _check_empty_responses(examples, source, key)
     return examples
 
 
-def _tokenized(source: Any, tokenizer: Any, seq_len: int, cache_dir, key: str) -> Examples:
+def _tokenized(source: Any, tokenizer: Any, seq_len: int, fingerprint: str, cache_dir, key: str) -> Examples:
     origin = _describe(source)
     cache_path = None
     if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"{examples_fingerprint(source, tokenizer, seq_len, key)}.pt"
+        cache_path = Path(cache_dir) / f"{fingerprint}.pt"
         cached = _load_cache(cache_path)
         if cached is not None:
-            return Examples(_numbered(cached), origin, from_cache=True)
+            return Examples(_numbered(cached), origin, fingerprint, from_cache=True)
     specials = special_ids(tokenizer)
     rows = [
         tokenize_row(row, tokenizer, seq_len, row_origin, specials=specials)
@@ -96,7 +101,7 @@ def _tokenized(source: Any, tokenizer: Any, seq_len: int, cache_dir, key: str) -
     ]
     if cache_path is not None:
         _save_cache(cache_path, rows)
-    return Examples(_numbered(rows), origin)
+    return Examples(_numbered(rows), origin, fingerprint)
 
 
 def _refuse_long_rows(rows: list[TokenizedRow], source: Any, tokenizer: Any, seq_len: int, key: str) -> None:
@@ -143,13 +148,15 @@ def _describe(source: Any) -> str:
     return ", ".join(str(spec) for spec in source) if isinstance(source, Iterable) else repr(source)
 
 
-def examples_fingerprint(source: Any, tokenizer: Any, seq_len: int, key: str = "data") -> str:
+def examples_fingerprint(source: Any, tokenizer_hash: str, seq_len: int, key: str = "data") -> str:
     """sha256 of everything that decides `load_examples`' rows: the sources' contents, the
-    tokenizer, `seq_len` and FORMAT_VERSION. Equal fingerprints mean equal rows, in order."""
+    tokenizer (`tokenizer_hash`, its :func:`tokenizer_fingerprint`), `seq_len` and FORMAT_VERSION.
+    Equal fingerprints mean equal rows, in order. It reads every data file: callers take it from
+    :attr:`Examples.fingerprint` rather than computing it again."""
     described = {
         "format_version": FORMAT_VERSION,
         "sources": [_source_fingerprint(src) for src in _resolve_sources(source, key)],
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer_hash,
         "seq_len": seq_len,
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()

@@ -20,16 +20,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.cache.key import differences, model_folder, weights_fingerprint
-from trainer.config import DEMO_SCHEME, ConfigError, cache_root, validate, validate_generate
+from trainer.cache.key import differences
+from trainer.config import ConfigError
 from trainer.data.sources import read_rows
 from trainer.files import write_text_atomically
 from trainer.generate.prompts import Prompt, read_prompt
 from trainer.generate.sampling import fill_sampling
-from trainer.models import checks, engines, loading
+from trainer.models import engines
 from trainer.models.teacher import load_teacher
-from trainer.preflight.inputs import GENERATE_KEYS, materialise_demo
-from trainer.preflight.licence_check import check_teacher_licence
+from trainer.preflight.sequence import check
 from trainer.ranks import RankInfo, broadcast_object, in_lockstep
 
 log = logging.getLogger(__name__)
@@ -48,18 +47,12 @@ class _Batch:
 
 def generate_dataset(cfg, rank: RankInfo) -> Path:
     """Write (or finish) the generated dataset; returns the path of its train.jsonl."""
-    validate(cfg)
-    _demo_prompts_for_the_demo_teacher(cfg)
-    validate_generate(cfg.generate)
-    materialise_demo(cfg, rank, GENERATE_KEYS)
-    checks.check_model("teacher", cfg.teacher)
-    check_teacher_licence(cfg, rank.is_main)  # the responses are the teacher's outputs, made to train students
-    fill_sampling(cfg.generate, model_folder(cfg.teacher.path, cfg.teacher.revision), log_it=rank.is_main)
-    tokenizer = loading.load_tokenizer("teacher", cfg.teacher)
-    checks.check_fits("teacher", cfg.teacher, loading.load_config("teacher", cfg.teacher), seq_len=None)
+    preflight = check(cfg, rank, "generate")  # the responses are the teacher's outputs, made to train students
+    tokenizer = preflight.tokenizer
+    fill_sampling(cfg.generate, preflight.models["teacher"].folder, log_it=rank.is_main)
     prompts = [read_prompt(row, origin, tokenizer) for origin, row in read_rows(cfg.generate.prompts, key="generate.prompts")]
     out = Path(cfg.generate.out).expanduser()
-    record = broadcast_object(_record(cfg, prompts) if rank.is_main else None)
+    record = broadcast_object(_record(cfg, preflight.teacher_weights, prompts) if rank.is_main else None)
     if _start(out, record, rank):
         log.info("generate: %s is already complete", out / DATASET)
         return out / DATASET
@@ -79,20 +72,13 @@ def generate_dataset(cfg, rank: RankInfo) -> Path:
     return out / DATASET
 
 
-def _demo_prompts_for_the_demo_teacher(cfg) -> None:
-    """`generate.prompts=null` with the demo's teacher is the demo: its teacher answers its training prompts."""
-    if cfg.generate.prompts is None and str(cfg.teacher.path).startswith(DEMO_SCHEME):
-        cfg.generate.prompts = DEMO_SCHEME + "train"
-
-
-def _record(cfg, prompts: list[Prompt]) -> dict:
-    """What decides the rows: the teacher's weights, the prompts and every sampling setting."""
-    folder = model_folder(cfg.teacher.path, cfg.teacher.revision)
+def _record(cfg, teacher_weights: str, prompts: list[Prompt]) -> dict:
+    """What decides the rows: the teacher's weights (their fingerprint), the prompts and every sampling setting."""
     prompt_rows = json.dumps([p.as_row("") for p in prompts], sort_keys=True).encode()
     settings = {key: cfg.generate[key] for key in ("max_new_tokens", "temperature", "top_p", "top_k",
                                                    "samples_per_prompt", "batch_size", "shard_rows", "seed")}
     return {
-        "key": {"teacher": weights_fingerprint(folder, cache_root(cfg) / "weight_hashes.json"),
+        "key": {"teacher": teacher_weights,
                 "prompts": hashlib.sha256(prompt_rows).hexdigest(), **settings},
         "teacher": {"path": cfg.teacher.path, "revision": cfg.teacher.revision},
         "prompts": str(cfg.generate.prompts), "rows": len(prompts) * cfg.generate.samples_per_prompt,

@@ -1,8 +1,9 @@
 """Teacher and student: loading, checks before weights load, LoRA, DeepSpeed engines, heads.
 
-- `loading.py`: folders, tokenizers, configs and weights through `transformers`.
+- `loading.py`: tokenizers, configs and weights through `transformers`.
 - `checks.py`: files, shapes, positions and vocabulary checked on the meta device.
-- `files.py`: safetensors headers and tokenizer files, read without loading weights.
+- `files.py`: where a model setting's files are (the one resolver), safetensors headers and tokenizer
+  files, read without loading weights.
 - `lora.py`: the student's LoRA targets and adapter. `engines.py`: DeepSpeed engines and configs.
 - `optimizer.py`: AdamW that skips a NaN/Inf step on every rank together.
 - `heads.py`: hidden states up to the LM head, and the head, for the fused loss.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -9,18 +10,54 @@ from pathlib import Path
 from torch import nn
 
 from trainer.models import files as model_files
-from trainer.models.loading import (
-    PICKLE_SUFFIXES,
-    ModelError,
-    _check_no_pickle_only,
-    _needs_own_code,
-    _remote_code_error,
-    build_on_meta,
-    check_model_source,
-    local_files,
-)
+from trainer.models.loading import ModelError, build_on_meta, remote_code_error
 
 log = logging.getLogger(__name__)
+
+
+def _looks_like_local_path(path: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else is meant as a folder."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def check_model_source(role: str, path: str) -> None:
+    """Fail fast on a local folder that is not there, before anything is downloaded or built."""
+    expanded = Path(os.path.expanduser(path))
+    if expanded.exists():
+        if not (expanded / "config.json").exists():
+            raise ModelError(f"{role}.path={path} has no config.json; point it at a folder written by save_pretrained.")
+        return
+    if _looks_like_local_path(path):
+        raise ModelError(f"{role}.path={path} does not exist; check the path or give a hub id such as Qwen/Qwen2.5-0.5B.")
+
+
+def _needs_own_code(folder: Path) -> bool:
+    """Whether transformers would have to import Python code from the checkpoint: its config maps
+    classes to its own modules (`auto_map`) and names a model type transformers does not know.
+    With a known type transformers ignores `auto_map` unless trust_remote_code is set, so
+    refusing those would only push users to run code they do not need."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # an unreadable config is reported by load_config, in its own words
+    return "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
+
+
+# Weight files `torch.load` unpickles: loading one can run any code its author put in it.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def _check_no_pickle_only(role: str, path: str, folder: Path) -> None:
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    pickled = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
+    if pickled and not any(name.endswith(".safetensors") for name in files):
+        raise ModelError(
+            f"{role}.path={path} holds its weights only as pickle ({pickled[0]}), which can run code when loaded; "
+            f"convert them to safetensors (load the model once where you trust it and save_pretrained it) or set "
+            f"{role}.allow_pickle=true if you trust the file."
+        )
 
 
 def check_model(role: str, model_cfg, loads_weights: bool = True) -> None:
@@ -35,7 +72,7 @@ def check_model(role: str, model_cfg, loads_weights: bool = True) -> None:
     check_model_source(role, model_cfg.path)
     if loads_weights:  # settings made in code rather than by Hydra may not name one
         check_attention(role, getattr(model_cfg, "attn_implementation", None))
-    folder = local_files(model_cfg.path, model_cfg.revision)
+    folder = model_files.model_folder(model_cfg.path, model_cfg.revision)
     if folder is None:
         if is_offline_mode():
             raise ModelError(
@@ -45,7 +82,7 @@ def check_model(role: str, model_cfg, loads_weights: bool = True) -> None:
             )
         return
     if not model_cfg.trust_remote_code and _needs_own_code(folder):
-        raise _remote_code_error(role, model_cfg.path)
+        raise remote_code_error(role, model_cfg.path)
     if loads_weights and not model_cfg.allow_pickle:
         _check_no_pickle_only(role, model_cfg.path, folder)
 
@@ -57,7 +94,7 @@ def stored_shapes(role: str, model_cfg) -> dict[str, list[int]]:
     be read, or for a hub snapshot while online (from_pretrained fetches what it still lacks)."""
     from huggingface_hub import is_offline_mode
 
-    folder = local_files(model_cfg.path, model_cfg.revision)
+    folder = model_files.model_folder(model_cfg.path, model_cfg.revision)
     if folder is None or not (Path(os.path.expanduser(model_cfg.path)).is_dir() or is_offline_mode()):
         return {}
     try:

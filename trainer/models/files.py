@@ -1,5 +1,6 @@
-"""What a model folder's files say before any of them is loaded: whether a tokenizer is there, which
-safetensors files `from_pretrained` would read, and their headers (tensor names, shapes, extents).
+"""Where a model's files are, and what they say before any of them is loaded: whether a tokenizer is
+there, which safetensors files `from_pretrained` would read, and their headers (tensor names, shapes,
+extents).
 
 A safetensors file starts with an 8-byte little-endian length and that many bytes of JSON naming
 every tensor's dtype, shape and byte range, so its header costs a few kilobytes to read whatever
@@ -9,6 +10,8 @@ the weights weigh, and the file's size alone tells whether the weights it declar
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -18,6 +21,42 @@ SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
 # shows up later as a tokenizer that matches nothing.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model setting (`path`, `revision`) resolved to its files on this machine."""
+
+    path: str
+    revision: str | None
+    folder: Path | None
+    """The folder itself, or a hub id's snapshot in the local hub cache; None when not downloaded."""
+    local: bool
+    """Whether `path` is a folder on this machine rather than a hub id."""
+
+    @property
+    def id(self) -> str:
+        """A local folder as an absolute path (one folder named two ways is one model); a hub id as is."""
+        return os.path.abspath(self.folder) if self.local else self.path
+
+
+def resolve_model(path: str, revision: str | None) -> ModelFiles:
+    """Where `path`'s files are: the one place a model setting is turned into a folder."""
+    expanded = Path(os.path.expanduser(path))
+    if expanded.is_dir():
+        return ModelFiles(path, revision, expanded, local=True)
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(path, revision=revision, local_files_only=True))
+    except Exception:  # not downloaded, or not a valid repo id: from_pretrained reports it
+        folder = None
+    return ModelFiles(path, revision, folder, local=False)
+
+
+def model_folder(path: str, revision: str | None) -> Path | None:
+    """:func:`resolve_model`'s folder, for checks given only a model's settings."""
+    return resolve_model(path, revision).folder
 
 
 class WeightsFileError(ValueError):

@@ -6,11 +6,9 @@ Everything here works for any `AutoModelForCausalLM` architecture: nothing names
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import types
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,76 +23,17 @@ class ModelError(UserError, ValueError):
     """A model or tokenizer cannot be used; the message says what to do."""
 
 
-def _looks_like_local_path(path: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else is meant as a folder."""
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1
-
-
-def check_model_source(role: str, path: str) -> None:
-    """Fail fast on a local folder that is not there, before anything is downloaded or built."""
-    expanded = Path(os.path.expanduser(path))
-    if expanded.exists():
-        if not (expanded / "config.json").exists():
-            raise ModelError(f"{role}.path={path} has no config.json; point it at a folder written by save_pretrained.")
-        return
-    if _looks_like_local_path(path):
-        raise ModelError(f"{role}.path={path} does not exist; check the path or give a hub id such as Qwen/Qwen2.5-0.5B.")
-
-
-def local_files(path: str, revision: str | None) -> Path | None:
-    """The folder holding the model's files on this machine: the folder itself, or a hub id's
-    snapshot in the local hub cache; None when the hub id has not been downloaded."""
-    expanded = Path(os.path.expanduser(path))
-    if expanded.is_dir():
-        return expanded
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path, revision=revision, local_files_only=True))
-    except Exception:  # not downloaded, or not a valid repo id: from_pretrained reports it
-        return None
-
-
-def _needs_own_code(folder: Path) -> bool:
-    """Whether transformers would have to import Python code from the checkpoint: its config maps
-    classes to its own modules (`auto_map`) and names a model type transformers does not know.
-    With a known type transformers ignores `auto_map` unless trust_remote_code is set, so
-    refusing those would only push users to run code they do not need."""
-    from transformers import CONFIG_MAPPING
-
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False  # an unreadable config is reported by load_config, in its own words
-    return "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
-
-
-def _remote_code_error(role: str, path: str) -> ModelError:
+def remote_code_error(role: str, path: str) -> ModelError:
     return ModelError(
         f"{role}.path={path} ships its own Python code (auto_map in its config) that transformers needs to load it; "
         f"set {role}.trust_remote_code=true only if you trust its author, or pick a model transformers supports."
     )
 
 
-# Weight files `torch.load` unpickles: loading one can run any code its author put in it.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-
-
-def _check_no_pickle_only(role: str, path: str, folder: Path) -> None:
-    files = sorted(p.name for p in folder.iterdir() if p.is_file())
-    pickled = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
-    if pickled and not any(name.endswith(".safetensors") for name in files):
-        raise ModelError(
-            f"{role}.path={path} holds its weights only as pickle ({pickled[0]}), which can run code when loaded; "
-            f"convert them to safetensors (load the model once where you trust it and save_pretrained it) or set "
-            f"{role}.allow_pickle=true if you trust the file."
-        )
-
-
 def check_tokenizer_files(role: str, path: str, revision: str | None) -> None:
     """A model folder with no tokenizer in it, named as such: AutoTokenizer would either fail with
     a riddle or build an empty tokenizer that then 'differs' from the other model's."""
-    folder = local_files(path, revision)
+    folder = model_files.model_folder(path, revision)
     if folder is None or model_files.has_tokenizer_files(folder):
         return
     raise ModelError(
@@ -161,7 +100,7 @@ def _refused_code_or(error: ValueError, role: str, path: str, what: str) -> Mode
     """transformers refuses a checkpoint's own code with a ValueError of several lines; say it in
     one. Any other ValueError is reported as it is, on one line."""
     if "custom code" in str(error):
-        return _remote_code_error(role, path)
+        return remote_code_error(role, path)
     return ModelError(f"cannot read the {role} {what} from {path} ({first_line(error)}); "
                       f"check {role}.path and {role}.revision.")
 
@@ -194,7 +133,7 @@ def load_model(role: str, model_cfg, dtype: torch.dtype, zero3_config: dict | No
         except ValueError as error:
             if "custom code" not in str(error):
                 raise
-            raise _remote_code_error(role, model_cfg.path) from None
+            raise remote_code_error(role, model_cfg.path) from None
     return model
 
 

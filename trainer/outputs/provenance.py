@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def write(cfg, run_dir: Path, out_dir: Path, *, decision, ranks: list[dict], student_licence, model_name: str,
           name_complies, started_at: str, metrics: dict, cache=None, rows_trained: int | None = None) -> dict:
     """Hash, record, seal, write; then the card. Returns the sealed record."""
-    from trainer.preflight.inputs import data_sources
+    from trainer.preflight.splits import data_sources
 
     record = build_record(
         cfg, run_dir=run_dir, out_dir=out_dir, decision=decision, student_licence=student_licence,
@@ -33,7 +33,7 @@ def write(cfg, run_dir: Path, out_dir: Path, *, decision, ranks: list[dict], stu
         out_dir, name=model_name, student_id=card_base_model(str(cfg.student.path)),
         student_licence=student_licence,
         teacher_id=_teacher_id(cfg, cache), decision=decision, name_ok=name_complies,
-        datasets=card_datasets(data_sources(cfg)), metrics=metrics, lora=cfg.peft.kind == "lora",
+        datasets=card_datasets(data_sources(cfg.data)), metrics=metrics, lora=cfg.peft.kind == "lora",
         loss_kind=cfg.loss.kind, steps=cfg.train.max_steps)
     log.info("provenance: %s in %s and %s (record_sha256 %s); model card %s", FILE_NAME, run_dir, out_dir,
              sealed["record_sha256"][:16], card)

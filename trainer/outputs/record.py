@@ -122,11 +122,11 @@ class FileHashes:
 def model_files(path: str | None, revision: str | None, hashes: FileHashes) -> dict:
     """The model's id, revision and the sha256 of its weight, tokenizer and config files, as read
     from its local folder (a hub id's snapshot in the hub cache, whose folder name is the commit)."""
-    from trainer.models.loading import local_files
+    from trainer.models.files import model_folder
 
     if path is None:
         return {"path": None}
-    folder = local_files(path, revision)
+    folder = model_folder(path, revision)
     entry = {"path": path, "revision": revision, "folder": str(folder) if folder else None,
              "commit": folder.name if folder is not None and folder.parent.name == "snapshots" else None}
     if folder is None:  # a hub id no longer in the local cache: nothing to hash
@@ -240,7 +240,7 @@ def build_record(cfg, *, run_dir: Path, out_dir: Path, decision, student_licence
     """Everything but the seal. Reads every model and data file (once: see :class:`FileHashes`)."""
     from omegaconf import OmegaConf
 
-    from trainer.preflight.inputs import data_sources
+    from trainer.preflight.splits import data_sources
 
     hashes = FileHashes(memo_file)
     cache = None
@@ -255,7 +255,7 @@ def build_record(cfg, *, run_dir: Path, out_dir: Path, decision, student_licence
         "teacher": model_entry(cfg.teacher, hashes, source="cache" if cfg.teacher.cache else "model", cache=cache),
         "student": model_entry(cfg.student, hashes, peft=cfg.peft.kind,
                                licence={**student_licence.card_fields(), "read_from": student_licence.read_from}),
-        "data": {split: data_files(source, hashes) for split, source in data_sources(cfg).items()},
+        "data": {split: data_files(source, hashes) for split, source in data_sources(cfg.data).items()},
         "held_out": _held_out(cfg),
         "rows_trained": rows_trained,
         "licence": decision.as_record(),

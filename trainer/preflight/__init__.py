@@ -1,6 +1,12 @@
 """Everything checked before any weights load, for every entry point (train, cache, generate).
 
-- `inputs.py`: the demo's assets when asked for, the tokenised splits.
+- `sequence.py`: the one start-up sequence (:func:`check`) and what it resolved (:class:`Preflight`).
+- `demo_assets.py`: `demo://` values swapped for the demo's models and data.
+- `splits.py`: the data splits' sources, tokenized rows and fingerprints; a training job's rows.
 - `licence_check.py`: reads a teacher's licence and decides whether it may be distilled;
   `licences.py` is the table of known licences (pure, no I/O).
 """
+
+from trainer.preflight.sequence import Preflight, check
+
+__all__ = ["Preflight", "check"]

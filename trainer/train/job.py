@@ -5,31 +5,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from trainer import preflight
 from trainer.cache.teacher import CachedStates, CachedTeacher, open_cache
-from trainer.config import ConfigError, evaluation_interval, unread_loss_settings, validate
+from trainer.config import ConfigError, cache_root, evaluation_interval, unread_loss_settings, validate
 from trainer.data.batching import collate, eval_batches, micro_batches_for_step, step_row_ids
-from trainer.data.examples import examples_fingerprint, split_holdout, supervised_only
-from trainer.data.packing import collate_packed, document_lengths, pack_rows
+from trainer.data.packing import collate_packed, document_lengths
 from trainer.launch.preemption import Preempted, PreemptionWatch, hand_back
 from trainer.losses import default_chunk_size
 from trainer.losses.objective import IGNORE_INDEX, fused_micro_batch_sums, micro_batch_sums, supervised_positions
 from trainer.metric_names import INITIAL
-from trainer.models import checks, engines, loading, lora
+from trainer.models import engines, loading, lora
 from trainer.models.heads import Scorer, fused_unsupported_reason
 from trainer.models.probes import check_documents_stay_apart, check_head_parity
 from trainer.models.teacher import load_teacher
-from trainer.outputs import provenance
 from trainer.outputs.finish import RunFacts, finish_run
 from trainer.outputs.tracking import Tracker, forget_steps_after
-from trainer.preflight import licence_check
-from trainer.preflight.inputs import data_sources, load_splits, materialise_demo
 from trainer.ranks import RankInfo, broadcast_object
 from trainer.train import checkpoints, throughput
 from trainer.train import resume as checkpoint_trust
@@ -53,7 +49,6 @@ class DistillJob:
             for warning in unread_loss_settings(cfg.loss):
                 log.warning(warning)
         self.summary: dict = {}
-        self.position_limits: dict[str, int | None] = {}  # by role; see _warn_past_positions
         self.state = checkpoints.TrainerState(
             step=0, world_size=rank.world_size,
             rows_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * rank.world_size,
@@ -71,11 +66,10 @@ class DistillJob:
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        materialise_demo(cfg, self.rank)
-        self.tokenizer, self.vocab_size = self._check_models_fit()
-        self._load_data()
+        self._read_preflight(preflight.check(cfg, self.rank, "train"))
         self.resume_from = self._checked_resume_point()  # before any weights: a wrong checkpoint costs nothing
-        self.teacher_cache = open_cache(cfg, self.tokenizer, self.vocab_size, self.rank) if cfg.teacher.cache else None
+        self.teacher_cache = (open_cache(cfg.teacher, cfg.loss.kind, self.preflight, cache_root(cfg))
+                              if cfg.teacher.cache else None)
         self.inputs_checked()
         # Seeded here, after anything that may draw random numbers (building the demo's teacher on a
         # cold cache does): the same LoRA initialisation on every rank, cold cache or warm.
@@ -95,84 +89,15 @@ class DistillJob:
         self.tracker = Tracker(self.run_dir, cfg, resolved, self.first_step, enabled=self.rank.is_main)
         self.state.wandb_run_id = self.tracker.wandb_run.id if self.tracker.wandb_run is not None else None
 
-    def _check_models_fit(self):
-        """Tokenizers, configs and the teacher's licence only: a mismatch, or a licence that does not
-        allow distillation, is reported before any weights load."""
-        cfg = self.cfg
-        self.started_at = provenance.now()
-        checks.check_model("student", cfg.student)
-        # The student's licence goes into its model card, and decides the exception some teacher
-        # licences make for students of their own family.
-        self.student_licence = licence_check.student_licence(cfg)
-        if cfg.teacher.path is not None:  # a missing teacher folder is reported as such, not as a missing card
-            # A cached teacher's weights are never loaded, so only its tokenizer and config must be safe.
-            checks.check_model("teacher", cfg.teacher, loads_weights=not cfg.teacher.cache)
-        self.licence = licence_check.check_teacher_licence(cfg, self.rank.is_main, self.student_licence)
-        self.model_name = licence_check.model_name(cfg, self.licence)
-        self.name_complies = licence_check.check_name(self.licence, self.model_name, self.rank.is_main)
-        student_tokenizer = loading.load_tokenizer("student", cfg.student)
-        student_config = loading.load_config("student", cfg.student)
-        if cfg.teacher.path is not None:  # else a teacher cache that records its own teacher (e.g. an API model)
-            # First: with another tokenizer nothing else about the pair matters.
-            checks.check_same_tokenizer(loading.load_tokenizer("teacher", cfg.teacher), student_tokenizer)
-        student = self._check_fits("student", cfg.student, student_config)
-        if cfg.peft.kind == "lora":
-            lora.lora_targets(student, cfg.peft.target_modules)
-        if cfg.teacher.path is None:
-            return student_tokenizer, checks.shared_vocab_size(student_tokenizer, None, student_config)
-        teacher_config = loading.load_config("teacher", cfg.teacher)
-        vocab_size = checks.shared_vocab_size(student_tokenizer, teacher_config, student_config)
-        # A cached teacher is never run: its weights and positions do not matter.
-        teacher = None if cfg.teacher.cache else self._check_fits("teacher", cfg.teacher, teacher_config)
-        if self.rank.is_main:
-            checks.warn_about_pair(cfg.teacher, cfg.student, teacher, student)
-        return student_tokenizer, vocab_size
-
-    def _check_fits(self, role: str, model_cfg, config):
-        """The model built on the meta device, checked against its weights and train.seq_len. The
-        positions it was made for are kept for a warning once the rows' lengths are known."""
-        model, self.position_limits[role] = checks.check_fits(role, model_cfg, config, self.cfg.train.seq_len)
-        return model
-
-    def _load_data(self) -> None:
-        cfg = self.cfg
-        splits = load_splits(cfg, self.tokenizer, self.rank)
-        train = splits["train"]
-        if "eval" in splits:
-            train_rows, eval_rows = train.rows, splits["eval"].rows
-        else:
-            train_rows, eval_rows = split_holdout(train.rows, cfg.data.eval_fraction, cfg.train.seed)
-        self.train_rows = supervised_only(train_rows, cfg.train.seq_len)
-        self._warn_past_positions([*self.train_rows, *eval_rows[: cfg.data.max_eval_rows]])  # before packing
-        if len(self.train_rows) < len(train_rows):
-            log.warning("data: dropped %d of %d training rows with no token to learn (no response or assistant "
-                        "turn, or one cut off by train.seq_len=%d)", len(train_rows) - len(self.train_rows),
-                        len(train_rows), cfg.train.seq_len)
-        if cfg.data.pack:
-            self._pack_training_rows()
-        eval_rows = eval_rows[: cfg.data.max_eval_rows]
-        # Held-out rows split off the training data keep their index in it, which a cache reads by.
-        self.eval_split = "eval" if "eval" in splits else "train"
-        self.eval_batches = eval_batches(eval_rows, self.rank.rank, self.rank.world_size,
-                                         cfg.train.micro_batch_size, self.tokenizer.pad_token_id)
-        log.info("data: %d training rows (%d truncated to train.seq_len=%d), %d held-out rows",
-                 len(self.train_rows), train.num_truncated, cfg.train.seq_len, len(eval_rows))
-
-    def _warn_past_positions(self, rows: list) -> None:
-        """Rows longer than a model without a learned position table was made for (checked on the
-        rows, not train.seq_len: the demo's teacher has 128 positions, its rows fewer, seq_len 512).
-        Before packing: a packed row's positions restart at each of its documents."""
-        longest = max((len(row.input_ids) for row in rows), default=0)
-        if self.rank.is_main:
-            for role, limit in self.position_limits.items():
-                checks.warn_past_positions(role, limit, longest)
-
-    def _pack_training_rows(self) -> None:
-        rows = self.train_rows
-        self.train_rows = pack_rows(rows, self.cfg.train.seq_len)
-        tokens = sum(len(row.input_ids) for row in rows)
-        log.info("data: %d training rows packed into %d rows of up to %d tokens (%.0f%% full)", len(rows),
-                 len(self.train_rows), self.cfg.train.seq_len, 100 * tokens / (len(self.train_rows) * self.cfg.train.seq_len))
+    def _read_preflight(self, checked: preflight.Preflight) -> None:
+        """What the later stages read of the start-up checks, and the held-out batches of this rank."""
+        self.preflight = checked
+        self.tokenizer, self.vocab_size, self.started_at = checked.tokenizer, checked.vocab_size, checked.started_at
+        self.licence, self.student_licence = checked.licence, checked.student_licence
+        self.model_name, self.name_complies = checked.model_name, checked.name_complies
+        self.train_rows, self.eval_split = checked.rows.train, checked.rows.eval_split
+        self.eval_batches = eval_batches(checked.rows.eval, self.rank.rank, self.rank.world_size,
+                                         self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id)
 
     def _build_teacher(self):
         """The teacher's engine, or None when its top-k is read from a cache instead."""
@@ -276,17 +201,16 @@ class DistillJob:
 
     def _identity(self) -> dict:
         """What makes a checkpoint belong to this run: a different value is a different run."""
-        cfg = self.cfg
+        cfg, models = self.cfg, self.preflight.models
         if not hasattr(self, "identity"):
             self.identity = {
-                "teacher.path": _model_id(cfg.teacher.path) if cfg.teacher.path else f"cache {cfg.teacher.cache}",
+                "teacher.path": models["teacher"].id if cfg.teacher.path else f"cache {cfg.teacher.cache}",
                 "teacher.revision": cfg.teacher.revision,
-                "student.path": _model_id(cfg.student.path),
+                "student.path": models["student"].id,
                 "student.revision": cfg.student.revision,
                 # The rows' contents, wherever the files now live.
-                **{f"data.{split}": f"rows with sha256 "
-                   f"{examples_fingerprint(source, self.tokenizer, cfg.train.seq_len, key=f'data.{split}')[:16]} "
-                   f"at train.seq_len={cfg.train.seq_len}" for split, source in data_sources(cfg).items()},
+                **{f"data.{split}": f"rows with sha256 {fingerprint[:16]} at train.seq_len={cfg.train.seq_len}"
+                   for split, fingerprint in self.preflight.data_fingerprints.items()},
                 **({"data.pack": "true"} if cfg.data.pack else {}),  # packing changes every step's rows
                 "peft.kind": cfg.peft.kind,
                 **({f"peft.{key}": str(cfg.peft[key]) for key in ("r", "alpha", "target_modules")}
@@ -535,8 +459,3 @@ def _print_before_after(initial: dict, final: dict) -> None:
         print(f"{key:<22} {initial[key]:>10.4f} {final[key]:>10.4f}")
     print(f"{'eval/teacher_ce':<22} {final['eval/teacher_ce']:>10.4f} (the teacher itself)")
 
-
-def _model_id(path: str) -> str:
-    """A local folder as an absolute path (the same folder named two ways is one model); a hub id as is."""
-    expanded = os.path.expanduser(path)
-    return os.path.abspath(expanded) if os.path.exists(expanded) else path

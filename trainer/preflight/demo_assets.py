@@ -1,5 +1,5 @@
-"""What every entry point (train, cache, generate) resolves before loading a model: the demo's
-assets when asked for, the tokenizer, and the tokenized data of each split."""
+"""The demo's assets: `demo://` values swapped for the demo's models and data (built once, cached),
+and the pairings that keep the demo's data apart from the user's own models."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from trainer.config import DEMO_SCHEME, ConfigError, cache_root
-from trainer.data.examples import Examples, load_examples
 from trainer.ranks import RankInfo
 
 log = logging.getLogger(__name__)
@@ -21,6 +20,8 @@ TRAINING_KEYS = ("teacher.path", "student.path", "data.train", "data.eval")
 generation reads only the teacher and `generate.prompts`."""
 CACHE_KEYS = ("teacher.path", "data.train", "data.eval")
 GENERATE_KEYS = ("teacher.path", "generate.prompts")
+KEYS_READ_BY = {"train": TRAINING_KEYS, "cache": CACHE_KEYS, "generate": GENERATE_KEYS}
+"""Each entry point's keys that may name a demo asset."""
 
 
 def materialise_demo(cfg, rank: RankInfo, keys: tuple[str, ...] = TRAINING_KEYS) -> None:
@@ -73,18 +74,7 @@ def _is_demo(value) -> bool:
     return isinstance(value, str) and value.startswith(DEMO_SCHEME)
 
 
-def data_sources(cfg) -> dict:
-    """The job's splits by name: `train`, and `eval` when held-out data is given separately."""
-    return {"train": cfg.data.train, **({"eval": cfg.data.eval} if cfg.data.eval else {})}
-
-
-def load_splits(cfg, tokenizer, rank: RankInfo) -> dict[str, Examples]:
-    """Tokenized rows of each split: rank 0 tokenises and caches, then the other ranks read the cache."""
-    cache = cache_root(cfg) / "tokenized"
-    for turn in ("main", "others"):
-        if (turn == "main") == rank.is_main:
-            splits = {name: load_examples(source, tokenizer, cfg.train.seq_len, cache, key=f"data.{name}",
-                                          truncate=cfg.data.truncate)
-                      for name, source in data_sources(cfg).items()}
-        dist.barrier()
-    return splits
+def demo_prompts_for_the_demo_teacher(cfg) -> None:
+    """`generate.prompts=null` with the demo's teacher is the demo: its teacher answers its training prompts."""
+    if cfg.generate.prompts is None and _is_demo(cfg.teacher.path):
+        cfg.generate.prompts = DEMO_TRAIN
