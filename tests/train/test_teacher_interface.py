@@ -189,6 +189,8 @@ def test_a_job_decides_precision_and_builds_each_deepspeed_config_once(monkeypat
 
     assert len(precisions) == 1 and len(configs) == 1
     assert distill_job.precision == engines.Precision(True, torch.bfloat16)
+    assert distill_job.precision.model_dtype("auto") == torch.bfloat16
+    assert distill_job.precision.model_dtype("float32") == torch.float32
     (teacher_cfg, engine_configs, precision, _), = loaded
     assert engine_configs is distill_job.engine_configs and precision is distill_job.precision
     assert engine_configs.teacher_sharded and engine_configs.teacher["zero_optimization"] == {"stage": 3}

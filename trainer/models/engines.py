@@ -25,6 +25,10 @@ class Precision:
     default_dtype: torch.dtype
     """What a model with `dtype: auto` loads in."""
 
+    def model_dtype(self, requested: str) -> torch.dtype:
+        """The dtype a model loads in: its `dtype` key (`float32`, `bfloat16`, ...), or the default for `auto`."""
+        return self.default_dtype if requested == "auto" else getattr(torch, requested)
+
 
 def precision(train_cfg, device: torch.device) -> Precision:
     """Whether to train in bf16 (`train.precision=auto`: on GPUs), and the dtype models load in by default."""

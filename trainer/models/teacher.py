@@ -83,7 +83,7 @@ class ModelTeacher(Teacher):
 def load_teacher(teacher_cfg, configs: engines.EngineConfigs, precision: engines.Precision, rank: RankInfo):
     """The teacher's inference engine, and what it holds per rank (for summary.json)."""
     sharded = configs.teacher_sharded
-    dtype = precision.default_dtype if teacher_cfg.dtype == "auto" else loading.torch_dtype(teacher_cfg.dtype, rank.device)
+    dtype = precision.model_dtype(teacher_cfg.dtype)
     teacher = loading.freeze(loading.load_model("teacher", teacher_cfg, dtype, configs.teacher if sharded else None))
     return engines.build_teacher_engine(teacher, configs.teacher), _bytes_held(teacher, sharded, rank)
 

@@ -194,9 +194,8 @@ class DistillJob:
     def _build_student(self):
         cfg = self.cfg
         ds_config = self.engine_configs.student
-        dtype = (self.precision.default_dtype if cfg.student.dtype == "auto"
-                 else loading.torch_dtype(cfg.student.dtype, self.rank.device))
-        student = loading.load_model("student", cfg.student, dtype, ds_config if cfg.deepspeed.stage == 3 else None)
+        student = loading.load_model("student", cfg.student, self.precision.model_dtype(cfg.student.dtype),
+                                     ds_config if cfg.deepspeed.stage == 3 else None)
         if cfg.train.activation_checkpointing:
             loading.checkpoint_activations(student)
             log.info("student: activation checkpointing on (each layer is recomputed in the backward)")
