@@ -3,6 +3,6 @@
 - `key.py`: what a cache was computed from (teacher weights, tokenizer, data, k) and where it lives.
 - `store.py`: the on-disk format, its writer and its memory-mapped reader.
 - `build.py`: `python -m trainer.cache` runs the teacher over the data, resumably, on any ranks.
-- `teacher.py`: the cached teacher as the trainer and the evaluation see it.
+- `teacher.py`: the cached teacher, behind the same `Teacher` interface as a model (trainer/models/teacher.py).
 - `from_api.py`: `python -m trainer.cache.from_api` turns an API dump into a dataset and a cache.
 """
