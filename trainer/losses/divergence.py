@@ -103,10 +103,10 @@ def distill_loss(
         when every position is masked.
     """
     settings = LossSettings(kind, temperature, beta, skew, ignore_index)
-    return settings_mean(dense_divergence(student_logits, teacher_logits, settings), labels, settings)
+    return masked_mean(dense_divergence(student_logits, teacher_logits, settings), labels, settings)
 
 
-def settings_mean(divergence: Tensor, labels: Tensor, settings: LossSettings) -> Tensor:
+def masked_mean(divergence: Tensor, labels: Tensor, settings: LossSettings) -> Tensor:
     """``[...]`` per-position values -> their mean over the positions whose label is not masked (0 if none)."""
     return masked_sum(divergence, labels, settings.ignore_index) / supervised_count(labels, settings.ignore_index)
 

@@ -25,7 +25,8 @@ class Objective:
 
     divergence: LossSettings
     ce_weight: float
-    """The share of the student's cross-entropy on the labels (loss.ce_weight); all of it under sft."""
+    """The weight of the student's cross-entropy on the labels (loss.ce_weight); under sft the
+    objective is that CE alone."""
     chunk_size: int | None
     """Tokens per chunk of the fused loss (loss.chunk_size); None: the fused loss's default."""
 

@@ -43,7 +43,7 @@ from torch import Tensor
 from trainer.losses.divergence import (
     compute_dtype,
     divergence_from_log_probs,
-    settings_mean,
+    masked_mean,
     tempered_log_probs,
     validate_divergence_params,
 )
@@ -148,7 +148,7 @@ def sparse_distill_loss(
     if not teacher.checked:
         check_sparse_teacher(teacher, student_logits.shape[-1], student_logits.shape[:-1])
     settings = LossSettings(kind, temperature, beta, skew, ignore_index)
-    return settings_mean(sparse_divergence(student_logits, teacher, settings), labels, settings)
+    return masked_mean(sparse_divergence(student_logits, teacher, settings), labels, settings)
 
 
 def coarse_log_probs(student_logits: Tensor, teacher: SparseTeacher, temperature: float) -> tuple[Tensor, Tensor]:
