@@ -30,15 +30,6 @@ JOB_AREAS = {"train", "launch"}
 STEP_AREAS = {"data", "models", "losses"}
 STAGE_AREAS = {"preflight", "cache", "generate", "demo", "outputs", "report"}
 
-# Imports that break a rule today and that other branches of issue 18 remove; the lead deletes each
-# entry (and its xfail below) once that branch is merged. Any other violation fails now.
-BEING_FIXED = {
-    ("trainer.models.optimizer", "trainer.train.nonfinite"),
-    ("trainer.cache.build", "trainer.train.evaluation"),
-    ("trainer.data.packing", "trainer.losses.objective"),
-}
-
-
 def module_name(path: Path) -> str:
     parts = path.relative_to(TRAINER.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -126,15 +117,8 @@ def test_the_graph_sees_imports_at_module_level_and_inside_functions():
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_layering(rule):
-    found = RULES[rule]() - BEING_FIXED
+    found = RULES[rule]()
     assert not found, f"{rule}; these imports break it:\n" + "\n".join(f"  {a} -> {b}" for a, b in sorted(found))
-
-
-@pytest.mark.parametrize("importer, target", [
-    pytest.param(*edge, marks=pytest.mark.xfail(strict=False, reason="another branch of issue 18 removes it"))
-    for edge in sorted(BEING_FIXED)])
-def test_the_imports_being_fixed_are_gone(importer, target):
-    assert target not in import_graph()[importer], f"{importer} still imports {target}"
 
 
 def import_cycles(graph: dict[str, frozenset[str]]) -> list[list[str]]:

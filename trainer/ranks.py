@@ -39,6 +39,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values.cpu()
 
 
+def max_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The elementwise max of `values` over ranks, in place; alone, `values` as they are, with no
+    collective. Left on the device under NCCL: asynchronous to the host."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl" and values.device.type != "cuda":
+            values = values.cuda()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def all_gather_floats(value: float) -> list[float]:
     """One float from every rank, in rank order."""
     values = _for_backend(torch.tensor([value], dtype=torch.float64))

@@ -151,7 +151,7 @@ cfg = OmegaConf.create({
                   "extra": {}}})
 torch.manual_seed(0)
 model = torch.nn.Linear(4, 2)
-engine, optimizer = engines.build_student_engine(model, engines.deepspeed_config(cfg, STAGE, False, 1), cfg)
+engine, optimizer = engines.build_student_engine(model, engines.deepspeed_config(cfg.deepspeed, cfg.train, False, 1), cfg.train)
 calls = []
 reduce = engine.allreduce_gradients
 engine.allreduce_gradients = lambda *args, **kwargs: (calls.append(1), reduce(*args, **kwargs))

@@ -5,6 +5,6 @@
 - `build.py`: `python -m trainer.cache` runs the teacher over the data, resumably, on any ranks.
 - `identity.py`: a cache's identity for one job, and the check that the one on disk is it.
 - `tail.py`: entries drawn from the teacher's tail beside its exact top tokens (teacher.tail_samples).
-- `teacher.py`: the cached teacher as the trainer and the evaluation see it.
+- `teacher.py`: the cached teacher, behind the same `Teacher` interface as a model (trainer/models/teacher.py).
 - `from_api.py`: `python -m trainer.cache.from_api` turns an API dump into a dataset and a cache.
 """

@@ -19,17 +19,17 @@ from trainer.cache.identity import CacheIdentity, check_matches, job_identity
 from trainer.cache.store import Manifest, RowTopK, SplitInfo, read_manifest, shard_path, write_manifest, write_shard
 from trainer.cache.tail import draw_seed, top_and_sampled_tail
 from trainer.config import cache_root
-from trainer.data.batching import collate
+from trainer.data.batching import collate, to_device
 from trainer.data.tokenize import TokenizedRow
 from trainer.losses import PADDING_ID, default_chunk_size
-from trainer.losses.objective import IGNORE_INDEX, targets_at_each_position
+from trainer.losses.objective import targets_at_each_position
+from trainer.losses.settings import IGNORE_INDEX
 from trainer.models import engines
 from trainer.models.heads import Scorer, fused_unsupported_reason
 from trainer.models.probes import check_head_parity
 from trainer.models.teacher import load_teacher
 from trainer.preflight.sequence import Preflight, check
 from trainer.ranks import RankInfo, broadcast_object, in_lockstep
-from trainer.train.evaluation import to_device
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,13 @@ def build_cache(cfg, rank: RankInfo) -> Path:
     todo = broadcast_object(_missing_shards(identity.folder, manifest) if rank.is_main else None)
     log.info("cache: %d of %d shards to compute in %s", len(todo),
              sum(info.num_shards for info in manifest.splits.values()), identity.folder)
-    engine, _ = load_teacher(cfg, rank)
-    scorer = _teacher_scorer(cfg, engine, preflight.vocab_size, rank)
+    # The job's precision and DeepSpeed layout: the cache is built as the teacher would run in training.
+    precision = engines.precision(cfg.train, rank.device)
+    configs = engines.engine_configs(cfg.deepspeed, cfg.train, cfg.teacher, precision, rank.world_size)
+    engine, _ = load_teacher(cfg.teacher, configs, precision, rank)
+    scorer = _teacher_scorer(cfg.loss.fused, engine, preflight.vocab_size, rank)
     _compute_shards(cfg, scorer, identity.folder, manifest, preflight.splits, todo[rank.rank::rank.world_size],
-                    preflight.tokenizer, rank)
+                    preflight.tokenizer, rank, collective=configs.teacher_sharded)
     dist.barrier()
     if rank.is_main:
         manifest.complete = True
@@ -96,8 +99,8 @@ def _missing_shards(folder: Path, manifest: Manifest) -> list[tuple[str, int]]:
             if not shard_path(folder, split, shard).is_file()]
 
 
-def _teacher_scorer(cfg, engine, vocab_size: int, rank: RankInfo) -> Scorer:
-    fused = cfg.loss.fused and fused_unsupported_reason(engine.module) is None
+def _teacher_scorer(fused_wanted: bool, engine, vocab_size: int, rank: RankInfo) -> Scorer:
+    fused = fused_wanted and fused_unsupported_reason(engine.module) is None
     scorer = Scorer(engine, vocab_size, fused)
     if fused:
         check_head_parity("teacher", engine, scorer.tap, scorer.head, rank.device)
@@ -105,7 +108,8 @@ def _teacher_scorer(cfg, engine, vocab_size: int, rank: RankInfo) -> Scorer:
 
 
 def _compute_shards(cfg, scorer: Scorer, folder: Path, manifest: Manifest, splits: dict, mine: list,
-                    tokenizer, rank: RankInfo) -> None:
+                    tokenizer, rank: RankInfo, collective: bool) -> None:
+    """`collective`: the teacher is partitioned, so every forward needs every rank (see in_lockstep)."""
     batch_size = cfg.train.micro_batch_size
     work = []
     for split, shard in mine:
@@ -134,7 +138,7 @@ def _compute_shards(cfg, scorer: Scorer, folder: Path, manifest: Manifest, split
             pass
 
     with torch.no_grad():
-        in_lockstep(work, run, filler, collective=engines.teacher_is_sharded(cfg))
+        in_lockstep(work, run, filler, collective=collective)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from trainer.data.sources import DataError, read_rows
 from trainer.data.tokenize import encode_text
 from trainer.files import write_text_atomically
 from trainer.losses import PADDING_ID
-from trainer.losses.objective import IGNORE_INDEX
+from trainer.losses.settings import IGNORE_INDEX
 from trainer.models.loading import ModelError, load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 from trainer.errors import UserError
 from trainer.files import write_atomically, write_text_atomically
 from trainer.losses import SparseTeacher
-from trainer.losses.objective import IGNORE_INDEX, targets_at_each_position
+from trainer.losses.objective import targets_at_each_position
+from trainer.losses.settings import IGNORE_INDEX
 
 FORMAT = "distill-teacher-cache"
 FORMAT_VERSION = 1

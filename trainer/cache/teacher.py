@@ -12,11 +12,12 @@ import torch
 
 from trainer.cache.identity import check_matches, job_identity
 from trainer.cache.store import CacheError, CacheReader, read_manifest
-from trainer.losses import SparseTeacher
+from trainer.losses import SparseTeacher, sparse_per_token_divergence
 from trainer.losses.sparse import check_sparse_teacher
 
 if TYPE_CHECKING:
     from trainer.preflight.sequence import Preflight
+from trainer.models.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -30,26 +31,45 @@ class CachedStates:
     target_logprobs: torch.Tensor
 
 
-class CachedTeacher:
-    """Stands where the teacher's :class:`~trainer.models.heads.Scorer` stands, for one data split."""
+class CachedTeacher(Teacher):
+    """The teacher of one data split as its cache holds it: top-k and the log-probability of each
+    target, read by the rows' indices on the host. No model runs.
 
-    fused = False
+    `reading`: a context manager each read runs in. The training step's teacher is given the
+    job's data-loading stopwatch: a disk read is data loading, which the step waits on as on rows."""
 
-    def __init__(self, reader: CacheReader, split: str, device: torch.device):
+    def __init__(self, reader: CacheReader, split: str, device: torch.device, reading=None):
         self.reader, self.split, self.device = reader, split, device
+        self.reading = reading if reading is not None else contextlib.nullcontext()
 
-    def states(self, batch: dict) -> CachedStates:
+    def read(self, host_batch: dict) -> CachedStates:
         """The batch's cached top-k; checked on the host, where the rows were read, then moved."""
-        labels = batch["labels"].cpu()
-        sparse, target_logprobs = self.reader.batch(self.split, batch["row_index"].cpu(), labels)
-        check_sparse_teacher(sparse, self.reader.manifest.vocab_size, labels.shape)
-        return CachedStates(
-            SparseTeacher(sparse.logprobs.to(self.device), sparse.ids.to(self.device), checked=True),
-            target_logprobs.to(self.device),
-        )
+        with self.reading:
+            labels = host_batch["labels"].cpu()
+            sparse, target_logprobs = self.reader.batch(self.split, host_batch["row_index"].cpu(), labels)
+            check_sparse_teacher(sparse, self.reader.manifest.vocab_size, labels.shape)
+            return CachedStates(
+                SparseTeacher(sparse.logprobs.to(self.device), sparse.ids.to(self.device), checked=True),
+                target_logprobs.to(self.device),
+            )
 
-    def gathered(self):
-        return contextlib.nullcontext()
+    def states(self, batch: dict, host_batch: dict) -> SparseTeacher:
+        return self.read(host_batch).sparse
+
+    def evaluation_terms(self, batch: dict, host_batch: dict):
+        """A cache knows only its top-k: the KL is over the top-k plus one tail outcome (a lower
+        bound of the full KL, tight when the tail is small), and the CE is the stored
+        log-probability of each target."""
+        cached = self.read(host_batch)
+        sparse = cached.sparse.flatten()
+        target_logprobs = cached.target_logprobs.reshape(-1)
+
+        def terms(index, student_logits, student_logp, targets):
+            chunk = sparse.rows(index)
+            kl = sparse_per_token_divergence(student_logits, chunk, kind="fkl").sum()
+            return kl, -target_logprobs.index_select(0, index).sum(), chunk.ids[:, 0]
+
+        return terms
 
 
 def open_cache(teacher_cfg, loss_kind: str, preflight: Preflight, cache_root: Path) -> CacheReader:

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from trainer.data.sources import DataError
-from trainer.data.tokenize import IGNORE_INDEX, TokenizedRow
+from trainer.data.tokenize import TokenizedRow
+from trainer.losses.settings import IGNORE_INDEX
 
 
 def collate(rows: Sequence[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor]:
@@ -36,6 +37,11 @@ def collate(rows: Sequence[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor
         labels[index, :length] = torch.tensor(row.labels, dtype=torch.long)
     row_index = torch.tensor([row.index for row in rows], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "row_index": row_index}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch's tensors on `device`, copied without making the host wait where it can."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def epoch_order(num_rows: int, epoch: int, seed: int) -> list[int]:
@@ -83,4 +89,4 @@ def eval_batches(rows: list, rank: int, world_size: int, batch_size: int, pad_id
 def _masked_copy(row):
     from dataclasses import replace
 
-    return replace(row, labels=[-100] * len(row.labels))
+    return replace(row, labels=[IGNORE_INDEX] * len(row.labels))

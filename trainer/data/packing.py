@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from trainer.data.batching import collate
-from trainer.losses.objective import IGNORE_INDEX
+from trainer.losses.settings import IGNORE_INDEX
 
 
 class PackedRow:

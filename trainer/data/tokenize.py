@@ -9,11 +9,10 @@ from typing import Any
 
 from trainer.data.sources import DataError
 from trainer.errors import first_line
+from trainer.losses.settings import IGNORE_INDEX  # the loss's mask value; see there why it lives in losses/
 
 log = logging.getLogger(__name__)
 
-
-IGNORE_INDEX = -100
 
 
 _FORMATS = {

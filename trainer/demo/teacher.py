@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.data.batching import collate
-from trainer.data.tokenize import IGNORE_INDEX
+from trainer.losses.settings import IGNORE_INDEX
 from trainer.demo.metrics import encode_rows
 from trainer.demo.recipe import DemoRecipe
 from trainer.models.engines import warmup_cosine

@@ -60,8 +60,11 @@ def generate_dataset(cfg, rank: RankInfo) -> Path:
     num_shards = -(-len(prompts) // shard_rows)
     todo = broadcast_object([s for s in range(num_shards) if not _shard_path(out, s).is_file()] if rank.is_main else None)
     log.info("generate: %d of %d shards to write in %s", len(todo), num_shards, out)
-    engine, _ = load_teacher(cfg, rank)
-    _generate_shards(cfg, engine.module, tokenizer, prompts, out, todo[rank.rank::rank.world_size], rank)
+    precision = engines.precision(cfg.train, rank.device)
+    configs = engines.engine_configs(cfg.deepspeed, cfg.train, cfg.teacher, precision, rank.world_size)
+    engine, _ = load_teacher(cfg.teacher, configs, precision, rank)
+    _generate_shards(cfg.generate, engine.module, tokenizer, prompts, out, todo[rank.rank::rank.world_size], rank,
+                     sharded=configs.teacher_sharded)
     dist.barrier()
     if rank.is_main:
         _merge(out, num_shards)
@@ -105,14 +108,14 @@ def _shard_path(out: Path, shard: int) -> Path:
     return out / "shards" / f"{shard:05d}.jsonl"
 
 
-def _generate_shards(cfg, model, tokenizer, prompts: list[Prompt], out: Path, mine: list[int], rank: RankInfo) -> None:
-    settings = cfg.generate
+def _generate_shards(settings, model, tokenizer, prompts: list[Prompt], out: Path, mine: list[int], rank: RankInfo,
+                     sharded: bool) -> None:
+    """`settings`: the `generate` group; `sharded`: the teacher is partitioned (its forwards are collective)."""
     work = []
     for shard in mine:
         shard_prompts = prompts[shard * settings.shard_rows:(shard + 1) * settings.shard_rows]
         starts = range(0, len(shard_prompts), settings.batch_size)
         work += [_Batch(shard, shard_prompts[s:s + settings.batch_size], s == starts[-1], s == 0) for s in starts]
-    sharded = engines.teacher_is_sharded(cfg)
     written: list[dict] = []
 
     def run(item: _Batch) -> None:

@@ -8,6 +8,7 @@
   logits; what the trainer runs by default.
 - :mod:`.dense_chunk`, :mod:`.sparse_chunk`: one chunk's sums and logit gradient written out in
   closed form, against a dense or a sparse teacher; :mod:`.workspace`: the buffers chunks share.
+- :mod:`.settings`: :class:`LossSettings`, the divergence's settings in one object, and ``IGNORE_INDEX``.
 - :mod:`.head`: an LM head's weights and its model's quirks (soft-capping, logit scaling, bias,
   padded vocabulary rows).
 - :mod:`.objective`: one micro-batch's training objective (KD + CE) as sums over its supervised
@@ -17,10 +18,11 @@
 from trainer.losses.divergence import KINDS, distill_loss, masked_sum, per_token_divergence, validate_loss_params
 from trainer.losses.fused import FusedSums, default_chunk_size, fused_distill_loss, fused_sparse_distill_loss, fused_token_sums
 from trainer.losses.head import LMHead, head_quirks
+from trainer.losses.settings import IGNORE_INDEX, LossSettings
 from trainer.losses.sparse import PADDING_ID, SparseTeacher, sparse_distill_loss, sparse_per_token_divergence
 
 __all__ = [
     "KINDS", "distill_loss", "masked_sum", "per_token_divergence", "validate_loss_params",
     "FusedSums", "default_chunk_size", "fused_distill_loss", "fused_sparse_distill_loss", "fused_token_sums",
-    "LMHead", "head_quirks", "PADDING_ID", "SparseTeacher", "sparse_distill_loss", "sparse_per_token_divergence",
+    "LMHead", "head_quirks", "IGNORE_INDEX", "LossSettings", "PADDING_ID", "SparseTeacher", "sparse_distill_loss", "sparse_per_token_divergence",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from trainer.losses.settings import LossSettings
 from trainer.losses.workspace import ChunkWorkspace
 
 CLOSED_FORM_KINDS = ("fkl", "rkl")
@@ -30,9 +31,8 @@ def closed_form_chunk(
     student: Tensor,
     teacher: Tensor | None,
     targets: Tensor,
+    settings: LossSettings,
     *,
-    kind: str,
-    temperature: float,
     kd_weight: float,
     ce_weight: float,
     want_grad: bool,
@@ -43,6 +43,7 @@ def closed_form_chunk(
     student: ``[C, V]`` finished logits in the compute dtype, **overwritten**; teacher: the same
     shape and dtype, overwritten, or None for cross-entropy alone; targets: ``[C]``.
     The gradient is ``[C, V]`` in one of the workspace's buffers, or None when ``want_grad`` is False."""
+    kind, temperature = settings.kind, settings.temperature
     tempered = teacher is not None and temperature != 1.0
     ce, ce_grad = None, None
     if tempered:  # the CE is at temperature 1: take it before the logits are divided

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainer.losses.settings import IGNORE_INDEX, LossSettings
+
 KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 
 # "sft" trains on hard labels only; it is a valid loss.kind for the trainer but has no divergence.
@@ -68,9 +70,10 @@ def validate_loss_params(kind: str, temperature: float, beta: float, skew: float
         )
 
 
-def validate_divergence_params(kind: str, temperature: float, beta: float, skew: float) -> None:
+def validate_divergence_params(settings: LossSettings) -> None:
     """:func:`validate_loss_params`, and ``kind`` must be a divergence (not ``sft``)."""
-    validate_loss_params(kind, temperature, beta, skew)
+    kind = settings.kind
+    validate_loss_params(kind, settings.temperature, settings.beta, settings.skew)
     if kind not in KINDS:
         raise ValueError(
             f"loss.kind={kind!r} uses hard labels only and has no divergence; use one of {', '.join(KINDS)}."
@@ -86,7 +89,7 @@ def distill_loss(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """Mean divergence over the positions whose label is not ``ignore_index``.
 
@@ -99,10 +102,13 @@ def distill_loss(
         A scalar in float32 (float64 for float64 inputs). Exactly 0, still attached to the graph,
         when every position is masked.
     """
-    divergence = per_token_divergence(
-        student_logits, teacher_logits, kind=kind, temperature=temperature, beta=beta, skew=skew
-    )
-    return masked_sum(divergence, labels, ignore_index) / supervised_count(labels, ignore_index)
+    settings = LossSettings(kind, temperature, beta, skew, ignore_index)
+    return masked_mean(dense_divergence(student_logits, teacher_logits, settings), labels, settings)
+
+
+def masked_mean(divergence: Tensor, labels: Tensor, settings: LossSettings) -> Tensor:
+    """``[...]`` per-position values -> their mean over the positions whose label is not masked (0 if none)."""
+    return masked_sum(divergence, labels, settings.ignore_index) / supervised_count(labels, settings.ignore_index)
 
 
 def per_token_divergence(
@@ -127,7 +133,12 @@ def per_token_divergence(
     Returns:
         ``[...]`` in float32, or float64 if either input is float64.
     """
-    validate_divergence_params(kind, temperature, beta, skew)
+    return dense_divergence(student_logits, teacher_logits, LossSettings(kind, temperature, beta, skew))
+
+
+def dense_divergence(student_logits: Tensor, teacher_logits: Tensor, settings: LossSettings) -> Tensor:
+    """:func:`per_token_divergence` with its settings in one object: ``[..., V]`` twice -> ``[...]``."""
+    validate_divergence_params(settings)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits {list(student_logits.shape)} and teacher_logits "
@@ -135,17 +146,17 @@ def per_token_divergence(
             "the shared vocabulary (logits[..., :V]) before calling."
         )
     dtype = compute_dtype(student_logits, teacher_logits)
-    log_p = tempered_log_probs(teacher_logits, temperature, dtype)
-    log_q = tempered_log_probs(student_logits, temperature, dtype)
-    return divergence_from_log_probs(kind, log_p, log_q, beta, skew)
+    log_p = tempered_log_probs(teacher_logits, settings.temperature, dtype)
+    log_q = tempered_log_probs(student_logits, settings.temperature, dtype)
+    return divergence_from_log_probs(settings, log_p, log_q)
 
 
-def supervised_count(labels: Tensor, ignore_index: int = -100) -> Tensor:
+def supervised_count(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Positions that count, at least 1: an all-masked batch then gives 0 / 1, not 0 / 0 = NaN."""
     return (labels != ignore_index).sum().clamp(min=1)
 
 
-def masked_sum(values: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+def masked_sum(values: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Sum of ``values`` over positions whose label is not ``ignore_index``.
 
     Args:
@@ -185,8 +196,10 @@ def tempered_log_probs(logits: Tensor, temperature: float, dtype: torch.dtype) -
     return log_probs.clamp(min=torch.finfo(dtype).min)
 
 
-def divergence_from_log_probs(kind: str, log_p: Tensor, log_q: Tensor, beta: float, skew: float) -> Tensor:
-    """Per-position divergence of ``kind`` from ``[..., V]`` teacher/student log-probs -> ``[...]``."""
+def divergence_from_log_probs(settings: LossSettings, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Per-position divergence of ``settings.kind`` from ``[..., V]`` teacher/student log-probs -> ``[...]``
+    (already tempered: ``settings.temperature`` is not read here)."""
+    kind, beta, skew = settings.kind, settings.beta, settings.skew
     if kind == "fkl":
         return _kl(log_p, log_q)
     if kind == "rkl":

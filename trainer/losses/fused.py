@@ -34,6 +34,7 @@ from trainer.losses.divergence import (
     validate_divergence_params,
 )
 from trainer.losses.head import LMHead
+from trainer.losses.settings import IGNORE_INDEX, LossSettings
 from trainer.losses.sparse import SparseTeacher, check_sparse_teacher
 from trainer.losses.sparse_chunk import sparse_chunk
 from trainer.losses.workspace import ChunkWorkspace
@@ -71,13 +72,9 @@ class _Plan:
     teacher: "LMHead | SparseTeacher | None"
     teacher_hidden: Tensor | None
     targets: Tensor
-    kind: str
-    temperature: float
-    beta: float
-    skew: float
+    settings: LossSettings
     kd_weight: float
     ce_weight: float
-    ignore_index: int
     chunk_size: int
     supervised: Tensor | None
 
@@ -96,7 +93,7 @@ def fused_token_sums(
     skew: float = 0.1,
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
     supervised: Tensor | None = None,
 ) -> FusedSums:
@@ -117,6 +114,28 @@ def fused_token_sums(
     Returns:
         :class:`FusedSums` of float32 scalars (float64 for float64 inputs).
     """
+    return token_sums(
+        student_hidden, student_head, targets, LossSettings(kind, temperature, beta, skew, ignore_index),
+        teacher_hidden=teacher_hidden, teacher_head=teacher_head, sparse_teacher=sparse_teacher,
+        kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=chunk_size, supervised=supervised,
+    )
+
+
+def token_sums(
+    student_hidden: Tensor,
+    student_head: LMHead,
+    targets: Tensor,
+    settings: LossSettings,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_head: LMHead | None = None,
+    sparse_teacher: SparseTeacher | None = None,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    chunk_size: int | None = None,
+    supervised: Tensor | None = None,
+) -> FusedSums:
+    """:func:`fused_token_sums` with the divergence's settings in one object (what the trainer calls)."""
     dense = teacher_head is not None
     if dense != (teacher_hidden is not None) or (dense and sparse_teacher is not None):
         raise ValueError("pass a dense teacher (teacher_hidden and teacher_head) or a sparse_teacher, not both.")
@@ -129,7 +148,7 @@ def fused_token_sums(
         )
     teacher = teacher_head if dense else sparse_teacher
     if teacher is not None:
-        validate_divergence_params(kind, temperature, beta, skew)
+        validate_divergence_params(settings)
     if sparse_teacher is not None:
         if not sparse_teacher.checked:
             check_sparse_teacher(sparse_teacher, student_head.rows, targets.shape)
@@ -143,8 +162,7 @@ def fused_token_sums(
             )
     plan = _Plan(
         head=student_head, teacher=teacher, teacher_hidden=teacher_hidden, targets=flat_targets,
-        kind=kind, temperature=temperature, beta=beta, skew=skew, kd_weight=kd_weight,
-        ce_weight=ce_weight, ignore_index=ignore_index,
+        settings=settings, kd_weight=kd_weight, ce_weight=ce_weight,
         chunk_size=chunk_size or default_chunk_size(student_head.rows), supervised=supervised,
     )
     objective, kd, ce = _FusedHeadLoss.apply(hidden, student_head.weight, student_head.bias, plan)
@@ -162,7 +180,7 @@ def fused_distill_loss(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
 ) -> Tensor:
     """``distill_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, labels)``
@@ -177,10 +195,10 @@ def fused_distill_loss(
     Returns:
         The mean divergence over unmasked positions: a scalar, 0 when all are masked.
     """
-    sums = fused_token_sums(
-        student_hidden, LMHead(student_weight), labels, teacher_hidden=teacher_hidden,
-        teacher_head=LMHead(teacher_weight.detach()), kind=kind, temperature=temperature, beta=beta,
-        skew=skew, ignore_index=ignore_index, chunk_size=chunk_size,
+    settings = LossSettings(kind, temperature, beta, skew, ignore_index)
+    sums = token_sums(
+        student_hidden, LMHead(student_weight), labels, settings, teacher_hidden=teacher_hidden,
+        teacher_head=LMHead(teacher_weight.detach()), chunk_size=chunk_size,
     )
     return sums.objective / supervised_count(labels, ignore_index)
 
@@ -195,14 +213,13 @@ def fused_sparse_distill_loss(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
 ) -> Tensor:
     """``sparse_distill_loss(student_hidden @ student_weight.T, teacher, labels)``, chunked the same way."""
-    sums = fused_token_sums(
-        student_hidden, LMHead(student_weight), labels, sparse_teacher=teacher, kind=kind,
-        temperature=temperature, beta=beta, skew=skew, ignore_index=ignore_index, chunk_size=chunk_size,
-    )
+    settings = LossSettings(kind, temperature, beta, skew, ignore_index)
+    sums = token_sums(student_hidden, LMHead(student_weight), labels, settings, sparse_teacher=teacher,
+                      chunk_size=chunk_size)
     return sums.objective / supervised_count(labels, ignore_index)
 
 
@@ -220,7 +237,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         ce_total = torch.zeros((), dtype=accumulator, device=hidden.device)
         supervised = plan.supervised
         if supervised is None:
-            supervised = (plan.targets != plan.ignore_index).nonzero().squeeze(1)
+            supervised = (plan.targets != plan.settings.ignore_index).nonzero().squeeze(1)
         workspace = ChunkWorkspace(min(plan.chunk_size, max(1, supervised.numel())))
         for start in range(0, supervised.numel(), plan.chunk_size):
             index = supervised[start:start + plan.chunk_size]
@@ -229,7 +246,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             projected = plan.head.projection(rows, weight, bias, out=buffer)
             if isinstance(plan.teacher, SparseTeacher):
                 kd, ce, grad_logits = _sparse_chunk_sums(projected.detach().requires_grad_(any(wants)), index, plan)
-            elif plan.teacher is None or plan.kind in CLOSED_FORM_KINDS:
+            elif plan.teacher is None or plan.settings.kind in CLOSED_FORM_KINDS:
                 kd, ce, grad_logits = _closed_form_chunk_sums(projected, index, plan, workspace, any(wants))
             else:
                 kd, ce, grad_logits = _autograd_chunk_sums(projected, index, plan, workspace, any(wants))
@@ -265,9 +282,8 @@ def _sparse_chunk_sums(logits: Tensor, index: Tensor, plan: _Plan) -> tuple[Tens
     with torch.enable_grad():
         student = plan.head.finish(logits)
     kd, ce, grad = sparse_chunk(
-        student.detach(), plan.teacher.rows(index), plan.targets.index_select(0, index), kind=plan.kind,
-        temperature=plan.temperature, beta=plan.beta, skew=plan.skew, kd_weight=plan.kd_weight,
-        ce_weight=plan.ce_weight, want_grad=logits.requires_grad,
+        student.detach(), plan.teacher.rows(index), plan.targets.index_select(0, index), plan.settings,
+        kd_weight=plan.kd_weight, ce_weight=plan.ce_weight, want_grad=logits.requires_grad,
     )
     if grad is not None and student is not logits:  # back through the head's scaling or soft-capping
         (grad,) = torch.autograd.grad(student, logits, grad)
@@ -288,7 +304,7 @@ def _closed_form_chunk_sums(projected, index, plan, workspace, want_grad) -> tup
     values = student.detach().to(dtype)
     kd, ce, grad = closed_form_chunk(
         values, teacher.to(dtype) if teacher is not None else None, plan.targets.index_select(0, index),
-        kind=plan.kind, temperature=plan.temperature, kd_weight=plan.kd_weight, ce_weight=plan.ce_weight,
+        plan.settings, kd_weight=plan.kd_weight, ce_weight=plan.ce_weight,
         want_grad=want_grad, workspace=workspace,
     )
     if grad is not None and quirks:  # back through the head's scaling or soft-capping
@@ -318,12 +334,12 @@ def _chunk_sums(logits: Tensor, teacher: Tensor, index: Tensor, plan: _Plan) -> 
     """Σ divergence and Σ CE over one chunk of projected student logits ``[C, V]`` (autograd's path)."""
     student = plan.head.finish(logits)
     targets = plan.targets.index_select(0, index)
-    settings = dict(beta=plan.beta, skew=plan.skew)
+    temperature = plan.settings.temperature
     with torch.no_grad():
-        log_p = tempered_log_probs(teacher, plan.temperature, compute_dtype(student, teacher))
-    log_q = tempered_log_probs(student, plan.temperature, log_p.dtype)
-    divergence = divergence_from_log_probs(plan.kind, log_p, log_q, **settings)
-    if plan.temperature == 1.0:
+        log_p = tempered_log_probs(teacher, temperature, compute_dtype(student, teacher))
+    log_q = tempered_log_probs(student, temperature, log_p.dtype)
+    divergence = divergence_from_log_probs(plan.settings, log_p, log_q)
+    if temperature == 1.0:
         # The student's log-softmax at T=1 is already there: CE is one gather, not another pass.
         ce = -log_q.gather(1, targets.unsqueeze(1)).sum()
     else:

@@ -12,16 +12,45 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import (
-    LMHead,
-    SparseTeacher,
-    fused_token_sums,
-    masked_sum,
-    per_token_divergence,
-    sparse_per_token_divergence,
-)
+from trainer.losses.divergence import dense_divergence, masked_sum
+from trainer.losses.fused import token_sums
+from trainer.losses.head import LMHead
+from trainer.losses.settings import IGNORE_INDEX, LossSettings
+from trainer.losses.sparse import SparseTeacher, sparse_divergence
 
-IGNORE_INDEX = -100
+
+@dataclass(frozen=True)
+class Objective:
+    """The training objective's settings, built once from the `loss` config group."""
+
+    divergence: LossSettings
+    ce_weight: float
+    """The weight of the student's cross-entropy on the labels (loss.ce_weight); under sft the
+    objective is that CE alone."""
+    chunk_size: int | None
+    """Tokens per chunk of the fused loss (loss.chunk_size); None: the fused loss's default."""
+
+    @classmethod
+    def from_config(cls, loss_cfg) -> "Objective":
+        return cls(LossSettings.from_config(loss_cfg), loss_cfg.ce_weight, loss_cfg.chunk_size or None)
+
+    @property
+    def sft(self) -> bool:
+        """Hard labels only: no teacher runs, no divergence."""
+        return self.divergence.kind == "sft"
+
+    @property
+    def kd_weight(self) -> float:
+        """τ² keeps the soft-target gradients on the same scale as at τ=1 (Hinton et al., 2015)."""
+        return (1.0 - self.ce_weight) * self.divergence.temperature**2
+
+
+@dataclass(frozen=True)
+class DenseTeacher:
+    """A teacher model's last hidden states ``[B, T, H_t]`` and its head, for the fused loss."""
+
+    hidden: torch.Tensor
+    head: LMHead
 
 
 @dataclass
@@ -48,29 +77,23 @@ def targets_at_each_position(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def kd_weight(loss_cfg) -> float:
-    """τ² keeps the soft-target gradients on the same scale as at τ=1 (Hinton et al., 2015)."""
-    return (1.0 - loss_cfg.ce_weight) * loss_cfg.temperature**2
-
-
-def fused_micro_batch_sums(student_hidden, student_head: LMHead, teacher_states, teacher_head: LMHead | None,
-                           labels, loss_cfg, supervised=None) -> TokenSums:
+def fused_micro_batch_sums(student_hidden, student_head: LMHead, teacher: DenseTeacher | SparseTeacher | None,
+                           labels, objective: Objective, supervised=None) -> TokenSums:
     """The same sums as :func:`micro_batch_sums`, with the heads applied inside the loss.
 
-    student_hidden: [B, T, H_s]; labels: [B, T]; teacher_states: the teacher's hidden states
-    [B, T, H_t] with its head, or a cached SparseTeacher [B, T, k] aligned with
-    :func:`targets_at_each_position` (no head); None under sft. supervised: the flat positions
-    with a target (:func:`supervised_positions`), if already known."""
-    teacher = {}
-    if loss_cfg.kind != "sft" and isinstance(teacher_states, SparseTeacher):
-        teacher = {"sparse_teacher": teacher_states}
-    elif loss_cfg.kind != "sft":
-        teacher = {"teacher_hidden": teacher_states, "teacher_head": teacher_head}
-    sums = fused_token_sums(
-        student_hidden, student_head, targets_at_each_position(labels), **teacher, kind=loss_cfg.kind,
-        temperature=loss_cfg.temperature, beta=loss_cfg.beta, skew=loss_cfg.skew,
-        kd_weight=kd_weight(loss_cfg), ce_weight=1.0 if loss_cfg.kind == "sft" else loss_cfg.ce_weight,
-        ignore_index=IGNORE_INDEX, chunk_size=loss_cfg.chunk_size or None, supervised=supervised,
+    student_hidden: [B, T, H_s]; labels: [B, T]; teacher: the teacher's hidden states [B, T, H_t]
+    with its head, or a cached SparseTeacher [B, T, k] aligned with :func:`targets_at_each_position`;
+    None under sft. supervised: the flat positions with a target (:func:`supervised_positions`),
+    if already known."""
+    given = {}
+    if not objective.sft and isinstance(teacher, SparseTeacher):
+        given = {"sparse_teacher": teacher}
+    elif not objective.sft:
+        given = {"teacher_hidden": teacher.hidden, "teacher_head": teacher.head}
+    sums = token_sums(
+        student_hidden, student_head, targets_at_each_position(labels), objective.divergence, **given,
+        kd_weight=objective.kd_weight, ce_weight=1.0 if objective.sft else objective.ce_weight,
+        chunk_size=objective.chunk_size, supervised=supervised,
     )
     return TokenSums(sums.objective, sums.kd, sums.ce)
 
@@ -80,25 +103,25 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return (targets_at_each_position(labels).reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
-def micro_batch_sums(student_logits, teacher_logits, labels, loss_cfg, vocab_size: int) -> TokenSums:
+def micro_batch_sums(student_logits, teacher_logits, labels, objective: Objective, vocab_size: int) -> TokenSums:
     """student_logits: [B, T, V']; labels: [B, T]; teacher_logits: [B, T, V'], or a cached
     SparseTeacher [B, T, k] aligned with :func:`targets_at_each_position`; None under sft."""
     student, targets = next_token_view(student_logits, labels, vocab_size)
     ce_sum = F.cross_entropy(
         student.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    if loss_cfg.kind == "sft":
+    if objective.sft:
         return TokenSums(ce_sum, torch.full_like(ce_sum, float("nan")).detach(), ce_sum.detach())
-    settings = dict(kind=loss_cfg.kind, temperature=loss_cfg.temperature, beta=loss_cfg.beta, skew=loss_cfg.skew)
+    settings = objective.divergence
     if isinstance(teacher_logits, SparseTeacher):
         sparse = SparseTeacher(teacher_logits.logprobs[:, :-1], teacher_logits.ids[:, :-1])
-        divergence = sparse_per_token_divergence(student, sparse, **settings)
+        divergence = sparse_divergence(student, sparse, settings)
     else:
         teacher, _ = next_token_view(teacher_logits, labels, vocab_size)
-        divergence = per_token_divergence(student, teacher, **settings)
-    kd_sum = masked_sum(divergence, targets, ignore_index=IGNORE_INDEX)
-    objective = kd_weight(loss_cfg) * kd_sum + loss_cfg.ce_weight * ce_sum
-    return TokenSums(objective, kd_sum.detach(), ce_sum.detach())
+        divergence = dense_divergence(student, teacher, settings)
+    kd_sum = masked_sum(divergence, targets, ignore_index=settings.ignore_index)
+    total = objective.kd_weight * kd_sum + objective.ce_weight * ce_sum
+    return TokenSums(total, kd_sum.detach(), ce_sum.detach())
 
 
 def solved_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -43,11 +43,11 @@ from torch import Tensor
 from trainer.losses.divergence import (
     compute_dtype,
     divergence_from_log_probs,
-    masked_sum,
-    supervised_count,
+    masked_mean,
     tempered_log_probs,
     validate_divergence_params,
 )
+from trainer.losses.settings import IGNORE_INDEX, LossSettings
 
 PADDING_ID = -1
 
@@ -119,9 +119,14 @@ def sparse_per_token_divergence(
     Returns:
         ``[...]`` in float32 (float64 for float64 logits).
     """
-    validate_divergence_params(kind, temperature, beta, skew)
-    log_p, log_q = coarse_log_probs(student_logits, teacher, temperature)
-    return divergence_from_log_probs(kind, log_p, log_q, beta, skew)
+    return sparse_divergence(student_logits, teacher, LossSettings(kind, temperature, beta, skew))
+
+
+def sparse_divergence(student_logits: Tensor, teacher: SparseTeacher, settings: LossSettings) -> Tensor:
+    """:func:`sparse_per_token_divergence` with its settings in one object: ``[..., V]``, ``[..., k]`` -> ``[...]``."""
+    validate_divergence_params(settings)
+    log_p, log_q = coarse_log_probs(student_logits, teacher, settings.temperature)
+    return divergence_from_log_probs(settings, log_p, log_q)
 
 
 def sparse_distill_loss(
@@ -133,7 +138,7 @@ def sparse_distill_loss(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """Mean sparse divergence over the positions whose label is not ``ignore_index``.
 
@@ -142,10 +147,8 @@ def sparse_distill_loss(
     """
     if not teacher.checked:
         check_sparse_teacher(teacher, student_logits.shape[-1], student_logits.shape[:-1])
-    divergence = sparse_per_token_divergence(
-        student_logits, teacher, kind=kind, temperature=temperature, beta=beta, skew=skew
-    )
-    return masked_sum(divergence, labels, ignore_index) / supervised_count(labels, ignore_index)
+    settings = LossSettings(kind, temperature, beta, skew, ignore_index)
+    return masked_mean(sparse_divergence(student_logits, teacher, settings), labels, settings)
 
 
 def coarse_log_probs(student_logits: Tensor, teacher: SparseTeacher, temperature: float) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from trainer.losses.dense_chunk import cross_entropy_at_one, subtract_at_targets
 from trainer.losses.divergence import compute_dtype, divergence_from_log_probs
+from trainer.losses.settings import LossSettings
 from trainer.losses.sparse import PADDING_ID, SparseTeacher, teacher_coarse_log_probs
 
 
@@ -28,11 +29,8 @@ def sparse_chunk(
     logits: Tensor,
     teacher: SparseTeacher,
     targets: Tensor,
+    settings: LossSettings,
     *,
-    kind: str,
-    temperature: float,
-    beta: float,
-    skew: float,
     kd_weight: float,
     ce_weight: float,
     want_grad: bool,
@@ -41,6 +39,7 @@ def sparse_chunk(
 
     logits: ``[C, V]`` finished student logits (detached); teacher: ``[C, k]``; targets: ``[C]``.
     The gradient is ``[C, V]`` in the compute dtype, or None when ``want_grad`` is False."""
+    temperature = settings.temperature
     dtype = compute_dtype(logits, teacher.logprobs)
     vocab = logits.shape[-1]
     padding = teacher.ids == PADDING_ID
@@ -66,7 +65,7 @@ def sparse_chunk(
 
     log_q = log_q.detach().requires_grad_(want_grad)
     with torch.enable_grad():
-        divergence = divergence_from_log_probs(kind, log_p, log_q, beta, skew).sum()
+        divergence = divergence_from_log_probs(settings, log_p, log_q).sum()
         weighted = divergence * kd_weight
     ce_grad = None
     if temperature == 1.0:  # the CE reuses the softmax's max and normaliser

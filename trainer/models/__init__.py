@@ -8,5 +8,6 @@
 - `optimizer.py`: AdamW that skips a NaN/Inf step on every rank together.
 - `heads.py`: hidden states up to the LM head, and the head, for the fused loss.
 - `probes.py`: start-up proofs on each model (head parity, packed documents kept apart).
-- `teacher.py`: the frozen teacher behind its engine.
+- `teacher.py`: the frozen teacher behind its engine, and `Teacher`, the one interface the step and
+  the evaluation use (a model here, a cache in trainer/cache/teacher.py).
 """

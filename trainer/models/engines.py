@@ -10,26 +10,64 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-def deepspeed_config(cfg, stage: int, bf16: bool, world_size: int) -> dict:
+@dataclass(frozen=True)
+class Precision:
+    """The job's one decision on precision: every model, DeepSpeed config and FLOP peak reads it."""
+
+    bf16: bool
+    """Train in bf16 (DeepSpeed's `bf16.enabled`)."""
+    default_dtype: torch.dtype
+    """What a model with `dtype: auto` loads in."""
+
+    def model_dtype(self, requested: str) -> torch.dtype:
+        """The dtype a model loads in: its `dtype` key (`float32`, `bfloat16`, ...), or the default for `auto`."""
+        return self.default_dtype if requested == "auto" else getattr(torch, requested)
+
+
+def precision(train_cfg, device: torch.device) -> Precision:
+    """Whether to train in bf16 (`train.precision=auto`: on GPUs), and the dtype models load in by default."""
+    bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
+    return Precision(bf16, torch.bfloat16 if bf16 else torch.float32)
+
+
+@dataclass(frozen=True)
+class EngineConfigs:
+    """Each model's DeepSpeed config, built once per job from the `deepspeed` and `train` groups."""
+
+    student: dict
+    teacher: dict
+    """The student's, at ZeRO stage 3 when the teacher is partitioned, else 0 (no optimizer states)."""
+    teacher_sharded: bool
+
+
+def engine_configs(deepspeed_cfg, train_cfg, teacher_cfg, precision: Precision, world_size: int) -> EngineConfigs:
+    student = deepspeed_config(deepspeed_cfg, train_cfg, precision.bf16, world_size)
+    sharded = teacher_is_sharded(teacher_cfg, deepspeed_cfg)
+    return EngineConfigs(student, teacher_deepspeed_config(student, sharded), sharded)
+
+
+def deepspeed_config(deepspeed_cfg, train_cfg, bf16: bool, world_size: int) -> dict:
     """The JSON config DeepSpeed reads, from the `deepspeed` and `train` groups."""
+    stage = deepspeed_cfg.stage
     zero = {"stage": stage}
     if stage == 3:
         # Save adapters and full students by gathering explicitly (checkpoints.py), not via 16-bit dumps.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
-    if cfg.deepspeed.offload_optimizer:
+    if deepspeed_cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-    if cfg.deepspeed.offload_param:
+    if deepspeed_cfg.offload_param:
         zero["offload_param"] = {"device": "cpu"}
     config = {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size,
-        "gradient_clipping": cfg.deepspeed.gradient_clipping,
+        "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
+        "gradient_accumulation_steps": train_cfg.grad_accum,
+        "train_batch_size": train_cfg.micro_batch_size * train_cfg.grad_accum * world_size,
+        "gradient_clipping": deepspeed_cfg.gradient_clipping,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         # ZeRO vets optimizers by exact class; ours is torch's AdamW plus a skip (nonfinite.py).
@@ -39,17 +77,11 @@ def deepspeed_config(cfg, stage: int, bf16: bool, world_size: int) -> dict:
     }
     from omegaconf import OmegaConf
 
-    return _deep_merge(config, OmegaConf.to_container(cfg.deepspeed.extra, resolve=True))
+    return _deep_merge(config, OmegaConf.to_container(deepspeed_cfg.extra, resolve=True))
 
 
-def precision(cfg, device: torch.device) -> tuple[bool, torch.dtype]:
-    """Whether to train in bf16 (auto: on GPUs), and the dtype models load in by default."""
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    return bf16, torch.bfloat16 if bf16 else torch.float32
-
-
-def teacher_is_sharded(cfg) -> bool:
-    return cfg.teacher.shard if cfg.teacher.shard is not None else cfg.deepspeed.stage == 3
+def teacher_is_sharded(teacher_cfg, deepspeed_cfg) -> bool:
+    return teacher_cfg.shard if teacher_cfg.shard is not None else deepspeed_cfg.stage == 3
 
 
 def teacher_deepspeed_config(student_config: dict, sharded: bool) -> dict:
@@ -66,7 +98,7 @@ def build_teacher_engine(teacher: nn.Module, ds_config: dict):
     return engine
 
 
-def build_student_engine(student: nn.Module, ds_config: dict, cfg):
+def build_student_engine(student: nn.Module, ds_config: dict, train_cfg):
     """The engine and its optimizer: torch's AdamW, not DeepSpeed's fused Adam (no compiled ops,
     CPU included), made to skip non-finite steps."""
     import deepspeed
@@ -74,9 +106,9 @@ def build_student_engine(student: nn.Module, ds_config: dict, cfg):
     from trainer.models.optimizer import SkippingAdamW
 
     trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = SkippingAdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = SkippingAdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup=cfg.train.warmup_steps, total=cfg.train.max_steps)
+        optimizer, lambda step: warmup_cosine(step, warmup=train_cfg.warmup_steps, total=train_cfg.max_steps)
     )
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     _skip_lone_replica_allreduce(engine, ds_config)

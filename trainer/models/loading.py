@@ -105,12 +105,6 @@ def _refused_code_or(error: ValueError, role: str, path: str, what: str) -> Mode
                       f"check {role}.path and {role}.revision.")
 
 
-def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 def load_model(role: str, model_cfg, dtype: torch.dtype, zero3_config: dict | None):
     """Load weights; with `zero3_config` they are partitioned while loading, so no rank ever
     holds the whole model (transformers reads the live HfDeepSpeedConfig and loads under

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.train.nonfinite import _max_over_ranks
+from trainer.ranks import max_over_ranks
 
 
 class SkippingAdamW(torch.optim.AdamW):
@@ -75,4 +75,4 @@ class SkippingAdamW(torch.optim.AdamW):
         if self.step_loss is not None:  # times 0: a finite loss adds nothing, a NaN or Inf one adds NaN
             total = total + self.step_loss.float().sum().to(total.device) * 0
         flag = (~torch.isfinite(total)).to(torch.int64).reshape(1)
-        return _max_over_ranks(flag)[0]  # asynchronous to the host under NCCL
+        return max_over_ranks(flag)[0]  # asynchronous to the host under NCCL

@@ -12,24 +12,25 @@ import torch
 from omegaconf import OmegaConf
 
 from trainer import preflight
-from trainer.cache.teacher import CachedStates, CachedTeacher, open_cache
+from trainer.cache.teacher import CachedTeacher, open_cache
 from trainer.config import ConfigError, cache_root, evaluation_interval, unread_loss_settings, validate
-from trainer.data.batching import collate, eval_batches, micro_batches_for_step, step_row_ids
+from trainer.data.batching import collate, eval_batches, micro_batches_for_step, step_row_ids, to_device
 from trainer.data.packing import collate_packed, document_lengths
 from trainer.launch.preemption import Preempted, PreemptionWatch, hand_back
 from trainer.losses import default_chunk_size
-from trainer.losses.objective import IGNORE_INDEX, fused_micro_batch_sums, micro_batch_sums, supervised_positions
+from trainer.losses.objective import Objective, fused_micro_batch_sums, micro_batch_sums, supervised_positions
+from trainer.losses.settings import IGNORE_INDEX
 from trainer.metric_names import INITIAL
 from trainer.models import engines, loading, lora
 from trainer.models.heads import Scorer, fused_unsupported_reason
 from trainer.models.probes import check_documents_stay_apart, check_head_parity
-from trainer.models.teacher import load_teacher
+from trainer.models.teacher import ModelTeacher, load_teacher
 from trainer.outputs.finish import RunFacts, finish_run
 from trainer.outputs.tracking import Tracker, forget_steps_after
 from trainer.ranks import RankInfo, broadcast_object
 from trainer.train import checkpoints, throughput
 from trainer.train import resume as checkpoint_trust
-from trainer.train.evaluation import evaluate, to_device
+from trainer.train.evaluation import evaluate
 from trainer.train.nonfinite import TrainingDiverged, describe_weights, largest_abs_weight, streak_message
 from trainer.train.progress import Progress
 
@@ -44,6 +45,11 @@ class DistillJob:
         anything in `run_dir` (there may be an earlier run's files) or loads any weights."""
         validate(cfg)  # before anything is loaded, so a bad value costs nothing
         self.cfg, self.rank, self.run_dir, self.inputs_checked = cfg, rank, run_dir, inputs_checked
+        # Decided once: every model's dtype, both DeepSpeed configs and the FLOP peak read these.
+        self.precision = engines.precision(cfg.train, rank.device)
+        self.engine_configs = engines.engine_configs(cfg.deepspeed, cfg.train, cfg.teacher, self.precision,
+                                                     rank.world_size)
+        self.objective = Objective.from_config(cfg.loss)
         self._check_metric_is_measured()
         if rank.is_main:
             for warning in unread_loss_settings(cfg.loss):
@@ -53,11 +59,14 @@ class DistillJob:
             step=0, world_size=rank.world_size,
             rows_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * rank.world_size,
             zero_stage=cfg.deepspeed.stage)
+        self.peak_flops = throughput.peak_flops(rank.device, self.precision.bf16, cfg.train.peak_tflops)
+        # The loop's account; its data stopwatch also times a cached teacher's reads (data loading).
+        self.progress = Progress(self.state, rank.device, self.peak_flops, rank.world_size)
 
     def _check_metric_is_measured(self) -> None:
         """`validate` knows the names; only the device decides whether MFU has a peak to divide by."""
         cfg = self.cfg
-        bf16 = engines.precision(cfg, self.rank.device)[0]
+        bf16 = self.precision.bf16
         if cfg.train.metric == "train/mfu" and throughput.peak_flops(self.rank.device, bf16, cfg.train.peak_tflops) is None:
             raise ConfigError(f"train.metric=train/mfu has no value on this device ({self.rank.device.type}, no known "
                               "bf16 peak); set train.peak_tflops to its peak TFLOP/s, or pick another train.metric "
@@ -76,7 +85,7 @@ class DistillJob:
         torch.manual_seed(cfg.train.seed)
         self.teacher = self._build_teacher()
         self.student = self._build_student()
-        self.teacher_scorer, self.student_scorer = self._build_scorers()
+        self.step_teacher, self.student_scorer = self._build_scorers()
         if cfg.data.pack:  # every rank: a sharded model's forward is collective
             for role, engine in (("teacher", self.teacher), ("student", self.student)):
                 if engine is not None:
@@ -107,16 +116,15 @@ class DistillJob:
             self.summary.update({"teacher/source": "cache", "teacher/cache": str(self.teacher_cache.folder),
                                  "teacher/cache_top_k": manifest.key["top_k"], "teacher/cached_from": manifest.teacher})
             return None
-        engine, held = load_teacher(cfg, self.rank)
+        engine, held = load_teacher(cfg.teacher, self.engine_configs, self.precision, self.rank)
         self.summary.update({"teacher/source": "model", **held})
         return engine
 
     def _build_student(self):
         cfg = self.cfg
-        bf16, default_dtype = engines.precision(cfg, self.rank.device)
-        ds_config = engines.deepspeed_config(cfg, cfg.deepspeed.stage, bf16, self.rank.world_size)
-        dtype = default_dtype if cfg.student.dtype == "auto" else loading.torch_dtype(cfg.student.dtype, self.rank.device)
-        student = loading.load_model("student", cfg.student, dtype, ds_config if cfg.deepspeed.stage == 3 else None)
+        ds_config = self.engine_configs.student
+        student = loading.load_model("student", cfg.student, self.precision.model_dtype(cfg.student.dtype),
+                                     ds_config if cfg.deepspeed.stage == 3 else None)
         if cfg.train.activation_checkpointing:
             loading.checkpoint_activations(student)
             log.info("student: activation checkpointing on (each layer is recomputed in the backward)")
@@ -125,11 +133,13 @@ class DistillJob:
             log.info("LoRA r=%d on %s", cfg.peft.r, ", ".join(targets))
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if p.requires_grad)
         log.info("student: %d trainable parameters, ZeRO stage %d", trainable, cfg.deepspeed.stage)
-        engine, self.optimizer = engines.build_student_engine(student, ds_config, cfg)
+        engine, self.optimizer = engines.build_student_engine(student, ds_config, cfg.train)
         return engine
 
     def _build_scorers(self) -> tuple:
-        """Fused heads unless configured off or a model cannot take them; proven on a probe."""
+        """The step's teacher and the student's scorer; the evaluation's teacher (a cache reads
+        another split) in `eval_teacher`. Fused heads unless configured off or a model cannot
+        take them; proven on a probe. The one place that knows whether a model or a cache teaches."""
         cfg = self.cfg
         by_role = {"student": self.student} if self.teacher is None else {"teacher": self.teacher, "student": self.student}
         fused = cfg.loss.fused and self._fused_loss_fits(by_role)
@@ -142,9 +152,11 @@ class DistillJob:
         self.summary["loss/fused"] = fused
         if self.teacher is None:
             self.eval_teacher = CachedTeacher(self.teacher_cache, self.eval_split, self.rank.device)
-            return CachedTeacher(self.teacher_cache, "train", self.rank.device), scorers["student"]
-        self.eval_teacher = scorers["teacher"]
-        return scorers["teacher"], scorers["student"]
+            # Reading the cache is data loading: the step waits on it as on rows.
+            step_teacher = CachedTeacher(self.teacher_cache, "train", self.rank.device, reading=self.progress.data_time)
+            return step_teacher, scorers["student"]
+        self.eval_teacher = ModelTeacher(scorers["teacher"])
+        return self.eval_teacher, scorers["student"]
 
     def _fused_loss_fits(self, engines_by_role: dict) -> bool:
         reasons = {role: fused_unsupported_reason(engine.module) for role, engine in engines_by_role.items()}
@@ -154,14 +166,11 @@ class DistillJob:
         return not any(reasons.values())
 
     def _start_accounting(self) -> None:
-        """FLOPs per token of each model that runs in a step, and the device's peak (see trainer/train/throughput.py)."""
+        """FLOPs per token of each model that runs in a step (see trainer/train/throughput.py)."""
         cost = throughput.student_cost(self.student.module)
         if self.teacher is not None and self.cfg.loss.kind != "sft":
             cost = cost + throughput.teacher_cost(self.teacher.module)
         self.step_cost = cost
-        bf16 = engines.precision(self.cfg, self.rank.device)[0]
-        self.peak_flops = throughput.peak_flops(self.rank.device, bf16, self.cfg.train.peak_tflops)
-        self.progress = Progress(self.state, self.rank.device, self.peak_flops, self.rank.world_size)
 
     def _checked_resume_point(self):
         """The checkpoint this job continues from (None: a fresh start), verified, and refused by
@@ -282,26 +291,18 @@ class DistillJob:
         return sum(len(row.labels) - 1 - row.labels[1:].count(IGNORE_INDEX) for row in rows)
 
     def _forward_models(self, batch: dict, host_batch: dict):
-        """Teacher (no grad; None under sft) and student: hidden states when fused, else logits."""
-        if self.cfg.loss.kind == "sft":
-            return None, self.student_scorer.states(batch)
-        if self.teacher is None:  # a cache, read by the rows' indices on the host
-            with self.progress.data_time:  # reading it is data loading: the step waits on it as on rows
-                teacher_states = self.teacher_scorer.states(host_batch)
-        else:
-            with torch.no_grad():
-                teacher_states = self.teacher_scorer.states(batch)
-        return teacher_states, self.student_scorer.states(batch)
+        """The teacher as the loss takes it (None under sft: no teacher runs), and the student's
+        states: hidden states when fused, else logits."""
+        teacher = None if self.objective.sft else self.step_teacher.states(batch, host_batch)
+        return teacher, self.student_scorer.states(batch)
 
     def _micro_batch_sums(self, teacher_states, student_states, labels, supervised):
-        teacher, student = self.teacher_scorer, self.student_scorer
-        if isinstance(teacher_states, CachedStates):
-            teacher_states = teacher_states.sparse
+        student = self.student_scorer
         if not student.fused:
-            return micro_batch_sums(student_states, teacher_states, labels, self.cfg.loss, self.vocab_size)
-        with teacher.gathered() if teacher_states is not None else contextlib.nullcontext():
-            return fused_micro_batch_sums(student_states, student.head, teacher_states,
-                                          getattr(teacher, "head", None), labels, self.cfg.loss, supervised)
+            return micro_batch_sums(student_states, teacher_states, labels, self.objective, self.vocab_size)
+        with contextlib.nullcontext() if self.objective.sft else self.step_teacher.gathered():
+            return fused_micro_batch_sums(student_states, student.head, teacher_states, labels, self.objective,
+                                          supervised)
 
     def _replica_grad_norm(self) -> float | None:
         """DeepSpeed reports the gradient norm only on its ZeRO and mixed-precision paths; at
@@ -417,7 +418,7 @@ class DistillJob:
         facts = RunFacts(cfg, decision=self.licence, student_licence=self.student_licence, model_name=self.model_name,
                          name_complies=self.name_complies, started_at=self.started_at, cache=self.teacher_cache,
                          rows_trained=len(self.train_rows))
-        merged_dtype = engines.precision(cfg, self.rank.device)[1]
+        merged_dtype = self.precision.default_dtype
         return finish_run(self.student.module, self.tokenizer, run_dir=self.run_dir, rank=self.rank,
                           tracker=self.tracker, summary=summary, facts=facts, peft_cfg=cfg.peft,
                           student_cfg=cfg.student, merged_dtype=merged_dtype, metric=cfg.train.metric)

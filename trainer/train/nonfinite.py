@@ -13,21 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from trainer.ranks import max_over_ranks
 
 from trainer.errors import UserError
 
 
 class TrainingDiverged(UserError, RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-def _max_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:  # one rank decides alone, with no collective
-        if dist.get_backend() == "nccl" and values.device.type != "cuda":
-            values = values.cuda()
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values
 
 
 def largest_abs_weight(model: torch.nn.Module) -> float:
@@ -40,7 +33,7 @@ def largest_abs_weight(model: torch.nn.Module) -> float:
     tensors = [t for t in tensors if t.numel()]  # a rank's ZeRO-3 shard of a small weight may be empty
     local = torch.stack(torch._foreach_norm(tensors, ord=float("inf"))).float().amax() if tensors else torch.zeros(())
     local = torch.nan_to_num(local, nan=float("inf")).reshape(1)  # NaN loses every comparison; inf wins them
-    return float(_max_over_ranks(local)[0])
+    return float(max_over_ranks(local)[0])
 
 
 def describe_weights(largest: float | None, at_step_0: float | None) -> str:
