@@ -94,7 +94,7 @@ def _print_param_digest():
 
     def finish(self, initial, final, seconds):
         digest = hashlib.sha256()
-        for name, param in self.student.module.named_parameters():
+        for name, param in self.parts.student.module.named_parameters():
             if param.requires_grad:
                 digest.update(name.encode() + param.detach().to(torch.float32).cpu().numpy().tobytes())
         print(f"PARAM_DIGEST rank={dist.get_rank()} {digest.hexdigest()}", flush=True)

@@ -31,21 +31,21 @@ def _watch() -> None:
         setup(self)
         # The student's mode here is whatever from_pretrained and peft left (peft adds its layers in
         # train mode to a model in eval mode); the probes' own test checks they leave it as found.
-        _record("setup", teacher=self.teacher)
+        _record("setup", teacher=self.parts.teacher)
         evaluation._batch_counters = watched_batch_counters(self)
 
     def watched_batch_counters(distill_job):
         def counters(*args, **kwargs):
-            _record("evaluate", teacher=distill_job.teacher, student=distill_job.student)
+            _record("evaluate", teacher=distill_job.parts.teacher, student=distill_job.parts.student)
             return batch_counters(*args, **kwargs)
         return counters
 
     def watched_train(self, watch):
-        self.student.module.eval()
+        self.parts.student.module.eval()
         return train(self, watch)
 
     def watched_sums(self, *args, **kwargs):
-        _record("step", teacher=self.teacher, student=self.student)
+        _record("step", teacher=self.parts.teacher, student=self.parts.student)
         return micro_batch_sums(self, *args, **kwargs)
 
     def watched_finish(self, *args, **kwargs):

@@ -283,13 +283,9 @@ def test_help_meanings_are_the_schemas_field_docs_and_values_the_command_lines(h
 
 
 def test_an_initial_metric_is_refused_when_the_job_resumes_without_measuring_it(tmp_path):
-    from types import SimpleNamespace
+    from trainer.train.resume import check_metric_survives_resume
 
-    from trainer.train.job import DistillJob
-
-    job = DistillJob(composed("train.metric=initial/eval/kl_to_teacher"), _cpu(), tmp_path)
-    job.resumed_state = SimpleNamespace(step=40)
     with pytest.raises(ConfigError, match=r"train.metric=initial/eval/kl_to_teacher is measured before the first "
                                           r"step, and this job resumes from .*step_00000040 at step 40"):
-        job._check_metric_survives_resume(tmp_path / "step_00000040")
-    DistillJob(composed("train.metric=eval/kl_to_teacher"), _cpu(), tmp_path)._check_metric_survives_resume(tmp_path)
+        check_metric_survives_resume("initial/eval/kl_to_teacher", tmp_path / "step_00000040", 40)
+    check_metric_survives_resume("eval/kl_to_teacher", tmp_path, 40)

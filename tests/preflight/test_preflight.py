@@ -68,7 +68,7 @@ def test_a_training_job_hashes_each_split_and_its_tokenizer_once(tiny, tmp_path,
     job = DistillJob(_job_config(tiny, tmp_path), one_rank, tmp_path / "run", inputs_checked=_stop)
     with pytest.raises(_InputsChecked):
         job.setup()
-    identity = job._identity()  # as every checkpoint asks for it
+    identity = job.identity  # what every checkpoint records
     assert hashing == {"train.jsonl": 1, "eval.jsonl": 1, "tokenizer": 1}
     fingerprints = job.preflight.data_fingerprints
     assert identity["data.eval"] == f"rows with sha256 {fingerprints['eval'][:16]} at train.seq_len=32"
@@ -82,7 +82,7 @@ def test_a_job_reading_a_teacher_cache_hashes_its_data_and_teacher_once(tiny, tm
     job = DistillJob(_job_config(tiny, tmp_path, "teacher.cache=auto"), one_rank, tmp_path / "run")
     with pytest.raises(CacheError, match="there is no teacher cache"):  # after the cache's identity is known
         job.setup()
-    job._identity()
+    assert job.identity
     assert hashing == {"train.jsonl": 1, "eval.jsonl": 1, "tokenizer": 1, "teacher weights": 1}
 
 

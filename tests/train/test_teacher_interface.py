@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from trainer.losses.settings import IGNORE_INDEX
 from trainer.models import engines
 from trainer.models.teacher import Teacher
 from trainer.ranks import RankInfo
-from trainer.train import evaluation, job
+from trainer.train import evaluation, job, setup
 
 V = 7
 
@@ -60,6 +61,7 @@ class FixedStudent:
 
     fused = False
     head = None
+    vocab_size = V
 
     def __init__(self, logits_by_batch: list[torch.Tensor]):
         self.logits_by_batch = logits_by_batch
@@ -125,8 +127,8 @@ def test_evaluation_reads_the_teacher_through_the_interface_only(one_rank):
 def _bare_job(objective: Objective, teacher: Teacher, student: FixedStudent) -> job.DistillJob:
     """A DistillJob holding only what a step's forward and loss read."""
     distill_job = job.DistillJob.__new__(job.DistillJob)
-    distill_job.objective, distill_job.step_teacher, distill_job.student_scorer = objective, teacher, student
-    distill_job.vocab_size = V
+    distill_job.objective = objective
+    distill_job.parts = SimpleNamespace(step_teacher=teacher, student_scorer=student)
     return distill_job
 
 
@@ -177,15 +179,11 @@ def test_a_job_decides_precision_and_builds_each_deepspeed_config_once(monkeypat
     precisions = _counting(monkeypatch, engines, "precision")
     configs = _counting(monkeypatch, engines, "deepspeed_config")
     loaded = []
-    monkeypatch.setattr(job, "load_teacher", lambda *args: loaded.append(args) or (None, {}))
+    monkeypatch.setattr(setup, "load_teacher", lambda *args: loaded.append(args) or (None, {}))
     cpu = RankInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
     distill_job = job.DistillJob(composed("deepspeed=zero3", "train.precision=bf16"), cpu, tmp_path)
-    distill_job.teacher_cache = None
-    distill_job._build_teacher()
-    distill_job.student, distill_job.teacher = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-    distill_job.student.module, distill_job.teacher.module = distill_job.student, distill_job.teacher
-    distill_job._start_accounting()
+    setup._build_teacher(distill_job.cfg.teacher, None, distill_job.engine_configs, distill_job.precision, cpu, {})
 
     assert len(precisions) == 1 and len(configs) == 1
     assert distill_job.precision == engines.Precision(True, torch.bfloat16)

@@ -8,6 +8,9 @@ saved (checkpoints.py), so a missing or truncated file is found here; checkpoint
 manifests existed are checked for the files they must hold. Sizes, not hashes: hashing a full
 student's checkpoint at every save would cost minutes, and what breaks in practice is a file cut
 short or removed, which the size shows.
+
+:func:`checked_resume_point` is what the job calls: rank 0 chooses, every rank takes its choice,
+and the checkpoint is refused by name when it belongs to another run (:func:`run_identity`).
 """
 
 from __future__ import annotations
@@ -17,9 +20,14 @@ import logging
 import os
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.config import ConfigError
 from trainer.errors import first_line
+from trainer.metric_names import INITIAL
+from trainer.preflight import Preflight
+from trainer.ranks import broadcast_object
 from trainer.train.checkpoints import (
     CHECKPOINTS,
     LATEST,
@@ -28,12 +36,76 @@ from trainer.train.checkpoints import (
     TAG_PREFIX,
     CheckpointError,
     TrainerState,
+    check_same_run,
     read_state,
 )
 
 log = logging.getLogger(__name__)
 
 _TAG = re.compile(rf"{TAG_PREFIX}(\d+)")
+
+
+# ------------------------------------------------------------------------------------ the job's
+@dataclass
+class ResumePoint:
+    folder: Path
+    state: TrainerState
+
+
+def checked_resume_point(cfg, run_dir: Path, identity: dict, is_main: bool) -> ResumePoint | None:
+    """The checkpoint this job continues from (None: a fresh start), verified, and refused by name
+    when it belongs to another teacher, student, data or LoRA shape, another ZeRO layout, or a step
+    past train.max_steps. Before any weights load: a wrong checkpoint costs nothing."""
+    folder = agreed_resume_point(run_dir, cfg.resume, is_main)
+    if folder is None:
+        return None
+    state = read_state(folder)
+    check_same_run(folder, state, identity)
+    check_fits_job(folder, state, cfg.deepspeed.stage, cfg.train.max_steps)
+    check_metric_survives_resume(cfg.train.metric, folder, state.step)
+    return ResumePoint(folder, state)
+
+
+def agreed_resume_point(run_dir: Path, resume: str, is_main: bool) -> Path | None:
+    """Rank 0 verifies the checkpoints and chooses; every rank takes its choice, or its error.
+    Ranks judging the files each on their own could resume from different checkpoints."""
+    choice = None
+    if is_main:
+        try:
+            folder = choose_resume_point(run_dir, resume)
+            choice = ("resume", str(folder) if folder is not None else None)
+        except CheckpointError as error:
+            choice = ("refuse", str(error))
+    verdict, value = broadcast_object(choice)
+    if verdict == "refuse":
+        raise CheckpointError(value)
+    return Path(value) if value is not None else None
+
+
+def check_metric_survives_resume(metric: str, folder: Path, step: int) -> None:
+    """A resumed job does not evaluate before its first step, so its summary has no `initial/...`."""
+    if metric.startswith(INITIAL):
+        raise ConfigError(f"train.metric={metric} is measured before the first step, and this job resumes from "
+                          f"{folder} at step {step}, so it has none; pick an eval/ or train/ metric, or set "
+                          "resume=never to start afresh.")
+
+
+def run_identity(cfg, checked: Preflight) -> dict:
+    """What makes a checkpoint belong to this run: a different value is a different run."""
+    models = checked.models
+    return {
+        "teacher.path": models["teacher"].id if cfg.teacher.path else f"cache {cfg.teacher.cache}",
+        "teacher.revision": cfg.teacher.revision,
+        "student.path": models["student"].id,
+        "student.revision": cfg.student.revision,
+        # The rows' contents, wherever the files now live.
+        **{f"data.{split}": f"rows with sha256 {fingerprint[:16]} at train.seq_len={cfg.train.seq_len}"
+           for split, fingerprint in checked.data_fingerprints.items()},
+        **({"data.pack": "true"} if cfg.data.pack else {}),  # packing changes every step's rows
+        "peft.kind": cfg.peft.kind,
+        **({f"peft.{key}": str(cfg.peft[key]) for key in ("r", "alpha", "target_modules")}
+           if cfg.peft.kind == "lora" else {}),
+    }
 
 
 # ------------------------------------------------------------------------------------ choosing

@@ -1,0 +1,139 @@
+"""Building what a job's loop reads: the teacher (a model, or its cache), the student and its
+optimizer, how each is scored, the rows, and the FLOPs a step costs. :func:`build_parts` is the
+one place that knows whether a model or a cache teaches; everything after reads the
+:class:`~trainer.models.teacher.Teacher` interface.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from trainer.cache.store import CacheReader
+from trainer.cache.teacher import CachedTeacher
+from trainer.data.batching import eval_batches
+from trainer.data.tokenize import TokenizedRow
+from trainer.losses import default_chunk_size
+from trainer.models import engines, loading, lora
+from trainer.models.heads import Scorer, fused_unsupported_reason
+from trainer.models.optimizer import SkippingAdamW
+from trainer.models.probes import check_documents_stay_apart, check_head_parity
+from trainer.models.teacher import ModelTeacher, Teacher, load_teacher
+from trainer.preflight import Preflight
+from trainer.ranks import RankInfo
+from trainer.train import throughput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobParts:
+    """What the loop reads besides the config, built once by :func:`build_parts`."""
+
+    student: object
+    """The student's DeepSpeed engine."""
+    optimizer: SkippingAdamW
+    teacher: object | None
+    """The teacher's DeepSpeed engine; None when its top-k is read from a cache."""
+    step_teacher: Teacher
+    eval_teacher: Teacher
+    """The same teacher as `step_teacher`, except a cache's, which reads the held-out split."""
+    student_scorer: Scorer
+    chunk_size: int
+    """Tokens per chunk of the fused loss and of the evaluation's logits."""
+    step_cost: throughput.ModelCost
+    """FLOPs per token of every model a step runs."""
+    train_rows: list[TokenizedRow]
+    eval_batches: list[dict]
+    """This rank's share of the held-out rows, collated."""
+    pad_id: int
+    teacher_cache: CacheReader | None
+    summary: dict
+    """What summary.json says of the teacher and the loss path."""
+
+
+def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheReader | None,
+                precision: engines.Precision, configs: engines.EngineConfigs, data_time) -> JobParts:
+    """Load and wrap both models (after the inputs passed their checks) and prove on probes what the
+    step assumes of them. `data_time`: the stopwatch a cached teacher's reads run in (data loading)."""
+    summary: dict = {}
+    teacher = _build_teacher(cfg.teacher, teacher_cache, configs, precision, rank, summary)
+    student, optimizer = _build_student(cfg, configs, precision)
+    by_role = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
+    fused = cfg.loss.fused and _fused_loss_fits(by_role)
+    scorers = {role: Scorer(engine, checked.vocab_size, fused) for role, engine in by_role.items()}
+    if fused:
+        for role, scorer in scorers.items():
+            check_head_parity(role, scorer.engine, scorer.tap, scorer.head, rank.device)
+    chunk_size = cfg.loss.chunk_size or default_chunk_size(checked.vocab_size)
+    log.info("loss: %s, %d tokens per chunk", "fused with the heads" if fused else "on full logits", chunk_size)
+    summary["loss/fused"] = fused
+    if cfg.data.pack:  # every rank: a sharded model's forward is collective
+        for role, engine in by_role.items():
+            check_documents_stay_apart(role, engine.module, rank.device)
+    step_teacher, eval_teacher = _teachers(scorers.get("teacher"), teacher_cache, checked.rows.eval_split, rank,
+                                           data_time)
+    pad_id = checked.tokenizer.pad_token_id
+    return JobParts(
+        student=student, optimizer=optimizer, teacher=teacher, step_teacher=step_teacher, eval_teacher=eval_teacher,
+        student_scorer=scorers["student"], chunk_size=chunk_size,
+        step_cost=_step_cost(student, teacher, cfg.loss.kind), train_rows=checked.rows.train,
+        eval_batches=eval_batches(checked.rows.eval, rank.rank, rank.world_size, cfg.train.micro_batch_size, pad_id),
+        pad_id=pad_id, teacher_cache=teacher_cache, summary=summary)
+
+
+def _build_teacher(teacher_cfg, teacher_cache: CacheReader | None, configs: engines.EngineConfigs,
+                   precision: engines.Precision, rank: RankInfo, summary: dict):
+    """The teacher's engine, or None when its top-k is read from a cache instead."""
+    if teacher_cache is not None:
+        manifest = teacher_cache.manifest
+        summary.update({"teacher/source": "cache", "teacher/cache": str(teacher_cache.folder),
+                        "teacher/cache_top_k": manifest.key["top_k"], "teacher/cached_from": manifest.teacher})
+        return None
+    engine, held = load_teacher(teacher_cfg, configs, precision, rank)
+    summary.update({"teacher/source": "model", **held})
+    return engine
+
+
+def _build_student(cfg, configs: engines.EngineConfigs, precision: engines.Precision):
+    """The student's engine and optimizer: loaded (partitioned at ZeRO-3), LoRA applied when asked."""
+    stage = cfg.deepspeed.stage
+    student = loading.load_model("student", cfg.student, precision.model_dtype(cfg.student.dtype),
+                                 configs.student if stage == 3 else None)
+    if cfg.train.activation_checkpointing:
+        loading.checkpoint_activations(student)
+        log.info("student: activation checkpointing on (each layer is recomputed in the backward)")
+    if cfg.peft.kind == "lora":
+        student, targets = lora.apply_lora(student, cfg.peft)
+        log.info("LoRA r=%d on %s", cfg.peft.r, ", ".join(targets))
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if p.requires_grad)
+    log.info("student: %d trainable parameters, ZeRO stage %d", trainable, stage)
+    return engines.build_student_engine(student, configs.student, cfg.train)
+
+
+def _fused_loss_fits(engines_by_role: dict) -> bool:
+    reasons = {role: fused_unsupported_reason(engine.module) for role, engine in engines_by_role.items()}
+    for role, reason in reasons.items():
+        if reason:
+            log.warning("loss: the %s cannot use the fused loss (%s); using full logits.", role, reason)
+    return not any(reasons.values())
+
+
+def _teachers(model_scorer: Scorer | None, teacher_cache: CacheReader | None, eval_split: str, rank: RankInfo,
+              data_time) -> tuple[Teacher, Teacher]:
+    """The step's teacher and the evaluation's: one model, or a cache read by split (held-out rows
+    split off the training data keep their index in it, so they may read the train split)."""
+    if model_scorer is not None:
+        teacher = ModelTeacher(model_scorer)
+        return teacher, teacher
+    # Reading the cache is data loading: the step waits on it as on rows.
+    return (CachedTeacher(teacher_cache, "train", rank.device, reading=data_time),
+            CachedTeacher(teacher_cache, eval_split, rank.device))
+
+
+def _step_cost(student, teacher, loss_kind: str) -> throughput.ModelCost:
+    """FLOPs per token of each model that runs in a step (see trainer/train/throughput.py)."""
+    cost = throughput.student_cost(student.module)
+    if teacher is not None and loss_kind != "sft":
+        cost = cost + throughput.teacher_cost(teacher.module)
+    return cost
