@@ -131,12 +131,13 @@ def test_the_licence_is_read_from_the_card_and_license_name_stands_for_other(tmp
 def test_a_missing_card_or_licence_is_unknown_and_refused(tmp_path, front_matter):
     folder = _card(tmp_path / "teacher", front_matter)
     with pytest.raises(LicenceError, match="counts as restricted"):
-        licence_check.check_teacher_licence(_cfg({"path": str(folder)}), is_main=True)
+        licence_check.check_teacher_licence(_cfg({"path": str(folder)}).teacher, is_main=True)
 
 
 def test_teacher_license_in_config_overrides_the_card(tmp_path):
     folder = _card(tmp_path / "teacher", "license: llama3")
-    decision = licence_check.check_teacher_licence(_cfg({"path": str(folder), "license": "apache-2.0"}), is_main=True)
+    teacher = _cfg({"path": str(folder), "license": "apache-2.0"}).teacher
+    decision = licence_check.check_teacher_licence(teacher, is_main=True)
     assert decision.licence == "apache-2.0" and decision.read_from == "set by teacher.license"
 
 
@@ -147,9 +148,10 @@ def test_a_cached_teacher_without_a_path_is_unknown_unless_config_states_it(tmp_
                                                 dtype="float16", vocab_size=8))
     cached = {"path": None, "cache": str(tmp_path / "cache")}
     with pytest.raises(LicenceError, match="API model some-api-model"):
-        licence_check.check_teacher_licence(_cfg(cached), is_main=True)
-    assert licence_check.check_teacher_licence(_cfg({**cached, "accept_license": "unknown"}), True).allowed_because == "acknowledged"
-    assert licence_check.check_teacher_licence(_cfg({**cached, "license": "mit"}), True).kind == PERMISSIVE
+        licence_check.check_teacher_licence(_cfg(cached).teacher, is_main=True)
+    acknowledged = _cfg({**cached, "accept_license": "unknown"}).teacher
+    assert licence_check.check_teacher_licence(acknowledged, True).allowed_because == "acknowledged"
+    assert licence_check.check_teacher_licence(_cfg({**cached, "license": "mit"}).teacher, True).kind == PERMISSIVE
 
 
 # ---------------------------------------------------------------------------------- the seal

@@ -88,9 +88,9 @@ class Tracker:
             self.wandb_run = None
 
 
-def wandb_mode(cfg) -> str:
-    if cfg.logger.mode != "auto":
-        return cfg.logger.mode
+def wandb_mode(logger_cfg) -> str:
+    if logger_cfg.mode != "auto":
+        return logger_cfg.mode
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
@@ -101,7 +101,7 @@ def _start_wandb(run_dir: Path, cfg, resolved_config: dict):
     id_file = run_dir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
-    mode = wandb_mode(cfg)
+    mode = wandb_mode(cfg.logger)
     server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     unreachable = mode == "online" and _unreachable(server)
     if unreachable:

@@ -42,29 +42,29 @@ class CardLicence:
         return {"license": self.id}
 
 
-def check_teacher_licence(cfg, is_main: bool, student: CardLicence | None = None) -> Decision:
+def check_teacher_licence(teacher_cfg, is_main: bool, student: CardLicence | None = None) -> Decision:
     """The decision for this job's teacher, logged (rank 0); LicenceError when the job must stop.
     `student`: the student's licence, when there is a student (training), for the exception some
     licences make for their own family's models."""
-    teacher = teacher_licence(cfg)
-    decision = decide(teacher.id, teacher.read_from, cfg.teacher.accept_license, student.id if student else None)
+    teacher = teacher_licence(teacher_cfg)
+    decision = decide(teacher.id, teacher.read_from, teacher_cfg.accept_license, student.id if student else None)
     if is_main:
         announce(decision)
     return decision
 
 
-def teacher_licence(cfg) -> CardLicence:
-    if cfg.teacher.license:
-        return CardLicence(cfg.teacher.license, "set by teacher.license")
-    if cfg.teacher.path is not None:
-        return card_licence(cfg.teacher.path, cfg.teacher.revision)
-    return _cached_teacher_licence(Path(cfg.teacher.cache).expanduser())
+def teacher_licence(teacher_cfg) -> CardLicence:
+    if teacher_cfg.license:
+        return CardLicence(teacher_cfg.license, "set by teacher.license")
+    if teacher_cfg.path is not None:
+        return card_licence(teacher_cfg.path, teacher_cfg.revision)
+    return _cached_teacher_licence(Path(teacher_cfg.cache).expanduser())
 
 
-def student_licence(cfg) -> CardLicence:
-    if cfg.student.license:
-        return CardLicence(cfg.student.license, "set by student.license")
-    return card_licence(cfg.student.path, cfg.student.revision)
+def student_licence(student_cfg) -> CardLicence:
+    if student_cfg.license:
+        return CardLicence(student_cfg.license, "set by student.license")
+    return card_licence(student_cfg.path, student_cfg.revision)
 
 
 def _cached_teacher_licence(folder: Path) -> CardLicence:

@@ -90,12 +90,12 @@ def _check_pair(cfg, rank: RankInfo, started_at: str) -> Preflight:
     models = {"student": resolve_model(cfg.student.path, cfg.student.revision)}
     # The student's licence goes into its model card, and decides the exception some teacher
     # licences make for students of their own family.
-    student_licence = licence_check.student_licence(cfg)
+    student_licence = licence_check.student_licence(cfg.student)
     if cfg.teacher.path is not None:  # a missing teacher folder is reported as such, not as a missing card
         # A cached teacher's weights are never loaded, so only its tokenizer and config must be safe.
         checks.check_model("teacher", cfg.teacher, loads_weights=not cfg.teacher.cache)
         models["teacher"] = resolve_model(cfg.teacher.path, cfg.teacher.revision)
-    licence = licence_check.check_teacher_licence(cfg, rank.is_main, student_licence)
+    licence = licence_check.check_teacher_licence(cfg.teacher, rank.is_main, student_licence)
     model_name = licence_check.model_name(cfg, licence)
     name_complies = licence_check.check_name(licence, model_name, rank.is_main)
     tokenizer = loading.load_tokenizer("student", cfg.student)
@@ -123,7 +123,7 @@ def _check_teacher(cfg, rank: RankInfo, entry: str, started_at: str) -> Prefligh
     """A cache build or generation: the teacher alone, whose outputs are made to train students."""
     checks.check_model("teacher", cfg.teacher)
     models = {"teacher": resolve_model(cfg.teacher.path, cfg.teacher.revision)}
-    licence = licence_check.check_teacher_licence(cfg, rank.is_main)
+    licence = licence_check.check_teacher_licence(cfg.teacher, rank.is_main)
     tokenizer = loading.load_tokenizer("teacher", cfg.teacher)
     config = loading.load_config("teacher", cfg.teacher)
     vocab_size = checks.shared_vocab_size(tokenizer, config) if entry == "cache" else None
