@@ -153,8 +153,8 @@ class DistillJob:
     def _global_supervised_tokens(self, step: int) -> int:
         """The step's supervised tokens over all ranks, from the rows it takes: no collective, no host sync."""
         rows = self.parts.train_rows
-        rows = (rows[i] for i in step_row_ids(step, len(rows), self.state.rows_per_step, self.cfg.train.seed))
-        return sum(len(row.labels) - 1 - row.labels[1:].count(IGNORE_INDEX) for row in rows)
+        taken = (rows[i] for i in step_row_ids(step, len(rows), self.state.rows_per_step, self.cfg.train.seed))
+        return sum(len(row.labels) - 1 - row.labels[1:].count(IGNORE_INDEX) for row in taken)
 
     def _forward_models(self, batch: dict, host_batch: dict):
         """The teacher as the loss takes it (None under sft: no teacher runs), and the student's
