@@ -47,19 +47,11 @@ def load_tokenizer(role: str, model_cfg):
     from transformers import AutoTokenizer
 
     check_tokenizer_files(role, model_cfg.path, model_cfg.revision)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            os.path.expanduser(model_cfg.path),
-            revision=model_cfg.revision,
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
-    except ValueError as error:
-        raise _refused_code_or(error, role, model_cfg.path, "tokenizer") from None
-    except OSError as error:
-        raise ModelError(
-            f"cannot load the {role} tokenizer from {model_cfg.path} ({first_line(error)}); check the path or hub id; "
-            f"with no network, download the model first or set {role}.path to a local model folder."
-        ) from None
+    tokenizer = _from_pretrained(
+        AutoTokenizer, role, model_cfg, "tokenizer",
+        cannot=f"cannot load the {role} tokenizer from {model_cfg.path}",
+        fix=f"check the path or hub id; with no network, download the model first or set {role}.path to a local "
+            "model folder.")
     _give_pad_token(tokenizer, role, model_cfg.path)
     return tokenizer
 
@@ -83,17 +75,20 @@ def _give_pad_token(tokenizer, role: str, path: str) -> None:
 def load_config(role: str, model_cfg):
     from transformers import AutoConfig
 
+    return _from_pretrained(AutoConfig, role, model_cfg, "config",
+                            cannot=f"cannot read the {role} config from {model_cfg.path}",
+                            fix=f"point {role}.path at a folder written by save_pretrained.")
+
+
+def _from_pretrained(auto_class, role: str, model_cfg, what: str, *, cannot: str, fix: str):
+    """`auto_class.from_pretrained` on a model setting; its errors as one line: `cannot (reason); fix`."""
     try:
-        return AutoConfig.from_pretrained(
-            os.path.expanduser(model_cfg.path),
-            revision=model_cfg.revision,
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
+        return auto_class.from_pretrained(os.path.expanduser(model_cfg.path), revision=model_cfg.revision,
+                                          trust_remote_code=model_cfg.trust_remote_code)
     except ValueError as error:
-        raise _refused_code_or(error, role, model_cfg.path, "config") from None
+        raise _refused_code_or(error, role, model_cfg.path, what) from None
     except OSError as error:
-        raise ModelError(f"cannot read the {role} config from {model_cfg.path} ({first_line(error)}); "
-                         f"point {role}.path at a folder written by save_pretrained.") from None
+        raise ModelError(f"{cannot} ({first_line(error)}); {fix}") from None
 
 
 def _refused_code_or(error: ValueError, role: str, path: str, what: str) -> ModelError:

@@ -1,11 +1,9 @@
-"""Skipping an optimizer step whose loss or gradients are NaN/Inf, on every rank together.
+"""When NaN/Inf updates stop a job, and what it says about the weights when they do.
 
-One bad batch (a fp overflow, a corrupt row) should cost one step, not the run: Adam's moments
-never recover from a NaN. The check lives in the optimizer DeepSpeed wraps, because that is the
-one place that sees the final gradients at every ZeRO stage: the replicas' averaged `.grad` at
-stage 0, each rank's fp32 partition at stages 1-3. With gradient clipping on (the default), a NaN
-anywhere makes the global norm NaN and so reaches every partition; the all-reduce below makes
-the decision common even without it.
+The skipping itself is the optimizer's (trainer/models/optimizer.py: a NaN/Inf step is skipped on
+every rank together). The job counts the skips (trainer/train/progress.py) and stops with
+:class:`TrainingDiverged` after train.max_nonfinite_steps in a row, or when the final evaluation is
+not finite; :func:`streak_message` says what the weights and the newest checkpoint hold then.
 """
 
 from __future__ import annotations
@@ -14,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.ranks import max_over_ranks
-
 from trainer.errors import UserError
+from trainer.ranks import max_over_ranks
 
 
 class TrainingDiverged(UserError, RuntimeError):
