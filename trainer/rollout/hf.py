@@ -80,8 +80,9 @@ class HFRolloutEngine(RolloutEngine):
             past = outputs.past_key_values
             logits = outputs.logits[:, -1].to(dtype=torch.float32)
             next_ids = next_tokens(logits, generators, settings, done)
-            for row in (~done).nonzero().flatten().tolist():
-                written[row].append(next_ids[row].item())
+            for row, (token, finished) in enumerate(zip(next_ids.tolist(), done.tolist())):
+                if not finished:
+                    written[row].append(token)
             done |= torch.isin(next_ids, eos)
             if done.all():
                 break
