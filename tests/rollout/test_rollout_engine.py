@@ -184,3 +184,29 @@ def test_an_engine_needs_an_eos_and_a_seed_per_prompt(model):
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         RolloutSettings(**{"max_new_tokens": 4, field: value})
+
+
+def test_for_tokenizer_stops_at_the_tokenizers_eos_and_the_models_end_of_turn_ids(tmp_path):
+    from conftest import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path)
+    model = build("llama", vocab=len(tokenizer))
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    built = HFRolloutEngine.for_tokenizer(model, tokenizer)
+    assert built.eos_ids == sorted({tokenizer.eos_token_id, end_of_turn})
+    assert built.pad_id == tokenizer.pad_token_id
+
+
+def test_a_wrapper_with_a_module_is_decoded_through_its_module(model):
+    # As a DeepSpeed engine: the model is its `.module`, and its own forward is never called.
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, *args, **kwargs):
+            raise AssertionError("the rollout must call the wrapped module, not the wrapper")
+
+    wrapped = engine(Wrapper(model)).generate(PROMPTS, [1, 2, 3], SAMPLED)
+    assert wrapped.tokens == engine(model).generate(PROMPTS, [1, 2, 3], SAMPLED).tokens
