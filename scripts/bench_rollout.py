@@ -79,8 +79,9 @@ def time_generate(model, prompts, args) -> tuple[float, int]:
     ids = torch.tensor([[PAD] * (longest - len(p)) + p for p in prompts], device=args.device)
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=args.device)
     start = time.perf_counter()
+    # top_k=0: no top-k cut, as ours has none (None would fall back to transformers' default of 50).
     output = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
-                            top_p=args.top_p, top_k=None, max_new_tokens=args.max_new_tokens, pad_token_id=PAD)
+                            top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens, pad_token_id=PAD)
     seconds = time.perf_counter() - start
     return seconds, (output.shape[1] - longest) * len(prompts)
 
