@@ -210,3 +210,14 @@ def test_a_wrapper_with_a_module_is_decoded_through_its_module(model):
 
     wrapped = engine(Wrapper(model)).generate(PROMPTS, [1, 2, 3], SAMPLED)
     assert wrapped.tokens == engine(model).generate(PROMPTS, [1, 2, 3], SAMPLED).tokens
+
+
+def test_a_lora_student_rolls_out_as_its_generate_does():
+    from peft import LoraConfig, get_peft_model
+
+    student = get_peft_model(build("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights=False)).eval()
+    rollouts = engine(student).generate(PROMPTS, [1, 2, 3], GREEDY)
+    assert rollouts.tokens == generate_greedy(student, PROMPTS, 12, VOCAB - 1)
+    with student.disable_adapter():  # the adapter is what wrote them
+        assert engine(student).generate(PROMPTS, [1, 2, 3], GREEDY).tokens != rollouts.tokens

@@ -65,6 +65,8 @@ class HFRolloutEngine(RolloutEngine):
         return Rollouts(tokens=tokens, stopped_at_eos=stopped, seconds=time.perf_counter() - start)
 
     def _decode(self, prompts, seeds, settings) -> tuple[list[list[int]], list[bool]]:
+        """Prefill the `[B, P]` left-padded prompts once, then feed one `[B, 1]` token per step from
+        the cache; each row's tokens up to its EOS, and whether it wrote one."""
         module = getattr(self.model, "module", self.model)
         device = next(module.parameters()).device
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
@@ -132,8 +134,10 @@ def top_p_filtered(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _last_logits_only(module) -> dict:
     """Ask for the last position's logits only where the model can (`[B, 1, V]`, not `[B, P, V]`
-    over a long prompt); the values are the same."""
-    takes = "logits_to_keep" in inspect.signature(module.forward).parameters
+    over a long prompt); the values are the same. A PEFT model's forward takes `**kwargs` and
+    hands them to its base model, so the base model's signature is the one that says."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    takes = "logits_to_keep" in inspect.signature(base.forward).parameters
     return {"logits_to_keep": 1} if takes else {}
 
 
