@@ -8,7 +8,9 @@ to hide a cycle).
     top level (config, errors, files, ranks, metric_names, secrets)
     data/, models/, losses/            the pieces of a step; they import none of the stages below,
                                        and data/ none of models/ or losses/
-    preflight/, cache/, generate/, demo/, outputs/, report/
+    preflight/, cache/, generate/, demo/, outputs/, report/, rollout/
+                                       (rollout/ reads rows, models and losses; not
+                                       preflight/ nor outputs/: the step calls it, not start-up)
     train/, launch/                    the job and its start; nothing above imports them
 
 `__main__.py` files are entry points: they may import anything.
@@ -28,7 +30,7 @@ TRAINER = Path(__file__).resolve().parents[1] / "trainer"
 TOP = "<top>"  # the modules directly in trainer/
 JOB_AREAS = {"train", "launch"}
 STEP_AREAS = {"data", "models", "losses"}
-STAGE_AREAS = {"preflight", "cache", "generate", "demo", "outputs", "report"}
+STAGE_AREAS = {"preflight", "cache", "generate", "demo", "outputs", "report", "rollout"}
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(TRAINER.parent).with_suffix("").parts
@@ -106,6 +108,7 @@ RULES = {
     "data/ imports no model, and of the losses only their settings": lambda: {
         (importer, target) for importer, target in violations({"data"}, {"models", "losses"})
         if target != "trainer.losses.settings"},
+    "rollout/ imports neither preflight/ nor outputs/": lambda: violations({"rollout"}, {"preflight", "outputs"}),
 }
 
 

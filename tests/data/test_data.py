@@ -6,41 +6,13 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from conftest import CHATML, build_tokenizer
 from trainer.data import examples as examples_module
 from trainer.data.batching import collate
 from trainer.data.examples import load_examples, split_holdout
 from trainer.data.sources import DataError, read_rows
 from trainer.data.tokenize import IGNORE_INDEX, TokenizedRow, tokenize_row
-
-# ChatML, as Qwen writes it: each turn ends with <|im_end|> and a newline.
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-CHARACTERS = [chr(code) for code in range(32, 127)] + ["\n"]
-
-
-def build_tokenizer(path, chat_template=CHATML):
-    """A Llama-like character tokenizer: adds <s> by default, ends with </s>, pads with <pad>."""
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    tokenizer.chat_template = chat_template
-    tokenizer.save_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
 
 
 @pytest.fixture(scope="module")

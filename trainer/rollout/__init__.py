@@ -1,0 +1,9 @@
+"""On-policy distillation's rollouts: the student writes the responses that the teacher then scores.
+
+- `engine.py`: the one rollout interface (`RolloutEngine`: prompts, seeds and `RolloutSettings` in,
+  `Rollouts` out), so that another engine (vLLM) is one new file.
+- `hf.py`: `HFRolloutEngine`, the engine on a Hugging Face causal LM: batched, with a KV cache, each
+  row sampled from its own seeded generator.
+- `prompts.py`: a tokenised row's prompt, the row rewritten with a rollout as its response, and which
+  rows of a step are rewritten with which seed (a hash of seed, step and row: the same on any ranks).
+"""

@@ -1,0 +1,147 @@
+"""The rollout engine on a Hugging Face causal LM (a bare model or a DeepSpeed engine's `.module`).
+
+The prompts are decoded together: left-padded into one batch, with an attention mask and position
+ids that start at each prompt's first real token, and a KV cache, so each step feeds one new token
+per row. Each row samples from its own `torch.Generator` seeded with its seed, so its tokens do not
+depend on the rows beside it nor on the global RNG (which exact resume replays and which the call
+leaves untouched).
+
+What is exact and what is not:
+
+- greedy decoding (temperature 0) is `model.generate(do_sample=False)` on the same padded batch token
+  for token: the same inputs, positions, cache and float32 argmax;
+- a row's rollout alone and inside a batch see the same seed, the same draws and the same logits up
+  to the last float bits: padded attention sums over a different length, so a draw that falls
+  within those bits of a boundary between two tokens (or a greedy near-tie) can differ. The tests
+  check equality on seeds and lengths where it holds;
+- sampling draws from the distribution `model.generate(do_sample=True, temperature, top_p)` samples
+  (temperature, then the nucleus cut as transformers' `TopPLogitsWarper` makes it), but not the
+  same tokens: transformers draws every row from the one global generator.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Sequence
+
+import torch
+
+from trainer.models.loading import ModelError, eval_mode
+from trainer.rollout.engine import RolloutEngine, Rollouts, RolloutSettings
+
+
+class HFRolloutEngine(RolloutEngine):
+    """Rollouts from `model`, stopping each row at any of `eos_ids` or `max_new_tokens`."""
+
+    def __init__(self, model, eos_ids: Sequence[int], pad_id: int):
+        if not eos_ids:
+            raise ModelError("the student has no EOS token, so a rollout could never stop; "
+                             "set eos_token in its tokenizer_config.json")
+        self.model = model
+        self.eos_ids = sorted(set(eos_ids))
+        self.pad_id = pad_id
+
+    @classmethod
+    def for_tokenizer(cls, model, tokenizer) -> "HFRolloutEngine":
+        """An engine that stops at the tokenizer's EOS, and at the other end-of-turn ids the model's
+        generation config lists (Llama 3 ends a chat turn with <|eot_id|>, not its EOS)."""
+        eos_ids = set(_as_list(tokenizer.eos_token_id))
+        generation_config = getattr(getattr(model, "module", model), "generation_config", None)
+        eos_ids |= set(_as_list(getattr(generation_config, "eos_token_id", None)))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(model, sorted(eos_ids), pad_id if pad_id is not None else 0)
+
+    def generate(self, prompts: list[list[int]], seeds: list[int], settings: RolloutSettings) -> Rollouts:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        if any(not prompt for prompt in prompts):
+            raise ValueError("an empty prompt has nothing to continue; give every prompt at least one token")
+        start = time.perf_counter()
+        if not prompts:
+            return Rollouts(tokens=[], stopped_at_eos=[], seconds=0.0)
+        with torch.no_grad(), eval_mode(self.model):
+            tokens, stopped = self._decode(prompts, seeds, settings)
+        return Rollouts(tokens=tokens, stopped_at_eos=stopped, seconds=time.perf_counter() - start)
+
+    def _decode(self, prompts, seeds, settings) -> tuple[list[list[int]], list[bool]]:
+        """Prefill the `[B, P]` left-padded prompts once, then feed one `[B, 1]` token per step from
+        the cache; each row's tokens up to its EOS, and whether it wrote one."""
+        module = getattr(self.model, "module", self.model)
+        device = next(module.parameters()).device
+        generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        input_ids, attention_mask = self._left_padded(prompts, device)
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        eos = torch.tensor(self.eos_ids, device=device)
+        written = [[] for _ in prompts]
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        past, last_only = None, _last_logits_only(module)
+        for _ in range(settings.max_new_tokens):
+            outputs = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past, use_cache=True, **last_only)
+            past = outputs.past_key_values
+            logits = outputs.logits[:, -1].to(dtype=torch.float32)
+            next_ids = next_tokens(logits, generators, settings, done)
+            for row, (token, finished) in enumerate(zip(next_ids.tolist(), done.tolist())):
+                if not finished:
+                    written[row].append(token)
+            done |= torch.isin(next_ids, eos)
+            if done.all():
+                break
+            # A finished row keeps decoding pad (its outputs are discarded), as `generate` does.
+            input_ids = next_ids.masked_fill(done, self.pad_id)[:, None]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+        return written, done.tolist()
+
+    def _left_padded(self, prompts, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, P]` ids and mask, every prompt ending at the last column where generation starts."""
+        longest = max(len(prompt) for prompt in prompts)
+        ids = [[self.pad_id] * (longest - len(prompt)) + prompt for prompt in prompts]
+        mask = [[0] * (longest - len(prompt)) + [1] * len(prompt) for prompt in prompts]
+        return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def next_tokens(logits: torch.Tensor, generators: list[torch.Generator], settings: RolloutSettings,
+                done: torch.Tensor) -> torch.Tensor:
+    """The next id of each row `[B]` from its last logits `[B, V]` (float32).
+
+    Greedy rows take the argmax. Sampled rows draw from their own generator, one draw per step while
+    unfinished, so a row's draws are the same whichever rows share its batch.
+    """
+    if settings.greedy:
+        return logits.argmax(dim=-1)
+    probs = top_p_filtered(logits / settings.temperature, settings.top_p).softmax(dim=-1)
+    chosen = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+    for row in (~done).nonzero().flatten().tolist():
+        chosen[row] = torch.multinomial(probs[row], 1, generator=generators[row])[0]
+    return chosen
+
+
+def top_p_filtered(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`logits` `[B, V]` with the tokens outside the nucleus set to -inf, as transformers'
+    `TopPLogitsWarper` does: sorted ascending, drop those whose cumulative probability stays at or
+    below 1 - top_p, and always keep the most likely token."""
+    if top_p >= 1:
+        return logits
+    sorted_logits, sorted_indices = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[..., -1] = False
+    remove = remove_sorted.scatter(-1, sorted_indices, remove_sorted)
+    return logits.masked_fill(remove, -float("inf"))
+
+
+def _last_logits_only(module) -> dict:
+    """Ask for the last position's logits only where the model can (`[B, 1, V]`, not `[B, P, V]`
+    over a long prompt); the values are the same. A PEFT model's forward takes `**kwargs` and
+    hands them to its base model, so the base model's signature is the one that says."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    takes = "logits_to_keep" in inspect.signature(base.forward).parameters
+    return {"logits_to_keep": 1} if takes else {}
+
+
+def _as_list(ids) -> list[int]:
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)
