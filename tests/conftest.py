@@ -61,6 +61,17 @@ def build_tokenizer(path, chat_template=CHATML):
     return AutoTokenizer.from_pretrained(path)
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """:func:`build_tokenizer`'s character tokenizer, once per test module."""
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def text_of(tokenizer, ids):
+    """The text of `ids`, one character a token."""
+    return "".join(tokenizer.convert_ids_to_tokens(ids))
+
+
 def save_model(config, tokenizer, path: Path, seed: int) -> Path:
     import torch
     from transformers import AutoModelForCausalLM

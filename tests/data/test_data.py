@@ -7,21 +7,12 @@ import pyarrow.parquet
 import pytest
 import torch
 
-from conftest import CHATML, build_tokenizer
+from conftest import CHATML, build_tokenizer, text_of
 from trainer.data import examples as examples_module
 from trainer.data.batching import collate
 from trainer.data.examples import load_examples, split_holdout
 from trainer.data.sources import DataError, read_rows
 from trainer.data.tokenize import IGNORE_INDEX, TokenizedRow, tokenize_row
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-def text_of(tokenizer, ids):
-    return "".join(tokenizer.convert_ids_to_tokens(ids))
 
 
 def supervised_text(tokenizer, row):

@@ -8,18 +8,13 @@ import logging
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_data import build_tokenizer, write_jsonl
+from test_data import write_jsonl
 
 from trainer.data.batching import collate
 from trainer.data.examples import load_examples
 from trainer.data.sources import DataError
 from trainer.data.tokenize import TokenizedRow, tokenize_row
 from trainer.models.loading import ModelError, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def tokenize(tokenizer, row):

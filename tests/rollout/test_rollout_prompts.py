@@ -2,19 +2,10 @@
 
 import pytest
 
-from conftest import build_tokenizer
+from conftest import text_of
 from trainer.data.sources import DataError
 from trainer.data.tokenize import IGNORE_INDEX, TokenizedRow, tokenize_row
 from trainer.rollout.prompts import prompt_of, rewritten, rollout_rows, rollout_seed
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-def text_of(tokenizer, ids):
-    return "".join(tokenizer.convert_ids_to_tokens(ids))
 
 
 def encoded(tokenizer, text):
