@@ -140,6 +140,23 @@ class LossConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (GKD): the student writes some responses itself and the teacher grades
+    every token of them (trainer/rollout/)."""
+
+    fraction: float = 0.0
+    """GKD's lambda: the share of each step's rows whose response the student samples itself, in
+    [0, 1]; 0 is off-policy (the dataset's responses), 1 fully on-policy. Which rows is drawn from
+    train.seed, the step and the row, the same on any number of ranks and after a resume."""
+    max_new_tokens: int = 64
+    """The longest rollout, in tokens; rollouts that reach it without an EOS count as truncated."""
+    temperature: float = 1.0
+    """The rollouts' sampling temperature (not loss.temperature); 0 decodes greedily."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts, in (0, 1]; 1 keeps every token."""
+
+
+@dataclass
 class DeepSpeedConfig:
     stage: int = 0
     """ZeRO stage of the student: 0 (replicas) to 3 (parameters partitioned)."""
@@ -255,6 +272,7 @@ class DistillConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -293,6 +311,7 @@ def validate(cfg) -> None:
         _check_choice(f"{role}.dtype", cfg[role].dtype, ("auto", "float32", "bfloat16", "float16"))
     _validate_teacher(cfg.teacher)
     _validate_loss(cfg.loss)
+    _validate_onpolicy(cfg.onpolicy, cfg.teacher)
     if cfg.data.pack and cfg.teacher.cache:
         raise ConfigError("data.pack=true cannot read a teacher cache (it is stored row by row); set data.pack=false "
                           "or teacher.cache=null.")
@@ -353,6 +372,22 @@ def unread_loss_settings(loss) -> list[str]:
 
 def _readers(key: str) -> str:
     return "loss.kind=" + ", ".join(kind for kind in (*KINDS, "sft") if not _UNREAD_BY_KIND[key](kind))
+
+
+def _validate_onpolicy(onpolicy, teacher) -> None:
+    if not 0.0 <= onpolicy.fraction <= 1.0:
+        raise ConfigError(f"onpolicy.fraction={onpolicy.fraction} is out of range; use a share of rows in [0, 1] "
+                          "(0: off-policy, 1: every response written by the student).")
+    if onpolicy.max_new_tokens < 1:
+        raise ConfigError(f"onpolicy.max_new_tokens={onpolicy.max_new_tokens} must be at least 1, e.g. 256.")
+    if not (math.isfinite(onpolicy.temperature) and onpolicy.temperature >= 0):
+        raise ConfigError(f"onpolicy.temperature={onpolicy.temperature} must be a finite number >= 0; use 0 (greedy) "
+                          "or e.g. 1.0.")
+    if not 0.0 < onpolicy.top_p <= 1.0:
+        raise ConfigError(f"onpolicy.top_p={onpolicy.top_p} must be in (0, 1]; use 1.0 to keep every token.")
+    if onpolicy.fraction > 0 and teacher.cache:
+        raise ConfigError(f"onpolicy.fraction={onpolicy.fraction} needs a teacher that runs (a cache cannot score the "
+                          "student's new text); set teacher.cache=null or onpolicy.fraction=0.")
 
 
 def _validate_train(train) -> None:
