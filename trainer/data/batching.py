@@ -62,17 +62,28 @@ def step_row_ids(step: int, num_rows: int, rows_per_step: int, seed: int) -> lis
 
 def micro_batches_for_step(step: int, rows: list, rank: int, world_size: int, micro_batch_size: int,
                            grad_accum: int, seed: int, pad_id: int, collate_rows=collate) -> list[dict]:
-    """This rank's `grad_accum` collated micro-batches for optimizer step `step`.
+    """This rank's `grad_accum` collated micro-batches for optimizer step `step` (see
+    :func:`micro_batch_rows_for_step`)."""
+    return [collate_rows(slot_rows, pad_id) for _, slot_rows in
+            micro_batch_rows_for_step(step, rows, rank, world_size, micro_batch_size, grad_accum, seed)]
+
+
+def micro_batch_rows_for_step(step: int, rows: list, rank: int, world_size: int, micro_batch_size: int,
+                              grad_accum: int, seed: int) -> list[tuple[list[int], list]]:
+    """This rank's `grad_accum` micro-batches of step `step`, uncollated: each one's rows and their
+    positions among the step's rows.
 
     Micro-batch k of the step covers global positions [k·W·B, (k+1)·W·B); rank r takes its
-    B-row slice of that, so the rows of one accumulation slot are the same for any W×B split."""
+    B-row slice of that, so the rows of one accumulation slot are the same for any W×B split, and
+    a row's position names it in the step whatever the split."""
     per_slot = world_size * micro_batch_size
     ids = step_row_ids(step, len(rows), per_slot * grad_accum, seed)
-    batches = []
+    slots = []
     for slot in range(grad_accum):
         first = slot * per_slot + rank * micro_batch_size
-        batches.append(collate_rows([rows[i] for i in ids[first : first + micro_batch_size]], pad_id))
-    return batches
+        positions = list(range(first, first + micro_batch_size))
+        slots.append((positions, [rows[ids[i]] for i in positions]))
+    return slots
 
 
 def eval_batches(rows: list, rank: int, world_size: int, batch_size: int, pad_id: int) -> list[dict]:

@@ -32,25 +32,29 @@ from trainer.rollout.engine import RolloutEngine, Rollouts, RolloutSettings
 
 
 class HFRolloutEngine(RolloutEngine):
-    """Rollouts from `model`, stopping each row at any of `eos_ids` or `max_new_tokens`."""
+    """Rollouts from `model`, stopping each row at any of `eos_ids` or `max_new_tokens`. With
+    `vocab_size`, only the first `vocab_size` ids are ever written: a model's embedding is often
+    padded beyond its tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens), and an id past the
+    tokenizer's is no token the teacher or the loss knows."""
 
-    def __init__(self, model, eos_ids: Sequence[int], pad_id: int):
+    def __init__(self, model, eos_ids: Sequence[int], pad_id: int, vocab_size: int | None = None):
         if not eos_ids:
             raise ModelError("the student has no EOS token, so a rollout could never stop; "
                              "set eos_token in its tokenizer_config.json")
         self.model = model
         self.eos_ids = sorted(set(eos_ids))
         self.pad_id = pad_id
+        self.vocab_size = vocab_size
 
     @classmethod
-    def for_tokenizer(cls, model, tokenizer) -> "HFRolloutEngine":
+    def for_tokenizer(cls, model, tokenizer, vocab_size: int | None = None) -> "HFRolloutEngine":
         """An engine that stops at the tokenizer's EOS, and at the other end-of-turn ids the model's
         generation config lists (Llama 3 ends a chat turn with <|eot_id|>, not its EOS)."""
         eos_ids = set(_as_list(tokenizer.eos_token_id))
         generation_config = getattr(getattr(model, "module", model), "generation_config", None)
         eos_ids |= set(_as_list(getattr(generation_config, "eos_token_id", None)))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(model, sorted(eos_ids), pad_id if pad_id is not None else 0)
+        return cls(model, sorted(eos_ids), pad_id if pad_id is not None else 0, vocab_size)
 
     def generate(self, prompts: list[list[int]], seeds: list[int], settings: RolloutSettings) -> Rollouts:
         if len(prompts) != len(seeds):
@@ -80,7 +84,7 @@ class HFRolloutEngine(RolloutEngine):
             outputs = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past, use_cache=True, **last_only)
             past = outputs.past_key_values
-            logits = outputs.logits[:, -1].to(dtype=torch.float32)
+            logits = outputs.logits[:, -1, :self.vocab_size].to(dtype=torch.float32)
             next_ids = next_tokens(logits, generators, settings, done)
             for row, (token, finished) in enumerate(zip(next_ids.tolist(), done.tolist())):
                 if not finished:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from trainer import preflight
 from trainer.cache.teacher import open_cache
 from trainer.config import ConfigError, cache_root, evaluation_interval, unread_loss_settings, validate
-from trainer.data.batching import collate, micro_batches_for_step, step_row_ids, to_device
+from trainer.data.batching import collate, micro_batch_rows_for_step, step_row_ids, to_device
 from trainer.data.packing import collate_packed, document_lengths
 from trainer.launch.preemption import Preempted, PreemptionWatch, hand_back
 from trainer.losses.objective import Objective, fused_micro_batch_sums, micro_batch_sums, supervised_positions
@@ -22,7 +22,7 @@ from trainer.losses.settings import IGNORE_INDEX
 from trainer.models import engines
 from trainer.outputs.finish import RunFacts, finish_run
 from trainer.outputs.tracking import Tracker, forget_steps_after
-from trainer.ranks import RankInfo
+from trainer.ranks import RankInfo, all_reduce_sum
 from trainer.train import checkpoints, resume, throughput
 from trainer.train.evaluation import evaluate
 from trainer.train.nonfinite import TrainingDiverged, describe_weights, largest_abs_weight, streak_message
@@ -57,7 +57,8 @@ class DistillJob:
             rows_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * rank.world_size,
             zero_stage=cfg.deepspeed.stage)
         # The loop's account; its data stopwatch also times a cached teacher's reads (data loading).
-        self.progress = Progress(self.state, rank.device, self.peak_flops, rank.world_size)
+        self.progress = Progress(self.state, rank.device, self.peak_flops, rank.world_size,
+                                 onpolicy=cfg.onpolicy.fraction > 0)
         # Set by setup():
         self.preflight: preflight.Preflight | None = None
         self.identity: dict = {}  # what a checkpoint of this run records (resume.run_identity)
@@ -119,15 +120,19 @@ class DistillJob:
         and its counts [supervised tokens, input tokens] (on the CPU, from the collated rows)."""
         cfg, parts = self.cfg, self.parts
         with self.progress.data_time:
-            batches = micro_batches_for_step(step, parts.train_rows, self.rank.rank, self.rank.world_size,
-                                             cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.seed,
-                                             parts.pad_id, collate_packed if cfg.data.pack else collate)
+            slots = micro_batch_rows_for_step(step, parts.train_rows, self.rank.rank, self.rank.world_size,
+                                              cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.seed)
+        if parts.onpolicy is not None:  # not data loading: the student's own work, timed apart
+            slots = [(positions, self._rolled_out(step, positions, rows)) for positions, rows in slots]
+        with self.progress.data_time:
+            collate_rows = collate_packed if cfg.data.pack else collate
+            batches = [collate_rows(rows, parts.pad_id) for _, rows in slots]
             counts = torch.tensor([[float((b["labels"][:, 1:] != IGNORE_INDEX).sum()), float(b["attention_mask"].sum())]
                                    for b in batches], dtype=torch.float64).sum(dim=0)
             self.progress.flops += sum(parts.step_cost.of_rows(document_lengths(b)) for b in batches)
         # DeepSpeed divides by grad_accum and averages over ranks; undo both so the gradient is
         # that of (Σ over the step's tokens) / (the step's token count).
-        scale = self.rank.world_size * cfg.train.grad_accum / max(self._global_supervised_tokens(step), 1.0)
+        scale = self.rank.world_size * cfg.train.grad_accum / max(self._global_supervised_tokens(step, counts), 1.0)
         loss_sums = torch.zeros(3, dtype=torch.float64, device=self.rank.device)
         for index, host_batch in enumerate(batches):
             with self.progress.data_time:
@@ -150,8 +155,18 @@ class DistillJob:
             parts.student.step()
         return loss_sums, counts
 
-    def _global_supervised_tokens(self, step: int) -> int:
-        """The step's supervised tokens over all ranks, from the rows it takes: no collective, no host sync."""
+    def _rolled_out(self, step: int, positions: list[int], rows: list) -> list:
+        """One micro-batch's rows, those drawn for rollouts rewritten with the student's responses."""
+        rows, work = self.parts.onpolicy.rewrite(step, positions, rows)
+        self.progress.add_rollouts(work)
+        return rows
+
+    def _global_supervised_tokens(self, step: int, counts: torch.Tensor) -> float:
+        """The step's supervised tokens over all ranks. Off-policy, from the rows it takes: no
+        collective, no host sync. On-policy the rollouts' lengths are known only where they were
+        written, so the ranks sum their counts (`counts`: this rank's, from its collated rows)."""
+        if self.parts.onpolicy is not None:
+            return float(all_reduce_sum(counts[:1].clone())[0])
         rows = self.parts.train_rows
         taken = (rows[i] for i in step_row_ids(step, len(rows), self.state.rows_per_step, self.cfg.train.seed))
         return sum(len(row.labels) - 1 - row.labels[1:].count(IGNORE_INDEX) for row in taken)

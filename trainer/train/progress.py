@@ -18,6 +18,7 @@ import torch
 from trainer.metric_names import LAST_WINDOW_METRICS
 from trainer.ranks import all_gather_floats, all_reduce_sum
 from trainer.train.checkpoints import TrainerState
+from trainer.train.onpolicy import RolloutWork
 from trainer.train.throughput import Stopwatch, Work, peak_memory_bytes
 
 LOSS_SUMS = 3
@@ -33,8 +34,10 @@ class Progress:
     summed over ranks) and `gather` (one float from every rank): a test passes its own."""
 
     def __init__(self, state: TrainerState, device: torch.device, peak_flops: float | None, world_size: int,
-                 reduce_sum=all_reduce_sum, gather=all_gather_floats):
+                 reduce_sum=all_reduce_sum, gather=all_gather_floats, onpolicy: bool = False):
+        """`onpolicy`: the steps generate rollouts, whose work the windows and the summary report."""
         self.state, self.device, self.peak_flops, self.world_size = state, device, peak_flops, world_size
+        self.onpolicy = onpolicy
         self._reduce_sum, self._gather = reduce_sum, gather
         self.losses = torch.zeros(LOSS_SUMS, dtype=torch.float64, device=device)
         self.counts = torch.zeros(COUNTS, dtype=torch.float64)
@@ -42,6 +45,10 @@ class Progress:
         """Model FLOPs of the window's rows on this rank (trainer/train/throughput.py)."""
         self.data_time = Stopwatch()
         """Seconds this rank spent loading the window's data (rows, a teacher cache)."""
+        self.rollouts = RolloutWork()
+        """What this rank's rollouts did in the window (on-policy steps only)."""
+        self.run_rollouts = RolloutWork()
+        """Every closed window's rollouts, all ranks."""
         self.opened = time.perf_counter()
         self.run_work = Work()
         """Every closed window of this job (of its life, when resumed)."""
@@ -65,6 +72,11 @@ class Progress:
         self.losses += losses
         self.counts += counts
 
+    def add_rollouts(self, work: RolloutWork) -> None:
+        """One micro-batch's rollouts; their FLOPs count as the window's model FLOPs too."""
+        self.rollouts += work
+        self.flops += work.flops
+
     @contextlib.contextmanager
     def paused(self):
         """Time spent inside is not the window's: tokens/s counts training time only."""
@@ -77,14 +89,18 @@ class Progress:
         Collective. `grad_norm`: DeepSpeed's, or None where it reports none (then the one measured
         before the step is logged); `kd_measured`: False under loss.kind=sft, whose kd is no number."""
         seconds = time.perf_counter() - self.opened
-        host = torch.tensor([self.flops, self.data_time.take()], dtype=torch.float64)
-        summed = self._reduce_sum(torch.cat([self.losses.cpu(), self.counts, host]))
-        objective, kd, ce, tokens, inputs, flops, data_seconds = summed.tolist()
+        host = torch.tensor([self.flops, self.data_time.take(), *self._rollout_sums()], dtype=torch.float64)
+        summed = self._reduce_sum(torch.cat([self.losses.cpu(), self.counts, host])).tolist()
+        objective, kd, ce, tokens, inputs, flops, data_seconds = summed[:7]
         self.state.tokens_seen += int(inputs)
         per_token = 1.0 / max(tokens, 1.0)
         if grad_norm is None:
             grad_norm = self.pre_step_grad_norm
         rates = self._add_work(Work(seconds, inputs, flops, data_seconds))
+        if self.onpolicy:
+            rollouts = RolloutWork.from_list(summed[7:])
+            self.run_rollouts += rollouts
+            rates.update(rollouts.rates(seconds, self.world_size))
         return {
             "step": step,
             "loss": objective * per_token,
@@ -98,11 +114,15 @@ class Progress:
             **rates,
         }
 
+    def _rollout_sums(self) -> list[float]:
+        return self.rollouts.as_list() if self.onpolicy else []
+
     def open_window(self) -> None:
         """A new window, empty, its clock running from now (after the last one was logged)."""
         self.losses.zero_()
         self.counts.zero_()
         self.flops = 0.0
+        self.rollouts = RolloutWork()
         self.opened = time.perf_counter()
 
     def _add_work(self, window: Work) -> dict:
@@ -117,15 +137,18 @@ class Progress:
     # ----------------------------------------------------------------------------- checkpoints
     def open_sums(self) -> list[float]:
         """This rank's sums of the open window, [objective, kd, ce, supervised tokens, input
-        tokens]: what a checkpoint saves (a host read of the device sums)."""
-        return torch.cat([self.losses.cpu(), self.counts]).tolist()
+        tokens] and, on-policy, its rollouts' work: what a checkpoint saves (a host read of the
+        device sums)."""
+        return torch.cat([self.losses.cpu(), self.counts]).tolist() + self._rollout_sums()
 
     def restore_sums(self, saved: list[float] | None) -> None:
         """Reopen the window a checkpoint saved with `open_sums` (None: it saved none, the window is empty)."""
         if saved is None:
             return
         self.losses = torch.tensor(saved[:LOSS_SUMS], dtype=torch.float64, device=self.device)
-        self.counts = torch.tensor(saved[LOSS_SUMS:], dtype=torch.float64)
+        self.counts = torch.tensor(saved[LOSS_SUMS:LOSS_SUMS + COUNTS], dtype=torch.float64)
+        if self.onpolicy and len(saved) > LOSS_SUMS + COUNTS:
+            self.rollouts = RolloutWork.from_list(saved[LOSS_SUMS + COUNTS:])
 
     # ------------------------------------------------------------------------- skipped updates
     def read_skips(self, skipped_this_life: int, step: int) -> tuple[int, int]:
@@ -148,4 +171,7 @@ class Progress:
         run = {f"train/{key}": value for key, value in self.run_work.rates(self.peak_flops, self.world_size).items()}
         last = {f"train/last_window_{key}": value for key, value in self.last_rates.items()
                 if key in LAST_WINDOW_METRICS}
-        return {**run, **last, "train/peak_memory_gib": self.last_rates["peak_memory_gib"], **counts}
+        rollouts = ({f"train/{key}": value for key, value in
+                     self.run_rollouts.rates(self.run_work.seconds, self.world_size).items() if key != "rollout_rows"}
+                    if self.onpolicy else {})
+        return {**run, **last, "train/peak_memory_gib": self.last_rates["peak_memory_gib"], **counts, **rollouts}

@@ -21,7 +21,9 @@ from trainer.models.probes import check_documents_stay_apart, check_head_parity
 from trainer.models.teacher import ModelTeacher, Teacher, load_teacher
 from trainer.preflight import Preflight
 from trainer.ranks import RankInfo
+from trainer.rollout.hf import HFRolloutEngine
 from trainer.train import throughput
+from trainer.train.onpolicy import OnPolicyRows
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,10 @@ class JobParts:
     eval_batches: list[dict]
     """This rank's share of the held-out rows, collated."""
     pad_id: int
+    rollout_engine: HFRolloutEngine
+    """The student writing responses: on-policy steps' rollouts and the on-policy evaluation's."""
+    onpolicy: OnPolicyRows | None
+    """Rewrites each step's drawn rows with rollouts; None off-policy (onpolicy.fraction=0)."""
     teacher_cache: CacheReader | None
     summary: dict
     """What summary.json says of the teacher and the loss path."""
@@ -74,12 +80,17 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
     step_teacher, eval_teacher = _teachers(scorers.get("teacher"), teacher_cache, checked.rows.eval_split, rank,
                                            data_time)
     pad_id = checked.tokenizer.pad_token_id
+    rollout_engine = HFRolloutEngine.for_tokenizer(student, checked.tokenizer, checked.vocab_size)
+    onpolicy = (OnPolicyRows(cfg.onpolicy, cfg.train.seed, cfg.train.seq_len, rollout_engine,
+                             throughput.teacher_cost(student.module))  # generating is the student's forward only
+                if cfg.onpolicy.fraction > 0 else None)
     return JobParts(
         student=student, optimizer=optimizer, teacher=teacher, step_teacher=step_teacher, eval_teacher=eval_teacher,
         student_scorer=scorers["student"], chunk_size=chunk_size,
         step_cost=_step_cost(student, teacher, cfg.loss.kind), train_rows=checked.rows.train,
         eval_batches=eval_batches(checked.rows.eval, rank.rank, rank.world_size, cfg.train.micro_batch_size, pad_id),
-        pad_id=pad_id, teacher_cache=teacher_cache, summary=summary)
+        pad_id=pad_id, rollout_engine=rollout_engine, onpolicy=onpolicy, teacher_cache=teacher_cache,
+        summary=summary)
 
 
 def _build_teacher(teacher_cfg, teacher_cache: CacheReader | None, configs: engines.EngineConfigs,
