@@ -30,9 +30,20 @@ def prompt_of(row: TokenizedRow) -> list[int]:
     if start is None:
         return list(row.input_ids)
     if start <= 1:
-        raise DataError(f"data row {row.index} has no prompt (every token is supervised, as in a text row), so the "
-                        "student cannot write its response; use prompt/response or messages rows, or onpolicy.fraction=0")
+        raise no_prompt_error(str(row.index))
     return list(row.input_ids[:start])
+
+
+def has_prompt(row: TokenizedRow) -> bool:
+    """Whether :func:`prompt_of` finds a prompt in `row` (not a text row)."""
+    start = _last_supervised_span_start(row.labels)
+    return start is None or start > 1
+
+
+def no_prompt_error(name: str) -> DataError:
+    """The refusal of a row without a prompt; `name` is its file and line where known, else its index."""
+    return DataError(f"data row {name} has no prompt (every token is supervised, as in a text row), so the "
+                     "student cannot write its response; use prompt/response or messages rows, or onpolicy.fraction=0")
 
 
 def _last_supervised_span_start(labels: list[int]) -> int | None:
