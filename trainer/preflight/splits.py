@@ -85,7 +85,8 @@ def _warn_without_supervised_eval_tokens(eval_rows: list[TokenizedRow], metric: 
     means for train.metric, rather than found in summary.json after the run."""
     if any(row.num_supervised for row in eval_rows):
         return
-    named = f"; train.metric={metric} is one of them: name another" if teacher_forced(metric) else ""
+    named = (f"; train.metric={metric} is one of them, so the job would return NaN to a sweeper: set train.metric "
+             "to another" if teacher_forced(metric) else "")
     log.warning("data: no held-out row has a response token (prompt-only rows, or responses cut off by "
                 "train.seq_len), so the teacher-forced eval/* metrics will be NaN%s", named)
 
