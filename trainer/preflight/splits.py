@@ -56,7 +56,8 @@ def training_rows(splits: dict[str, Examples], data_cfg, train_cfg, onpolicy_cfg
                   position_limits: dict[str, int | None], is_main: bool) -> TrainingRows:
     """The training rows (held-out part split off when there is no eval split, rows with nothing to
     learn dropped, packed with data.pack) and the held-out rows; warns about rows past a model's
-    positions. With onpolicy.fraction > 0, the rows are checked for prompts first."""
+    positions. data.train's rows are first checked against onpolicy.fraction (prompt-only rows only at
+    1, a prompt in every row above 0: trainer/preflight/onpolicy.py)."""
     train = splits["train"]
     onpolicy_checks.check_training_rows(train, data_cfg.train, onpolicy_cfg)
     if "eval" in splits:
