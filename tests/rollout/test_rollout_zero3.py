@@ -46,6 +46,14 @@ def test_a_rank_with_no_prompts_neither_hangs_nor_changes_the_others_tokens(rank
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_sampled_rollouts_equal_the_unsharded_models_draw_for_draw(ranks, mode):
+    for rank in ranks:
+        case = rank[f"sampled/{mode}"]
+        assert case["tokens"] == case["expected"] and all(len(tokens) == 10 for tokens in case["tokens"])
+
+
+@pytest.mark.slow
 def test_gathered_ranks_decode_alone_and_synced_ones_in_lockstep(ranks):
     # Gathered, the idle rank runs no forward at all (had the busy rank's forwards needed it, the
     # run would have hung); synced, it runs one dummy forward per step of the busy rank.

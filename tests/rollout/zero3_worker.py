@@ -2,8 +2,9 @@
 student, next to what the unsharded model's `generate` writes; each rank writes `OUT/rank<r>.json`.
 
 Cases, in each mode (gathered, synced, auto): "split", both ranks with prompts whose rollouts end at
-different steps; "uneven", rank 0 with 3 prompts and rank 1 with none; then "after_step", the same
-after one optimizer step, against an unsharded copy of the updated weights. Every rollout's tokens
+different steps; "uneven", rank 0 with 3 prompts and rank 1 with none; "sampled", the split prompts
+sampled, against our engine on the unsharded model; then "after_step", "uneven" after one optimizer
+step, against an unsharded copy of the updated weights. Every rollout's tokens
 sit beside the expected ones, with the forwards each rank ran and whether the model was left as it
 was (every parameter partitioned again, DeepSpeed's hooks back). The test reads and judges them.
 
@@ -103,6 +104,14 @@ def rollout_case(engine, reference, forwards, mode, prompts, eos) -> dict:
             "left_as_it_was": all_partitioned(engine.module) and deepspeed_hook_count(engine.module) == hooks}
 
 
+def sampled_case(engine, reference, mode, prompts) -> dict:
+    """A sampled rollout (each row from its own seeded generator) beside the unsharded model's."""
+    settings = RolloutSettings(MAX_NEW, temperature=1.0, top_p=0.9)
+    seeds = [11 * (row + 1) for row in range(len(prompts))]
+    tokens = HFRolloutEngine(engine, [NEVER], PAD, zero3_mode=mode).generate(prompts, seeds, settings).tokens
+    return {"tokens": tokens, "expected": HFRolloutEngine(reference, [NEVER], PAD).generate(prompts, seeds, settings).tokens}
+
+
 def one_step(engine, reference) -> None:
     """One AdamW step of the sharded student, then its weights (gathered) copied into `reference`."""
     import deepspeed
@@ -130,6 +139,7 @@ def run_cases(out: Path) -> None:
     for mode in ("gathered", "synced", "auto"):
         cases[f"split/{mode}"] = rollout_case(engine, reference, forwards, mode, split, eos)
         cases[f"uneven/{mode}"] = rollout_case(engine, reference, forwards, mode, uneven, NEVER)
+        cases[f"sampled/{mode}"] = sampled_case(engine, reference, mode, split)
     before_step = expected_greedy(reference, uneven, NEVER)
     one_step(engine, reference)
     for mode in ("gathered", "synced"):
@@ -139,17 +149,21 @@ def run_cases(out: Path) -> None:
 
 
 def bench(repeats: int, hidden: int, layers: int, batch: int, max_new: int) -> None:
-    """Seconds per rollout phase of each mode: each rank `batch` prompts, `max_new` tokens each."""
+    """Seconds per rollout phase of each mode: each rank `batch` prompts, `max_new` tokens each; and
+    of an unsharded copy of the model on each rank, the floor."""
     rank = dist.get_rank()
-    engine = zero3_engine(lora_student(hidden, layers))
+    student = lora_student(hidden, layers)
+    unsharded = copy.deepcopy(student)
+    engine = zero3_engine(student)
     prompts = [[1 + (rank * batch + row + i) % (VOCAB - 1) for i in range(8 + row)] for row in range(batch)]
     settings = RolloutSettings(max_new, temperature=0)
-    seconds = {"gathered": [], "synced": []}
+    seconds = {"gathered": [], "synced": [], "unsharded": []}
     for _ in range(repeats + 1):  # the first round warms up
         for mode in seconds:
+            model, zero3_mode = (unsharded, "auto") if mode == "unsharded" else (engine, mode)
             dist.barrier()
             start = time.perf_counter()
-            HFRolloutEngine(engine, [NEVER], PAD, zero3_mode=mode).generate(prompts, list(range(batch)), settings)
+            HFRolloutEngine(model, [NEVER], PAD, zero3_mode=zero3_mode).generate(prompts, list(range(batch)), settings)
             seconds[mode].append(time.perf_counter() - start)
     if rank == 0:
         for mode, times in seconds.items():

@@ -62,10 +62,12 @@ def fits_gathered(module: nn.Module) -> bool:
 
 
 def free_bytes(device: torch.device) -> int:
-    """Memory free for this rank: its GPU's; on CPU the host's available RAM, which all of the
-    host's ranks share."""
+    """Memory free for this rank: its GPU's (what the driver has free, plus what torch's caching
+    allocator holds but no tensor uses); on CPU its share of the host's available RAM, which all of
+    the host's ranks share."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     import psutil
 
     return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
