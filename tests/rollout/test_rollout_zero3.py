@@ -32,7 +32,7 @@ def test_greedy_rollouts_equal_the_unsharded_generate_when_ranks_end_at_differen
     cases = [rank[f"split/{mode}"] for rank in ranks]
     for rank, case in enumerate(cases):
         assert case["tokens"] == case["expected"], f"rank {rank}"
-        assert case["left_as_it_was"], f"rank {rank}: the model was not partitioned again with its hooks back"
+        assert case["left_as_it_was"], f"rank {rank}: the model was not left sharded as it was, with its hooks back"
     # The premise: rank 0's one row writes its EOS early, rank 1's rows run on.
     assert max(map(len, cases[0]["tokens"])) < max(map(len, cases[1]["tokens"]))
 

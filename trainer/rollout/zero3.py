@@ -77,11 +77,16 @@ def free_bytes(device: torch.device) -> int:
 def gathered_weights(module: nn.Module):
     """The whole model on every rank for the duration, with DeepSpeed's forward hooks set aside, so
     a forward neither re-fetches nor releases anything and talks to no other rank. Entering is a
-    collective (one all-gather of every parameter); leaving frees the gathered copies, restores the
-    hooks and needs no other rank. Parameters are read, never written: `modifier_rank=None`."""
+    collective (one all-gather of the parameters not already whole); leaving frees what it gathered,
+    restores the hooks and needs no other rank. Parameters ZeRO-3 keeps whole anyway (those under
+    `stage3_param_persistence_threshold`) are left alone, so they stay whole afterwards. The same
+    parameters are missing on every rank: DeepSpeed's own fetches assume it too. Parameters are
+    read, never written: `modifier_rank=None`."""
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+    missing = [param for param in module.parameters() if param.ds_status != ZeroParamStatus.AVAILABLE]
+    with deepspeed.zero.GatheredParameters(missing, modifier_rank=None):
         with _deepspeed_hooks_set_aside(module):
             yield
 
