@@ -10,6 +10,10 @@ from __future__ import annotations
 EVAL_METRICS = ("kl_to_teacher", "student_ce", "teacher_ce", "top1_agreement", "exact_match", "tokens")
 """Held-out evaluation, written as `eval/<name>` (after training) and `initial/eval/<name>` (before)."""
 
+TEACHER_FORCED = ("kl_to_teacher", "student_ce", "teacher_ce", "top1_agreement", "exact_match")
+"""The held-out metrics that are means over the held-out rows' response tokens (or rows) under teacher
+forcing: NaN when there are none, as with prompt-only held-out rows."""
+
 TRAIN_METRICS = ("tokens_per_s", "tokens_seen", "skipped_steps", "steps", "wall_s", "tflops_per_s", "mfu",
                  "data_share", "peak_memory_gib")
 """The run as a whole, written as `train/<name>`; `mfu` is null where the device's peak is unknown."""
@@ -22,6 +26,12 @@ INITIAL = "initial/"
 
 def eval_key(name: str) -> str:
     return f"eval/{name}"
+
+
+def teacher_forced(key: str) -> bool:
+    """Whether `key` (`eval/...` or `initial/eval/...`) is one of the :data:`TEACHER_FORCED` means."""
+    key = key.removeprefix(INITIAL)
+    return any(key == eval_key(name) for name in TEACHER_FORCED)
 
 
 def metric_names() -> tuple[str, ...]:

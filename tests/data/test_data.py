@@ -112,7 +112,9 @@ def test_row_without_supervised_tokens_after_truncation_is_kept(tokenizer):
     ("row", "message"),
     [
         ({"foo": 1}, r"data row my.jsonl:7 fits no known format \(expected .*\); got keys \['foo'\]"),
-        ({"prompt": "only a prompt"}, r"my.jsonl:7 fits no known format .* got keys \['prompt'\]"),
+        ({"response": "only a response"}, r"my.jsonl:7 fits no known format .* got keys \['response'\]"),
+        ({"prompt": 3}, r"my.jsonl:7 has a 'prompt' of type int; make it a string"),
+        ({"prompt": " "}, r"my.jsonl:7 has neither a response nor a prompt to write one to"),
         (["not", "an", "object"], r"my.jsonl:7 fits no known format .* got a list"),
         ({"prompt": 3, "response": "r"}, r"my.jsonl:7 has a 'prompt' of type int; make it a string"),
         ({"text": ["a"]}, r"my.jsonl:7 has a 'text' of type list"),

@@ -76,6 +76,16 @@ def _without_tokenizer(tiny: dict, root: Path) -> Path:
     return folder
 
 
+def _without_eos(tiny: dict, root: Path) -> Path:
+    """The student with no EOS anywhere a rollout looks: its tokenizer, its generation config, its config."""
+    folder = _edit_config(_copy_student(tiny, root, "no_eos"), eos_token_id=None)
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        settings = json.loads((folder / name).read_text())
+        settings.pop("eos_token" if name == "tokenizer_config.json" else "eos_token_id")
+        (folder / name).write_text(json.dumps(settings))
+    return folder
+
+
 def _short_gpt2(tiny: dict, root: Path, positions: int) -> Path:
     """A GPT-2 with the tiny models' tokenizer and a learned table of `positions` positions."""
     from conftest import save_model
@@ -108,6 +118,7 @@ def odd(tiny, tmp_path_factory) -> dict:
         "no_tokenizer": _without_tokenizer(tiny, root),
         "vocab_beyond_weights": _edit_config(_copy_student(tiny, root, "vocab_beyond_weights"), vocab_size=real_ids + 5),
         "short_gpt2": _short_gpt2(tiny, root, positions=16),
+        "no_eos": _without_eos(tiny, root),
         "empty": root / "empty.jsonl",
         "malformed": root / "malformed.jsonl",
         "unknown": write_jsonl(root / "unknown.jsonl", [{"question": "1+1=", "answer": "2"}]),
@@ -115,6 +126,8 @@ def odd(tiny, tmp_path_factory) -> dict:
         # Each prompt fills train.seq_len=32, so its response is cut off: nothing left to learn.
         "masked": write_jsonl(root / "masked.jsonl", [{"prompt": "1" * 40, "response": "2"}] * 4),
         "blank": write_jsonl(root / "blank.jsonl", [{"prompt": "1+1=", "response": ""}] * 4),
+        "text": write_jsonl(root / "text.jsonl", [{"prompt": "1+1=", "response": "2"}, {"text": "1+1=2"}] * 2),
+        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": "1+1=", "response": "2"}, {"prompt": "2+2="}] * 2),
         "sharegpt": write_jsonl(root / "sharegpt.jsonl", [{"messages": [{"role": "human", "content": "1+1="},
                                                                         {"role": "gpt", "content": "2"}]}] * 2),
     }
@@ -163,6 +176,21 @@ CATALOGUE = {
     "metric_no_job_writes": (lambda o: ["train.metric=eval/accuracy"],
                              "train.metric='eval/accuracy' is not a number the job writes to summary.json", {}),
     "learning_rate_not_finite": (lambda o: ["train.lr=nan"], "train.lr=nan must be a finite number > 0", {}),
+    # Issue 19: on-policy distillation's inputs.
+    "onpolicy_fraction_out_of_range": (lambda o: ["onpolicy.fraction=1.5"], "onpolicy.fraction=1.5 is out of range", {}),
+    "onpolicy_max_new_tokens_not_positive": (lambda o: ["onpolicy.fraction=1", "onpolicy.max_new_tokens=0"],
+                                             "onpolicy.max_new_tokens=0 must be at least 1", {}),
+    "onpolicy_text_rows": (lambda o: [f"data.train={o['text']}", "onpolicy.fraction=0.5"],
+                           "text.jsonl:2 has no prompt (every token is supervised, as in a text row)", {}),
+    "onpolicy_student_without_eos": (lambda o: [f"student.path={o['no_eos']}", "onpolicy.fraction=0.5"],
+                                     "onpolicy.fraction=0.5 needs a student that can end its response", {}),
+    "onpolicy_with_teacher_cache": (lambda o: ["teacher.cache=auto", "onpolicy.fraction=0.5"],
+                                    "onpolicy.fraction=0.5 needs a teacher that runs", {}),
+    "prompt_only_rows_off_policy": (lambda o: [f"data.train={o['prompts']}"],
+                                    "prompts.jsonl:2 has a prompt and no response, which only onpolicy.fraction=1", {}),
+    "prompt_only_rows_below_fraction_1": (lambda o: [f"data.train={o['prompts']}", "onpolicy.fraction=0.5"],
+                                          "not onpolicy.fraction=0.5; give it a response, or set onpolicy.fraction=1",
+                                          {}),
 }
 
 

@@ -209,7 +209,7 @@ def test_rollouts_never_write_an_id_past_the_tokenizers_vocabulary(tmp_path):
     prompts, seeds = [tokenizer.encode("1+2=")], [0]
     unlimited = HFRolloutEngine.for_tokenizer(model, tokenizer).generate(prompts, seeds, onpolicy_rows_settings())
     assert max(unlimited.tokens[0]) >= vocab, "without the limit the padded ids are written"
-    limited = HFRolloutEngine.for_tokenizer(model, tokenizer, vocab).generate(prompts, seeds, onpolicy_rows_settings())
+    limited = HFRolloutEngine.for_tokenizer(model, tokenizer, vocab_size=vocab).generate(prompts, seeds, onpolicy_rows_settings())
     assert limited.tokens[0] and max(limited.tokens[0]) < vocab
 
 

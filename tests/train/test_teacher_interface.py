@@ -23,6 +23,7 @@ from trainer.models import engines
 from trainer.models.teacher import Teacher
 from trainer.ranks import RankInfo
 from trainer.train import evaluation, job, setup
+from trainer.train.nonfinite import TrainingDiverged
 
 V = 7
 
@@ -193,3 +194,26 @@ def test_a_job_decides_precision_and_builds_each_deepspeed_config_once(monkeypat
     assert engine_configs is distill_job.engine_configs and precision is distill_job.precision
     assert engine_configs.teacher_sharded and engine_configs.teacher["zero_optimization"] == {"stage": 3}
     assert engine_configs.student["bf16"] == engine_configs.teacher["bf16"] == {"enabled": True}
+
+
+def test_held_out_rows_without_a_response_token_give_nan_means_that_do_not_stop_the_job(one_rank):
+    """Prompt-only held-out rows (issue 19): the teacher-forced means have no token to average, so
+    they are NaN (not 0, a perfect score), and the job's check for a diverged student lets them pass."""
+    generator = torch.Generator().manual_seed(0)
+    batches = _batches(1, generator)
+    batches[0]["labels"].fill_(IGNORE_INDEX)
+    logits = [torch.randn(2, 5, V, generator=generator, dtype=torch.float64)]
+
+    metrics = evaluation.evaluate(FixedTeacher(logits), FixedStudent(logits), batches, torch.device("cpu"), chunk_size=3)
+
+    assert metrics["eval/tokens"] == 0
+    unaveraged = {key for key, value in metrics.items() if value != value}
+    assert unaveraged == {"eval/kl_to_teacher", "eval/student_ce", "eval/teacher_ce", "eval/top1_agreement",
+                          "eval/exact_match"}
+    stopper = SimpleNamespace(_weights_now=lambda: "finite", _newest_checkpoint=lambda: (None, None),
+                              state=SimpleNamespace(nonfinite_in_a_row=0),
+                              cfg=SimpleNamespace(peft=SimpleNamespace(kind="lora")))
+    job.DistillJob._refuse_non_finite(stopper, metrics)  # passes: nothing to average is no divergence
+    # The same NaN where there were tokens to average is a diverged student.
+    with pytest.raises(TrainingDiverged, match=r"the final evaluation gave eval/exact_match=nan, eval/kl_to_teacher"):
+        job.DistillJob._refuse_non_finite(stopper, {**metrics, "eval/tokens": 3.0})

@@ -62,6 +62,11 @@ class Examples:
     def num_empty_responses(self) -> int:
         return sum(row.empty_response for row in self.rows)
 
+    @property
+    def num_prompt_only(self) -> int:
+        """`{"prompt"}` rows, whose responses the student writes (onpolicy.fraction=1)."""
+        return sum(row.prompt_only for row in self.rows)
+
 
 def load_examples(
     source: Any, tokenizer: Any, seq_len: int, cache_dir: str | os.PathLike | None, *, key: str = "data",
@@ -124,8 +129,7 @@ def _check_empty_responses(examples: Examples, source: Any, key: str) -> None:
     empty = examples.num_empty_responses
     if not empty:
         return
-    first = next(row.index for row in examples.rows if row.empty_response)
-    origin = read_rows(source, key=key)[first][0]  # rows keep no origin: read again, only on the way to a message
+    origin = origin_of(source, next(row.index for row in examples.rows if row.empty_response), key)
     if empty == len(examples):
         raise DataError(
             f"every one of the {empty} rows of {key} has an empty response (first: {origin}), so the student would "
@@ -134,6 +138,12 @@ def _check_empty_responses(examples: Examples, source: Any, key: str) -> None:
         )
     log.warning("data: %d of %d rows of %s have an empty response (first: %s); they teach only where to stop: fill "
                 "them in or drop them", empty, len(examples), key, origin)
+
+
+def origin_of(source: Any, index: int, key: str = "data") -> str:
+    """`file.jsonl:LINE` (or `name[INDEX]`) of row `index` of `source`. Rows keep no origin (nor does
+    the cache), so the source is read again: call it only on the way to a message."""
+    return read_rows(source, key=key)[index][0]
 
 
 def _numbered(rows: list[TokenizedRow]) -> list[TokenizedRow]:
@@ -211,6 +221,7 @@ def _save_cache(path: Path, rows: list[TokenizedRow]) -> None:
         "labels": _flat_tensor(row.labels for row in rows),
         "truncated": torch.tensor([row.truncated for row in rows], dtype=torch.bool),
         "empty_response": torch.tensor([row.empty_response for row in rows], dtype=torch.bool),
+        "prompt_only": torch.tensor([row.prompt_only for row in rows], dtype=torch.bool),
     }
     write_atomically(path, lambda temporary: torch.save(blob, temporary))
 
@@ -237,10 +248,11 @@ def _unpack(blob: dict) -> list[TokenizedRow]:
     """The rows of a cache file; KeyError for one written before a field existed, so it is rebuilt."""
     input_ids, labels = blob["input_ids"].tolist(), blob["labels"].tolist()
     rows, start = [], 0
-    flags = zip(blob["lengths"].tolist(), blob["truncated"].tolist(), blob["empty_response"].tolist())
-    for length, truncated, empty_response in flags:
+    flags = zip(blob["lengths"].tolist(), blob["truncated"].tolist(), blob["empty_response"].tolist(),
+                blob["prompt_only"].tolist())
+    for length, truncated, empty_response, prompt_only in flags:
         rows.append(TokenizedRow(input_ids[start : start + length], labels[start : start + length], truncated,
-                                 empty_response=empty_response))
+                                 empty_response=empty_response, prompt_only=prompt_only))
         start += length
     return rows
 
@@ -265,14 +277,19 @@ def split_holdout(
     return train, evaluation
 
 
-def supervised_only(rows: Sequence[TokenizedRow], seq_len: int) -> list[TokenizedRow]:
+def supervised_only(rows: Sequence[TokenizedRow], seq_len: int, *, prompts_too: bool = False) -> list[TokenizedRow]:
     """The rows with at least one token to learn. A row without one (no response or assistant turn,
     or one cut off by `seq_len`) adds nothing to the loss, and a batch of such rows has no token to
-    normalise by; DataError when no row is left."""
-    kept = [row for row in rows if row.num_supervised > 0]
+    normalise by; DataError when no row is left.
+
+    `prompts_too` (onpolicy.fraction=1, where the student writes every response) keeps prompt-only
+    rows as well, those whose prompt leaves at least one position of `seq_len` to write into."""
+    kept = [row for row in rows
+            if row.num_supervised > 0 or (prompts_too and row.prompt_only and len(row.input_ids) < seq_len)]
     if not kept:
         raise DataError(
             f"none of the {len(rows)} training rows has a token to learn (no response or assistant turn, or one "
-            f"cut off by train.seq_len={seq_len}); give rows a response or assistant turn, or raise train.seq_len"
+            f"cut off by train.seq_len={seq_len}{'; or a prompt that fills it' if prompts_too else ''}); give rows a "
+            "response or assistant turn, or raise train.seq_len"
         )
     return kept

@@ -1,4 +1,5 @@
-"""One row to token ids and a loss mask, for each row format (prompt/response, messages, text)."""
+"""One row to token ids and a loss mask, for each row format (prompt/response, messages, text, and
+prompt-only rows for on-policy distillation)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,14 @@ _FORMATS = {
 }
 
 
-_EXPECTED_FORMATS = "expected {prompt,response}, {messages} or {text}"
+_EXPECTED_FORMATS = "expected {prompt,response}, {messages}, {text}, or {prompt} under onpolicy.fraction=1"
+
+
+# A row with a prompt and no response, whose response the student writes (onpolicy.fraction=1).
+# It is the format of last resort: a row that fits another format as well is that format, as before
+# prompt-only rows existed (so {"prompt", "text"} stays a text row).
+PROMPT_ONLY = "prompt-only"
+_FIELDS = {**_FORMATS, PROMPT_ONLY: ("prompt",)}
 
 
 # The roles the loss and common chat templates know; the loss learns the "assistant" turns only.
@@ -53,6 +61,9 @@ class TokenizedRow:
     empty_response: bool = False
     """Its response (its assistant turns, or its text) is empty or blank, so it teaches nothing but
     the end-of-sequence or end-of-turn marker."""
+    prompt_only: bool = False
+    """A `{"prompt"}` row: the prompt's tokens, none supervised; the student writes its response
+    (on-policy distillation), so it is not one of the rows that lost their response to `seq_len`."""
 
     @property
     def num_supervised(self) -> int:
@@ -93,18 +104,24 @@ def tokenize_row(
     kind = _row_format(row, origin)
     if kind == "prompt/response":
         ids, supervised = _tokenize_prompt_response(row, tokenizer, specials)
+    elif kind == PROMPT_ONLY:
+        ids, supervised = _tokenize_prompt_only(row["prompt"], tokenizer, specials, origin)
     elif kind == "messages":
         ids, supervised = _tokenize_messages(row["messages"], tokenizer, origin)
     else:
         ids, supervised = _tokenize_text(row["text"], tokenizer, specials)
     tokenized = _to_row(ids, supervised, seq_len)
     tokenized.empty_response = _has_empty_response(row, kind)
+    tokenized.prompt_only = kind == PROMPT_ONLY
     return tokenized
 
 
 def _has_empty_response(row: dict, kind: str) -> bool:
     """A blank response, text, or assistant turns that are all blank (a row without any assistant
-    turn has nothing to learn at all, which `supervised_only` counts)."""
+    turn has nothing to learn at all, which `supervised_only` counts). A prompt-only row has no
+    response to be empty: the student writes it."""
+    if kind == PROMPT_ONLY:
+        return False
     if kind == "prompt/response":
         return not row["response"].strip()
     if kind == "text":
@@ -125,6 +142,8 @@ def _row_format(row: Any, origin: str) -> str:
                         "make each row a JSON object")
     present = {field for field, value in row.items() if value is not None}
     fits = [kind for kind, fields in _FORMATS.items() if present.issuperset(fields)]
+    if not fits and "prompt" in present:
+        fits = [PROMPT_ONLY]
     if not fits:
         sharegpt = (" (ShareGPT's 'conversations' is 'messages' here, its turns {role, content} with the roles "
                     f"{_sharegpt_mapping()})") if "conversations" in present else ""
@@ -140,7 +159,7 @@ def _check_fields(row: dict, kind: str, origin: str) -> None:
     if kind == "messages":
         check_messages(row["messages"], origin)
         return
-    for field in _FORMATS[kind]:
+    for field in _FIELDS[kind]:
         if not isinstance(row[field], str):
             raise DataError(f"data row {origin} has a '{field}' of type {type(row[field]).__name__}; make it a string")
 
@@ -193,6 +212,17 @@ def _tokenize_prompt_response(row: dict, tokenizer: Any, specials: SpecialIds) -
     prompt = specials.bos + encode_text(tokenizer, row["prompt"])
     response = encode_text(tokenizer, row["response"]) + specials.eos
     return prompt + response, [False] * len(prompt) + [True] * len(response)
+
+
+def _tokenize_prompt_only(prompt: str, tokenizer: Any, specials: SpecialIds,
+                          origin: str) -> tuple[list[int], list[bool]]:
+    """The prompt exactly as a prompt/response row starts (bos, then the prompt), nothing supervised:
+    a rollout continues it where the response would begin."""
+    if not prompt.strip():
+        raise DataError(f"data row {origin} has neither a response nor a prompt to write one to; give it a "
+                        "prompt (or a response), or drop it")
+    ids = specials.bos + encode_text(tokenizer, prompt)
+    return ids, [False] * len(ids)
 
 
 def _tokenize_text(text: str, tokenizer: Any, specials: SpecialIds) -> tuple[list[int], list[bool]]:

@@ -14,7 +14,7 @@ from trainer.models import checks, loading, lora
 from trainer.models.files import ModelFiles, resolve_model
 from trainer.models.loading import ModelError
 from trainer.outputs.record import now
-from trainer.preflight import licence_check
+from trainer.preflight import licence_check, onpolicy
 from trainer.preflight.demo_assets import KEYS_READ_BY, demo_prompts_for_the_demo_teacher, materialise_demo
 from trainer.preflight.licences import Decision
 from trainer.preflight.splits import TrainingRows, data_sources, load_splits, training_rows, warn_past_positions
@@ -103,6 +103,7 @@ def _check_pair(cfg, rank: RankInfo, started_at: str) -> Preflight:
     if cfg.teacher.path is not None:  # else a teacher cache that records its own teacher (e.g. an API model)
         # First: with another tokenizer nothing else about the pair matters.
         checks.check_same_tokenizer(loading.load_tokenizer("teacher", cfg.teacher), tokenizer)
+    onpolicy.check_student_stops(cfg.onpolicy, tokenizer, models["student"], student_config)
     limits: dict[str, int | None] = {}
     student, limits["student"] = checks.check_fits("student", cfg.student, student_config, cfg.train.seq_len)
     if cfg.peft.kind == "lora":
@@ -141,7 +142,8 @@ def _load_data(cfg, rank: RankInfo, preflight: Preflight) -> None:
     preflight.splits = load_splits(cfg.data, cfg.train.seq_len, cache_root(cfg) / "tokenized", preflight.tokenizer,
                                    preflight.tokenizer_hash, rank)
     if preflight.entry == "train":
-        preflight.rows = training_rows(preflight.splits, cfg.data, cfg.train, preflight.position_limits, rank.is_main)
+        preflight.rows = training_rows(preflight.splits, cfg.data, cfg.train, cfg.onpolicy, preflight.position_limits,
+                                       rank.is_main)
     elif rank.is_main:
         warn_past_positions(preflight.position_limits, [row for split in preflight.splits.values() for row in split.rows])
 

@@ -12,7 +12,9 @@ import torch.distributed as dist
 from trainer.data.examples import Examples, load_examples, split_holdout, supervised_only
 from trainer.data.packing import pack_rows
 from trainer.data.tokenize import TokenizedRow
+from trainer.metric_names import teacher_forced
 from trainer.models import checks
+from trainer.preflight import onpolicy as onpolicy_checks
 from trainer.ranks import RankInfo
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,8 @@ class TrainingRows:
     """What a training job steps and evaluates on."""
 
     train: list[TokenizedRow]
-    """Rows with a token to learn; packed up to train.seq_len with data.pack."""
+    """Rows with a token to learn (or, with onpolicy.fraction=1, prompt-only rows with room for a
+    response); packed up to train.seq_len with data.pack."""
     eval: list[TokenizedRow]
     """At most data.max_eval_rows held-out rows."""
     eval_split: str
@@ -49,27 +52,44 @@ class TrainingRows:
     they were held out of the training data."""
 
 
-def training_rows(splits: dict[str, Examples], data_cfg, train_cfg, position_limits: dict[str, int | None],
-                  is_main: bool) -> TrainingRows:
+def training_rows(splits: dict[str, Examples], data_cfg, train_cfg, onpolicy_cfg,
+                  position_limits: dict[str, int | None], is_main: bool) -> TrainingRows:
     """The training rows (held-out part split off when there is no eval split, rows with nothing to
-    learn dropped, packed with data.pack) and the held-out rows; warns about rows past a model's positions."""
+    learn dropped, packed with data.pack) and the held-out rows; warns about rows past a model's
+    positions. data.train's rows are first checked against onpolicy.fraction (prompt-only rows only at
+    1, a prompt in every row above 0: trainer/preflight/onpolicy.py)."""
     train = splits["train"]
+    onpolicy_checks.check_training_rows(train, data_cfg.train, onpolicy_cfg)
     if "eval" in splits:
         train_rows, eval_rows = train.rows, splits["eval"].rows
     else:
         train_rows, eval_rows = split_holdout(train.rows, data_cfg.eval_fraction, train_cfg.seed)
-    supervised = supervised_only(train_rows, train_cfg.seq_len)
+    supervised = supervised_only(train_rows, train_cfg.seq_len, prompts_too=onpolicy_cfg.fraction == 1)
     eval_rows = eval_rows[: data_cfg.max_eval_rows]
     if is_main:  # before packing: a packed row's positions restart at each of its documents
         warn_past_positions(position_limits, [*supervised, *eval_rows])
+        onpolicy_checks.warn_about_room(supervised, onpolicy_cfg, train_cfg.seq_len)
+        _warn_without_supervised_eval_tokens(eval_rows, train_cfg.metric)
     if len(supervised) < len(train_rows):
         log.warning("data: dropped %d of %d training rows with no token to learn (no response or assistant "
-                    "turn, or one cut off by train.seq_len=%d)", len(train_rows) - len(supervised),
-                    len(train_rows), train_cfg.seq_len)
+                    "turn, or one cut off by train.seq_len=%d, or a prompt-only row whose prompt fills it)",
+                    len(train_rows) - len(supervised), len(train_rows), train_cfg.seq_len)
     packed = _packed(supervised, train_cfg.seq_len) if data_cfg.pack else supervised
     log.info("data: %d training rows (%d truncated to train.seq_len=%d), %d held-out rows",
              len(packed), train.num_truncated, train_cfg.seq_len, len(eval_rows))
     return TrainingRows(packed, eval_rows, "eval" if "eval" in splits else "train")
+
+
+def _warn_without_supervised_eval_tokens(eval_rows: list[TokenizedRow], metric: str) -> None:
+    """Held-out rows that are all prompt-only (or cut off) leave the teacher-forced metrics nothing
+    to average: they are NaN (see trainer/train/evaluation.py). Said once at start-up, with what it
+    means for train.metric, rather than found in summary.json after the run."""
+    if any(row.num_supervised for row in eval_rows):
+        return
+    named = (f"; train.metric={metric} is one of them, so the job would return NaN to a sweeper: set train.metric "
+             "to another" if teacher_forced(metric) else "")
+    log.warning("data: no held-out row has a response token (prompt-only rows, or responses cut off by "
+                "train.seq_len), so the teacher-forced eval/* metrics will be NaN%s", named)
 
 
 def _packed(rows: list[TokenizedRow], seq_len: int) -> list[TokenizedRow]:

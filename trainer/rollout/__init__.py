@@ -4,6 +4,8 @@
   `Rollouts` out), so that another engine (vLLM) is one new file.
 - `hf.py`: `HFRolloutEngine`, the engine on a Hugging Face causal LM: batched, with a KV cache, each
   row sampled from its own seeded generator.
+- `zero3.py`: rollouts from a ZeRO-3 student: its weights gathered for the rollout phase where they
+  fit, else every rank forwarding in lockstep until all are done.
 - `prompts.py`: a tokenised row's prompt, the row rewritten with a rollout as its response, and which
   rows of a step are rewritten with which seed (a hash of seed, step and row: the same on any ranks).
 """

@@ -1,4 +1,4 @@
-"""The rollout engine on a Hugging Face causal LM (a bare model or a DeepSpeed engine's `.module`).
+"""The rollout engine on a Hugging Face causal LM (a bare model, a DeepSpeed engine or its `.module`).
 
 The prompts are decoded together: left-padded into one batch, with an attention mask and position
 ids that start at each prompt's first real token, and a KV cache, so each step feeds one new token
@@ -17,6 +17,9 @@ What is exact and what is not:
 - sampling draws from the distribution `model.generate(do_sample=True, temperature, top_p)` samples
   (temperature, then the nucleus cut as transformers' `TopPLogitsWarper` makes it), but not the
   same tokens: transformers draws every row from the one global generator.
+
+A ZeRO-3-partitioned model decodes the same tokens, gathered or in lockstep (`zero3.py` says how and
+when); `generate` is then a collective that every rank calls once per rollout phase.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from trainer.models.loading import ModelError, eval_mode
+from trainer.rollout import zero3
 from trainer.rollout.engine import RolloutEngine, Rollouts, RolloutSettings
 
 
@@ -37,73 +41,121 @@ class HFRolloutEngine(RolloutEngine):
     padded beyond its tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens), and an id past the
     tokenizer's is no token the teacher or the loss knows."""
 
-    def __init__(self, model, eos_ids: Sequence[int], pad_id: int, vocab_size: int | None = None):
+    def __init__(self, model, eos_ids: Sequence[int], pad_id: int, zero3_mode: str = "auto",
+                 vocab_size: int | None = None):
         if not eos_ids:
             raise ModelError("the student has no EOS token, so a rollout could never stop; "
                              "set eos_token in its tokenizer_config.json")
         self.model = model
         self.eos_ids = sorted(set(eos_ids))
         self.pad_id = pad_id
+        self.zero3_mode = zero3.check_mode(zero3_mode)
+        """A ZeRO-3 student's rollout: "gathered", "synced" or "auto" (gathered where it fits)."""
         self.vocab_size = vocab_size
 
     @classmethod
-    def for_tokenizer(cls, model, tokenizer, vocab_size: int | None = None) -> "HFRolloutEngine":
+    def for_tokenizer(cls, model, tokenizer, zero3_mode: str = "auto", vocab_size: int | None = None
+                      ) -> "HFRolloutEngine":
         """An engine that stops at the tokenizer's EOS, and at the other end-of-turn ids the model's
         generation config lists (Llama 3 ends a chat turn with <|eot_id|>, not its EOS)."""
         eos_ids = set(_as_list(tokenizer.eos_token_id))
         generation_config = getattr(getattr(model, "module", model), "generation_config", None)
         eos_ids |= set(_as_list(getattr(generation_config, "eos_token_id", None)))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(model, sorted(eos_ids), pad_id if pad_id is not None else 0, vocab_size)
+        return cls(model, sorted(eos_ids), pad_id if pad_id is not None else 0, zero3_mode, vocab_size)
 
     def generate(self, prompts: list[list[int]], seeds: list[int], settings: RolloutSettings) -> Rollouts:
+        """See `RolloutEngine.generate`. With a ZeRO-3-partitioned model this is a collective: every
+        rank calls it once per rollout phase, with however many prompts it has (none included), and
+        it returns once every rank is done (see `trainer.rollout.zero3`)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         if any(not prompt for prompt in prompts):
             raise ValueError("an empty prompt has nothing to continue; give every prompt at least one token")
         start = time.perf_counter()
-        if not prompts:
+        module = getattr(self.model, "module", self.model)
+        partitioned = zero3.is_partitioned(module)
+        if not prompts and not partitioned:
             return Rollouts(tokens=[], stopped_at_eos=[], seconds=0.0)
         with torch.no_grad(), eval_mode(self.model):
-            tokens, stopped = self._decode(prompts, seeds, settings)
+            batch = _Batch(self, module, prompts, seeds, settings) if prompts else None
+            if not partitioned:
+                _decode_alone(batch)
+            elif zero3.choose_mode(module, self.zero3_mode) == "gathered":
+                with zero3.gathered_weights(module):
+                    _decode_alone(batch)
+            else:
+                _decode_in_lockstep(batch, module, self.pad_id)
+        tokens, stopped = batch.result() if batch else ([], [])
         return Rollouts(tokens=tokens, stopped_at_eos=stopped, seconds=time.perf_counter() - start)
 
-    def _decode(self, prompts, seeds, settings) -> tuple[list[list[int]], list[bool]]:
-        """Prefill the `[B, P]` left-padded prompts once, then feed one `[B, 1]` token per step from
-        the cache; each row's tokens up to its EOS, and whether it wrote one."""
-        module = getattr(self.model, "module", self.model)
-        device = next(module.parameters()).device
-        generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-        input_ids, attention_mask = self._left_padded(prompts, device)
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        eos = torch.tensor(self.eos_ids, device=device)
-        written = [[] for _ in prompts]
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        past, last_only = None, _last_logits_only(module)
-        for _ in range(settings.max_new_tokens):
-            outputs = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past, use_cache=True, **last_only)
-            past = outputs.past_key_values
-            logits = outputs.logits[:, -1, :self.vocab_size].to(dtype=torch.float32)
-            next_ids = next_tokens(logits, generators, settings, done)
-            for row, (token, finished) in enumerate(zip(next_ids.tolist(), done.tolist())):
-                if not finished:
-                    written[row].append(token)
-            done |= torch.isin(next_ids, eos)
-            if done.all():
-                break
-            # A finished row keeps decoding pad (its outputs are discarded), as `generate` does.
-            input_ids = next_ids.masked_fill(done, self.pad_id)[:, None]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-        return written, done.tolist()
 
-    def _left_padded(self, prompts, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[B, P]` ids and mask, every prompt ending at the last column where generation starts."""
-        longest = max(len(prompt) for prompt in prompts)
-        ids = [[self.pad_id] * (longest - len(prompt)) + prompt for prompt in prompts]
-        mask = [[0] * (longest - len(prompt)) + [1] * len(prompt) for prompt in prompts]
-        return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+class _Batch:
+    """One call's prompts decoded together: `[B, P]` left-padded prompts prefilled once, then one
+    `[B, 1]` token per step from the KV cache, one `step` (one forward) at a time."""
+
+    def __init__(self, engine: HFRolloutEngine, module, prompts, seeds, settings: RolloutSettings):
+        self.module, self.settings, self.pad_id, self.vocab_size = module, settings, engine.pad_id, engine.vocab_size
+        device = next(module.parameters()).device
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        self.input_ids, self.attention_mask = _left_padded(prompts, engine.pad_id, device)
+        self.position_ids = (self.attention_mask.cumsum(-1) - 1).masked_fill(self.attention_mask == 0, 0)
+        self.eos = torch.tensor(engine.eos_ids, device=device)
+        self.written = [[] for _ in prompts]
+        self.done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        self.past, self.last_only = None, _last_logits_only(module)
+        self.steps, self.busy = 0, True
+
+    def step(self) -> None:
+        """One forward: the next token of every row; `busy` turns False once every row wrote an
+        EOS or `max_new_tokens` are written."""
+        outputs = self.module(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                              position_ids=self.position_ids, past_key_values=self.past, use_cache=True,
+                              **self.last_only)
+        self.past = outputs.past_key_values
+        logits = outputs.logits[:, -1, :self.vocab_size].to(dtype=torch.float32)
+        next_ids = next_tokens(logits, self.generators, self.settings, self.done)
+        for row, (token, finished) in enumerate(zip(next_ids.tolist(), self.done.tolist())):
+            if not finished:
+                self.written[row].append(token)
+        self.done |= torch.isin(next_ids, self.eos)
+        self.steps += 1
+        self.busy = self.steps < self.settings.max_new_tokens and not bool(self.done.all())
+        # A finished row keeps decoding pad (its outputs are discarded), as `generate` does.
+        self.input_ids = next_ids.masked_fill(self.done, self.pad_id)[:, None]
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(next_ids), 1)], dim=1)
+        self.position_ids = self.position_ids[:, -1:] + 1
+
+    def result(self) -> tuple[list[list[int]], list[bool]]:
+        """Each row's tokens up to its EOS, and whether it wrote one."""
+        return self.written, self.done.tolist()
+
+
+def _decode_alone(batch: _Batch | None) -> None:
+    """Decode with no other rank involved (an unpartitioned model, or a gathered one)."""
+    while batch is not None and batch.busy:
+        batch.step()
+
+
+def _decode_in_lockstep(batch: _Batch | None, module, pad_id: int) -> None:
+    """Every rank forwards once per round, its own batch while it has rows to decode and a one-token
+    dummy afterwards (or throughout, with no prompts), so each of ZeRO-3's per-layer all-gathers
+    finds every rank; rounds go on until no rank is busy."""
+    device = next(module.parameters()).device
+    dummy = torch.full((1, 1), pad_id, device=device)
+    while zero3.any_rank_busy(batch is not None and batch.busy, device):
+        if batch is not None and batch.busy:
+            batch.step()
+        else:
+            module(input_ids=dummy, use_cache=False)
+
+
+def _left_padded(prompts, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, P]` ids and mask, every prompt ending at the last column where generation starts."""
+    longest = max(len(prompt) for prompt in prompts)
+    ids = [[pad_id] * (longest - len(prompt)) + prompt for prompt in prompts]
+    mask = [[0] * (longest - len(prompt)) + [1] * len(prompt) for prompt in prompts]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
 def next_tokens(logits: torch.Tensor, generators: list[torch.Generator], settings: RolloutSettings,

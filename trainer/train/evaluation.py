@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from trainer.data.batching import to_device
 from trainer.losses.objective import targets_at_each_position
 from trainer.losses.settings import IGNORE_INDEX
+from trainer.metric_names import teacher_forced
 from trainer.models.heads import Scorer
 from trainer.models.loading import eval_mode
 from trainer.models.teacher import ChunkTerms, Teacher
@@ -23,7 +26,11 @@ def evaluate(teacher: Teacher, student: Scorer, batches: list[dict], device, chu
     `eval/exact_match` is the share of rows whose every supervised token is the student's argmax
     under teacher forcing, which is exactly the share that greedy decoding would get right.
     Logits are built `chunk_size` tokens at a time, as in the fused loss. `teacher` is any
-    :class:`~trainer.models.teacher.Teacher`: a model, or a cache."""
+    :class:`~trainer.models.teacher.Teacher`: a model, or a cache.
+
+    Held-out rows with no response token (prompt-only rows, whose responses only the student writes)
+    give these means nothing to average: they are NaN then, not 0, which would read as a perfect KL
+    (see :func:`nothing_to_average`)."""
     sums = torch.zeros(len(_COUNTERS), dtype=torch.float64)
     with eval_mode(student.engine):  # the teacher's engine is frozen in eval mode for good (models.freeze)
         for host_batch in batches:
@@ -33,15 +40,25 @@ def evaluate(teacher: Teacher, student: Scorer, batches: list[dict], device, chu
             with teacher.gathered(), student.gathered():
                 sums += _batch_counters(student, student_states, teacher_terms, batch["labels"], chunk_size)
     totals = dict(zip(_COUNTERS, all_reduce_sum(sums).tolist()))
-    tokens, rows = max(totals["tokens"], 1.0), max(totals["rows"], 1.0)
+    tokens, rows = totals["tokens"], totals["rows"]
     return {
-        "eval/kl_to_teacher": totals["kl"] / tokens,
-        "eval/student_ce": totals["student_ce"] / tokens,
-        "eval/teacher_ce": totals["teacher_ce"] / tokens,
-        "eval/top1_agreement": totals["agree"] / tokens,
-        "eval/exact_match": totals["exact"] / rows,
-        "eval/tokens": totals["tokens"],
+        "eval/kl_to_teacher": _mean(totals["kl"], tokens),
+        "eval/student_ce": _mean(totals["student_ce"], tokens),
+        "eval/teacher_ce": _mean(totals["teacher_ce"], tokens),
+        "eval/top1_agreement": _mean(totals["agree"], tokens),
+        "eval/exact_match": _mean(totals["exact"], rows),
+        "eval/tokens": tokens,
     }
+
+
+def _mean(total: float, count: float) -> float:
+    return total / count if count else math.nan
+
+
+def nothing_to_average(key: str, metrics: dict) -> bool:
+    """Whether `metrics[key]` is NaN only because the held-out rows have no response token: not a
+    sign of a diverged student (`DistillJob._refuse_non_finite` lets it pass)."""
+    return metrics.get("eval/tokens") == 0 and teacher_forced(key)
 
 
 def _batch_counters(student: Scorer, student_states, teacher_terms: ChunkTerms, labels, chunk_size: int):

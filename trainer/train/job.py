@@ -24,7 +24,7 @@ from trainer.outputs.finish import RunFacts, finish_run
 from trainer.outputs.tracking import Tracker, forget_steps_after
 from trainer.ranks import RankInfo, all_reduce_sum
 from trainer.train import checkpoints, resume, throughput
-from trainer.train.evaluation import evaluate
+from trainer.train.evaluation import evaluate, nothing_to_average
 from trainer.train.nonfinite import TrainingDiverged, describe_weights, largest_abs_weight, streak_message
 from trainer.train.progress import Progress
 from trainer.train.setup import JobParts, build_parts
@@ -262,8 +262,10 @@ class DistillJob:
     def _refuse_non_finite(self, final: dict) -> None:
         """A student whose final evaluation is NaN/Inf is no result: stop before its checkpoint,
         adapter and RESULT line, saying what is known. Collective (every rank has the same `final`).
-        The teacher's own CE is left out: a cached teacher's stored log-probabilities may hold -inf."""
-        bad = {key: value for key, value in final.items() if key != "eval/teacher_ce" and not math.isfinite(value)}
+        The teacher's own CE is left out: a cached teacher's stored log-probabilities may hold -inf; so
+        are the means that prompt-only held-out rows leave nothing to average over."""
+        bad = {key: value for key, value in final.items() if key != "eval/teacher_ce" and not math.isfinite(value)
+               and not nothing_to_average(key, final)}
         if not bad:
             return
         weights = self._weights_now()

@@ -80,7 +80,7 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
     step_teacher, eval_teacher = _teachers(scorers.get("teacher"), teacher_cache, checked.rows.eval_split, rank,
                                            data_time)
     pad_id = checked.tokenizer.pad_token_id
-    rollout_engine = HFRolloutEngine.for_tokenizer(student, checked.tokenizer, checked.vocab_size)
+    rollout_engine = HFRolloutEngine.for_tokenizer(student, checked.tokenizer, vocab_size=checked.vocab_size)
     onpolicy = (OnPolicyRows(cfg.onpolicy, cfg.train.seed, cfg.train.seq_len, rollout_engine,
                              throughput.teacher_cost(student.module))  # generating is the student's forward only
                 if cfg.onpolicy.fraction > 0 else None)
