@@ -143,3 +143,22 @@ def test_the_wandb_sweep_drives_the_same_entry_point_with_hydra_overrides():
     cfg = composed(*(f"{key}={value}" for key, value in sample.items()))
     validate(cfg)
     assert sweep["metric"]["name"] == cfg.train.metric
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["onpolicy.fraction=-0.1"], r"^onpolicy.fraction=-0.1 is out of range; use a share of rows in \[0, 1\]"),
+    (["onpolicy.max_new_tokens=0"], r"^onpolicy.max_new_tokens=0 must be at least 1"),
+    (["onpolicy.temperature=-1"], r"^onpolicy.temperature=-1.0 must be a finite number >= 0"),
+    (["onpolicy.top_p=0"], r"^onpolicy.top_p=0.0 must be in \(0, 1\]"),
+    (["onpolicy.fraction=0.5", "data.pack=true"], r"^onpolicy.fraction=0.5 cannot pack rows .*set data.pack=false.$"),
+    (["onpolicy.fraction=1", "teacher.cache=auto"], r"^onpolicy.fraction=1.0 needs a teacher that runs"),
+])
+def test_onpolicy_settings_out_of_range_fail_with_the_key_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(composed(*overrides))
+
+
+def test_onpolicy_is_off_by_default_and_its_settings_compose():
+    cfg = composed("onpolicy.fraction=0.5", "onpolicy.temperature=0", "onpolicy.top_p=0.9")
+    validate(cfg)
+    assert composed().onpolicy.fraction == 0.0

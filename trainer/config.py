@@ -311,7 +311,7 @@ def validate(cfg) -> None:
         _check_choice(f"{role}.dtype", cfg[role].dtype, ("auto", "float32", "bfloat16", "float16"))
     _validate_teacher(cfg.teacher)
     _validate_loss(cfg.loss)
-    _validate_onpolicy(cfg.onpolicy, cfg.teacher)
+    _validate_onpolicy(cfg.onpolicy, cfg.teacher, cfg.data)
     if cfg.data.pack and cfg.teacher.cache:
         raise ConfigError("data.pack=true cannot read a teacher cache (it is stored row by row); set data.pack=false "
                           "or teacher.cache=null.")
@@ -374,7 +374,7 @@ def _readers(key: str) -> str:
     return "loss.kind=" + ", ".join(kind for kind in (*KINDS, "sft") if not _UNREAD_BY_KIND[key](kind))
 
 
-def _validate_onpolicy(onpolicy, teacher) -> None:
+def _validate_onpolicy(onpolicy, teacher, data) -> None:
     if not 0.0 <= onpolicy.fraction <= 1.0:
         raise ConfigError(f"onpolicy.fraction={onpolicy.fraction} is out of range; use a share of rows in [0, 1] "
                           "(0: off-policy, 1: every response written by the student).")
@@ -385,6 +385,9 @@ def _validate_onpolicy(onpolicy, teacher) -> None:
                           "or e.g. 1.0.")
     if not 0.0 < onpolicy.top_p <= 1.0:
         raise ConfigError(f"onpolicy.top_p={onpolicy.top_p} must be in (0, 1]; use 1.0 to keep every token.")
+    if onpolicy.fraction > 0 and data.pack:
+        raise ConfigError(f"onpolicy.fraction={onpolicy.fraction} cannot pack rows (data.pack=true packs them once, "
+                          "before training, and a rollout's length is known only at its step); set data.pack=false.")
     if onpolicy.fraction > 0 and teacher.cache:
         raise ConfigError(f"onpolicy.fraction={onpolicy.fraction} needs a teacher that runs (a cache cannot score the "
                           "student's new text); set teacher.cache=null or onpolicy.fraction=0.")

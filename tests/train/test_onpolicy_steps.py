@@ -8,6 +8,8 @@ draw and write the same rollouts.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import assert_ok, read_jsonl, run_cli, save_model, tiny_llama_config, tiny_overrides
@@ -217,3 +219,42 @@ def onpolicy_rows_settings():
     from trainer.rollout.engine import RolloutSettings
 
     return RolloutSettings(max_new_tokens=4, temperature=0.0)
+
+
+@pytest.mark.slow
+def test_two_ranks_under_zero3_with_a_sharded_teacher_learn_onpolicy(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    assert_ok(run_cli(tiny_overrides(tiny, run_dir, tmp_path / "cache", "deepspeed=zero3", "train.max_steps=12",
+                                     "train.micro_batch_size=4", "train.lr=0.02", "onpolicy.fraction=1",
+                                     "onpolicy.max_new_tokens=8", "loss.kind=rkl"), nproc=2))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["teacher/sharded"] is True
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert all(m["rollout_rows"] == 8 for m in metrics), "every row of both ranks is the student's"
+    losses = [m["loss"] for m in metrics]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    assert 0 < summary["train/rollout_share"] < 1 and summary["train/rollout_mean_length"] > 0
+
+
+@pytest.mark.slow
+def test_an_onpolicy_run_killed_after_a_checkpoint_and_resumed_is_the_run_never_interrupted(tiny, tmp_path):
+    """Sampled rollouts (temperature 1) at fraction 0.5: the rows drawn and every rollout come back."""
+    from conftest import REPO
+
+    env = {"PYTHONPATH": str(REPO / "tests")}
+    extra = ("train.max_steps=6", "checkpoint.every=3", "peft.dropout=0.1", "onpolicy.fraction=0.5",
+             "onpolicy.max_new_tokens=8")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+
+    def run(run_dir, fault):
+        return run_cli(tiny_overrides(tiny, run_dir, tmp_path / "cache", *extra), module="fault_injection",
+                       env={**env, "DISTILL_TEST_FAULT": fault})
+
+    assert_ok(run(straight, "none"))
+    assert run(resumed, "kill_after_checkpoint=3").returncode != 0
+    assert [m["step"] for m in read_jsonl(resumed / "metrics.jsonl")] == [1, 2, 3]
+    assert_ok(run(resumed, "none"))
+    keys = (*LOSSES, "rollout_rows", "rollout_mean_length", "rollout_truncation_rate")
+    assert ([[m[k] for k in keys] for m in read_jsonl(resumed / "metrics.jsonl")]
+            == [[m[k] for k in keys] for m in read_jsonl(straight / "metrics.jsonl")])
+    assert any(0 < m["rollout_rows"] < 4 for m in read_jsonl(straight / "metrics.jsonl")), "some rows, not all"
