@@ -10,21 +10,35 @@ import math
 from pathlib import Path
 
 from trainer.files import write_atomically
-from trainer.report.runs import Run
+from trainer.report.runs import ROLLOUT_METRICS, Run
 
 # Each plot's title and file name inside the run directory, in the order the report shows them.
 RUN_PLOTS = {"training loss": "report_loss.png", "eval KL to the teacher": "report_eval_kl.png",
              "top-1 agreement and exact match": "report_agreement.png"}
+# Plots only some runs have, after RUN_PLOTS: rollouts (on-policy runs) and the evaluation of the
+# student's own samples (runs whose teacher is a model, not a cache).
+ROLLOUT_PLOT = {"rollouts": "report_rollouts.png"}
+ONPOLICY_EVAL_PLOT = {"on-policy evaluation (the student's own samples)": "report_onpolicy_eval.png"}
 COMPARISON_PNG = "comparison.png"
 
 
-def _figure(columns: int = 1):
+def run_plots(run: Run) -> dict[str, str]:
+    """The plots `run` gets: {title: file name}, RUN_PLOTS first."""
+    plots = dict(RUN_PLOTS)
+    if run.has_rollouts:
+        plots.update(ROLLOUT_PLOT)
+    if run.has_eval("eval/onpolicy_kl") or run.has_eval("eval/teacher_nll_of_student"):
+        plots.update(ONPOLICY_EVAL_PLOT)
+    return plots
+
+
+def _figure(columns: int = 1, rows: int = 1):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6.4 * columns, 4.0), dpi=100, layout="constrained")
+    figure = Figure(figsize=(6.4 * columns, 4.0 * rows), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    return figure, [figure.add_subplot(1, columns, i + 1) for i in range(columns)]
+    return figure, [figure.add_subplot(rows, columns, i + 1) for i in range(rows * columns)]
 
 
 def _save(figure, path: Path) -> Path:
@@ -87,24 +101,64 @@ def _draw_agreement(axes, run: Run) -> None:
     axes.set_ylim(-0.02, 1.02)
 
 
+def _draw_onpolicy_eval(axes, run: Run) -> None:
+    steps, kl = run.series("eval/onpolicy_kl", "evals")
+    drew = _plot(axes, steps, kl, "KL(student ‖ teacher) (eval/onpolicy_kl)")
+    steps, nll = run.series("eval/teacher_nll_of_student", "evals")
+    drew |= _plot(axes, steps, nll, "teacher NLL of the student's tokens (eval/teacher_nll_of_student)",
+                  linestyle="--")
+    _finish_axes(axes, "held-out prompts answered by the student, scored by the teacher", "nats per token", drew,
+                 kl + nll)
+
+
+def _draw_rollouts(figure, all_axes, run: Run) -> None:
+    """One panel per rollout metric of metrics.jsonl; shares on a 0-1 axis."""
+    for axes, (key, label, unit) in zip(all_axes, ROLLOUT_METRICS):
+        drew = _plot(axes, *run.series(key), label)
+        _finish_axes(axes, label, unit, drew)
+        if drew:  # one line per panel: its title names it
+            axes.get_legend().remove()
+        if unit == "share":
+            axes.set_ylim(-0.02, 1.02)
+    figure.suptitle("rollouts per log window (on-policy distillation)")
+
+
 _DRAWERS = {"training loss": _draw_loss, "eval KL to the teacher": _draw_kl,
-            "top-1 agreement and exact match": _draw_agreement}
+            "top-1 agreement and exact match": _draw_agreement, **dict.fromkeys(ONPOLICY_EVAL_PLOT, _draw_onpolicy_eval)}
 
 
 def plot_run(run: Run, out_dir: Path) -> dict[str, Path]:
     """Training loss terms, eval KL to the teacher, and top-1 agreement / exact match over steps,
-    one PNG each in `out_dir` (named by RUN_PLOTS). Returns {title: path}."""
+    then, where the run has them, its rollout metrics and the on-policy evaluation: one PNG each in
+    `out_dir` (named by `run_plots`). A plot the run no longer gets is removed. Returns {title: path}."""
     written = {}
-    for title, name in RUN_PLOTS.items():
-        figure, (axes,) = _figure()
-        _DRAWERS[title](axes, run)
+    plots = run_plots(run)
+    for title, name in plots.items():
+        if title in ROLLOUT_PLOT:
+            figure, all_axes = _figure(columns=2, rows=2)
+            _draw_rollouts(figure, all_axes, run)
+        else:
+            figure, (axes,) = _figure()
+            _DRAWERS[title](axes, run)
         written[title] = _save(figure, out_dir / name)
+    for title, name in {**ROLLOUT_PLOT, **ONPOLICY_EVAL_PLOT}.items():
+        if title not in plots:  # left by an earlier report of another run in this folder
+            (out_dir / name).unlink(missing_ok=True)
     return written
 
 
 def plot_comparison(runs: list[Run], labels: list[str], path: Path) -> Path:
-    """Eval KL to the teacher and training loss of every run, overlaid, side by side."""
-    figure, (kl_axes, loss_axes) = _figure(columns=2)
+    """Eval KL to the teacher and training loss of every run, overlaid, side by side; then the
+    on-policy KL (on the student's own samples) where any run has it."""
+    onpolicy = any(run.has_eval("eval/onpolicy_kl") for run in runs)
+    figure, (kl_axes, loss_axes, *onpolicy_axes) = _figure(columns=3 if onpolicy else 2)
+    for axes in onpolicy_axes:
+        values, drew = [], False
+        for run, label in zip(runs, labels):
+            steps, run_values = run.series("eval/onpolicy_kl", "evals")
+            drew |= _plot(axes, steps, run_values, label)
+            values += run_values
+        _finish_axes(axes, "held-out KL(student ‖ teacher) on its own samples", "KL (nats)", drew, values)
     kl_values, loss_values, drew_kl, drew_loss = [], [], False, False
     for run, label in zip(runs, labels):
         steps, values = run.series("eval/kl_to_teacher", "evals")

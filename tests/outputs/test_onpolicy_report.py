@@ -1,0 +1,156 @@
+"""The report of on-policy runs (`python -m trainer.report`), from hand-written run folders: the
+rollout metrics and the on-policy evaluation over steps, and the comparison of on- and off-policy runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.report import fmt, log_report_to_wandb, write_comparison, write_report
+from trainer.report.plots import ONPOLICY_EVAL_PLOT, ROLLOUT_PLOT, RUN_PLOTS, _draw_rollouts, _figure
+from trainer.report.runs import ROLLOUT_METRICS, load_run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+(ROLLOUT_PNG,) = ROLLOUT_PLOT.values()
+(ONPOLICY_EVAL_PNG,) = ONPOLICY_EVAL_PLOT.values()
+
+
+def _rollouts(step: int) -> dict:
+    return {"rollout_tokens_per_s": 500.0 + 10 * step, "rollout_share": 0.30 + 0.01 * step,
+            "rollout_mean_length": 20.0 + step, "rollout_truncation_rate": 0.25 - 0.05 * step, "rollout_rows": 8}
+
+
+def _write_run(folder: Path, *, fraction: float, model_teacher: bool = True) -> Path:
+    """A finished 4-step run as the job leaves it: metrics.jsonl, eval.jsonl, summary.json and its config.
+    `fraction` > 0 logs rollouts; `model_teacher` evaluates the student's own samples (no cache)."""
+    (folder / ".hydra").mkdir(parents=True)
+    config = {"loss": {"kind": "rkl"}, "train": {"max_steps": 4},
+              "onpolicy": {"fraction": fraction, "max_new_tokens": 16, "temperature": 0.7, "top_p": 0.9}}
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    with (folder / "metrics.jsonl").open("w") as lines:
+        for step in range(1, 5):
+            record = {"step": step, "loss": 1.0 / step, "kd_loss": 1.0 / step, "ce_loss": 0.0, "lr": 1e-3,
+                      "grad_norm": 0.5, "tokens_per_s": 1000.0}
+            lines.write(json.dumps({**record, **(_rollouts(step) if fraction else {})}) + "\n")
+    evals = []
+    for step, scale in ((0, 1.0), (2, 0.6), (4, 0.4 if fraction else 0.5)):
+        record = {"step": step, "eval/kl_to_teacher": 0.8 * scale, "eval/student_ce": 2.0 * scale,
+                  "eval/top1_agreement": 1 - scale / 2, "eval/exact_match": 0.1, "eval/teacher_ce": 0.3}
+        if model_teacher:
+            record.update({"eval/onpolicy_kl": 1.2 * scale, "eval/teacher_nll_of_student": 2.4 * scale})
+        evals.append(record)
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    summary = {f"initial/{k}": v for k, v in evals[0].items() if k != "step"}
+    summary.update({k: v for k, v in evals[-1].items() if k != "step"})
+    summary.update({"train/steps": 4, "train/wall_s": 12.5, "train/tokens_per_s": 1000.0})
+    if fraction:
+        summary.update({"train/rollout_tokens_per_s": 530.0, "train/rollout_share": 0.325,
+                        "train/rollout_mean_length": 22.5, "train/rollout_truncation_rate": 0.125})
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def assert_valid_png(path: Path, min_width: int = 100) -> None:
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    height, width, _ = imread(path).shape
+    assert height > 100 and width >= min_width
+
+
+def _row(report: str, key: str) -> list[str]:
+    line = next(line for line in report.splitlines() if f"(`{key}`)" in line)
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_an_on_policy_run_gets_a_rollout_plot_and_an_on_policy_evaluation_plot(tmp_path):
+    run = _write_run(tmp_path / "onpolicy", fraction=0.5)
+    report = write_report(run).read_text()
+    for name in (*RUN_PLOTS.values(), ROLLOUT_PNG, ONPOLICY_EVAL_PNG):
+        assert f"]({name})" in report
+        assert_valid_png(run / name)
+    assert_valid_png(run / ROLLOUT_PNG, min_width=1200)  # four panels, two wide
+    assert _row(report, "eval/onpolicy_kl")[1:3] == [fmt(1.2), fmt(0.48)]
+    assert _row(report, "eval/teacher_nll_of_student")[1:3] == [fmt(2.4), fmt(0.96)]
+    assert "`onpolicy.fraction=0.5`" in report and "`onpolicy.max_new_tokens=16`" in report
+    assert "| share of the window spent generating rollouts | 0.3400 |" in report  # step 4's
+    assert "| rollouts in the window | 8 |" in report
+    assert ("Rollouts: 32% of the training time went to generating, at 530 generated tokens/s (all ranks); "
+            "mean length 22.5000 tokens, 0.1250 of them cut by `onpolicy.max_new_tokens`.") in report
+
+
+def test_the_rollout_panels_draw_each_metric_of_metrics_jsonl_over_steps(tmp_path):
+    run = load_run(_write_run(tmp_path / "onpolicy", fraction=1.0))
+    figure, all_axes = _figure(columns=2, rows=2)
+    _draw_rollouts(figure, all_axes, run)
+    for axes, (key, label, _) in zip(all_axes, ROLLOUT_METRICS):
+        (line,) = axes.lines
+        assert list(line.get_xdata()) == [1, 2, 3, 4] and line.get_label() == label
+        assert list(line.get_ydata()) == [_rollouts(step)[key] for step in range(1, 5)]
+
+
+def test_an_off_policy_run_has_no_rollout_plot_or_sampling_settings_but_its_on_policy_evaluation(tmp_path):
+    run = _write_run(tmp_path / "offpolicy", fraction=0.0)
+    (run / ROLLOUT_PNG).write_bytes(PNG_MAGIC)  # left by an earlier report in this folder
+    report = write_report(run).read_text()
+    assert not (run / ROLLOUT_PNG).exists() and ROLLOUT_PNG not in report
+    assert_valid_png(run / ONPOLICY_EVAL_PNG)
+    assert "`onpolicy.fraction=0.0`" in report and "onpolicy.max_new_tokens" not in report
+    assert "generating rollouts" not in report and "Rollouts:" not in report
+    assert _row(report, "eval/onpolicy_kl")[1:3] == [fmt(1.2), fmt(0.6)]
+
+
+def test_a_run_with_a_teacher_cache_shows_no_on_policy_evaluation(tmp_path):
+    run = _write_run(tmp_path / "cached", fraction=0.0, model_teacher=False)
+    report = write_report(run).read_text()
+    assert "onpolicy_kl" not in report and "teacher_nll_of_student" not in report
+    assert not (run / ONPOLICY_EVAL_PNG).exists()
+
+
+def test_the_comparison_of_a_fraction_sweep_has_the_on_policy_columns(tmp_path):
+    runs = [_write_run(tmp_path / name, fraction=fraction) for name, fraction in (("0", 0.0), ("1", 0.5))]
+    table = [line for line in write_comparison(runs, tmp_path).read_text().splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header[:2] == ["run", "`onpolicy.fraction`"]
+    assert "onpolicy_kl (↓)" in header and "teacher_nll_of_student (↓)" in header and "generating" in header
+    rows = {cells[0]: dict(zip(header, cells)) for cells in
+            ([cell.strip().strip("*") for cell in line.strip("|").split("|")] for line in table[2:])}
+    assert rows["`0`"]["`onpolicy.fraction`"] == fmt(0.0) and rows["`1`"]["`onpolicy.fraction`"] == fmt(0.5)
+    assert rows["`0`"]["onpolicy_kl (↓)"] == fmt(0.6) and rows["`1`"]["onpolicy_kl (↓)"] == fmt(0.48)
+    assert rows["`0`"]["generating"] == "—" and rows["`1`"]["generating"] == "32%"
+    assert "**" + fmt(0.48) + "**" in table[3]  # the lower on-policy KL is the best of its column
+    assert_valid_png(tmp_path / "comparison.png", min_width=1800)  # a third panel: the on-policy KL
+
+
+def test_runs_without_on_policy_metrics_compare_as_before(tmp_path):
+    runs = [_write_run(tmp_path / name, fraction=0.0, model_teacher=False) for name in ("a", "b")]
+    text = write_comparison(runs, tmp_path).read_text()
+    assert "onpolicy_kl" not in text and "generating" not in text
+    from matplotlib.image import imread
+
+    assert imread(tmp_path / "comparison.png").shape[1] < 1800  # two panels
+
+
+class _RecordingRun:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, values, step):
+        self.logged.append((values, step))
+
+
+@pytest.mark.parametrize("fraction, plots", [(0.5, {"rollouts", "onpolicy_eval"}), (0.0, {"onpolicy_eval"})])
+def test_wandb_gets_the_on_policy_plots_and_summary_rows_the_run_has(tmp_path, fraction, plots):
+    run = _write_run(tmp_path / "run", fraction=fraction)
+    write_report(run)
+    recording = _RecordingRun()
+    log_report_to_wandb(recording, run)
+    ((logged, step),) = recording.logged
+    assert step == 4
+    images = {key.removeprefix("report/") for key in logged if key != "report/summary"}
+    assert images == {"loss", "eval_kl", "agreement", *plots}
+    table = logged["report/summary"]
+    assert [row[0] for row in table.data][-3:] == ["eval/onpolicy_kl", "eval/teacher_nll_of_student", "eval/teacher_ce"]
