@@ -154,3 +154,111 @@ def test_wandb_gets_the_on_policy_plots_and_summary_rows_the_run_has(tmp_path, f
     assert images == {"loss", "eval_kl", "agreement", *plots}
     table = logged["report/summary"]
     assert [row[0] for row in table.data][-3:] == ["eval/onpolicy_kl", "eval/teacher_nll_of_student", "eval/teacher_ce"]
+
+
+# ------------------------------------------------------------------ scripts/compare_runs.py, results_table.py
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _compare_runs(*run_dirs: Path) -> list[str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "compare_runs.py"), *map(str, run_dirs)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def _cells(lines: list[str], label: str) -> list[str]:
+    line = next(line for line in lines if line.startswith(label))
+    return line[len(label):].split()
+
+
+def test_compare_runs_prints_lambda_and_the_on_policy_metrics_where_runs_have_them(tmp_path):
+    lines = _compare_runs(_write_run(tmp_path / "off", fraction=0.0), _write_run(tmp_path / "on", fraction=0.5))
+    assert _cells(lines, "on-policy λ (onpolicy.fraction)") == ["0.0000", "0.5000"]
+    assert _cells(lines, "on-policy KL(s || t) (lower)") == ["1.2000", "0.6000", "0.4800"]
+    assert _cells(lines, "teacher NLL of samples (lower)") == ["2.4000", "1.2000", "0.9600"]
+
+
+def test_compare_runs_of_off_policy_runs_with_a_teacher_cache_prints_no_on_policy_rows(tmp_path):
+    lines = _compare_runs(*(_write_run(tmp_path / name, fraction=0.0, model_teacher=False) for name in ("a", "b")))
+    assert not [line for line in lines if "on-policy" in line or "samples" in line]
+    assert _cells(lines, "KL(teacher || student) (lower)") == ["0.8000", "0.4000", "0.4000"]
+
+
+def _results_table(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_table", SCRIPTS / "results_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "versions", lambda: "the test's versions")  # not deepspeed's import time
+    return module
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """The knowledge-transfer table's rows by their first cell (the header under 'header')."""
+    lines = [line for line in text.split("## Runs")[0].splitlines() if line.startswith("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return {"header": rows[0], **{f"{row[0]} {row[1]}": row for row in rows[2:]}}
+
+
+def _table_run(tmp_path, kind: str, fraction: float, **summary) -> dict:
+    base = {"train/steps": 4, "train/wall_s": 10.0, "eval/teacher_ce": 0.3, "eval/kl_to_teacher": 0.5,
+            "eval/student_ce": 1.0, "eval/top1_agreement": 0.7, "eval/exact_match": 0.2,
+            "initial/eval/kl_to_teacher": 0.9, "initial/eval/student_ce": 2.0, "initial/eval/top1_agreement": 0.4,
+            "initial/eval/exact_match": 0.0}
+    name = f"{kind}_onpolicy{fraction:g}" if fraction else kind
+    return {"kind": kind, "fraction": fraction, "name": name, "dir": tmp_path / name, "summary": {**base, **summary},
+            "wall_s": 12.0, "cpu_s": 20.0, "load": 1.0, "command": f"python -m trainer loss.kind={kind}"}
+
+
+TEACHER = {"eval/teacher_ce": 0.3, "eval/exact_match": 0.9, "rows": 16, "tokens": 100}
+
+
+def test_the_results_table_gains_lambda_and_on_policy_columns_where_runs_have_them(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    results_table = _results_table(monkeypatch)
+    onpolicy = {"eval/onpolicy_kl": 0.8, "eval/teacher_nll_of_student": 1.5, "initial/eval/onpolicy_kl": 1.1,
+                "initial/eval/teacher_nll_of_student": 2.5}
+    runs = [_table_run(tmp_path, "rkl", 0.0, **onpolicy),
+            _table_run(tmp_path, "rkl", 1.0, **{**onpolicy, "eval/onpolicy_kl": 0.4, "eval/teacher_nll_of_student": 1.2,
+                                             "eval/kl_to_teacher": 0.45})]
+    text = results_table.render(runs, TEACHER, SimpleNamespace(work=tmp_path), 0.0, 60.0, "python scripts/x.py")
+    rows = _table_rows(text)
+    assert rows["header"][1] == "λ (`onpolicy.fraction`)"
+    assert rows["header"][-2:] == ["KL(student ‖ teacher) on its own samples ↓", "teacher NLL of the student's samples ↓"]
+    assert rows["teacher "][-2:] == ["—", "—"]
+    assert rows["student before training "][-2:] == ["1.1000", "2.5000"]
+    assert rows["after KD (`rkl`) 0"][-2:] == ["0.8000", "1.5000"]
+    assert rows["after KD (`rkl`) 1"][-2:] == ["**0.4000**", "**1.2000**"]
+    assert "only `loss.kind` and `onpolicy.fraction` differ" in text and "Lowest KL to the teacher: `rkl_onpolicy1`" in text
+    assert "| `rkl_onpolicy1` | `python -m trainer loss.kind=rkl` |" in text
+
+
+def test_the_results_table_of_off_policy_runs_with_a_teacher_cache_keeps_its_columns(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    results_table = _results_table(monkeypatch)
+    runs = [_table_run(tmp_path, kind, 0.0) for kind in ("fkl", "rkl")]
+    text = results_table.render(runs, TEACHER, SimpleNamespace(work=tmp_path), 0.0, 60.0, "python scripts/x.py")
+    assert _table_rows(text)["header"] == ["model", *(label for _, label, _ in results_table.METRICS)]
+    assert "onpolicy" not in text and "λ" not in text
+
+
+@pytest.mark.parametrize("spec, expected", [("rkl", ("rkl", 0.0)), ("jsd@1", ("jsd", 1.0)), ("rkl@0.5", ("rkl", 0.5))])
+def test_a_results_table_run_is_a_kind_with_an_optional_fraction(monkeypatch, spec, expected):
+    results_table = _results_table(monkeypatch)
+    assert results_table.parse_run(spec) == expected
+    assert results_table.run_name(*expected) == {"rkl": "rkl", "jsd@1": "jsd_onpolicy1", "rkl@0.5": "rkl_onpolicy0.5"}[spec]
+
+
+@pytest.mark.parametrize("spec", ["kl", "rkl@2", "rkl@half"])
+def test_a_results_table_run_it_cannot_read_is_one_line_saying_what_to_write(monkeypatch, spec):
+    results_table = _results_table(monkeypatch)
+    with pytest.raises(SystemExit) as refused:
+        results_table.parse_run(spec)
+    assert "write KIND or KIND@FRACTION" in str(refused.value) and "\n" not in str(refused.value)
