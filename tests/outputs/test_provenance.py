@@ -282,6 +282,7 @@ def test_a_permissive_teacher_passes_and_the_record_hashes_match_the_files(tiny,
     assert record["packages"]["torch"] and record["packages"]["transformers"] and record["packages"]["peft"]
     assert record["world"]["world_size"] == 1 and record["world"]["ranks"][0]["device"] == "cpu"
     assert record["metrics"]["eval/kl_to_teacher"] > 0 and record["started_at"] <= record["finished_at"]
+    assert record["on_policy"] == {"enabled": False, "fraction": 0.0}  # an off-policy job says so
     assert "git_commit" in record["code"]
 
 
