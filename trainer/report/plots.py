@@ -17,8 +17,9 @@ RUN_PLOTS = {"training loss": "report_loss.png", "eval KL to the teacher": "repo
              "top-1 agreement and exact match": "report_agreement.png"}
 # Plots only some runs have, after RUN_PLOTS: rollouts (on-policy runs) and the evaluation of the
 # student's own samples (runs whose teacher is a model, not a cache).
-ROLLOUT_PLOT = {"rollouts": "report_rollouts.png"}
-ONPOLICY_EVAL_PLOT = {"on-policy evaluation (the student's own samples)": "report_onpolicy_eval.png"}
+ROLLOUT_TITLE, ONPOLICY_EVAL_TITLE = "rollouts", "on-policy evaluation (the student's own samples)"
+ROLLOUT_PLOT = {ROLLOUT_TITLE: "report_rollouts.png"}
+ONPOLICY_EVAL_PLOT = {ONPOLICY_EVAL_TITLE: "report_onpolicy_eval.png"}
 COMPARISON_PNG = "comparison.png"
 
 
@@ -124,7 +125,7 @@ def _draw_rollouts(figure, all_axes, run: Run) -> None:
 
 
 _DRAWERS = {"training loss": _draw_loss, "eval KL to the teacher": _draw_kl,
-            "top-1 agreement and exact match": _draw_agreement, **dict.fromkeys(ONPOLICY_EVAL_PLOT, _draw_onpolicy_eval)}
+            "top-1 agreement and exact match": _draw_agreement, ONPOLICY_EVAL_TITLE: _draw_onpolicy_eval}
 
 
 def plot_run(run: Run, out_dir: Path) -> dict[str, Path]:
@@ -134,7 +135,7 @@ def plot_run(run: Run, out_dir: Path) -> dict[str, Path]:
     written = {}
     plots = run_plots(run)
     for title, name in plots.items():
-        if title in ROLLOUT_PLOT:
+        if title == ROLLOUT_TITLE:  # four panels, one figure
             figure, all_axes = _figure(columns=2, rows=2)
             _draw_rollouts(figure, all_axes, run)
         else:
@@ -142,7 +143,7 @@ def plot_run(run: Run, out_dir: Path) -> dict[str, Path]:
             _DRAWERS[title](axes, run)
         written[title] = _save(figure, out_dir / name)
     for title, name in {**ROLLOUT_PLOT, **ONPOLICY_EVAL_PLOT}.items():
-        if title not in plots:  # left by an earlier report of another run in this folder
+        if title not in plots:  # an earlier report's PNG must not pass for this run's
             (out_dir / name).unlink(missing_ok=True)
     return written
 
@@ -150,23 +151,16 @@ def plot_run(run: Run, out_dir: Path) -> dict[str, Path]:
 def plot_comparison(runs: list[Run], labels: list[str], path: Path) -> Path:
     """Eval KL to the teacher and training loss of every run, overlaid, side by side; then the
     on-policy KL (on the student's own samples) where any run has it."""
-    onpolicy = any(run.has_eval("eval/onpolicy_kl") for run in runs)
-    figure, (kl_axes, loss_axes, *onpolicy_axes) = _figure(columns=3 if onpolicy else 2)
-    for axes in onpolicy_axes:
+    panels = [("eval/kl_to_teacher", "evals", "held-out KL to the teacher per token", "KL (nats)"),
+              ("loss", "metrics", "training objective per supervised token", "loss")]
+    if any(run.has_eval("eval/onpolicy_kl") for run in runs):
+        panels.append(("eval/onpolicy_kl", "evals", "held-out KL(student ‖ teacher) on its own samples", "KL (nats)"))
+    figure, all_axes = _figure(columns=len(panels))
+    for axes, (key, source, title, ylabel) in zip(all_axes, panels):
         values, drew = [], False
         for run, label in zip(runs, labels):
-            steps, run_values = run.series("eval/onpolicy_kl", "evals")
+            steps, run_values = run.series(key, source)
             drew |= _plot(axes, steps, run_values, label)
             values += run_values
-        _finish_axes(axes, "held-out KL(student ‖ teacher) on its own samples", "KL (nats)", drew, values)
-    kl_values, loss_values, drew_kl, drew_loss = [], [], False, False
-    for run, label in zip(runs, labels):
-        steps, values = run.series("eval/kl_to_teacher", "evals")
-        drew_kl |= _plot(kl_axes, steps, values, label)
-        kl_values += values
-        steps, values = run.series("loss")
-        drew_loss |= _plot(loss_axes, steps, values, label)
-        loss_values += values
-    _finish_axes(kl_axes, "held-out KL to the teacher per token", "KL (nats)", drew_kl, kl_values)
-    _finish_axes(loss_axes, "training objective per supervised token", "loss", drew_loss, loss_values)
+        _finish_axes(axes, title, ylabel, drew, values)
     return _save(figure, path)
