@@ -40,7 +40,8 @@ def _write_run(folder: Path, *, fraction: float, model_teacher: bool = True) -> 
         record = {"step": step, "eval/kl_to_teacher": 0.8 * scale, "eval/student_ce": 2.0 * scale,
                   "eval/top1_agreement": 1 - scale / 2, "eval/exact_match": 0.1, "eval/teacher_ce": 0.3}
         if model_teacher:
-            record.update({"eval/onpolicy_kl": 1.2 * scale, "eval/teacher_nll_of_student": 2.4 * scale})
+            record.update({"eval/onpolicy_kl": 1.2 * scale, "eval/teacher_nll_of_student": 2.4 * scale,
+                           "eval/onpolicy_tokens": 96 + step})
         evals.append(record)
     (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
     summary = {f"initial/{k}": v for k, v in evals[0].items() if k != "step"}
@@ -75,6 +76,7 @@ def test_an_on_policy_run_gets_a_rollout_plot_and_an_on_policy_evaluation_plot(t
     assert_valid_png(run / ROLLOUT_PNG, min_width=1200)  # four panels, two wide
     assert _row(report, "eval/onpolicy_kl")[1:3] == [fmt(1.2), fmt(0.48)]
     assert _row(report, "eval/teacher_nll_of_student")[1:3] == [fmt(2.4), fmt(0.96)]
+    assert "The on-policy metrics average over 100 tokens the student wrote itself to the held-out prompts." in report
     assert "`onpolicy.fraction=0.5`" in report and "`onpolicy.max_new_tokens=16`" in report
     assert "| share of the window spent generating rollouts | 0.3400 |" in report  # step 4's
     assert "| rollouts in the window | 8 |" in report
@@ -106,7 +108,7 @@ def test_an_off_policy_run_has_no_rollout_plot_or_sampling_settings_but_its_on_p
 def test_a_run_with_a_teacher_cache_shows_no_on_policy_evaluation(tmp_path):
     run = _write_run(tmp_path / "cached", fraction=0.0, model_teacher=False)
     report = write_report(run).read_text()
-    assert "onpolicy_kl" not in report and "teacher_nll_of_student" not in report
+    assert "onpolicy_kl" not in report and "teacher_nll_of_student" not in report and "on-policy metrics average" not in report
     assert not (run / ONPOLICY_EVAL_PNG).exists()
 
 

@@ -83,6 +83,10 @@ def run_report(run: Run, plots: dict[str, Path]) -> str:
         tokens = final.get("eval/tokens", initial.get("eval/tokens"))
         if tokens is not None:
             lines += ["", f"Over {fmt(int(tokens))} supervised held-out tokens."]
+        sampled = final.get("eval/onpolicy_tokens", initial.get("eval/onpolicy_tokens"))
+        if isinstance(sampled, (int, float)):
+            lines += ["", f"The on-policy metrics average over {fmt(int(sampled))} tokens the student wrote "
+                          "itself to the held-out prompts."]
     else:
         lines.append("No evaluation was logged yet (`eval.jsonl` is missing or empty).")
 
