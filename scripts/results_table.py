@@ -131,8 +131,8 @@ def run_kind(kind: str, fraction: float, args, cache: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"{name}: {wall:.0f} s, KL {summary['eval/kl_to_teacher']:.4f}, "
           f"exact match {summary['eval/exact_match']:.4f}", flush=True)
-    return {"kind": kind, "fraction": fraction, "name": name, "dir": run_dir, "summary": summary, "wall_s": wall, "cpu_s": cpu, "load": load,
-            "command": "python -m trainer " + " ".join(overrides)}
+    return {"kind": kind, "fraction": fraction, "name": name, "dir": run_dir, "summary": summary, "wall_s": wall,
+            "cpu_s": cpu, "load": load, "command": "python -m trainer " + " ".join(overrides)}
 
 
 def _children_cpu_s() -> float:

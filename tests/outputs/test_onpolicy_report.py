@@ -108,7 +108,8 @@ def test_an_off_policy_run_has_no_rollout_plot_or_sampling_settings_but_its_on_p
 def test_a_run_with_a_teacher_cache_shows_no_on_policy_evaluation(tmp_path):
     run = _write_run(tmp_path / "cached", fraction=0.0, model_teacher=False)
     report = write_report(run).read_text()
-    assert "onpolicy_kl" not in report and "teacher_nll_of_student" not in report and "on-policy metrics average" not in report
+    assert "onpolicy_kl" not in report and "teacher_nll_of_student" not in report
+    assert "on-policy metrics average" not in report
     assert not (run / ONPOLICY_EVAL_PNG).exists()
 
 
@@ -232,12 +233,14 @@ def test_the_results_table_gains_lambda_and_on_policy_columns_where_runs_have_th
     text = results_table.render(runs, TEACHER, SimpleNamespace(work=tmp_path), 0.0, 60.0, "python scripts/x.py")
     rows = _table_rows(text)
     assert rows["header"][1] == "λ (`onpolicy.fraction`)"
-    assert rows["header"][-2:] == ["KL(student ‖ teacher) on its own samples ↓", "teacher NLL of the student's samples ↓"]
+    assert rows["header"][-2:] == ["KL(student ‖ teacher) on its own samples ↓",
+                                   "teacher NLL of the student's samples ↓"]
     assert rows["teacher "][-2:] == ["—", "—"]
     assert rows["student before training "][-2:] == ["1.1000", "2.5000"]
     assert rows["after KD (`rkl`) 0"][-2:] == ["0.8000", "1.5000"]
     assert rows["after KD (`rkl`) 1"][-2:] == ["**0.4000**", "**1.2000**"]
-    assert "only `loss.kind` and `onpolicy.fraction` differ" in text and "Lowest KL to the teacher: `rkl_onpolicy1`" in text
+    assert "only `loss.kind` and `onpolicy.fraction` differ" in text
+    assert "Lowest KL to the teacher: `rkl_onpolicy1`" in text
     assert "| `rkl_onpolicy1` | `python -m trainer loss.kind=rkl` |" in text
 
 
@@ -255,7 +258,8 @@ def test_the_results_table_of_off_policy_runs_with_a_teacher_cache_keeps_its_col
 def test_a_results_table_run_is_a_kind_with_an_optional_fraction(monkeypatch, spec, expected):
     results_table = _results_table(monkeypatch)
     assert results_table.parse_run(spec) == expected
-    assert results_table.run_name(*expected) == {"rkl": "rkl", "jsd@1": "jsd_onpolicy1", "rkl@0.5": "rkl_onpolicy0.5"}[spec]
+    names = {"rkl": "rkl", "jsd@1": "jsd_onpolicy1", "rkl@0.5": "rkl_onpolicy0.5"}
+    assert results_table.run_name(*expected) == names[spec]
 
 
 @pytest.mark.parametrize("spec", ["kl", "rkl@2", "rkl@half"])

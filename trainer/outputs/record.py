@@ -3,8 +3,9 @@ adapter (or model), so the output carries its own history wherever it is copied.
 
 It records the teacher and student (ids, revisions, sha256 of every weight, tokenizer and config
 file), the data files (sha256, rows), the teacher cache's key when one was read, whether the run
-was on-policy and with which sampling settings (`on_policy`), the resolved config, the code's git commit, package versions, ranks and devices, start and end times, the final
-metrics and the licence decision with its obligations.
+was on-policy and with which sampling settings (`on_policy`), the resolved config, the code's git
+commit, package versions, ranks and devices, start and end times, the final metrics and the licence
+decision with its obligations.
 
 Sealing: `record_sha256` is the sha256 (hex) of the record's canonical JSON without that field:
 UTF-8, keys sorted, separators `,` and `:` with no spaces, non-ASCII characters as themselves, as
