@@ -427,6 +427,10 @@ def test_an_on_policy_card_names_gkd_its_lambda_and_sampling_settings(tmp_path):
             in card.text)
     assert "on-policy-distillation" in card.data.tags
     assert "| eval/onpolicy_kl | 0.7500 | 0.5000 |" in card.text
+    greedy = _card_text(tmp_path, {"enabled": True, "fraction": 1.0, "max_new_tokens": 32, "temperature": 0.0,
+                                   "top_p": 0.9})
+    assert "(GKD, λ=1): the student wrote the responses of 100% of its training rows itself (greedy, at most 32" in (
+        greedy.text)
 
 
 def test_an_off_policy_card_says_nothing_of_rollouts(tmp_path):

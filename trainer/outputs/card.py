@@ -108,10 +108,11 @@ def _on_policy_clause(on_policy: dict) -> str:
     dataset's responses, as in any distillation); for an on-policy one, λ and the sampling settings."""
     if not on_policy["enabled"]:
         return ""
+    sampling = ("greedy" if on_policy["temperature"] == 0  # top-p does nothing then
+                else f"temperature {on_policy['temperature']:g}, top-p {on_policy['top_p']:g}")
     return (f", by on-policy distillation (GKD, λ={on_policy['fraction']:g}): the student wrote the responses of "
-            f"{on_policy['fraction']:.0%} of its training rows itself (temperature {on_policy['temperature']:g}, "
-            f"top-p {on_policy['top_p']:g}, at most {on_policy['max_new_tokens']} new tokens) and the teacher scored "
-            "every token of them")
+            f"{on_policy['fraction']:.0%} of its training rows itself ({sampling}, at most "
+            f"{on_policy['max_new_tokens']} new tokens) and the teacher scored every token of them")
 
 
 def _how_to_load(student_id: str, lora: bool) -> list[str]:
