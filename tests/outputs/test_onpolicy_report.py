@@ -10,7 +10,14 @@ import pytest
 import yaml
 
 from trainer.report import fmt, log_report_to_wandb, write_comparison, write_report
-from trainer.report.plots import ONPOLICY_EVAL_PLOT, ROLLOUT_PLOT, RUN_PLOTS, _draw_rollouts, _figure
+from trainer.report.plots import (
+    ONPOLICY_EVAL_PLOT,
+    ROLLOUT_PLOT,
+    RUN_PLOTS,
+    _draw_onpolicy_eval,
+    _draw_rollouts,
+    _figure,
+)
 from trainer.report.runs import ROLLOUT_METRICS, load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -74,6 +81,7 @@ def test_an_on_policy_run_gets_a_rollout_plot_and_an_on_policy_evaluation_plot(t
         assert f"]({name})" in report
         assert_valid_png(run / name)
     assert_valid_png(run / ROLLOUT_PNG, min_width=1200)  # four panels, two wide
+    assert_valid_png(run / ONPOLICY_EVAL_PNG, min_width=1200)  # KL and NLL side by side
     assert _row(report, "eval/onpolicy_kl")[1:3] == [fmt(1.2), fmt(0.48)]
     assert _row(report, "eval/teacher_nll_of_student")[1:3] == [fmt(2.4), fmt(0.96)]
     assert "The on-policy metrics average over 100 tokens the student wrote itself to the held-out prompts." in report
@@ -92,6 +100,16 @@ def test_the_rollout_panels_draw_each_metric_of_metrics_jsonl_over_steps(tmp_pat
         (line,) = axes.lines
         assert list(line.get_xdata()) == [1, 2, 3, 4] and line.get_label() == label
         assert list(line.get_ydata()) == [_rollouts(step)[key] for step in range(1, 5)]
+
+
+def test_the_on_policy_evaluation_panels_draw_kl_and_teacher_nll_over_the_evaluations(tmp_path):
+    run = load_run(_write_run(tmp_path / "onpolicy", fraction=0.5))
+    figure, all_axes = _figure(columns=2)
+    _draw_onpolicy_eval(figure, all_axes, run)
+    for axes, key, first in zip(all_axes, ("eval/onpolicy_kl", "eval/teacher_nll_of_student"), (1.2, 2.4)):
+        (line,) = axes.lines
+        assert line.get_label() == key and list(line.get_xdata()) == [0, 2, 4]
+        assert list(line.get_ydata()) == pytest.approx([first, first * 0.6, first * 0.4])
 
 
 def test_an_off_policy_run_has_no_rollout_plot_or_sampling_settings_but_its_on_policy_evaluation(tmp_path):

@@ -102,14 +102,14 @@ def _draw_agreement(axes, run: Run) -> None:
     axes.set_ylim(-0.02, 1.02)
 
 
-def _draw_onpolicy_eval(axes, run: Run) -> None:
-    steps, kl = run.series("eval/onpolicy_kl", "evals")
-    drew = _plot(axes, steps, kl, "KL(student ‖ teacher) (eval/onpolicy_kl)")
-    steps, nll = run.series("eval/teacher_nll_of_student", "evals")
-    drew |= _plot(axes, steps, nll, "teacher NLL of the student's tokens (eval/teacher_nll_of_student)",
-                  linestyle="--")
-    _finish_axes(axes, "held-out prompts answered by the student, scored by the teacher", "nats per token", drew,
-                 kl + nll)
+def _draw_onpolicy_eval(figure, all_axes, run: Run) -> None:
+    """KL and the teacher's NLL side by side: their scales differ by orders of magnitude."""
+    for axes, (key, label) in zip(all_axes, (("eval/onpolicy_kl", "KL(student ‖ teacher) per token"),
+                                             ("eval/teacher_nll_of_student", "teacher NLL per token"))):
+        steps, values = run.series(key, "evals")
+        drew = _plot(axes, steps, values, key)
+        _finish_axes(axes, label, "nats", drew, values)
+    figure.suptitle("held-out prompts answered by the student, scored by the teacher")
 
 
 def _draw_rollouts(figure, all_axes, run: Run) -> None:
@@ -125,7 +125,9 @@ def _draw_rollouts(figure, all_axes, run: Run) -> None:
 
 
 _DRAWERS = {"training loss": _draw_loss, "eval KL to the teacher": _draw_kl,
-            "top-1 agreement and exact match": _draw_agreement, ONPOLICY_EVAL_TITLE: _draw_onpolicy_eval}
+            "top-1 agreement and exact match": _draw_agreement}
+# Plots of several panels: (columns, rows) and the drawer, which is given the figure and every panel.
+_PANELLED = {ROLLOUT_TITLE: ((2, 2), _draw_rollouts), ONPOLICY_EVAL_TITLE: ((2, 1), _draw_onpolicy_eval)}
 
 
 def plot_run(run: Run, out_dir: Path) -> dict[str, Path]:
@@ -135,9 +137,10 @@ def plot_run(run: Run, out_dir: Path) -> dict[str, Path]:
     written = {}
     plots = run_plots(run)
     for title, name in plots.items():
-        if title == ROLLOUT_TITLE:  # four panels, one figure
-            figure, all_axes = _figure(columns=2, rows=2)
-            _draw_rollouts(figure, all_axes, run)
+        if title in _PANELLED:
+            (columns, rows), draw = _PANELLED[title]
+            figure, all_axes = _figure(columns, rows)
+            draw(figure, all_axes, run)
         else:
             figure, (axes,) = _figure()
             _DRAWERS[title](axes, run)
