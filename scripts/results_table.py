@@ -9,8 +9,13 @@ training, and the student after each run: KL(teacher ‖ student) per token, the
 the labels, top-1 agreement with the teacher and task accuracy (exact match). Every figure is read
 from the runs' summary.json or measured here; none is typed in.
 
+A run given as `KIND@FRACTION` is on-policy (`onpolicy.fraction=FRACTION`, GKD's λ: the student
+writes that share of the rows' responses itself). Where runs hold them, the table gains a λ column
+and the metrics of the student's own samples (`eval/onpolicy_kl`, `eval/teacher_nll_of_student`).
+
     python scripts/results_table.py                                    # docs/results.md
     python scripts/results_table.py --kinds fkl --out /tmp/one.md      # one run, to time it first
+    python scripts/results_table.py --kinds fkl,rkl,rkl@1,jsd@1,rkl@0.5 --out /tmp/onpolicy.md
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ METRICS = (  # summary key, column, better
     ("eval/top1_agreement", "top-1 agreement ↑", "higher"),
     ("eval/exact_match", "task accuracy (exact match) ↑", "higher"),
 )
+ONPOLICY_METRICS = (  # shown where a run has them: every run whose teacher is a model
+    ("eval/onpolicy_kl", "KL(student ‖ teacher) on its own samples ↓", "lower"),
+    ("eval/teacher_nll_of_student", "teacher NLL of the student's samples ↓", "lower"),
+)
 ABOUT = {
     "sft": "hard labels only: cross-entropy on the data's tokens, no teacher",
     "fkl": "forward KL(p‖q), p the teacher, q the student",
@@ -45,6 +54,13 @@ ABOUT = {
     "srkl": "skew reverse KL(q‖αq+(1−α)p), α=0.1",
     "tvd": "total variation ½Σ|p−q|",
 }
+ONPOLICY_NOTE = ("- **λ** (`onpolicy.fraction`, GKD's λ): the share of each step's rows whose response the student "
+                 "samples itself (the demo's `onpolicy.*` sampling settings) and the teacher scores token by token; "
+                 "0 trains on the data's responses (off-policy).")
+ONPOLICY_METRICS_NOTE = ("- **on-policy columns**: the student answers the held-out prompts itself (seeded, at "
+                         "`onpolicy.temperature`); `eval/onpolicy_kl` is KL(student ‖ teacher) per token of those "
+                         "answers over the full vocabulary, `eval/teacher_nll_of_student` the teacher's NLL of their "
+                         "tokens. The teacher writes no such answers, so it has none.")
 
 
 def parse_args():
@@ -53,7 +69,9 @@ def parse_args():
                         help="one run directory per loss is made (afresh) under it")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps of every run (default: the demo's, train.max_steps in trainer/config.py)")
-    parser.add_argument("--kinds", default=",".join(KINDS), help="loss.kind of each run, comma-separated")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help="loss.kind of each run, comma-separated; KIND@FRACTION runs it on-policy "
+                             "(onpolicy.fraction=FRACTION), e.g. rkl@1")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--cache", default=os.environ.get("DISTILL_CACHE", "~/.cache/distill"),
                         help="the runs' cache_dir, where the demo teacher is built once")
@@ -71,17 +89,37 @@ def build_demo(cache: Path) -> float:
     return time.perf_counter() - started
 
 
-def run_kind(kind: str, args, cache: Path) -> dict:
-    run_dir = args.work / kind
+def parse_run(spec: str) -> tuple[str, float]:
+    """`rkl` -> ("rkl", 0.0); `rkl@0.5` -> ("rkl", 0.5). Exits with a line saying what to write."""
+    kind, _, fraction = spec.partition("@")
+    try:
+        value = float(fraction) if fraction else 0.0
+    except ValueError:
+        value = -1.0
+    if kind not in KINDS or not 0.0 <= value <= 1.0:
+        sys.exit(f"cannot read the run {spec!r}; write KIND or KIND@FRACTION with KIND one of {','.join(KINDS)} "
+                 "and FRACTION (onpolicy.fraction) in [0, 1], e.g. rkl@1.")
+    return kind, value
+
+
+def run_name(kind: str, fraction: float) -> str:
+    """The run's folder and label: the kind, with λ for an on-policy run (`rkl_onpolicy0.5`)."""
+    return kind if fraction == 0 else f"{kind}_onpolicy{fraction:g}"
+
+
+def run_kind(kind: str, fraction: float, args, cache: Path) -> dict:
+    name = run_name(kind, fraction)
+    run_dir = args.work / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: an old checkpoint there would be resumed
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    overrides = [f"loss.kind={kind}", *([f"train.max_steps={args.steps}"] if args.steps else []), "logger=none"]
+    overrides = [f"loss.kind={kind}", *([f"onpolicy.fraction={fraction:g}"] if fraction else []),
+                 *([f"train.max_steps={args.steps}"] if args.steps else []), "logger=none"]
     command = [sys.executable, "-m", "trainer", *overrides, f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     load = os.getloadavg()[0]
     cpu_before = _children_cpu_s()
     started = time.perf_counter()
-    log_path = args.work / f"{kind}.log"
+    log_path = args.work / f"{name}.log"
     with log_path.open("w") as log:
         proc = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - started
@@ -89,12 +127,12 @@ def run_kind(kind: str, args, cache: Path) -> dict:
     load = max(load, os.getloadavg()[0])
     if proc.returncode != 0:
         tail = log_path.read_text()[-3000:]
-        sys.exit(f"the {kind} run failed (exit {proc.returncode}); its log is {log_path}:\n{tail}")
+        sys.exit(f"the {name} run failed (exit {proc.returncode}); its log is {log_path}:\n{tail}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"{kind}: {wall:.0f} s, KL {summary['eval/kl_to_teacher']:.4f}, "
+    print(f"{name}: {wall:.0f} s, KL {summary['eval/kl_to_teacher']:.4f}, "
           f"exact match {summary['eval/exact_match']:.4f}", flush=True)
-    return {"kind": kind, "dir": run_dir, "summary": summary, "wall_s": wall, "cpu_s": cpu, "load": load,
-            "command": "python -m trainer " + " ".join(overrides)}
+    return {"kind": kind, "fraction": fraction, "name": name, "dir": run_dir, "summary": summary, "wall_s": wall,
+            "cpu_s": cpu, "load": load, "command": "python -m trainer " + " ".join(overrides)}
 
 
 def _children_cpu_s() -> float:
@@ -175,30 +213,40 @@ def spread(runs: list[dict], key: str) -> float:
     return max(values) - min(values) if values else float("nan")
 
 
+def shown_metrics(runs: list[dict]) -> tuple:
+    """METRICS, then each on-policy metric that some run's summary holds."""
+    return METRICS + tuple(m for m in ONPOLICY_METRICS if any(m[0] in run["summary"] for run in runs))
+
+
 def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float, invocation: str) -> str:
     first = runs[0]["summary"]
     steps = sorted({int(run["summary"]["train/steps"]) for run in runs})
-    best = {key: (min if better == "lower" else max)(run["summary"][key] for run in runs)
-            for key, _, better in METRICS}
+    metrics = shown_metrics(runs)
+    onpolicy = any(run["fraction"] for run in runs)
+    best = {key: (min if better == "lower" else max)(run["summary"][key] for run in runs if key in run["summary"])
+            for key, _, better in metrics}
 
     def cells(values: dict, bold: bool) -> list[str]:
         out = []
-        for key, _, _ in METRICS:
+        for key, _, _ in metrics:
             text = fmt(values.get(key))
             out.append(f"**{text}**" if bold and len(runs) > 1 and values.get(key) == best[key] else text)
         return out
 
-    header = ["model", *(label for _, label, _ in METRICS)]
+    lam = ["λ (`onpolicy.fraction`)"] if onpolicy else []
+    header = ["model", *lam, *(label for _, label, _ in metrics)]
+    teacher_cells = {"eval/kl_to_teacher": "— (the reference)", "eval/student_ce": fmt(first["eval/teacher_ce"]),
+                     "eval/top1_agreement": "— (the reference)", "eval/exact_match": fmt(teacher["eval/exact_match"])}
+    no_lambda = [""] if onpolicy else []
     rows = [
-        ["teacher", "— (the reference)", fmt(first["eval/teacher_ce"]), "— (the reference)",
-         fmt(teacher["eval/exact_match"])],
-        ["student before training", *cells({k[len('initial/'):]: v for k, v in first.items()
-                                            if k.startswith("initial/")}, bold=False)],
+        ["teacher", *no_lambda, *(teacher_cells.get(key, "—") for key, _, _ in metrics)],
+        ["student before training", *no_lambda, *cells({k[len('initial/'):]: v for k, v in first.items()
+                                                        if k.startswith("initial/")}, bold=False)],
     ]
     for run in runs:
         name = "after hard labels (`sft`)" if run["kind"] == "sft" else f"after KD (`{run['kind']}`)"
-        rows.append([name, *cells(run["summary"], bold=True)])
-    table = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(METRICS),
+        rows.append([name, *([f"{run['fraction']:g}"] if onpolicy else []), *cells(run["summary"], bold=True)])
+    table = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1),
              *("| " + " | ".join(row) + " |" for row in rows)]
 
     run_rows = ["| run | command | steps | wall time of the process | of which training | CPU time (user + sys) "
@@ -206,18 +254,18 @@ def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float
                 "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for run in runs:
         s = run["summary"]
-        run_rows.append(f"| `{run['kind']}` | `{run['command']}` | {int(s['train/steps'])} | {run['wall_s']:.0f} s "
+        run_rows.append(f"| `{run['name']}` | `{run['command']}` | {int(s['train/steps'])} | {run['wall_s']:.0f} s "
                         f"| {s['train/wall_s']:.0f} s | {run['cpu_s']:.0f} s | {run['load']:.2f} |")
 
     def leaders(key: str) -> str:
-        return ", ".join(f"`{run['kind']}`" for run in runs if run["summary"][key] == best[key])
+        return ", ".join(f"`{run['name']}`" for run in runs if run["summary"][key] == best[key])
 
     ours, theirs = teacher["eval/teacher_ce"], first["eval/teacher_ce"]
     ce_check = (f"the teacher CE the script measures alongside, {ours:.4f}, matches the runs', so it scored the "
                 "same rows" if abs(ours - theirs) <= 1e-4 * max(1.0, theirs) else
                 f"but the teacher CE the script measures alongside, {ours:.4f}, is not the runs' {theirs:.4f}: "
                 "the teacher's accuracy may be on other rows or another tokenisation")
-    initial_spread = max(spread(runs, "initial/" + key) for key, _, _ in METRICS)
+    initial_spread = max(spread(runs, "initial/" + key) for key, _, _ in metrics)
     same_start = (f"identical in all {len(runs)} runs" if initial_spread == 0
                   else f"they differ by at most {initial_spread:.2g} across the {len(runs)} runs")
     build = ("the demo teacher was already cached" if build_s < 5 else
@@ -231,7 +279,8 @@ def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float
         f"Held-out problems: the demo's {teacher['rows']} problems that appear in no training row "
         f"({teacher['tokens']} supervised tokens). Every run trains the same student (the demo teacher with "
         f"half of its layers dropped, LoRA r=16) for {', '.join(map(str, steps))} steps from the same LoRA "
-        "initialisation, data order and learning rate; only `loss.kind` differs (KD kinds at "
+        "initialisation, data order and learning rate; only `loss.kind` "
+        + ("and `onpolicy.fraction` differ" if onpolicy else "differs") + " (KD kinds at "
         "`loss.temperature=1`, `loss.ce_weight=0`, the demo's defaults). Best trained value of each column in bold.",
         "",
         *table,
@@ -249,6 +298,8 @@ def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float
         f"- **student before training**: `initial/*` of the runs' summaries ({same_start}: "
         "LoRA starts as the identity).",
         "- **KD kinds**: " + "; ".join(f"`{kind}` {ABOUT[kind]}" for kind in KINDS if kind != "sft") + ".",
+        *([ONPOLICY_NOTE] if onpolicy else []),
+        *([ONPOLICY_METRICS_NOTE] if len(metrics) > len(METRICS) else []),
         "",
         "## Runs",
         "",
@@ -273,14 +324,11 @@ def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float
 def main() -> None:
     args = parse_args()
     invocation = "python scripts/results_table.py " + " ".join(sys.argv[1:])
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown:
-        sys.exit(f"unknown loss kinds {unknown}; use some of {','.join(KINDS)}.")
+    specs = [parse_run(k.strip()) for k in args.kinds.split(",") if k.strip()]
     cache = Path(os.path.expanduser(args.cache)).resolve()
     started = time.perf_counter()
     build_s = build_demo(cache)
-    runs = [run_kind(kind, args, cache) for kind in kinds]
+    runs = [run_kind(kind, fraction, args, cache) for kind, fraction in specs]
     from omegaconf import OmegaConf
 
     max_rows = OmegaConf.load(runs[0]["dir"] / ".hydra" / "config.yaml").data.max_eval_rows

@@ -162,3 +162,20 @@ def test_onpolicy_is_off_by_default_and_its_settings_compose():
     cfg = composed("onpolicy.fraction=0.5", "onpolicy.temperature=0", "onpolicy.top_p=0.9")
     validate(cfg)
     assert composed().onpolicy.fraction == 0.0
+
+
+def test_a_sweep_over_onpolicy_fraction_expands_to_one_valid_job_per_value():
+    """`python -m trainer -m onpolicy.fraction=0,0.5,1 loss.kind=rkl,jsd`: what Hydra's basic sweeper
+    makes of it, each job composed and validated as the job would be."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(["onpolicy.fraction=0,0.5,1", "loss.kind=rkl,jsd"])
+    (jobs,) = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    assert len(jobs) == 6
+    seen = set()
+    for job in jobs:
+        cfg = composed(*job)
+        validate(cfg)
+        seen.add((cfg.onpolicy.fraction, cfg.loss.kind))
+    assert seen == {(fraction, kind) for fraction in (0.0, 0.5, 1.0) for kind in ("rkl", "jsd")}

@@ -282,6 +282,7 @@ def test_a_permissive_teacher_passes_and_the_record_hashes_match_the_files(tiny,
     assert record["packages"]["torch"] and record["packages"]["transformers"] and record["packages"]["peft"]
     assert record["world"]["world_size"] == 1 and record["world"]["ranks"][0]["device"] == "cpu"
     assert record["metrics"]["eval/kl_to_teacher"] > 0 and record["started_at"] <= record["finished_at"]
+    assert record["on_policy"] == {"enabled": False, "fraction": 0.0}  # an off-policy job says so
     assert "git_commit" in record["code"]
 
 
@@ -360,3 +361,80 @@ def test_a_changed_data_file_changes_the_record_and_config_overrides_the_card(ti
     assert second["data"]["train"][0]["rows"] == first["data"]["train"][0]["rows"] + 1
     assert second["teacher"]["weights"] == first["teacher"]["weights"]  # the same bytes, wherever they are
     assert second[SELF_HASH] != first[SELF_HASH]
+
+
+# ------------------------------------------------------------------------------ on-policy runs
+ON_POLICY = ("onpolicy.fraction=0.5", "onpolicy.max_new_tokens=16", "onpolicy.temperature=0.7", "onpolicy.top_p=0.9")
+
+
+def _composed(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from trainer.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def _record(tiny, tmp_path, *overrides: str) -> dict:
+    """A sealed record of a run configured by `overrides` on the tiny models (nothing is trained)."""
+    from trainer.outputs.record import build_record, now
+    from trainer.preflight.licence_check import CardLicence
+
+    cfg = _composed(f"teacher.path={tiny['teacher']}", f"student.path={tiny['student']}", f"data.train={tiny['train']}",
+                    f"data.eval={tiny['eval']}", f"cache_dir={tmp_path / 'cache'}", *overrides)
+    record = build_record(cfg, run_dir=tmp_path, out_dir=tmp_path / "adapter", decision=decide("apache-2.0", "test"),
+                          student_licence=CardLicence("apache-2.0", "test"), model_name="tiny-distilled",
+                          name_complies=None, started_at=now(), metrics={}, ranks=[], memo_file=tmp_path / "memo.json")
+    return seal(record)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ((), {"enabled": False, "fraction": 0.0}),
+    (("onpolicy.fraction=0", "onpolicy.max_new_tokens=16"), {"enabled": False, "fraction": 0.0}),
+    (ON_POLICY, {"enabled": True, "fraction": 0.5, "max_new_tokens": 16, "temperature": 0.7, "top_p": 0.9}),
+    (("onpolicy.fraction=1",), {"enabled": True, "fraction": 1.0, "max_new_tokens": 64, "temperature": 1.0,
+                                "top_p": 1.0}),
+])
+def test_the_record_says_whether_the_run_was_on_policy_and_with_which_settings(tiny, tmp_path, overrides, expected):
+    record = _record(tiny, tmp_path, *overrides)
+    assert record["on_policy"] == expected
+    assert record["config"]["onpolicy"]["fraction"] == expected["fraction"]
+    assert verify(record)
+    assert not verify({**record, "on_policy": {**record["on_policy"], "fraction": 0.25}})
+
+
+def _card_text(tmp_path, on_policy: dict):
+    from huggingface_hub import ModelCard
+
+    from trainer.outputs.card import write_card
+    from trainer.preflight.licence_check import CardLicence
+
+    path = write_card(tmp_path, name="tiny-distilled", student_id="my-org/tiny-student",
+                      student_licence=CardLicence("apache-2.0", "test"), teacher_id="my-org/tiny-teacher",
+                      decision=decide("apache-2.0", "test"), name_ok=None, datasets=["train.jsonl"],
+                      metrics={"eval/kl_to_teacher": 0.25, "eval/onpolicy_kl": 0.5, "initial/eval/onpolicy_kl": 0.75},
+                      lora=True, loss_kind="rkl", steps=40, on_policy=on_policy)
+    return ModelCard.load(path)
+
+
+def test_an_on_policy_card_names_gkd_its_lambda_and_sampling_settings(tmp_path):
+    card = _card_text(tmp_path, {"enabled": True, "fraction": 0.5, "max_new_tokens": 16, "temperature": 0.7,
+                                 "top_p": 0.9})
+    assert ("(loss `rkl`, 40 optimizer steps) with distill, by on-policy distillation (GKD, λ=0.5): the student wrote "
+            "the responses of 50% of its training rows itself (temperature 0.7, top-p 0.9, at most 16 new tokens)"
+            in card.text)
+    assert "on-policy-distillation" in card.data.tags
+    assert "| eval/onpolicy_kl | 0.7500 | 0.5000 |" in card.text
+    greedy = _card_text(tmp_path, {"enabled": True, "fraction": 1.0, "max_new_tokens": 32, "temperature": 0.0,
+                                   "top_p": 0.9})
+    assert "(GKD, λ=1): the student wrote the responses of 100% of its training rows itself (greedy, at most 32" in (
+        greedy.text)
+
+
+def test_an_off_policy_card_says_nothing_of_rollouts(tmp_path):
+    card = _card_text(tmp_path, {"enabled": False, "fraction": 0.0})
+    assert "(loss `rkl`, 40 optimizer steps) with distill." in card.text
+    assert "on-policy" not in card.text and "GKD" not in card.text
+    assert "on-policy-distillation" not in card.data.tags

@@ -55,7 +55,9 @@ def test_the_job_writes_its_report_and_logs_the_plots_and_a_summary_table_to_wan
         key = f"report/{Path(name).stem.removeprefix('report_')}"
         assert logged[f"{key}/_type"] == "image-file"
         assert_valid_png(run_file.parent / "files" / logged[f"{key}/path"])
-    assert logged["report/summary/_type"] == "table-file" and logged["report/summary/nrows"] == 5
+    summary = json.loads((sweep / "fkl" / "summary.json").read_text())
+    onpolicy_rows = sum(key in summary for key in ("eval/onpolicy_kl", "eval/teacher_nll_of_student"))
+    assert logged["report/summary/_type"] == "table-file" and logged["report/summary/nrows"] == 5 + onpolicy_rows
     assert logged["_step"] == 4 and "eval/kl_to_teacher" in logged  # with the final evaluation, not past it
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from trainer.preflight.licence_check import CardLicence
 from trainer.preflight.licences import Decision, describe
 
-# The held-out metrics the card shows, before and after training.
-CARD_METRICS = ("eval/kl_to_teacher", "eval/student_ce", "eval/top1_agreement", "eval/exact_match", "eval/teacher_ce")
+# The held-out metrics the card shows, before and after training (each only where the run has it).
+CARD_METRICS = ("eval/kl_to_teacher", "eval/student_ce", "eval/top1_agreement", "eval/exact_match", "eval/teacher_ce",
+                "eval/onpolicy_kl", "eval/teacher_nll_of_student")
 
 
 def card_datasets(sources: dict) -> list[str]:
@@ -53,32 +54,34 @@ def card_base_model(student_path: str) -> str:
 
 def write_card(out_dir: Path, *, name: str, student_id: str, student_licence: CardLicence, teacher_id: str,
                decision: Decision, name_ok: bool | None, datasets: list[str], metrics: dict, lora: bool,
-               loss_kind: str, steps: int) -> Path:
+               loss_kind: str, steps: int, on_policy: dict) -> Path:
+    """`on_policy`: the provenance record's entry (`trainer.outputs.record.on_policy`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
         base_model=student_id, base_model_relation="adapter" if lora else "finetune",
         library_name="peft" if lora else "transformers", pipeline_tag="text-generation", model_name=name,
-        datasets=datasets, tags=["distillation", "knowledge-distillation", *(["lora", "peft"] if lora else [])],
+        datasets=datasets, tags=["distillation", "knowledge-distillation", *(["lora", "peft"] if lora else []),
+                                 *(["on-policy-distillation"] if on_policy["enabled"] else [])],
         **{k: v for k, v in student_licence.card_fields().items() if v is not None},
         # Not standard hub fields: the card data keeps them, so tools can read who taught the student.
         teacher=teacher_id, teacher_license=decision.licence,
     )
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + _body(
-        name, student_id, teacher_id, decision, name_ok, metrics, lora, loss_kind, steps, student_licence))
+        name, student_id, teacher_id, decision, name_ok, metrics, lora, loss_kind, steps, student_licence, on_policy))
     path = Path(out_dir) / "README.md"
     card.save(path)
     return path
 
 
 def _body(name, student_id, teacher_id, decision: Decision, name_ok, metrics: dict, lora: bool, loss_kind: str,
-          steps: int, student_licence: CardLicence) -> str:
+          steps: int, student_licence: CardLicence, on_policy: dict) -> str:
     kind = "A LoRA adapter for" if lora else "A fine-tune of"
     lines = [f"# {name}", ""]
     if decision.notice:
         lines += [f"**{decision.notice}**", ""]
     lines += [f"{kind} `{student_id}`, distilled from the teacher `{teacher_id}` (loss `{loss_kind}`, {steps} "
-              "optimizer steps) with distill.", "", "## Licences", "",
+              f"optimizer steps) with distill{_on_policy_clause(on_policy)}.", "", "## Licences", "",
               f"- Student (base model): {student_licence.card_fields()['license']} ({student_licence.read_from}).",
               f"- Teacher: {decision.licence} ({decision.read_from}): {describe(decision)}"
               + (f"; text: {decision.source}" if decision.source else "") + "."]
@@ -98,6 +101,18 @@ def _body(name, student_id, teacher_id, decision: Decision, name_ok, metrics: di
               "resolved config, the code's git commit, package versions and devices; its `record_sha256` is the "
               "sha256 of its canonical JSON without that field (`trainer.outputs.record.verify_file`).", ""]
     return "\n".join(lines)
+
+
+def _on_policy_clause(on_policy: dict) -> str:
+    """How the student's training responses were written: nothing to add for an off-policy run (the
+    dataset's responses, as in any distillation); for an on-policy one, λ and the sampling settings."""
+    if not on_policy["enabled"]:
+        return ""
+    sampling = ("greedy" if on_policy["temperature"] == 0  # top-p does nothing then
+                else f"temperature {on_policy['temperature']:g}, top-p {on_policy['top_p']:g}")
+    return (f", by on-policy distillation (GKD, λ={on_policy['fraction']:g}): the student wrote the responses of "
+            f"{on_policy['fraction']:.0%} of its training rows itself ({sampling}, at most "
+            f"{on_policy['max_new_tokens']} new tokens) and the teacher scored every token of them")
 
 
 def _how_to_load(student_id: str, lora: bool) -> list[str]:

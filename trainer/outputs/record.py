@@ -2,9 +2,10 @@
 adapter (or model), so the output carries its own history wherever it is copied.
 
 It records the teacher and student (ids, revisions, sha256 of every weight, tokenizer and config
-file), the data files (sha256, rows), the teacher cache's key when one was read, the resolved
-config, the code's git commit, package versions, ranks and devices, start and end times, the final
-metrics and the licence decision with its obligations.
+file), the data files (sha256, rows), the teacher cache's key when one was read, whether the run
+was on-policy and with which sampling settings (`on_policy`), the resolved config, the code's git
+commit, package versions, ranks and devices, start and end times, the final metrics and the licence
+decision with its obligations.
 
 Sealing: `record_sha256` is the sha256 (hex) of the record's canonical JSON without that field:
 UTF-8, keys sorted, separators `,` and `:` with no spaces, non-ASCII characters as themselves, as
@@ -146,6 +147,16 @@ def _held_out(cfg) -> dict | None:
             "max_eval_rows": cfg.data.max_eval_rows}
 
 
+def on_policy(onpolicy_cfg) -> dict:
+    """Whether the student wrote some of its own training responses (on-policy distillation, GKD) and
+    how it sampled them. An off-policy run records fraction 0 and no sampling settings: they did nothing."""
+    fraction = float(onpolicy_cfg.fraction)
+    if fraction == 0:
+        return {"enabled": False, "fraction": 0.0}
+    return {"enabled": True, "fraction": fraction, "max_new_tokens": int(onpolicy_cfg.max_new_tokens),
+            "temperature": float(onpolicy_cfg.temperature), "top_p": float(onpolicy_cfg.top_p)}
+
+
 def data_files(source, hashes: FileHashes) -> list[dict]:
     """One entry per source of a split: a file (sha256, bytes, rows), a saved dataset folder (every
     file's sha256) or a `datasets` name (only the name: its files are the hub's)."""
@@ -258,6 +269,7 @@ def build_record(cfg, *, run_dir: Path, out_dir: Path, decision, student_licence
         "data": {split: data_files(source, hashes) for split, source in data_sources(cfg.data).items()},
         "held_out": _held_out(cfg),
         "rows_trained": rows_trained,
+        "on_policy": on_policy(cfg.onpolicy),
         "licence": decision.as_record(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "code": code_version(),

@@ -173,12 +173,17 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _progress_fields(metrics: dict) -> dict:
-    """What the progress bar shows after the step count: loss, speed, MFU (or FLOP/s), memory."""
+    """What the progress bar shows after the step count: loss, speed, MFU (or FLOP/s), the share of
+    time spent generating rollouts and their mean length (on-policy runs only), data loading, memory."""
     fields = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
     if metrics.get("mfu") is not None:
         fields["MFU"] = f"{metrics['mfu']:.1%}"
     elif metrics.get("tflops_per_s") is not None:
         fields["TFLOP/s"] = f"{metrics['tflops_per_s']:.3g}"
+    if metrics.get("rollout_share") is not None:  # present only when onpolicy.fraction > 0
+        fields["gen"] = f"{metrics['rollout_share']:.0%}"
+        if metrics.get("rollout_mean_length") is not None:
+            fields["gen_len"] = f"{metrics['rollout_mean_length']:.0f}"
     if metrics.get("data_share") is not None:
         fields["data"] = f"{metrics['data_share']:.0%}"
     if metrics.get("peak_memory_gib") is not None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from trainer.files import write_text_atomically
 from trainer.report.markdown import comparison, differing_settings, fmt, run_label, run_report
-from trainer.report.plots import COMPARISON_PNG, RUN_PLOTS, plot_comparison, plot_run
-from trainer.report.runs import EVAL_METRICS, NotARunDirectory, load_run, runs_in_sweep
+from trainer.report.plots import COMPARISON_PNG, plot_comparison, plot_run, run_plots
+from trainer.report.runs import NotARunDirectory, eval_metrics, load_run, runs_in_sweep
 
 REPORT_MD = "report.md"
 COMPARISON_MD = "comparison.md"
@@ -38,7 +38,8 @@ def write_report(run_dir: Path) -> Path:
 
 def write_comparison(run_dirs, out_dir: Path) -> Path:
     """Write `comparison.md` (one row per run: differing settings and final metrics) and
-    `comparison.png` (eval KL and loss curves overlaid) into `out_dir`; return comparison.md's path."""
+    `comparison.png` (eval KL and loss curves overlaid, and the on-policy KL where any run has it)
+    into `out_dir`; return comparison.md's path."""
     runs = [load_run(d) for d in run_dirs]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,8 @@ def common_parent(run_dirs) -> Path:
 
 def log_report_to_wandb(wandb_run, run_dir: Path, step: int | None = None) -> None:
     """Log the run's report plots (as `wandb.Image`, under `report/...`) and a `wandb.Table` of
-    its held-out metrics before and after training (`report/summary`) to `wandb_run`.
+    its held-out metrics before and after training (`report/summary`) to `wandb_run`; an on-policy
+    run's rollout plot and the on-policy evaluation too, where the run has them.
 
     Uses the PNGs `write_report` left, and writes the report first when one is missing. `step`:
     the W&B step to log at (default: the run's last logged step, where its final evaluation
@@ -80,12 +82,12 @@ def log_report_to_wandb(wandb_run, run_dir: Path, step: int | None = None) -> No
     import wandb
 
     run = load_run(run_dir)
-    plots = {title: run.path / name for title, name in RUN_PLOTS.items()}
+    plots = {title: run.path / name for title, name in run_plots(run).items()}
     if not all(path.is_file() for path in plots.values()):
         write_report(run.path)
     initial, final = run.initial(), run.final()
     table = wandb.Table(columns=["metric", "before training", "final"])
-    for key, _, _ in EVAL_METRICS:
+    for key, _, _ in eval_metrics([run]):
         table.add_data(key, _number(initial.get(key)), _number(final.get(key)))
     table.add_data("eval/teacher_ce", None, _number(final.get("eval/teacher_ce")))
     logged = {f"report/{path.stem.removeprefix('report_')}": wandb.Image(str(path), caption=title)

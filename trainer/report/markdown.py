@@ -6,21 +6,26 @@ import math
 import os
 from pathlib import Path
 
-from trainer.report.runs import EVAL_METRICS, Run
+from trainer.report.runs import Run, eval_metrics
 
 # Settings a reader of one run's report wants in front of them, when the config holds them.
 KEY_SETTINGS = (
     "teacher.path", "teacher.cache", "student.path", "data.train", "data.eval", "peft.kind", "peft.r",
     "loss.kind", "loss.temperature", "loss.ce_weight", "loss.beta", "loss.skew", "train.max_steps",
     "train.micro_batch_size", "train.grad_accum", "train.lr", "train.warmup_steps", "train.seq_len",
-    "train.seed", "deepspeed.stage",
+    "train.seed", "deepspeed.stage", "onpolicy.fraction",
 )
+# The rollouts' sampling settings: shown only where onpolicy.fraction > 0 (elsewhere they did nothing).
+ONPOLICY_SETTINGS = ("onpolicy.max_new_tokens", "onpolicy.temperature", "onpolicy.top_p")
 # The last logged step's training numbers, with their labels.
 TRAINING_KEYS = (
     ("loss", "objective (loss)"), ("kd_loss", "KD term (kd_loss)"), ("ce_loss", "CE term (ce_loss)"),
     ("lr", "learning rate"), ("grad_norm", "gradient norm"), ("tokens_per_s", "tokens per second"),
     ("tokens_seen", "tokens seen"), ("skipped_steps", "skipped steps (NaN/Inf)"),
     ("tflops_per_s", "model TFLOP/s (all ranks)"), ("mfu", "MFU"), ("data_share", "data-loading share"),
+    ("rollout_tokens_per_s", "rollout tokens per second (all ranks)"),
+    ("rollout_share", "share of the window spent generating rollouts"), ("rollout_mean_length", "mean rollout length"),
+    ("rollout_truncation_rate", "rollouts cut by onpolicy.max_new_tokens"), ("rollout_rows", "rollouts in the window"),
     ("peak_memory_gib", "peak memory, GiB (largest rank)"),
 )
 
@@ -62,7 +67,8 @@ def run_report(run: Run, plots: dict[str, Path]) -> str:
     lines = [f"# Run report: {run.path.name}", "",
              f"- run directory: `{run.path.resolve()}`",
              f"- status: {status_line(run)}"]
-    settings = [f"`{k}={run.config[k]}`" for k in KEY_SETTINGS if run.config.get(k) is not None]
+    keys = KEY_SETTINGS + (ONPOLICY_SETTINGS if is_on_policy(run) else ())
+    settings = [f"`{k}={run.config[k]}`" for k in keys if run.config.get(k) is not None]
     if settings:
         lines.append("- settings: " + ", ".join(settings))
     lines += [f"- regenerate: `python -m trainer.report {run.path}`", "", "## Held-out metrics", ""]
@@ -70,13 +76,17 @@ def run_report(run: Run, plots: dict[str, Path]) -> str:
     initial, final = run.initial(), run.final()
     if initial or final:
         rows = [[f"{label} (`{key}`)", fmt(initial.get(key)), fmt(final.get(key)), better]
-                for key, label, better in EVAL_METRICS]
+                for key, label, better in eval_metrics([run])]
         teacher_ce = final.get("eval/teacher_ce", initial.get("eval/teacher_ce"))
         rows.append(["teacher CE on the labels (`eval/teacher_ce`)", "", fmt(teacher_ce), "the teacher itself"])
         lines += _table(["metric", "before training", "final", "better"], rows, numbers=range(1, 3))
         tokens = final.get("eval/tokens", initial.get("eval/tokens"))
         if tokens is not None:
             lines += ["", f"Over {fmt(int(tokens))} supervised held-out tokens."]
+        sampled = final.get("eval/onpolicy_tokens", initial.get("eval/onpolicy_tokens"))
+        if isinstance(sampled, (int, float)):
+            lines += ["", f"The on-policy metrics average over {fmt(int(sampled))} tokens the student wrote "
+                          "itself to the held-out prompts."]
     else:
         lines.append("No evaluation was logged yet (`eval.jsonl` is missing or empty).")
 
@@ -95,11 +105,28 @@ def run_report(run: Run, plots: dict[str, Path]) -> str:
     if isinstance(throughput, (int, float)):
         lines += ["", f"Throughput of the last log window: {throughput:.0f} input tokens/s "
                       f"on {run.summary.get('world_size', 1)} rank(s)."]
+    lines += _rollout_summary(run.summary)
 
     lines += ["", "## Plots", ""]
     for title, path in plots.items():
         lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def is_on_policy(run: Run) -> bool:
+    fraction = run.config.get("onpolicy.fraction")
+    return isinstance(fraction, (int, float)) and fraction > 0
+
+
+def _rollout_summary(summary: dict) -> list[str]:
+    """A sentence on the run's rollouts as a whole, from summary.json (on-policy runs only)."""
+    share, speed = summary.get("train/rollout_share"), summary.get("train/rollout_tokens_per_s")
+    if not isinstance(share, (int, float)) or not isinstance(speed, (int, float)):
+        return []
+    length, cut = summary.get("train/rollout_mean_length"), summary.get("train/rollout_truncation_rate")
+    return ["", f"Rollouts: {share:.0%} of the training time went to generating, at {speed:.0f} generated tokens/s "
+                f"(all ranks); mean length {fmt(length)} tokens, {fmt(cut)} of them cut by "
+                "`onpolicy.max_new_tokens`."]
 
 
 def differing_settings(runs: list[Run]) -> list[str]:
@@ -120,21 +147,26 @@ def run_label(run: Run, out_dir: Path) -> str:
 def comparison(runs: list[Run], out_dir: Path, plot: Path) -> str:
     """comparison.md: one row per run, its differing settings, final metrics and status."""
     differing = differing_settings(runs)
+    metrics_shown = eval_metrics(runs)
+    generating = any(isinstance(run.summary.get("train/rollout_share"), (int, float)) for run in runs)
     header = ["run", *(f"`{k}`" for k in differing),
-              *(f"{key.split('/')[1]} ({'↓' if better == 'lower' else '↑'})" for key, _, better in EVAL_METRICS),
-              "steps", "train s", "status"]
+              *(f"{key.split('/')[1]} ({'↓' if better == 'lower' else '↑'})" for key, _, better in metrics_shown),
+              *(["generating"] if generating else []), "steps", "train s", "status"]
     finals = [run.final() for run in runs]
     best = {}
-    for key, _, better in EVAL_METRICS:
+    for key, _, better in metrics_shown:
         values = [f[key] for f in finals if isinstance(f.get(key), (int, float)) and math.isfinite(f[key])]
         if len(values) > 1:
             best[key] = min(values) if better == "lower" else max(values)
     rows = []
     for run, final in zip(runs, finals):
         metrics = []
-        for key, _, _ in EVAL_METRICS:
+        for key, _, _ in metrics_shown:
             cell = fmt(final.get(key))
             metrics.append(f"**{cell}**" if key in best and final.get(key) == best[key] else cell)
+        if generating:
+            share = run.summary.get("train/rollout_share")
+            metrics.append(f"{share:.0%}" if isinstance(share, (int, float)) else "—")
         wall = run.summary.get("train/wall_s")
         rows.append([f"`{run_label(run, out_dir)}`", *(fmt(run.config.get(k)) for k in differing), *metrics,
                      fmt(run.last_step), f"{wall:.1f}" if isinstance(wall, (int, float)) else "—",
@@ -148,9 +180,16 @@ def comparison(runs: list[Run], out_dir: Path, plot: Path) -> str:
     initial = next((run.initial() for run in runs if run.initial()), {})
     if initial:
         lines += ["", "Student before training (" + ", ".join(
-            f"{key.split('/')[1]} {fmt(initial.get(key))}" for key, _, _ in EVAL_METRICS) + ")."]
+            f"{key.split('/')[1]} {fmt(initial.get(key))}" for key, _, _ in metrics_shown) + ")."]
     lines += ["", f"![eval KL and training loss of every run]({plot.name})", "",
               "The training objective is each run's own loss, so its curves compare runs of one `loss.kind`; "
-              "the held-out KL compares any runs.", "",
+              "the held-out KL compares any runs."]
+    if len(metrics_shown) > len(eval_metrics([])):
+        lines += ["", "`onpolicy_kl` and `teacher_nll_of_student` score responses the student wrote itself to the "
+                      "held-out prompts, so they compare on- and off-policy runs on the text each would produce."]
+    if generating:
+        lines += ["", "generating: the share of each run's training time spent writing rollouts "
+                      "(`train/rollout_share`; — for an off-policy run)."]
+    lines += ["",
               "Regenerate with `python -m trainer.report " + " ".join(str(run.path) for run in runs) + "`."]
     return "\n".join(lines) + "\n"

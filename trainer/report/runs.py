@@ -20,6 +20,19 @@ EVAL_METRICS = (
     ("eval/top1_agreement", "top-1 agreement with the teacher", "higher"),
     ("eval/exact_match", "task accuracy (exact match)", "higher"),
 )
+# Held-out metrics of the student's own samples (on-policy evaluation), which jobs with a teacher
+# cache lack (a cache cannot score new text): shown where a run has them, not as empty rows.
+ONPOLICY_EVAL_METRICS = (
+    ("eval/onpolicy_kl", "KL(student ‖ teacher) per token of its own samples", "lower"),
+    ("eval/teacher_nll_of_student", "teacher NLL per token of the student's samples", "lower"),
+)
+# What metrics.jsonl holds per log window when onpolicy.fraction > 0, with labels and units.
+ROLLOUT_METRICS = (
+    ("rollout_share", "share of step time spent generating", "share"),
+    ("rollout_mean_length", "mean rollout length", "tokens"),
+    ("rollout_truncation_rate", "rollouts cut by onpolicy.max_new_tokens", "share"),
+    ("rollout_tokens_per_s", "rollout tokens per second (all ranks)", "tokens/s"),
+)
 
 
 class NotARunDirectory(UserError, ValueError):
@@ -66,11 +79,25 @@ class Run:
         later = [r for r in self.evals if r.get("step", 0) > 0]
         return _metrics_only(later[-1]) if later else {}
 
+    @property
+    def has_rollouts(self) -> bool:
+        """Whether any logged step generated rollouts (an on-policy run)."""
+        return any(isinstance(r.get(key), (int, float)) for r in self.metrics for key, _, _ in ROLLOUT_METRICS)
+
+    def has_eval(self, key: str) -> bool:
+        """Whether `key` was evaluated at all: in the summary or any eval.jsonl record."""
+        return any(isinstance(r.get(key), (int, float)) for r in (self.summary, *self.evals))
+
     def series(self, key: str, source: str = "metrics") -> tuple[list[int], list[float]]:
         """(steps, values) of `key`, skipping records where it is missing or null."""
         records = self.metrics if source == "metrics" else self.evals
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
         return [s for s, _ in points], [float(v) for _, v in points]
+
+
+def eval_metrics(runs: list[Run]) -> tuple:
+    """The held-out metrics to show for `runs`: EVAL_METRICS, then each on-policy one any run has."""
+    return EVAL_METRICS + tuple(m for m in ONPOLICY_EVAL_METRICS if any(run.has_eval(m[0]) for run in runs))
 
 
 def is_run_directory(path: Path) -> bool:
