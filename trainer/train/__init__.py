@@ -4,6 +4,8 @@
   (`train`), evaluation and finish, and `run`, the whole job.
 - `setup.py`: what the loop reads (`JobParts`): both models and their engines, the teacher as a
   model or a cache, scorers, rows, the step's cost.
+- `onpolicy.py`: on-policy steps: the rows a micro-batch draws rewritten with the student's
+  rollouts, and what generating them did (`RolloutWork`).
 - `progress.py`: the loop's account: the open log window, the run's speed, skipped updates.
 - `evaluation.py`: held-out metrics. `checkpoints.py`: atomic, resumable checkpoints.
 - `resume.py`: which checkpoint a job continues from, verified before any weights load, and what
