@@ -21,6 +21,8 @@ from trainer.models.probes import check_documents_stay_apart, check_head_parity
 from trainer.models.teacher import ModelTeacher, Teacher, load_teacher
 from trainer.preflight import Preflight
 from trainer.ranks import RankInfo
+from trainer.rollout.engine import RolloutEngine
+from trainer.rollout.hf import HFRolloutEngine
 from trainer.train import throughput
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,11 @@ class JobParts:
     train_rows: list[TokenizedRow]
     eval_batches: list[dict]
     """This rank's share of the held-out rows, collated."""
+    eval_rows: list[TokenizedRow]
+    """The same share as rows, not padded: the prompts the student answers in the on-policy evaluation."""
+    rollout_engine: RolloutEngine | None
+    """The student writing responses (on-policy steps, on-policy evaluation); None only in an off-policy
+    job whose student has no EOS token, so that its rollouts could never stop."""
     pad_id: int
     teacher_cache: CacheReader | None
     summary: dict
@@ -79,7 +86,8 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
         student_scorer=scorers["student"], chunk_size=chunk_size,
         step_cost=_step_cost(student, teacher, cfg.loss.kind), train_rows=checked.rows.train,
         eval_batches=eval_batches(checked.rows.eval, rank.rank, rank.world_size, cfg.train.micro_batch_size, pad_id),
-        pad_id=pad_id, teacher_cache=teacher_cache, summary=summary)
+        eval_rows=checked.rows.eval[rank.rank::rank.world_size],
+        rollout_engine=_rollout_engine(student, checked.tokenizer, cfg.onpolicy.fraction), pad_id=pad_id, teacher_cache=teacher_cache, summary=summary)
 
 
 def _build_teacher(teacher_cfg, teacher_cache: CacheReader | None, configs: engines.EngineConfigs,
@@ -109,6 +117,18 @@ def _build_student(cfg, configs: engines.EngineConfigs, precision: engines.Preci
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if p.requires_grad)
     log.info("student: %d trainable parameters, ZeRO stage %d", trainable, stage)
     return engines.build_student_engine(student, configs.student, cfg.train)
+
+
+def _rollout_engine(student, tokenizer, fraction: float) -> RolloutEngine | None:
+    """The student's rollout engine. An off-policy job trains as well without one, so a student with
+    no EOS token costs it only the on-policy evaluation (a warning); an on-policy job stops."""
+    try:
+        return HFRolloutEngine.for_tokenizer(student, tokenizer)
+    except loading.ModelError as error:
+        if fraction > 0:
+            raise
+        log.warning("eval/onpolicy_kl is left out: %s", error)
+        return None
 
 
 def _fused_loss_fits(engines_by_role: dict) -> bool:
