@@ -5,6 +5,7 @@ teacher, the same before and after when nothing trained, and absent (or refused)
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -204,6 +205,15 @@ def test_a_cached_teacher_measures_nothing_on_policy_and_its_metric_is_refused_a
         with pytest.raises(ConfigError, match=rf"^train.metric={metric} is never measured with a teacher cache"):
             validate(composed("teacher.cache=auto", f"train.metric={metric}"))
         validate(composed(f"train.metric={metric}"))
+
+
+def test_a_diverged_student_writes_nothing_and_its_pair_is_nan(tokenizer):
+    bare = job.DistillJob.__new__(job.DistillJob)
+    bare.cfg = composed()
+    bare.parts = SimpleNamespace(rollout_engine=RefusingEngine(),
+                                 eval_teacher=SimpleNamespace(scores_new_text=True))
+    measured = bare._onpolicy_evaluate(diverged=True)
+    assert math.isnan(measured["eval/onpolicy_kl"]) and math.isnan(measured["eval/teacher_nll_of_student"])
 
 
 def test_before_and_after_prints_the_on_policy_pair_where_it_was_measured(capsys):

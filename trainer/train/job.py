@@ -269,16 +269,20 @@ class DistillJob:
         parts = self.parts
         metrics = evaluate(parts.eval_teacher, parts.student_scorer, parts.eval_batches, self.rank.device,
                            parts.chunk_size)
-        metrics.update(self._onpolicy_evaluate())
+        metrics.update(self._onpolicy_evaluate(diverged=not math.isfinite(metrics["eval/student_ce"])))
         self.tracker.log_eval(step, metrics)
         return metrics
 
-    def _onpolicy_evaluate(self) -> dict:
+    def _onpolicy_evaluate(self, diverged: bool = False) -> dict:
         """The student's own responses to the held-out prompts, scored by the teacher; in every job,
-        off-policy too, so that runs compare. Nothing with a cache: it cannot score new text."""
+        off-policy too, so that runs compare. Nothing with a cache: it cannot score new text.
+        `diverged`: the student's logits are already NaN/Inf (every rank knows it from the same
+        sums), so it writes nothing (sampling from NaN fails) and the pair is NaN too."""
         cfg, parts = self.cfg, self.parts
         if parts.rollout_engine is None or not parts.eval_teacher.scores_new_text:
             return {}
+        if diverged:
+            return {"eval/onpolicy_kl": math.nan, "eval/teacher_nll_of_student": math.nan, "eval/onpolicy_tokens": 0.0}
         settings = RolloutSettings(cfg.onpolicy.max_new_tokens, cfg.onpolicy.temperature, cfg.onpolicy.top_p)
         return onpolicy_evaluate(parts.eval_rows, parts.rollout_engine, settings, cfg.train.seed, parts.eval_teacher,
                                  parts.student_scorer, device=self.rank.device, chunk_size=parts.chunk_size,
