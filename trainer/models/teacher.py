@@ -58,8 +58,9 @@ class Teacher(ABC):
     holds the teacher only on the rows it was built from."""
 
     def log_probs_of(self, batch: dict, host_batch: dict) -> ChunkLogProbs:
-        """The teacher's full distribution at a batch's positions, chunk by chunk (see ChunkLogProbs);
-        called inside :meth:`gathered`. Only where :attr:`scores_new_text`."""
+        """The teacher's full distribution at a batch's positions, chunk by chunk (see ChunkLogProbs):
+        the forward runs here, the chunks are read inside :meth:`gathered`. Only where
+        :attr:`scores_new_text`."""
         raise NotImplementedError(f"{type(self).__name__} cannot score new text; check scores_new_text first")
 
     def gathered(self):

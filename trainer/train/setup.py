@@ -1,7 +1,7 @@
 """Building what a job's loop reads: the teacher (a model, or its cache), the student and its
-optimizer, how each is scored, the rows, and the FLOPs a step costs. :func:`build_parts` is the
-one place that knows whether a model or a cache teaches; everything after reads the
-:class:`~trainer.models.teacher.Teacher` interface.
+optimizer, how each is scored, the student's rollout engine, the rows, and the FLOPs a step costs.
+:func:`build_parts` is the one place that knows whether a model or a cache teaches; everything after
+reads the :class:`~trainer.models.teacher.Teacher` interface.
 """
 
 from __future__ import annotations
