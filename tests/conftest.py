@@ -118,6 +118,21 @@ def tiny(tmp_path_factory) -> dict:
     }
 
 
+@pytest.fixture
+def one_gloo_rank(tmp_path):
+    """A one-rank gloo group, for code that sums or compares over ranks (the evaluations do)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def tiny_overrides(tiny: dict, run_dir: Path, cache: Path, *extra: str) -> list[str]:
     return [
         f"teacher.path={tiny['teacher']}", f"student.path={tiny['student']}",

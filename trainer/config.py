@@ -21,7 +21,7 @@ from omegaconf import MISSING
 
 from trainer.errors import UserError
 from trainer.losses import KINDS, validate_loss_params
-from trainer.metric_names import describe_metric_names, metric_names
+from trainer.metric_names import describe_metric_names, is_onpolicy_eval_metric, metric_names
 
 DEMO_SCHEME = "demo://"
 
@@ -312,6 +312,10 @@ def validate(cfg) -> None:
     _validate_teacher(cfg.teacher)
     _validate_loss(cfg.loss)
     _validate_onpolicy(cfg.onpolicy, cfg.teacher, cfg.data)
+    if is_onpolicy_eval_metric(cfg.train.metric) and cfg.teacher.cache:
+        raise ConfigError(f"train.metric={cfg.train.metric} is never measured with a teacher cache (a cache cannot "
+                          "score the student's own responses); set teacher.cache=null or pick another train.metric "
+                          "such as eval/kl_to_teacher.")
     if cfg.data.pack and cfg.teacher.cache:
         raise ConfigError("data.pack=true cannot read a teacher cache (it is stored row by row); set data.pack=false "
                           "or teacher.cache=null.")

@@ -7,7 +7,12 @@ models; a test holds a real job's summary to these names, so a new metric must b
 
 from __future__ import annotations
 
-EVAL_METRICS = ("kl_to_teacher", "student_ce", "teacher_ce", "top1_agreement", "exact_match", "tokens")
+ONPOLICY_EVAL_METRICS = ("onpolicy_kl", "teacher_nll_of_student", "onpolicy_tokens")
+"""The held-out evaluation of the student's own responses, which only a teacher model can score:
+absent from a job that reads a teacher cache."""
+
+EVAL_METRICS = ("kl_to_teacher", "student_ce", "teacher_ce", "top1_agreement", "exact_match", "tokens",
+                *ONPOLICY_EVAL_METRICS)
 """Held-out evaluation, written as `eval/<name>` (after training) and `initial/eval/<name>` (before)."""
 
 TEACHER_FORCED = ("kl_to_teacher", "student_ce", "teacher_ce", "top1_agreement", "exact_match")
@@ -32,6 +37,11 @@ def teacher_forced(key: str) -> bool:
     """Whether `key` (`eval/...` or `initial/eval/...`) is one of the :data:`TEACHER_FORCED` means."""
     key = key.removeprefix(INITIAL)
     return any(key == eval_key(name) for name in TEACHER_FORCED)
+
+
+def is_onpolicy_eval_metric(metric: str) -> bool:
+    """Whether `metric` (e.g. `initial/eval/onpolicy_kl`) is one of :data:`ONPOLICY_EVAL_METRICS`."""
+    return metric.removeprefix(INITIAL) in {eval_key(name) for name in ONPOLICY_EVAL_METRICS}
 
 
 def metric_names() -> tuple[str, ...]:

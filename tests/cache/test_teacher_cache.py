@@ -176,6 +176,9 @@ def test_a_cache_holding_the_whole_vocabulary_trains_exactly_like_the_online_tea
             assert [m[key] for m in metrics[cached]] == pytest.approx([m[key] for m in metrics["online"]], rel=2e-3)
         for key in ("eval/kl_to_teacher", "eval/teacher_ce", "eval/top1_agreement", "eval/student_ce"):
             assert metrics[cached + "_summary"][key] == pytest.approx(metrics["online_summary"][key], rel=5e-3, abs=1e-5)
+        # A cache cannot score the student's own responses: the on-policy pair is the online job's only.
+        assert "eval/onpolicy_kl" not in metrics[cached + "_summary"]
+    assert "eval/onpolicy_kl" in metrics["online_summary"]
 
 
 def test_a_sweep_over_teacher_cache_finds_the_cache_built_with_the_same_overrides(tiny, tmp_path):

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 CONTRACT_METRICS = {"step", "loss", "kd_loss", "ce_loss", "lr", "grad_norm", "tokens_per_s"}
 CONTRACT_SUMMARY = {"eval/kl_to_teacher", "eval/student_ce", "eval/teacher_ce", "eval/top1_agreement",
                     "train/tokens_per_s"}
+ONPOLICY_SUMMARY = ("eval/onpolicy_kl", "eval/teacher_nll_of_student")
 
 
 def result_line(stdout: str) -> str:
@@ -36,6 +37,11 @@ def test_single_rank_job_writes_the_contract_files_and_a_wandb_run(tiny, tmp_pat
     summary = json.loads((run_dir / "summary.json").read_text())
     assert CONTRACT_SUMMARY <= set(summary)
     assert float(last.split("=")[1].split()[0]) == pytest.approx(summary["eval/kl_to_teacher"], rel=1e-5)
+    # An off-policy job measures its student's own responses too, before and after, so runs compare.
+    evaluations = read_jsonl(run_dir / "eval.jsonl")
+    for key in ONPOLICY_SUMMARY:
+        assert summary[key] == evaluations[-1][key] and summary[f"initial/{key}"] == evaluations[0][key]
+        assert summary[key] > 0 and any(line.split()[:1] == [key] for line in proc.stdout.splitlines())
 
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()

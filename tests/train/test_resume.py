@@ -74,6 +74,7 @@ def test_a_run_killed_after_a_checkpoint_and_resumed_is_the_run_never_interrupte
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
     summaries = [json.loads((run / "summary.json").read_text()) for run in (straight, resumed)]
     assert summaries[0]["eval/kl_to_teacher"] == summaries[1]["eval/kl_to_teacher"]
+    assert summaries[0]["eval/onpolicy_kl"] == summaries[1]["eval/onpolicy_kl"]  # the same rollouts, seeded by row
     assert summaries[0]["train/tokens_seen"] == summaries[1]["train/tokens_seen"]
     run_ids = {p.name.rsplit("-", 1)[1] for p in (resumed / "wandb").glob("offline-run-*")}
     assert len(run_ids) == 1, "the resumed job continues the same W&B run"

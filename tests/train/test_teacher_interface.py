@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from test_config import composed
 
@@ -89,20 +88,7 @@ def _batches(count: int, generator: torch.Generator) -> list[dict]:
     return batches
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    """A one-rank gloo group: the evaluation sums its counters over ranks."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def test_evaluation_reads_the_teacher_through_the_interface_only(one_rank):
+def test_evaluation_reads_the_teacher_through_the_interface_only(one_gloo_rank):
     generator = torch.Generator().manual_seed(0)
     batches = _batches(2, generator)
     teacher_logits = [torch.randn(2, 5, V, generator=generator, dtype=torch.float64) for _ in batches]

@@ -29,6 +29,10 @@ ChunkTerms = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 its log-probabilities ``[C, V]``, the targets ``[C]``) -> (Σ KL(teacher ‖ student), Σ teacher CE,
 the teacher's top-1 ids ``[C]``)."""
 
+ChunkLogProbs = Callable[[torch.Tensor], torch.Tensor]
+"""One chunk of a batch's flat positions: index ``[C]`` -> the teacher's float32 log-probabilities
+over the full vocabulary ``[C, V]``."""
+
 
 class Teacher(ABC):
     """The teacher of a batch, as the loss and the evaluation take it."""
@@ -49,6 +53,16 @@ class Teacher(ABC):
         """The evaluation's teacher terms for one held-out batch, chunk by chunk (see ChunkTerms);
         called inside :meth:`gathered`."""
 
+    scores_new_text = False
+    """Whether :meth:`log_probs_of` can score any text, such as the student's own rollouts. A cache
+    holds the teacher only on the rows it was built from."""
+
+    def log_probs_of(self, batch: dict, host_batch: dict) -> ChunkLogProbs:
+        """The teacher's full distribution at a batch's positions, chunk by chunk (see ChunkLogProbs):
+        the forward runs here, the chunks are read inside :meth:`gathered`. Only where
+        :attr:`scores_new_text`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score new text; check scores_new_text first")
+
     def gathered(self):
         """The teacher's head whole on every rank while the loss or the evaluation reads it."""
         return contextlib.nullcontext()
@@ -56,6 +70,8 @@ class Teacher(ABC):
 
 class ModelTeacher(Teacher):
     """The teacher model run on every batch, behind its :class:`~trainer.models.heads.Scorer`."""
+
+    scores_new_text = True
 
     def __init__(self, scorer: Scorer):
         self.scorer, self.engine = scorer, scorer.engine
@@ -65,12 +81,16 @@ class ModelTeacher(Teacher):
             states = self.scorer.states(batch)
         return DenseTeacher(states, self.scorer.head) if self.scorer.fused else states
 
-    def evaluation_terms(self, batch: dict, host_batch: dict) -> ChunkTerms:
+    def log_probs_of(self, batch: dict, host_batch: dict) -> ChunkLogProbs:
         states = self.scorer.states(batch)
         rows = states.reshape(-1, states.shape[-1])
+        return lambda index: F.log_softmax(self.scorer.logits_of(rows.index_select(0, index)), dim=-1)
+
+    def evaluation_terms(self, batch: dict, host_batch: dict) -> ChunkTerms:
+        log_probs = self.log_probs_of(batch, host_batch)
 
         def terms(index, student_logits, student_logp, targets):
-            teacher_logp = F.log_softmax(self.scorer.logits_of(rows.index_select(0, index)), dim=-1)
+            teacher_logp = log_probs(index)
             kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
             return kl, F.nll_loss(teacher_logp, targets, reduction="sum"), teacher_logp.argmax(-1)
 

@@ -24,7 +24,8 @@ from trainer.outputs.finish import RunFacts, finish_run
 from trainer.outputs.tracking import Tracker, forget_steps_after
 from trainer.ranks import RankInfo, all_reduce_sum
 from trainer.train import checkpoints, resume, throughput
-from trainer.train.evaluation import evaluate, nothing_to_average
+from trainer.rollout.engine import RolloutSettings
+from trainer.train.evaluation import evaluate, nothing_to_average, onpolicy_evaluate
 from trainer.train.nonfinite import TrainingDiverged, describe_weights, largest_abs_weight, streak_message
 from trainer.train.progress import Progress
 from trainer.train.setup import JobParts, build_parts
@@ -285,8 +286,26 @@ class DistillJob:
         parts = self.parts
         metrics = evaluate(parts.eval_teacher, parts.student_scorer, parts.eval_batches, self.rank.device,
                            parts.chunk_size)
+        student_ce = metrics["eval/student_ce"]
+        diverged = not math.isfinite(student_ce) and not nothing_to_average("eval/student_ce", metrics)
+        metrics.update(self._onpolicy_evaluate(diverged))
         self.tracker.log_eval(step, metrics)
         return metrics
+
+    def _onpolicy_evaluate(self, diverged: bool = False) -> dict:
+        """The student's own responses to the held-out prompts, scored by the teacher; in every job,
+        off-policy too, so that runs compare. Nothing with a cache: it cannot score new text.
+        `diverged`: the student's logits are already NaN/Inf (every rank knows it from the same
+        sums), so it writes nothing (sampling from NaN fails) and the pair is NaN too."""
+        cfg, parts = self.cfg, self.parts
+        if parts.rollout_engine is None or not parts.eval_teacher.scores_new_text:
+            return {}
+        if diverged:
+            return {"eval/onpolicy_kl": math.nan, "eval/teacher_nll_of_student": math.nan, "eval/onpolicy_tokens": 0.0}
+        settings = RolloutSettings(cfg.onpolicy.max_new_tokens, cfg.onpolicy.temperature, cfg.onpolicy.top_p)
+        return onpolicy_evaluate(parts.eval_rows, parts.rollout_engine, settings, cfg.train.seed, parts.eval_teacher,
+                                 parts.student_scorer, device=self.rank.device, chunk_size=parts.chunk_size,
+                                 pad_id=parts.pad_id, batch_size=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len)
 
     # ---------------------------------------------------------------------------------- finish
     def finish(self, initial: dict, final: dict, seconds: float) -> float:
@@ -339,8 +358,11 @@ def run(cfg, rank: RankInfo, run_dir: Path, inputs_checked=lambda: None) -> floa
 def _print_before_after(initial: dict, final: dict) -> None:
     if not initial:
         return
-    print("held-out metric          before      after")
-    for key in ("eval/kl_to_teacher", "eval/student_ce", "eval/top1_agreement", "eval/exact_match"):
-        print(f"{key:<22} {initial[key]:>10.4f} {final[key]:>10.4f}")
-    print(f"{'eval/teacher_ce':<22} {final['eval/teacher_ce']:>10.4f} (the teacher itself)")
+    print("held-out metric                before      after")
+    # The on-policy pair is absent where nothing measured it (a teacher cache cannot score new text).
+    for key in ("eval/kl_to_teacher", "eval/student_ce", "eval/top1_agreement", "eval/exact_match",
+                "eval/onpolicy_kl", "eval/teacher_nll_of_student"):
+        if key in initial and key in final:
+            print(f"{key:<28} {initial[key]:>10.4f} {final[key]:>10.4f}")
+    print(f"{'eval/teacher_ce':<28} {final['eval/teacher_ce']:>10.4f} (the teacher itself)")
 

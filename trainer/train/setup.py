@@ -1,7 +1,7 @@
 """Building what a job's loop reads: the teacher (a model, or its cache), the student and its
-optimizer, how each is scored, the rows, and the FLOPs a step costs. :func:`build_parts` is the
-one place that knows whether a model or a cache teaches; everything after reads the
-:class:`~trainer.models.teacher.Teacher` interface.
+optimizer, how each is scored, the student's rollout engine, the rows, and the FLOPs a step costs.
+:func:`build_parts` is the one place that knows whether a model or a cache teaches; everything after
+reads the :class:`~trainer.models.teacher.Teacher` interface.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from trainer.models.probes import check_documents_stay_apart, check_head_parity
 from trainer.models.teacher import ModelTeacher, Teacher, load_teacher
 from trainer.preflight import Preflight
 from trainer.ranks import RankInfo
+from trainer.rollout.engine import RolloutEngine
 from trainer.rollout.hf import HFRolloutEngine
 from trainer.train import throughput
 from trainer.train.onpolicy import OnPolicyRows
@@ -48,9 +49,12 @@ class JobParts:
     train_rows: list[TokenizedRow]
     eval_batches: list[dict]
     """This rank's share of the held-out rows, collated."""
+    eval_rows: list[TokenizedRow]
+    """The same share as rows, not padded: the prompts the student answers in the on-policy evaluation."""
+    rollout_engine: RolloutEngine | None
+    """The student writing responses (on-policy steps, on-policy evaluation); None only in an off-policy
+    job whose student has no EOS token, so that its rollouts could never stop."""
     pad_id: int
-    rollout_engine: HFRolloutEngine
-    """The student writing responses: on-policy steps' rollouts and the on-policy evaluation's."""
     onpolicy: OnPolicyRows | None
     """Rewrites each step's drawn rows with rollouts; None off-policy (onpolicy.fraction=0)."""
     teacher_cache: CacheReader | None
@@ -80,7 +84,7 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
     step_teacher, eval_teacher = _teachers(scorers.get("teacher"), teacher_cache, checked.rows.eval_split, rank,
                                            data_time)
     pad_id = checked.tokenizer.pad_token_id
-    rollout_engine = HFRolloutEngine.for_tokenizer(student, checked.tokenizer, vocab_size=checked.vocab_size)
+    rollout_engine = _rollout_engine(student, checked.tokenizer, checked.vocab_size, cfg.onpolicy.fraction)
     onpolicy = (OnPolicyRows(cfg.onpolicy, cfg.train.seed, cfg.train.seq_len, rollout_engine,
                              throughput.teacher_cost(student.module))  # generating is the student's forward only
                 if cfg.onpolicy.fraction > 0 else None)
@@ -89,8 +93,8 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
         student_scorer=scorers["student"], chunk_size=chunk_size,
         step_cost=_step_cost(student, teacher, cfg.loss.kind), train_rows=checked.rows.train,
         eval_batches=eval_batches(checked.rows.eval, rank.rank, rank.world_size, cfg.train.micro_batch_size, pad_id),
-        pad_id=pad_id, rollout_engine=rollout_engine, onpolicy=onpolicy, teacher_cache=teacher_cache,
-        summary=summary)
+        eval_rows=checked.rows.eval[rank.rank::rank.world_size], pad_id=pad_id, rollout_engine=rollout_engine,
+        onpolicy=onpolicy, teacher_cache=teacher_cache, summary=summary)
 
 
 def _build_teacher(teacher_cfg, teacher_cache: CacheReader | None, configs: engines.EngineConfigs,
@@ -120,6 +124,18 @@ def _build_student(cfg, configs: engines.EngineConfigs, precision: engines.Preci
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if p.requires_grad)
     log.info("student: %d trainable parameters, ZeRO stage %d", trainable, stage)
     return engines.build_student_engine(student, configs.student, cfg.train)
+
+
+def _rollout_engine(student, tokenizer, vocab_size: int, fraction: float) -> RolloutEngine | None:
+    """The student's rollout engine. An off-policy job trains as well without one, so a student with
+    no EOS token costs it only the on-policy evaluation (a warning); an on-policy job stops."""
+    try:
+        return HFRolloutEngine.for_tokenizer(student, tokenizer, vocab_size=vocab_size)
+    except loading.ModelError as error:
+        if fraction > 0:
+            raise
+        log.warning("eval/onpolicy_kl is left out: %s", error)
+        return None
 
 
 def _fused_loss_fits(engines_by_role: dict) -> bool:
