@@ -220,7 +220,7 @@ class DistillJob:
                 progress.open_window()
             if eval_every and done % eval_every == 0 and done != cfg.train.max_steps:
                 with progress.paused():  # tokens/s counts training time only
-                    self.evaluate(done)
+                    self.evaluate(done, between=True)
             if periodic or stopping:
                 self.save_checkpoint(done)
             if stopping:
@@ -282,10 +282,16 @@ class DistillJob:
             "start afresh with a lower train.lr (resume=never in a new run directory, hydra.run.dir=...).")
 
     # -------------------------------------------------------------------------------- evaluate
-    def evaluate(self, step: int) -> dict:
+    def evaluate(self, step: int, between: bool = False) -> dict:
+        """Held-out metrics at `step`. The on-policy evaluation (rollouts: several times the cost of
+        the rest) runs before and after training in every job, and `between` those only where the
+        job trains on-policy, whose curve it is."""
         parts = self.parts
         metrics = evaluate(parts.eval_teacher, parts.student_scorer, parts.eval_batches, self.rank.device,
                            parts.chunk_size)
+        if between and self.cfg.onpolicy.fraction == 0:
+            self.tracker.log_eval(step, metrics)
+            return metrics
         student_ce = metrics["eval/student_ce"]
         diverged = not math.isfinite(student_ce) and not nothing_to_average("eval/student_ce", metrics)
         metrics.update(self._onpolicy_evaluate(diverged))
