@@ -182,7 +182,7 @@ def test_a_job_decides_precision_and_builds_each_deepspeed_config_once(monkeypat
     assert engine_configs.student["bf16"] == engine_configs.teacher["bf16"] == {"enabled": True}
 
 
-def test_held_out_rows_without_a_response_token_give_nan_means_that_do_not_stop_the_job(one_rank):
+def test_held_out_rows_without_a_response_token_give_nan_means_that_do_not_stop_the_job(one_gloo_rank):
     """Prompt-only held-out rows (issue 19): the teacher-forced means have no token to average, so
     they are NaN (not 0, a perfect score), and the job's check for a diverged student lets them pass."""
     generator = torch.Generator().manual_seed(0)
