@@ -258,3 +258,11 @@ def test_an_onpolicy_run_killed_after_a_checkpoint_and_resumed_is_the_run_never_
     assert ([[m[k] for k in keys] for m in read_jsonl(resumed / "metrics.jsonl")]
             == [[m[k] for k in keys] for m in read_jsonl(straight / "metrics.jsonl")])
     assert any(0 < m["rollout_rows"] < 4 for m in read_jsonl(straight / "metrics.jsonl")), "some rows, not all"
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_trains_onpolicy_under_zero2(tiny, tmp_path):
+    metrics = run_job(tiny, tmp_path, "full", "peft=none", "deepspeed=zero2", "onpolicy.fraction=1",
+                      "onpolicy.max_new_tokens=6")
+    assert [m["rollout_rows"] for m in metrics] == [4, 4, 4]
+    assert (tmp_path / "full" / "model" / "model.safetensors").exists()
