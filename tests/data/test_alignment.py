@@ -145,6 +145,37 @@ def test_nothing_in_common_but_the_ends_gives_one_span():
     assert alignment.one_to_one == 0
 
 
+def random_tokens(rng, text: str, boundaries: set[int]) -> Tokens:
+    """Tokens cut at `boundaries`, with now and then a character split into byte tokens that share
+    its offsets (so it offers no cut inside)."""
+    cuts = sorted({0, len(text), *boundaries})
+    offsets = []
+    for start, end in zip(cuts, cuts[1:]):
+        offsets += [(start, end)] * (rng.randint(2, 3) if end - start == 1 and rng.random() < 0.2 else 1)
+    return tokens(*offsets)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_tokenisations_meet_at_exactly_their_shared_boundaries(seed):
+    import random
+
+    rng = random.Random(seed)
+    text = "".join(rng.choice("ab €ï") for _ in range(40))
+    inside = range(1, len(text))
+    student_cuts, teacher_cuts = set(rng.sample(inside, 15)), set(rng.sample(inside, 25))
+    student, teacher = random_tokens(rng, text, student_cuts), random_tokens(rng, text, teacher_cuts)
+    alignment = align(text, student, teacher, supervised=[(0, len(text))])
+    shared = sorted({0, len(text)} | (student_cuts & teacher_cuts))
+    # Every stretch between shared boundaries is a span, but the first (it holds token 0 of both).
+    assert [span.chars for span in alignment.spans] == list(zip(shared, shared[1:]))[1:]
+    for span in alignment.spans:
+        for side, token_range in ((student, span.student), (teacher, span.teacher)):
+            covered = side.offsets[slice(*token_range)]
+            assert covered[0][0] == span.chars[0] and covered[-1][1] == span.chars[1]
+    assert alignment.one_to_one == sum(student.offsets.count(chars) == teacher.offsets.count(chars) == 1
+                                       for chars in zip(shared[1:], shared[2:]))
+
+
 def test_bad_input_is_one_line_that_says_what_to_do():
     with pytest.raises(DataError, match="has 2 ids but 1 offsets; give one"):
         align("ab", Tokens([0, 1], [(0, 2)]), tokens((0, 2)), supervised=[(0, 2)])

@@ -240,12 +240,15 @@ def _preferred_ids(tokenizer: Any) -> dict[bytes, int]:
     fallback "<0x61>"), the regular piece wins, as the tokenizer emits it; then the lowest id."""
     scheme = surface_scheme(tokenizer)
     added = tokenizer.get_added_vocab()  # special and chat tokens: their strings are their text
-    ranked = sorted(tokenizer.get_vocab().items(),
-                    key=lambda item: (bool(_BYTE_FALLBACK.fullmatch(item[0])) and item[0] not in added, item[1]))
+
+    def rank(item: tuple[str, int]) -> tuple[bool, int]:
+        token, index = item
+        is_fallback = scheme == "sentencepiece" and token not in added and _BYTE_FALLBACK.fullmatch(token)
+        return bool(is_fallback), index
+
     preferred: dict[bytes, int] = {}
-    for token, index in ranked:
-        surface = token.encode() if token in added else token_bytes(token, scheme)
-        preferred.setdefault(surface, index)
+    for token, index in sorted(tokenizer.get_vocab().items(), key=rank):
+        preferred.setdefault(token.encode() if token in added else token_bytes(token, scheme), index)
     return preferred
 
 
