@@ -59,6 +59,15 @@ def test_a_leading_space_belongs_to_its_word_whether_the_offsets_include_it_or_n
     assert alignment.one_to_one == 1
 
 
+def test_a_word_whose_leading_space_lies_outside_the_supervised_text_is_left_out():
+    # As the student's own mask leaves out "Ġworld" (5, 11) when the response starts at 6.
+    text = "Hello world!"
+    student = tokens((0, 5), (5, 11), (11, 12))
+    teacher = tokens((0, 5), (6, 11), (11, 12))  # trimmed: the same token, by its offsets inside
+    assert spans_of(align(text, student, teacher, supervised=[(6, 12)])) == [((2, 3), (2, 3), (11, 12))]
+    assert spans_of(align(text, student, teacher, supervised=[(5, 12)]))[0] == ((1, 2), (1, 2), (5, 11))
+
+
 def test_a_run_of_spaces_trimmed_to_nothing_keeps_its_spaces():
     # "xa  b": byte-level "x" "a" "Ġ" "Ġb"; trimmed offsets leave the lone "Ġ" empty at the end of its space.
     text = "xa  b"
