@@ -6,4 +6,6 @@
 - `examples.py`: a split's tokenised rows, cached on disk by fingerprint; the held-out split.
 - `batching.py`: which rows each rank takes at each step, and collating them.
 - `packing.py`: several documents in one row, with position ids that restart at each.
+- `alignment.py`: two tokenizers' tokens of one text aligned into spans by character offsets, and
+  the share of the student's vocabulary the teacher's holds (distillation across tokenizers).
 """
