@@ -60,8 +60,9 @@ ABOUT = {
     "tvd": "total variation ½Σ|p−q|",
 }
 ONPOLICY_NOTE = ("- **λ** (`onpolicy.fraction`, GKD's λ): the share of each step's rows whose response the student "
-                 "samples itself (the demo's `onpolicy.*` sampling settings) and the teacher scores token by token; "
-                 "0 trains on the data's responses (off-policy).")
+                 "samples itself and the teacher scores token by token, sampled as `experiment=demo_onpolicy` "
+                 "samples (conf/experiment/demo_onpolicy.yaml: temperature 1, at most 32 new tokens); 0 trains on "
+                 "the data's responses (off-policy).")
 ONPOLICY_METRICS_NOTE = ("- **on-policy columns**: the student answers the held-out prompts itself (seeded, at "
                          "`onpolicy.temperature`); `eval/onpolicy_kl` is KL(student ‖ teacher) per token of those "
                          "answers over the full vocabulary, `eval/teacher_nll_of_student` the teacher's NLL of their "
@@ -135,6 +136,14 @@ def steps_in_wall_time(reference: dict, pace: dict) -> int:
     return max(1, round(reference["summary"]["train/wall_s"] / seconds_per_step))
 
 
+def run_overrides(kind: str, fraction: float, steps: int | None) -> list[str]:
+    """The run's command line after `python -m trainer`. On-policy runs sample as the on-policy demo
+    does (conf/experiment/demo_onpolicy.yaml), with this kind and λ in place of its own."""
+    onpolicy = ["experiment=demo_onpolicy", f"onpolicy.fraction={fraction:g}"] if fraction else []
+    return [*onpolicy[:1], f"loss.kind={kind}", *onpolicy[1:], *([f"train.max_steps={steps}"] if steps else []),
+            "logger=none"]
+
+
 def run_kind(kind: str, fraction: float, args, cache: Path, steps: int | None = None, name: str | None = None) -> dict:
     """One run of the demo with this loss and λ, at `steps` (default: --steps, else the demo's)."""
     name = name or run_name(kind, fraction)
@@ -142,8 +151,7 @@ def run_kind(kind: str, fraction: float, args, cache: Path, steps: int | None = 
     run_dir = args.work / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: an old checkpoint there would be resumed
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    overrides = [f"loss.kind={kind}", *([f"onpolicy.fraction={fraction:g}"] if fraction else []),
-                 *([f"train.max_steps={steps}"] if steps else []), "logger=none"]
+    overrides = run_overrides(kind, fraction, steps)
     command = [sys.executable, "-m", "trainer", *overrides, f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     load = os.getloadavg()[0]
@@ -352,14 +360,16 @@ def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float
 def runs_table(runs: list[dict], onpolicy: bool) -> list[str]:
     """Each run's command, steps, times and load; with on-policy runs, the share of the training
     time spent generating rollouts (`train/rollout_share`)."""
-    generating = ["of which generating"] if onpolicy else []
+    generating = ["of which generating", "rollouts: mean length, truncated"] if onpolicy else []
     header = ["run", "command", "steps", "wall time of the process", "of which training", *generating,
               "CPU time (user + sys)", "load average (1 min, higher of start and end)"]
     lines = ["| " + " | ".join(header) + " |", "| --- | --- |" + " ---: |" * (len(header) - 2)]
     for run in runs:
         s = run["summary"]
         share = s.get("train/rollout_share")
-        gen = [f"{share:.0%}" if isinstance(share, (int, float)) else "—"] if onpolicy else []
+        length, cut = s.get("train/rollout_mean_length"), s.get("train/rollout_truncation_rate")
+        rolled = isinstance(share, (int, float))
+        gen = [f"{share:.0%}" if rolled else "—", f"{length:.1f}, {cut:.1%}" if rolled else "—"] if onpolicy else []
         cells = [f"`{run['name']}`", f"`{run['command']}`", str(int(s["train/steps"])), f"{run['wall_s']:.0f} s",
                  f"{s['train/wall_s']:.0f} s", *gen, f"{run['cpu_s']:.0f} s", f"{run['load']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")

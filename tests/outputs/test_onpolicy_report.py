@@ -312,7 +312,9 @@ def test_the_results_table_shows_the_equal_wall_comparison_and_how_its_steps_wer
 
     results_table = _results_table(monkeypatch)
     offpolicy = _table_run(tmp_path, "rkl", 0.0)  # 10 s for 4 steps
-    onpolicy = _table_run(tmp_path, "rkl", 1.0, **{"train/wall_s": 30.0, "train/rollout_share": 0.6})
+    onpolicy = _table_run(tmp_path, "rkl", 1.0, **{"train/wall_s": 30.0, "train/rollout_share": 0.6,
+                                                   "train/rollout_mean_length": 31.25,
+                                                   "train/rollout_truncation_rate": 0.125})
     matched = {**_table_run(tmp_path, "rkl", 0.0, **{"train/steps": 12, "train/wall_s": 29.0,
                                                      "eval/kl_to_teacher": 0.3}),
                "name": "rkl_equal_wall_rkl_onpolicy1"}
@@ -326,6 +328,13 @@ def test_the_results_table_shows_the_equal_wall_comparison_and_how_its_steps_wer
     assert rows["`rkl_equal_wall_rkl_onpolicy1`"][1:5] == ["0", "12", "29 s", "0.3000"]
     assert rows["`rkl_onpolicy1`"][1:4] == ["1", "4", "30 s"]
     runs = text.split("## Runs")[1]
-    assert "| `rkl_onpolicy1` | `python -m trainer loss.kind=rkl` | 4 | 12 s | 30 s | 60% |" in runs
+    assert "| `rkl_onpolicy1` | `python -m trainer loss.kind=rkl` | 4 | 12 s | 30 s | 60% | 31.2, 12.5% |" in runs
     assert "| `rkl_equal_wall_rkl_onpolicy1` |" in runs
-    assert "| `rkl` | `python -m trainer loss.kind=rkl` | 4 | 12 s | 10 s | — |" in runs  # off-policy: no rollouts
+    assert "| `rkl` | `python -m trainer loss.kind=rkl` | 4 | 12 s | 10 s | — | — |" in runs  # off-policy: none
+
+
+def test_a_results_table_on_policy_run_samples_as_the_on_policy_demo_does(monkeypatch):
+    results_table = _results_table(monkeypatch)
+    assert results_table.run_overrides("jsd", 1.0, None) == ["experiment=demo_onpolicy", "loss.kind=jsd",
+                                                             "onpolicy.fraction=1", "logger=none"]
+    assert results_table.run_overrides("rkl", 0.0, 12) == ["loss.kind=rkl", "train.max_steps=12", "logger=none"]
