@@ -396,8 +396,10 @@ def equal_wall_section(matched: dict, metrics: tuple) -> list[str]:
         f"for {int(pace_s['train/steps'])}), so {ref_s['train/wall_s']:.0f} s / {per_step:.3f} s = "
         f"{matched['steps']} steps fit in the same time; `{run['name']}` is that run "
         f"(`train.max_steps={matched['steps']}`, its learning-rate schedule stretched to them), and it trained for "
-        f"{run['summary']['train/wall_s']:.0f} s. Training wall time excludes start-up and the evaluations, "
-        "and moves with the machine's load (see Runs).",
+        f"{run['summary']['train/wall_s']:.0f} s. Training wall time (`train/wall_s`) runs from the first "
+        "evaluation to the last, start-up excluded; every run evaluates as often (before, four times between, "
+        "after), so the pace per step carries a share of that fixed cost and the matched run lands a little short "
+        "of the time it was given. It moves with the machine's load (see Runs).",
         "",
         *lines,
         "",
