@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainer.losses import distill_loss
 from trainer.losses.cross_tokenizer import (
@@ -288,6 +289,40 @@ def test_float32_matches_float64_and_padded_teacher_rows_stay_finite():
     got.backward()
     assert torch.isfinite(s32.grad).all() and torch.isfinite(expected)
     torch.testing.assert_close(uld_loss(student.float(), teacher.float()).double(), uld_loss(student, teacher), rtol=1e-5, atol=1e-6)
+
+
+class LargestFreshTensors(TorchDispatchMode):
+    """The shapes of the new tensors (not views of an input) of more than ``size`` elements."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size, self.shapes = size, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        storages = {a.untyped_storage().data_ptr() for a in inputs}
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if (isinstance(tensor, torch.Tensor) and tensor.numel() > self.size
+                    and tensor.untyped_storage().data_ptr() not in storages):
+                self.shapes.add(tuple(tensor.shape))
+        return out
+
+
+@pytest.mark.parametrize("method", ["uld", "gold"])
+def test_no_tensor_beyond_one_chunk_but_the_students_own_gradient(method):
+    tokens, chunk, student_size, teacher_size = 64, 4, 50, 60
+    student = logits(tokens, student_size, seed=30).requires_grad_(True)
+    teacher = logits(tokens, teacher_size, seed=31)
+    vocab = some_shared(student_size, teacher_size, 30)
+    with LargestFreshTensors(chunk * (teacher_size + 1)) as watch:
+        if method == "uld":
+            loss = uld_loss(student, teacher, chunk_size=chunk)
+        else:
+            loss = gold_loss(student, teacher, vocab, chunk_size=chunk)
+        loss.backward()
+    # The gradient of the [N, V_s] logits is that size by definition; nothing else may grow with N.
+    assert watch.shapes <= {(tokens, student_size)}
 
 
 # --- ids only one side has --------------------------------------------------------------------

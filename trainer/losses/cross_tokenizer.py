@@ -183,18 +183,24 @@ def gold_per_position(student_logits: Tensor, teacher_logits: Tensor, vocab: Sha
     c_p = _continuation(teacher_continuation, log_p)
     log_q_coarse = _coarse(log_q, c_q, vocab.student_ids, vocab.student_only)
     log_p_coarse = _coarse(log_p, c_p, vocab.teacher_ids, vocab.teacher_only)
-    # No bucket on the student's side (every id shared, a one-token span): condition the teacher on
-    # its shared ids instead of asking for mass the student cannot hold (module docstring).
-    no_bucket = (c_q == 0) if vocab.student_only.numel() == 0 else torch.zeros_like(c_q, dtype=torch.bool)
-    conditioned = torch.cat([log_p_coarse[:, :-1] - torch.logsumexp(log_p_coarse[:, :-1], -1, keepdim=True),
-                             torch.full_like(log_p_coarse[:, -1:], torch.finfo(dtype).min)], dim=-1)
-    log_p_coarse = torch.where(no_bucket.unsqueeze(-1), conditioned, log_p_coarse)
+    if vocab.student_only.numel() == 0:
+        log_p_coarse = _conditioned_where_no_bucket(log_p_coarse, c_q == 0)
     kl = (log_p_coarse.exp() * (log_p_coarse - log_q_coarse)).sum(-1)
     if uld_weight == 0:
         return kl
     rest = sorted_l1(log_q.index_select(-1, vocab.student_only).exp(),
                      log_p.index_select(-1, vocab.teacher_only).exp(), top_k)
     return kl + uld_weight * rest
+
+
+def _conditioned_where_no_bucket(log_p_coarse: Tensor, no_bucket: Tensor) -> Tensor:
+    """Where the student's bucket is empty (every student id shared, a one-token span), the
+    teacher's coarse ``[N, S + 1]`` log-probs conditioned on its shared ids, bucket dropped: the
+    student is not asked for mass it cannot hold (module docstring)."""
+    shared = log_p_coarse[:, :-1]
+    conditioned = torch.cat([shared - torch.logsumexp(shared, -1, keepdim=True),
+                             torch.full_like(log_p_coarse[:, -1:], torch.finfo(log_p_coarse.dtype).min)], dim=-1)
+    return torch.where(no_bucket.unsqueeze(-1), conditioned, log_p_coarse)
 
 
 def unshared_mass(logits: Tensor, shared_ids: Tensor, *, temperature: float = 1.0,
