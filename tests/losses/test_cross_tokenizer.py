@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer.losses import distill_loss
+from trainer.losses import LMHead, distill_loss
 from trainer.losses.cross_tokenizer import (
+    fused_cross_tokenizer_loss,
     gold_loss,
     gold_per_position,
     match_vocabularies,
@@ -323,6 +324,68 @@ def test_no_tensor_beyond_one_chunk_but_the_students_own_gradient(method):
         loss.backward()
     # The gradient of the [N, V_s] logits is that size by definition; nothing else may grow with N.
     assert watch.shapes <= {(tokens, student_size)}
+
+
+def heads_and_hidden(tokens, *, seed):
+    """Both models' hidden states and heads: the student's with a bias and soft-capping, the
+    teacher's with padded rows past its vocabulary and a logit scale."""
+    generator = torch.Generator().manual_seed(seed)
+    student_hidden = torch.randn(tokens, 5, generator=generator, dtype=torch.float64)
+    teacher_hidden = torch.randn(tokens, 4, generator=generator, dtype=torch.float64)
+    student_head = LMHead(torch.randn(9, 5, generator=generator, dtype=torch.float64),
+                          bias=torch.randn(9, generator=generator, dtype=torch.float64), softcap=4.0)
+    teacher_head = LMHead(torch.randn(14, 4, generator=generator, dtype=torch.float64), scale=1.5, vocab_size=12)
+    return student_hidden, student_head, teacher_hidden, teacher_head
+
+
+@pytest.mark.parametrize("method", ["uld", "gold"])
+def test_fused_heads_equal_the_loss_on_full_logits_in_value_and_gradient(method):
+    tokens = 10
+    student_hidden, student_head, teacher_hidden, teacher_head = heads_and_hidden(tokens, seed=40)
+    vocab = some_shared(9, 12, 5)
+    cs, ct = continuations(tokens, seed=7), continuations(tokens, seed=8)
+    settings = dict(temperature=1.5, student_continuation=cs, teacher_continuation=ct)
+
+    def leaves():
+        return [t.clone().requires_grad_(True) for t in (student_hidden, student_head.weight, student_head.bias, cs)]
+
+    fused_inputs, full_inputs = leaves(), leaves()
+    h, w, b, c = fused_inputs
+    head = LMHead(w, bias=b, softcap=4.0)
+    fused = fused_cross_tokenizer_loss(h, head, teacher_hidden, teacher_head, method=method,
+                                       vocab=vocab if method == "gold" else None, chunk_size=3,
+                                       **{**settings, "student_continuation": c})
+    h, w, b, c = full_inputs
+    student_logits, teacher_logits = LMHead(w, bias=b, softcap=4.0).logits(h), teacher_head.logits(teacher_hidden)
+    if method == "gold":
+        full = gold_loss(student_logits, teacher_logits, vocab, **{**settings, "student_continuation": c})
+    else:
+        full = uld_loss(student_logits, teacher_logits, **{**settings, "student_continuation": c})
+    torch.testing.assert_close(fused, full, rtol=1e-12, atol=1e-13)
+    fused.backward()
+    full.backward()
+    for got, expected in zip(fused_inputs, full_inputs):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_refuses_an_unknown_method_or_gold_without_a_vocabulary():
+    student_hidden, student_head, teacher_hidden, teacher_head = heads_and_hidden(4, seed=41)
+    with pytest.raises(ValueError, match="choose one of uld, gold"):
+        fused_cross_tokenizer_loss(student_hidden, student_head, teacher_hidden, teacher_head, method="kl")
+    with pytest.raises(ValueError, match="needs the shared vocabulary"):
+        fused_cross_tokenizer_loss(student_hidden, student_head, teacher_hidden, teacher_head, method="gold")
+
+
+def test_fused_holds_no_logits_beyond_one_chunk():
+    tokens, chunk = 64, 4
+    student_hidden, student_head, teacher_hidden, teacher_head = heads_and_hidden(tokens, seed=42)
+    student_hidden.requires_grad_(True)
+    student_head.weight.requires_grad_(True)
+    # Smaller than the smaller model's [64, 9] logits, and 12x one chunk of the larger one's [4, 12].
+    with LargestFreshTensors(tokens * 9 - 1) as watch:
+        fused_cross_tokenizer_loss(student_hidden, student_head, teacher_hidden, teacher_head, method="gold",
+                                   vocab=some_shared(9, 12, 5), chunk_size=chunk).backward()
+    assert watch.shapes == set()
 
 
 # --- ids only one side has --------------------------------------------------------------------

@@ -59,7 +59,9 @@ predicting ``" hello"`` and continuation 0. If ``q_{i+1}("lo") = 0.9``, the stud
 
 **Cost, and where the time goes.** Both losses run a chunk of positions at a time (never more than
 ``chunk_size`` rows of either side's ``[·, V]`` tensors); each chunk's gradient is taken at once and
-backward only scales it. The softmax is ``O(V)`` per row, but sorting the full vocabulary is
+backward only scales it. :func:`uld_loss`/:func:`gold_loss` take logits the caller already holds;
+:func:`fused_cross_tokenizer_loss` takes hidden states and both heads and projects one chunk at a
+time, so neither model's ``[N, V]`` logits exist (the path the trainer should run). The softmax is ``O(V)`` per row, but sorting the full vocabulary is
 ``O(V log V)``, with a value and an int64 index per element: the sorts are the bulk of the time
 and of a chunk's memory (measured on the 2-core CPU here, 64 rows at V = 152k: softmax 0.09 s, a
 descending sort 2.6 s, ``topk(64)`` 0.06 s; GPU not measured).
@@ -78,6 +80,7 @@ import torch
 from torch import Tensor
 
 from trainer.losses.divergence import compute_dtype, tempered_log_probs
+from trainer.losses.head import LMHead
 
 # Elements of one chunk's [C, V] rows. A chunk holds, per side, the log-softmax, the
 # probabilities, the sorted values and their int64 indices, and autograd's copies of them:
@@ -334,6 +337,8 @@ def span_continuation(log_probs: Tensor, span_starts: Tensor, span_lengths: Tens
 
 # --- chunked sums --------------------------------------------------------------------------------
 
+METHODS = ("uld", "gold")
+
 
 def uld_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
              top_k: int | None = None, student_continuation: Tensor | None = None,
@@ -342,64 +347,139 @@ def uld_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: flo
 
     student_logits: ``[N, V_s]``; teacher_logits: ``[N, V_t]`` (no gradient reaches it).
     Returns a scalar in float32 (float64 for float64 inputs)."""
-    _check_rows(student_logits, teacher_logits, student_continuation, teacher_continuation)
-
-    def rows(s, t, cs, ct):
-        return uld_per_position(s, t, temperature=temperature, top_k=top_k,
-                                student_continuation=cs, teacher_continuation=ct)
-
-    return _chunked_sum(rows, student_logits, teacher_logits, student_continuation, teacher_continuation, chunk_size)
+    return _logits_sum("uld", student_logits, teacher_logits, None, dict(temperature=temperature, top_k=top_k),
+                       student_continuation, teacher_continuation, chunk_size)
 
 
 def gold_loss(student_logits: Tensor, teacher_logits: Tensor, vocab: SharedVocab, *, temperature: float = 1.0,
               uld_weight: float = 1.0, top_k: int | None = None, student_continuation: Tensor | None = None,
               teacher_continuation: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
     """Σ over the ``N`` aligned positions of :func:`gold_per_position`, ``chunk_size`` rows at a time."""
-    _check_rows(student_logits, teacher_logits, student_continuation, teacher_continuation)
-    _check_vocab(vocab, student_logits.shape[-1], teacher_logits.shape[-1])
-    vocab = vocab.to(student_logits.device)
-
-    def rows(s, t, cs, ct):
-        return gold_per_position(s, t, vocab, temperature=temperature, uld_weight=uld_weight, top_k=top_k,
-                                 student_continuation=cs, teacher_continuation=ct)
-
-    return _chunked_sum(rows, student_logits, teacher_logits, student_continuation, teacher_continuation, chunk_size)
+    settings = dict(temperature=temperature, uld_weight=uld_weight, top_k=top_k)
+    return _logits_sum("gold", student_logits, teacher_logits, vocab, settings,
+                       student_continuation, teacher_continuation, chunk_size)
 
 
-def _chunked_sum(rows: Callable, student, teacher, student_continuation, teacher_continuation, chunk_size) -> Tensor:
-    if student_continuation is None:
-        student_continuation = student.new_zeros(student.shape[0])
+def fused_cross_tokenizer_loss(student_hidden: Tensor, student_head: LMHead, teacher_hidden: Tensor,
+                               teacher_head: LMHead, *, method: str, vocab: SharedVocab | None = None,
+                               temperature: float = 1.0, uld_weight: float = 1.0, top_k: int | None = None,
+                               student_continuation: Tensor | None = None,
+                               teacher_continuation: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+    """:func:`uld_loss` or :func:`gold_loss` of ``student_head.logits(student_hidden)`` against
+    ``teacher_head.logits(teacher_hidden)``, each head applied to one chunk of rows at a time, so
+    neither model's ``[N, V]`` logits ever exist.
+
+    student_hidden: ``[N, H_s]`` at the aligned positions; gradients reach it, the head's weight and
+    bias when they require one, and ``student_continuation``. teacher_hidden: ``[N, H_t]`` (frozen).
+    The continuations are inputs here: a span's inner rows are scored by whoever built them."""
+    settings = _method_settings(method, vocab, temperature, uld_weight, top_k)
+    if student_hidden.dim() != 2 or teacher_hidden.shape[:1] != student_hidden.shape[:1]:
+        raise ValueError(
+            f"student_hidden {list(student_hidden.shape)} and teacher_hidden {list(teacher_hidden.shape)} "
+            "must be [N, H_s] and [N, H_t] with the same N: pass the aligned positions' hidden states."
+        )
+    _check_rows(student_hidden, teacher_hidden, student_continuation, teacher_continuation)
+    if vocab is not None:
+        _check_vocab(vocab, student_head.rows, teacher_head.rows)
+        vocab = vocab.to(student_hidden.device)
+    rows = _per_position(method, vocab, settings)
+
+    def chunk_value(chunk, hidden, weight, bias, continuation):
+        with torch.no_grad():
+            teacher = teacher_head.logits(teacher_hidden[chunk])
+        student = student_head.finish(student_head.projection(hidden, weight, bias))
+        return rows(student, teacher, continuation, _rows_of(teacher_continuation, chunk)).sum()
+
+    step = chunk_size or default_chunk_size(student_head.rows, teacher_head.rows)
+    continuation = _zeros_if_none(student_continuation, student_hidden)
+    return _ChunkedRows.apply(chunk_value, student_hidden.shape[0], step, (True, False, False, True),
+                              student_hidden, student_head.weight, student_head.bias, continuation)
+
+
+def _logits_sum(method, student, teacher, vocab, settings, student_continuation, teacher_continuation, chunk_size):
+    """The chunked sum of ``method`` on given logits (what :func:`uld_loss` and :func:`gold_loss` run)."""
+    _check_rows(student, teacher, student_continuation, teacher_continuation)
+    if vocab is not None:
+        _check_vocab(vocab, student.shape[-1], teacher.shape[-1])
+        vocab = vocab.to(student.device)
+    rows = _per_position(method, vocab, settings)
+    teacher = teacher.detach()
+
+    def chunk_value(chunk, student_rows, continuation):
+        return rows(student_rows, teacher[chunk], continuation, _rows_of(teacher_continuation, chunk)).sum()
+
     step = chunk_size or default_chunk_size(student.shape[-1], teacher.shape[-1])
-    return _ChunkedRows.apply(student, student_continuation, teacher.detach(),
-                              None if teacher_continuation is None else teacher_continuation.detach(), rows, step)
+    return _ChunkedRows.apply(chunk_value, student.shape[0], step, (True, True), student,
+                              _zeros_if_none(student_continuation, student))
+
+
+def _method_settings(method: str, vocab, temperature, uld_weight, top_k) -> dict:
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not a cross-tokenizer loss: choose one of {', '.join(METHODS)}.")
+    if method == "gold" and vocab is None:
+        raise ValueError("method='gold' needs the shared vocabulary: pass vocab=match_vocabularies(...).")
+    if method == "uld":
+        return dict(temperature=temperature, top_k=top_k)
+    return dict(temperature=temperature, uld_weight=uld_weight, top_k=top_k)
+
+
+def _per_position(method: str, vocab, settings: dict) -> Callable:
+    """``(student [C, V_s], teacher [C, V_t], student_continuation, teacher_continuation) -> [C]``."""
+    if method == "uld":
+        return lambda s, t, cs, ct: uld_per_position(s, t, student_continuation=cs, teacher_continuation=ct, **settings)
+    return lambda s, t, cs, ct: gold_per_position(s, t, vocab, student_continuation=cs, teacher_continuation=ct, **settings)
+
+
+def _rows_of(tensor: Tensor | None, chunk: slice) -> Tensor | None:
+    return None if tensor is None else tensor.detach()[chunk]
+
+
+def _zeros_if_none(continuation: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_zeros(like.shape[0]) if continuation is None else continuation
 
 
 class _ChunkedRows(torch.autograd.Function):
-    """Forward sums ``rows(...)`` a chunk at a time and takes each chunk's gradient at once, so no
-    chunk's graph outlives it; backward scales the stored gradients (which are the size of the inputs)."""
+    """Forward sums ``chunk_value(chunk, *inputs)`` a chunk of rows at a time and takes each chunk's
+    gradient at once, so no chunk's graph outlives it; backward scales the stored gradients.
+
+    ``sliced[i]``: whether ``tensors[i]`` is indexed by row (its chunk is passed, and its gradient
+    written there) or whole (a head's weight: passed whole, its gradient summed over chunks, in
+    float32 or wider so a bf16 weight's gradient is not rounded once per chunk)."""
 
     @staticmethod
-    def forward(ctx, student, student_continuation, teacher, teacher_continuation, rows, step):
-        wants = ctx.needs_input_grad[:2]
-        dtype = compute_dtype(student, teacher)
-        total = torch.zeros((), dtype=dtype, device=student.device)
-        grads = [torch.zeros_like(t) if wanted else None for t, wanted in zip((student, student_continuation), wants)]
-        for start in range(0, student.shape[0], step):
+    def forward(ctx, chunk_value, rows, step, sliced, *tensors):
+        wants = [wanted and tensor is not None for wanted, tensor in zip(ctx.needs_input_grad[4:], tensors)]
+        grads = [torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
+                 if wanted else None for t, wanted in zip(tensors, wants)]
+        total = torch.zeros((), dtype=torch.promote_types(tensors[0].dtype, torch.float32), device=tensors[0].device)
+        for start in range(0, rows, step):
             chunk = slice(start, start + step)
-            inputs = [t[chunk].detach().requires_grad_(wanted) for t, wanted in zip((student, student_continuation), wants)]
+            inputs = [None if t is None else (t[chunk] if by_row else t).detach().requires_grad_(wanted)
+                      for t, by_row, wanted in zip(tensors, sliced, wants)]
             with torch.enable_grad():
-                value = rows(inputs[0], teacher[chunk], inputs[1],
-                             None if teacher_continuation is None else teacher_continuation[chunk]).sum()
+                value = chunk_value(chunk, *inputs)
             if any(wants):
-                chunk_grads = torch.autograd.grad(value, [t for t, w in zip(inputs, wants) if w])
-                for grad, chunk_grad in zip([g for g in grads if g is not None], chunk_grads):
-                    grad[chunk] = chunk_grad
-            total += value.detach()
+                _add_chunk_grads(value, inputs, grads, sliced, chunk)
+            total = total + value.detach()
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
-        ctx.wants = wants
+        ctx.wants, ctx.dtypes = wants, [None if t is None else t.dtype for t in tensors]
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grads = [stored * grad_total if wanted else None for stored, wanted in zip(ctx.saved_tensors, ctx.wants)]
-        return (*grads, None, None, None, None)
+        grads = [(stored * grad_total).to(dtype) if wanted else None
+                 for stored, wanted, dtype in zip(ctx.saved_tensors, ctx.wants, ctx.dtypes)]
+        return (None, None, None, None, *grads)
+
+
+def _add_chunk_grads(value: Tensor, inputs: list, grads: list, sliced, chunk: slice) -> None:
+    """One chunk's gradients into the accumulators: written at the chunk's rows, or summed."""
+    wanted = [i for i, g in enumerate(grads) if g is not None]
+    chunk_grads = torch.autograd.grad(value, [inputs[i] for i in wanted], allow_unused=True)
+    for i, chunk_grad in zip(wanted, chunk_grads):
+        if chunk_grad is None:
+            continue
+        if sliced[i]:
+            grads[i][chunk] = chunk_grad
+        else:
+            grads[i] += chunk_grad
