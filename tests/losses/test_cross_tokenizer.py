@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer.losses import LMHead, distill_loss
+from trainer.losses import KINDS, LMHead, distill_loss
 from trainer.losses.cross_tokenizer import (
     fused_cross_tokenizer_loss,
     gold_loss,
@@ -64,7 +64,29 @@ def uld_reference(student, teacher, temperature=1.0, cs=None, ct=None):
     return torch.tensor(values, dtype=torch.float64)
 
 
-def gold_reference(student, teacher, vocab, temperature=1.0, uld_weight=1.0, cs=None, ct=None):
+def divergence_reference(p, q, kind, beta=0.5, skew=0.1):
+    """distill_loss's divergences between two lists of probabilities, with 0·log 0 = 0."""
+    def kl(a, b):
+        return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+
+    def mix(a, b, weight):
+        return [weight * x + (1 - weight) * y for x, y in zip(a, b)]
+
+    if kind == "fkl":
+        return kl(p, q)
+    if kind == "rkl":
+        return kl(q, p)
+    if kind == "jsd":
+        m = mix(p, q, beta)
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if kind == "skl":
+        return kl(p, mix(p, q, skew))
+    if kind == "srkl":
+        return kl(q, mix(q, p, skew))
+    return 0.5 * sum(abs(x - y) for x, y in zip(p, q))
+
+
+def gold_reference(student, teacher, vocab, temperature=1.0, uld_weight=1.0, cs=None, ct=None, kind="fkl"):
     """The module docstring's definition, spelled out with Python sums."""
     values = []
     for n in range(student.shape[0]):
@@ -80,8 +102,8 @@ def gold_reference(student, teacher, vocab, temperature=1.0, uld_weight=1.0, cs=
         if vocab.student_only.numel() == 0 and zq == 1.0:
             p_shared = [x / sum(p_shared) for x in p_shared]
             p_bucket = 0.0
-        kl = sum(x * math.log(x / y) for x, y in zip(p_shared + [p_bucket], q_shared + [q_bucket]) if x > 0)
-        values.append(kl + uld_weight * sorted_l1_reference(q_rest, p_rest))
+        shared_part = divergence_reference(p_shared + [p_bucket], q_shared + [q_bucket], kind)
+        values.append(shared_part + uld_weight * sorted_l1_reference(q_rest, p_rest))
     return torch.tensor(values, dtype=torch.float64)
 
 
@@ -131,19 +153,31 @@ def test_gold_matches_float64_reference(student_size, teacher_size, temperature,
     torch.testing.assert_close(total, expected.sum(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_gold_of_a_partly_shared_vocabulary_matches_the_reference_for_every_kind(kind):
+    vocab = some_shared(8, 10, 5, seed=2)
+    student, teacher = logits(5, 8, seed=32), logits(5, 10, seed=33)
+    cs, ct = continuations(5, seed=9), continuations(5, seed=10)
+    expected = gold_reference(student, teacher, vocab, 1.5, 1.0, cs.tolist(), ct.tolist(), kind=kind)
+    got = gold_loss(student, teacher, vocab, temperature=1.5, kind=kind, student_continuation=cs, teacher_continuation=ct)
+    torch.testing.assert_close(got, expected.sum(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
-def test_gold_equals_forward_kl_when_every_id_is_shared(temperature):
+def test_gold_equals_distill_loss_when_every_id_is_shared(kind, temperature):
     student, teacher = logits(3 * 7, 13, seed=8).reshape(3, 7, 13), logits(3 * 7, 13, seed=9).reshape(3, 7, 13)
     labels = torch.zeros(3, 7, dtype=torch.long)
-    expected = distill_loss(student, teacher, labels, kind="fkl", temperature=temperature)
+    expected = distill_loss(student, teacher, labels, kind=kind, temperature=temperature, beta=0.3, skew=0.2)
+    settings = dict(temperature=temperature, kind=kind, beta=0.3, skew=0.2)
     identity = shared_vocab(torch.arange(13), torch.arange(13), 13, 13)
-    got = gold_loss(student.reshape(-1, 13), teacher.reshape(-1, 13), identity, temperature=temperature) / 21
+    got = gold_loss(student.reshape(-1, 13), teacher.reshape(-1, 13), identity, **settings) / 21
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
-    # The same vocabulary numbered differently on the teacher's side: still forward KL.
+    # The same vocabulary numbered differently on the teacher's side: still the same divergence.
     order = torch.randperm(13, generator=torch.Generator().manual_seed(0))
     renumbered = shared_vocab(torch.arange(13), order, 13, 13)
     teacher_renumbered = torch.empty_like(teacher).index_copy_(-1, order, teacher)
-    got = gold_loss(student.reshape(-1, 13), teacher_renumbered.reshape(-1, 13), renumbered, temperature=temperature) / 21
+    got = gold_loss(student.reshape(-1, 13), teacher_renumbered.reshape(-1, 13), renumbered, **settings) / 21
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
 
 
@@ -405,8 +439,8 @@ def shared_only_kl(student, teacher, vocab):
     return (log_p.exp() * (log_p - log_q)).sum()
 
 
-@pytest.mark.parametrize("start_mass", [0.05, 0.6])
-def test_training_with_gold_pins_the_students_mass_on_its_own_ids(start_mass):
+@pytest.mark.parametrize("start_mass,kind", [(0.05, "fkl"), (0.6, "fkl"), (0.6, "jsd")])
+def test_training_with_gold_pins_the_students_mass_on_its_own_ids(start_mass, kind):
     """5 shared ids, 3 student-only, 2 teacher-only ids holding 10% of the teacher's mass. From any
     start, GOLD brings the student's own-id mass to the teacher's 10%; the KL renormalised over the
     shared ids alone leaves a student that starts at 60% far from it."""
@@ -428,9 +462,9 @@ def test_training_with_gold_pins_the_students_mass_on_its_own_ids(start_mass):
             optimizer.step()
         return unshared_mass(weights.detach(), vocab.student_ids)
 
-    torch.testing.assert_close(trained(lambda s: gold_loss(s, teacher, vocab)), torch.full((4,), 0.1, dtype=torch.float64),
-                               rtol=0, atol=0.01)
-    if start_mass > 0.1:  # the loss without the bucket never pulls the excess back
+    torch.testing.assert_close(trained(lambda s: gold_loss(s, teacher, vocab, kind=kind)),
+                               torch.full((4,), 0.1, dtype=torch.float64), rtol=0, atol=0.01)
+    if kind == "fkl" and start_mass > 0.1:  # the loss without the bucket never pulls the excess back
         assert (trained(lambda s: shared_only_kl(s, teacher, vocab)) > 0.4).all()
 
 
@@ -464,5 +498,11 @@ def test_mismatched_rows_and_vocabularies_are_one_line_errors():
         gold_loss(logits(3, 7, seed=0), logits(3, 8, seed=0), vocab)
     with pytest.raises(ValueError, match="one log-probability per aligned position"):
         gold_loss(logits(3, 6, seed=0), logits(3, 8, seed=0), vocab, student_continuation=torch.zeros(2))
+    with pytest.raises(ValueError, match="top_k=0 must be at least 1"):
+        uld_loss(logits(3, 6, seed=0), logits(3, 8, seed=0), top_k=0)
+    with pytest.raises(ValueError, match="uld_weight=-1"):
+        gold_loss(logits(3, 6, seed=0), logits(3, 8, seed=0), vocab, uld_weight=-1)
+    with pytest.raises(ValueError, match="loss.kind='kl'"):
+        gold_loss(logits(3, 6, seed=0), logits(3, 8, seed=0), vocab, kind="kl")
     with pytest.raises(ValueError, match="at least one token"):
         span_continuation(torch.zeros(3), torch.tensor([0]), torch.tensor([0]))

@@ -18,7 +18,8 @@ the two sorted distributions, which needs no mapping between vocabularies. In ``
   outcome that holds all the mass on ids the other side lacks: ``p_c = (p[b_1..b_S], P_U)``,
   ``q_c = (q[a_1..a_S], Q_U)``, with ``P_U``/``Q_U`` each side's mass on its unshared ids;
 - ``GOLD = KL(p_c ‖ q_c) + uld_weight · ULD(p[unshared_t], q[unshared_s])``, the ULD term on the
-  raw (not renormalised) unshared probabilities, sorted and zero-padded.
+  raw (not renormalised) unshared probabilities, sorted and zero-padded. ``kind`` swaps the KL for
+  any other of ``distill_loss``'s divergences on the same coarse distributions (TRL uses JSD).
 
 How the shared ids are renormalised, and why: by the chain rule,
 ``KL(p_c‖q_c) = KL_Bernoulli(P_S‖Q_S) + P_S · KL(p̃_S‖q̃_S)`` with ``p̃_S = p_S / P_S`` (and
@@ -73,14 +74,21 @@ ULD (triangle inequality), equal to it when one tail lies wholly above the other
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from trainer.losses.divergence import compute_dtype, tempered_log_probs
+from trainer.losses.divergence import (
+    compute_dtype,
+    divergence_from_log_probs,
+    tempered_log_probs,
+    validate_divergence_params,
+)
 from trainer.losses.head import LMHead
+from trainer.losses.settings import LossSettings
 
 # Elements of one chunk's [C, V] rows. A chunk holds, per side, the log-softmax, the
 # probabilities, the sorted values and their int64 indices, and autograd's copies of them:
@@ -166,6 +174,9 @@ def uld_per_position(student_logits: Tensor, teacher_logits: Tensor, *, temperat
     The continuations (``[N]`` log-masses, default 0) scale each side's probabilities (see the
     module docstring on spans)."""
     _check_rows(student_logits, teacher_logits, student_continuation, teacher_continuation)
+    _check_extras(0.0, top_k)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature} must be a finite number > 0; pass 1.0 for example.")
     dtype = compute_dtype(student_logits, teacher_logits)
     q = _merged_log_probs(student_logits, student_continuation, temperature, dtype).exp()
     p = _merged_log_probs(teacher_logits, teacher_continuation, temperature, dtype).exp()
@@ -174,10 +185,19 @@ def uld_per_position(student_logits: Tensor, teacher_logits: Tensor, *, temperat
 
 def gold_per_position(student_logits: Tensor, teacher_logits: Tensor, vocab: SharedVocab, *,
                       temperature: float = 1.0, uld_weight: float = 1.0, top_k: int | None = None,
+                      kind: str = "fkl", beta: float = 0.5, skew: float = 0.1,
                       student_continuation: Tensor | None = None,
                       teacher_continuation: Tensor | None = None) -> Tensor:
-    """GOLD at every position, unchunked: ``[N, V_s]``, ``[N, V_t]`` -> ``[N]`` (module docstring)."""
+    """GOLD at every position, unchunked: ``[N, V_s]``, ``[N, V_t]`` -> ``[N]`` (module docstring).
+
+    ``kind`` (with ``beta``, ``skew``): the divergence between the coarse distributions, any of
+    ``distill_loss``'s; forward KL by default. Each is a divergence of two distributions over the
+    same ``S + 1`` outcomes, so each pins the bucket, and each equals ``distill_loss`` of that kind
+    when every id is shared."""
+    settings = LossSettings(kind, temperature, beta, skew)
+    validate_divergence_params(settings)
     _check_rows(student_logits, teacher_logits, student_continuation, teacher_continuation)
+    _check_extras(uld_weight, top_k)
     _check_vocab(vocab, student_logits.shape[-1], teacher_logits.shape[-1])
     dtype = compute_dtype(student_logits, teacher_logits)
     log_q = _merged_log_probs(student_logits, student_continuation, temperature, dtype)
@@ -188,12 +208,19 @@ def gold_per_position(student_logits: Tensor, teacher_logits: Tensor, vocab: Sha
     log_p_coarse = _coarse(log_p, c_p, vocab.teacher_ids, vocab.teacher_only)
     if vocab.student_only.numel() == 0:
         log_p_coarse = _conditioned_where_no_bucket(log_p_coarse, c_q == 0)
-    kl = (log_p_coarse.exp() * (log_p_coarse - log_q_coarse)).sum(-1)
+    shared_part = divergence_from_log_probs(settings, log_p_coarse, log_q_coarse)
     if uld_weight == 0:
-        return kl
+        return shared_part
     rest = sorted_l1(log_q.index_select(-1, vocab.student_only).exp(),
                      log_p.index_select(-1, vocab.teacher_only).exp(), top_k)
-    return kl + uld_weight * rest
+    return shared_part + uld_weight * rest
+
+
+def _check_extras(uld_weight: float, top_k: int | None) -> None:
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be at least 1; pass None to sort the whole vocabulary.")
+    if not uld_weight >= 0:
+        raise ValueError(f"uld_weight={uld_weight} must be >= 0; pass 1.0 to weigh both parts alike.")
 
 
 def _conditioned_where_no_bucket(log_p_coarse: Tensor, no_bucket: Tensor) -> Tensor:
@@ -352,10 +379,11 @@ def uld_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: flo
 
 
 def gold_loss(student_logits: Tensor, teacher_logits: Tensor, vocab: SharedVocab, *, temperature: float = 1.0,
-              uld_weight: float = 1.0, top_k: int | None = None, student_continuation: Tensor | None = None,
+              uld_weight: float = 1.0, top_k: int | None = None, kind: str = "fkl", beta: float = 0.5,
+              skew: float = 0.1, student_continuation: Tensor | None = None,
               teacher_continuation: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
     """Σ over the ``N`` aligned positions of :func:`gold_per_position`, ``chunk_size`` rows at a time."""
-    settings = dict(temperature=temperature, uld_weight=uld_weight, top_k=top_k)
+    settings = dict(temperature=temperature, uld_weight=uld_weight, top_k=top_k, kind=kind, beta=beta, skew=skew)
     return _logits_sum("gold", student_logits, teacher_logits, vocab, settings,
                        student_continuation, teacher_continuation, chunk_size)
 
@@ -363,6 +391,7 @@ def gold_loss(student_logits: Tensor, teacher_logits: Tensor, vocab: SharedVocab
 def fused_cross_tokenizer_loss(student_hidden: Tensor, student_head: LMHead, teacher_hidden: Tensor,
                                teacher_head: LMHead, *, method: str, vocab: SharedVocab | None = None,
                                temperature: float = 1.0, uld_weight: float = 1.0, top_k: int | None = None,
+                               kind: str = "fkl", beta: float = 0.5, skew: float = 0.1,
                                student_continuation: Tensor | None = None,
                                teacher_continuation: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
     """:func:`uld_loss` or :func:`gold_loss` of ``student_head.logits(student_hidden)`` against
@@ -372,7 +401,8 @@ def fused_cross_tokenizer_loss(student_hidden: Tensor, student_head: LMHead, tea
     student_hidden: ``[N, H_s]`` at the aligned positions; gradients reach it, the head's weight and
     bias when they require one, and ``student_continuation``. teacher_hidden: ``[N, H_t]`` (frozen).
     The continuations are inputs here: a span's inner rows are scored by whoever built them."""
-    settings = _method_settings(method, vocab, temperature, uld_weight, top_k)
+    settings = _method_settings(method, vocab, temperature=temperature, uld_weight=uld_weight, top_k=top_k,
+                                kind=kind, beta=beta, skew=skew)
     if student_hidden.dim() != 2 or teacher_hidden.shape[:1] != student_hidden.shape[:1]:
         raise ValueError(
             f"student_hidden {list(student_hidden.shape)} and teacher_hidden {list(teacher_hidden.shape)} "
@@ -413,14 +443,15 @@ def _logits_sum(method, student, teacher, vocab, settings, student_continuation,
                               _zeros_if_none(student_continuation, student))
 
 
-def _method_settings(method: str, vocab, temperature, uld_weight, top_k) -> dict:
+def _method_settings(method: str, vocab, **settings) -> dict:
+    """The keywords ``method``'s per-position function reads (ULD reads no divergence settings)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a cross-tokenizer loss: choose one of {', '.join(METHODS)}.")
     if method == "gold" and vocab is None:
         raise ValueError("method='gold' needs the shared vocabulary: pass vocab=match_vocabularies(...).")
     if method == "uld":
-        return dict(temperature=temperature, top_k=top_k)
-    return dict(temperature=temperature, uld_weight=uld_weight, top_k=top_k)
+        return dict(temperature=settings["temperature"], top_k=settings["top_k"])
+    return settings
 
 
 def _per_position(method: str, vocab, settings: dict) -> Callable:
