@@ -166,15 +166,7 @@ def prepare(args) -> dict:
     if stamp.exists() and json.loads(stamp.read_text()) == shape:
         return paths
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(args.vocab)
-    torch.manual_seed(0)
-    for name in ("teacher", "student"):
-        model = ARCHS[args.arch](args.vocab, getattr(args, f"{name}_hidden"), getattr(args, f"{name}_layers"),
-                                 args.seq_len)
-        model.save_pretrained(paths[name])
-        tokenizer.save_pretrained(paths[name])
-        # Random weights built here restrict nothing; the licence gate refuses a teacher without a card.
-        (paths[name] / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n\n# bench_e2e {name}, random weights\n")
+    build_models(args, paths)
     # bos + (seq_len - 2) words + eos: every row is exactly seq_len tokens; each row is trained once.
     for name, rows, seed in (("train", args.steps * args.batch, 1), ("eval", args.batch, 2)):
         words = torch.randint(args.vocab - len(SPECIALS), (rows, args.seq_len - 2),
@@ -185,22 +177,40 @@ def prepare(args) -> dict:
     return paths
 
 
+def build_models(args, paths: dict) -> None:
+    """Teacher and student from random weights (seed 0), each with the shared tokenizer, into
+    `paths["teacher"]` and `paths["student"]`; `args.seq_len` bounds their positions."""
+    tokenizer = build_tokenizer(args.vocab)
+    torch.manual_seed(0)
+    for name in ("teacher", "student"):
+        model = ARCHS[args.arch](args.vocab, getattr(args, f"{name}_hidden"), getattr(args, f"{name}_layers"),
+                                 args.seq_len)
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+        # Random weights built here restrict nothing; the licence gate refuses a teacher without a card.
+        (paths[name] / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n\n# benchmark {name}, random weights\n")
+
+
 # ------------------------------------------------------------------------------- one contender each
-def run_contender(name: str, args, paths: dict, round_: int) -> dict:
-    """Run one contender in its own process; its throughput, peak RSS and trainable parameter count."""
+def run_contender(name: str, args, paths: dict, round_: int, script: Path | None = None, overrides=None,
+                  read=None) -> dict:
+    """Run one contender in its own process; its throughput, peak RSS and trainable parameter count.
+    Another benchmark reuses this with its own `script` (re-run with `--child NAME` for a contender
+    not ours), ours' `overrides(args, paths, out)` and `read(out)` of ours' run (defaults: this file's)."""
+    script, overrides, read = script or Path(__file__).resolve(), overrides or our_overrides, read or read_ours
     out = args.work / "runs" / f"{name}-{round_}"
     shutil.rmtree(out, ignore_errors=True)  # a stale run directory would be resumed from
     out.mkdir(parents=True)
     if name == "ours":
-        command = [sys.executable, "-m", "trainer", *our_overrides(args, paths, out)]
+        command = [sys.executable, "-m", "trainer", *overrides(args, paths, out)]
     else:
         # --work again as an absolute path: the child runs in the repository, wherever this was started.
-        command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--work", str(args.work),
+        command = [sys.executable, str(script), *sys.argv[1:], "--work", str(args.work),
                    "--child", name, "--child-out", str(out)]
     print(f"{name} (round {round_ + 1} of {args.repeats}): running ({out / 'log.txt'})", flush=True)
     started = time.perf_counter()
     usage = run_measured(command, out / "log.txt", args.threads)
-    result = read_ours(out) if name == "ours" else json.loads((out / "timing.json").read_text())
+    result = read(out) if name == "ours" else json.loads((out / "timing.json").read_text())
     result.update(usage, process_s=time.perf_counter() - started, command=" ".join(command))
     print(f"{name}: {result['tokens_per_s']:.0f} tokens/s, peak RSS {result['peak_rss_mib']:.0f} MiB, "
           f"{result['process_s']:.0f} s in all", flush=True)
@@ -216,7 +226,7 @@ def run_measured(command: list[str], log: Path, threads: int) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
     if proc.returncode != 0:
-        raise SystemExit(f"bench_e2e: {command[2] if command[1] == '-m' else command[-1]} failed "
+        raise SystemExit(f"{Path(sys.argv[0]).stem}: {command[2] if command[1] == '-m' else command[-1]} failed "
                          f"(exit {proc.returncode}); see {log}")
     return {"peak_rss_mib": usage.ru_maxrss / 1024, "cpu_user_s": usage.ru_utime, "cpu_sys_s": usage.ru_stime,
             "minor_faults": usage.ru_minflt}
@@ -261,9 +271,9 @@ class StepClock:
         if tokens is not None:
             self.tokens.append(tokens)
 
-    def write(self, out: Path, warmup: int, trainable: int, losses: list[float]) -> None:
-        """timing.json: throughput over steps warmup+1.., per log window the mean loss, and on a GPU the
-        peak allocated memory."""
+    def write(self, out: Path, warmup: int, trainable: int, losses: list[float], **extra) -> None:
+        """timing.json: throughput over steps warmup+1.., per log window the mean loss, on a GPU the
+        peak allocated memory, and whatever `extra` a caller measured besides."""
         steps = len(self.ends)
         tokens = sum(self.tokens[warmup:steps])  # TRL's loader may have collated one batch ahead
         seconds = self.ends[-1] - self.ends[warmup - 1]
@@ -271,6 +281,7 @@ class StepClock:
             "tokens_per_s": tokens / seconds, "timed_tokens": tokens, "timed_s": seconds, "trainable": trainable,
             "losses": losses, "step_s": [b - a for a, b in zip(self.ends, self.ends[1:])],
             **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_initialized() else {}),
+            **extra,
         }, indent=2))
 
 
@@ -416,6 +427,15 @@ def versions() -> dict:
     return {**found, "distill": f"{commit}{' + uncommitted changes' if edited.strip() else ''}"}
 
 
+def check_same_trainable(rounds: list[dict]) -> None:
+    """Every contender of every round trained as many parameters: else not the same LoRA, and the
+    comparison would be void."""
+    trainable = {(name, run["trainable"]) for runs in rounds for name, run in runs.items()}
+    if len({count for _, count in trainable}) > 1:
+        raise SystemExit(f"{Path(sys.argv[0]).stem}: the contenders train different numbers of parameters "
+                         f"({sorted(trainable)}); check their LoRA targets.")
+
+
 def summarise(runs: list[dict]) -> dict:
     speeds = [run["tokens_per_s"] for run in runs]
     summary = {"tokens_per_s": statistics.median(speeds), "tokens_per_s_range": [min(speeds), max(speeds)],
@@ -490,10 +510,7 @@ def main() -> None:
         return
     names = args.contenders.split(",")
     rounds = [{name: run_contender(name, args, paths, r) for name in names} for r in range(args.repeats)]
-    trainable = {(name, run["trainable"]) for runs in rounds for name, run in runs.items()}
-    if len({count for _, count in trainable}) > 1:  # not the same LoRA: the comparison would be void
-        raise SystemExit(f"bench_e2e: the contenders train different numbers of parameters ({sorted(trainable)}); "
-                         "check their LoRA targets.")
+    check_same_trainable(rounds)
     summary = {name: summarise([runs[name] for runs in rounds]) for name in names}
     add_model_rates(summary)
     results = {"summary": summary, "rounds": rounds,

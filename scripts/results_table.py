@@ -16,6 +16,11 @@ and the metrics of the student's own samples (`eval/onpolicy_kl`, `eval/teacher_
     python scripts/results_table.py                                    # docs/results.md
     python scripts/results_table.py --kinds fkl --out /tmp/one.md      # one run, to time it first
     python scripts/results_table.py --kinds fkl,rkl,rkl@1,jsd@1,rkl@0.5 --out /tmp/onpolicy.md
+    python scripts/results_table.py --kinds rkl,rkl@1 --equal-wall rkl@1=rkl --out /tmp/wall.md
+
+`--equal-wall RUN=KIND` adds one comparison at equal wall time: an off-policy KIND run given as many
+steps as fit in RUN's training wall time (its `train/wall_s`), at the pace of the KIND run at equal
+steps (its `train/wall_s` per step). Both runs must be among `--kinds`.
 """
 
 from __future__ import annotations
@@ -55,8 +60,9 @@ ABOUT = {
     "tvd": "total variation ½Σ|p−q|",
 }
 ONPOLICY_NOTE = ("- **λ** (`onpolicy.fraction`, GKD's λ): the share of each step's rows whose response the student "
-                 "samples itself (the demo's `onpolicy.*` sampling settings) and the teacher scores token by token; "
-                 "0 trains on the data's responses (off-policy).")
+                 "samples itself and the teacher scores token by token, sampled as `experiment=demo_onpolicy` "
+                 "samples (conf/experiment/demo_onpolicy.yaml: temperature 1, at most 32 new tokens); 0 trains on "
+                 "the data's responses (off-policy).")
 ONPOLICY_METRICS_NOTE = ("- **on-policy columns**: the student answers the held-out prompts itself (seeded, at "
                          "`onpolicy.temperature`); `eval/onpolicy_kl` is KL(student ‖ teacher) per token of those "
                          "answers over the full vocabulary, `eval/teacher_nll_of_student` the teacher's NLL of their "
@@ -72,6 +78,9 @@ def parse_args():
     parser.add_argument("--kinds", default=",".join(KINDS),
                         help="loss.kind of each run, comma-separated; KIND@FRACTION runs it on-policy "
                              "(onpolicy.fraction=FRACTION), e.g. rkl@1")
+    parser.add_argument("--equal-wall", default=None, metavar="RUN=KIND",
+                        help="also run off-policy KIND for as many steps as fit in the training wall time of RUN "
+                             "(e.g. rkl@1=rkl); both must be among --kinds")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--cache", default=os.environ.get("DISTILL_CACHE", "~/.cache/distill"),
                         help="the runs' cache_dir, where the demo teacher is built once")
@@ -107,13 +116,42 @@ def run_name(kind: str, fraction: float) -> str:
     return kind if fraction == 0 else f"{kind}_onpolicy{fraction:g}"
 
 
-def run_kind(kind: str, fraction: float, args, cache: Path) -> dict:
-    name = run_name(kind, fraction)
+def parse_equal_wall(spec: str | None, specs: list[tuple[str, float]]) -> tuple | None:
+    """`rkl@1=rkl` -> (("rkl", 1.0), "rkl"): the run whose wall time is matched, and the off-policy
+    kind given that time. Exits with a line saying what to write."""
+    if spec is None:
+        return None
+    target, _, kind = spec.partition("=")
+    reference = parse_run(target.strip())
+    if kind.strip() not in KINDS or reference not in specs or (kind.strip(), 0.0) not in specs:
+        sys.exit(f"cannot read --equal-wall {spec!r}; write RUN=KIND with RUN one of --kinds (e.g. rkl@1) and KIND an "
+                 "off-policy kind also in --kinds (e.g. rkl), whose pace per step sets the step count.")
+    return reference, kind.strip()
+
+
+def steps_in_wall_time(reference: dict, pace: dict) -> int:
+    """How many steps of the `pace` run fit in the `reference` run's training wall time: the
+    reference's `train/wall_s` over the pace run's `train/wall_s` per step, rounded."""
+    seconds_per_step = pace["summary"]["train/wall_s"] / pace["summary"]["train/steps"]
+    return max(1, round(reference["summary"]["train/wall_s"] / seconds_per_step))
+
+
+def run_overrides(kind: str, fraction: float, steps: int | None) -> list[str]:
+    """The run's command line after `python -m trainer`. On-policy runs sample as the on-policy demo
+    does (conf/experiment/demo_onpolicy.yaml), with this kind and λ in place of its own."""
+    onpolicy = ["experiment=demo_onpolicy", f"onpolicy.fraction={fraction:g}"] if fraction else []
+    return [*onpolicy[:1], f"loss.kind={kind}", *onpolicy[1:], *([f"train.max_steps={steps}"] if steps else []),
+            "logger=none"]
+
+
+def run_kind(kind: str, fraction: float, args, cache: Path, steps: int | None = None, name: str | None = None) -> dict:
+    """One run of the demo with this loss and λ, at `steps` (default: --steps, else the demo's)."""
+    name = name or run_name(kind, fraction)
+    steps = steps or args.steps
     run_dir = args.work / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: an old checkpoint there would be resumed
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    overrides = [f"loss.kind={kind}", *([f"onpolicy.fraction={fraction:g}"] if fraction else []),
-                 *([f"train.max_steps={args.steps}"] if args.steps else []), "logger=none"]
+    overrides = run_overrides(kind, fraction, steps)
     command = [sys.executable, "-m", "trainer", *overrides, f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     load = os.getloadavg()[0]
@@ -218,7 +256,10 @@ def shown_metrics(runs: list[dict]) -> tuple:
     return METRICS + tuple(m for m in ONPOLICY_METRICS if any(m[0] in run["summary"] for run in runs))
 
 
-def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float, invocation: str) -> str:
+def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float, invocation: str,
+           matched: dict | None = None) -> str:
+    """docs/results.md: the table at equal steps, the comparison at equal wall time if `matched`
+    (run_equal_wall's), every run's command and times, and how it was measured."""
     first = runs[0]["summary"]
     steps = sorted({int(run["summary"]["train/steps"]) for run in runs})
     metrics = shown_metrics(runs)
@@ -249,13 +290,7 @@ def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float
     table = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1),
              *("| " + " | ".join(row) + " |" for row in rows)]
 
-    run_rows = ["| run | command | steps | wall time of the process | of which training | CPU time (user + sys) "
-                "| load average (1 min, higher of start and end) |",
-                "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for run in runs:
-        s = run["summary"]
-        run_rows.append(f"| `{run['name']}` | `{run['command']}` | {int(s['train/steps'])} | {run['wall_s']:.0f} s "
-                        f"| {s['train/wall_s']:.0f} s | {run['cpu_s']:.0f} s | {run['load']:.2f} |")
+    run_rows = runs_table(runs + ([matched["run"]] if matched else []), onpolicy)
 
     def leaders(key: str) -> str:
         return ", ".join(f"`{run['name']}`" for run in runs if run["summary"][key] == best[key])
@@ -301,6 +336,7 @@ def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float
         *([ONPOLICY_NOTE] if onpolicy else []),
         *([ONPOLICY_METRICS_NOTE] if len(metrics) > len(METRICS) else []),
         "",
+        *(equal_wall_section(matched, metrics) if matched else []),
         "## Runs",
         "",
         *run_rows,
@@ -321,27 +357,90 @@ def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float
     return "\n".join(lines) + "\n"
 
 
+def runs_table(runs: list[dict], onpolicy: bool) -> list[str]:
+    """Each run's command, steps, times and load; with on-policy runs, the share of the training
+    time spent generating rollouts (`train/rollout_share`)."""
+    generating = ["of which generating", "rollouts: mean length, truncated"] if onpolicy else []
+    header = ["run", "command", "steps", "wall time of the process", "of which training", *generating,
+              "CPU time (user + sys)", "load average (1 min, higher of start and end)"]
+    lines = ["| " + " | ".join(header) + " |", "| --- | --- |" + " ---: |" * (len(header) - 2)]
+    for run in runs:
+        s = run["summary"]
+        share = s.get("train/rollout_share")
+        length, cut = s.get("train/rollout_mean_length"), s.get("train/rollout_truncation_rate")
+        rolled = isinstance(share, (int, float))
+        gen = [f"{share:.0%}" if rolled else "—", f"{length:.1f}, {cut:.1%}" if rolled else "—"] if onpolicy else []
+        cells = [f"`{run['name']}`", f"`{run['command']}`", str(int(s["train/steps"])), f"{run['wall_s']:.0f} s",
+                 f"{s['train/wall_s']:.0f} s", *gen, f"{run['cpu_s']:.0f} s", f"{run['load']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def equal_wall_section(matched: dict, metrics: tuple) -> list[str]:
+    """The on-policy run beside the off-policy one at equal steps and the one given its wall time."""
+    reference, pace, run = matched["reference"], matched["pace"], matched["run"]
+    ref_s, pace_s = reference["summary"], pace["summary"]
+    header = ["run", "λ", "steps", "training wall time", *(label for _, label, _ in metrics)]
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    for row in (reference, pace, run):
+        s = row["summary"]
+        lines.append("| " + " | ".join([f"`{row['name']}`", f"{row['fraction']:g}", str(int(s["train/steps"])),
+                                          f"{s['train/wall_s']:.0f} s", *(fmt(s.get(key)) for key, _, _ in metrics)])
+                     + " |")
+    per_step = pace_s["train/wall_s"] / pace_s["train/steps"]
+    return [
+        "## At equal wall time",
+        "",
+        f"`{reference['name']}` trained for {ref_s['train/wall_s']:.0f} s (`train/wall_s`, its summary). The "
+        f"off-policy `{pace['name']}` run at equal steps took {per_step:.3f} s a step ({pace_s['train/wall_s']:.0f} s "
+        f"for {int(pace_s['train/steps'])}), so {ref_s['train/wall_s']:.0f} s / {per_step:.3f} s = "
+        f"{matched['steps']} steps fit in the same time; `{run['name']}` is that run "
+        f"(`train.max_steps={matched['steps']}`, its learning-rate schedule stretched to them), and it trained for "
+        f"{run['summary']['train/wall_s']:.0f} s. Training wall time (`train/wall_s`) runs from the first "
+        "evaluation to the last, start-up excluded; every run evaluates as often (before, four times between, "
+        "after), so the pace per step carries a share of that fixed cost and the matched run lands a little short "
+        "of the time it was given. It moves with the machine's load (see Runs).",
+        "",
+        *lines,
+        "",
+    ]
+
+
 def main() -> None:
     args = parse_args()
     invocation = "python scripts/results_table.py " + " ".join(sys.argv[1:])
     specs = [parse_run(k.strip()) for k in args.kinds.split(",") if k.strip()]
+    equal_wall = parse_equal_wall(args.equal_wall, specs)  # checked before any run, not after them
     cache = Path(os.path.expanduser(args.cache)).resolve()
     started = time.perf_counter()
     build_s = build_demo(cache)
     runs = [run_kind(kind, fraction, args, cache) for kind, fraction in specs]
+    matched = run_equal_wall(equal_wall, runs, args, cache) if equal_wall else None
     from omegaconf import OmegaConf
 
     max_rows = OmegaConf.load(runs[0]["dir"] / ".hydra" / "config.yaml").data.max_eval_rows
     teacher = teacher_eval(cache, max_rows)  # the rows the runs evaluated on
     from trainer.report import write_comparison, write_report
 
-    for run in runs:
+    every_run = runs + ([matched["run"]] if matched else [])
+    for run in every_run:
         write_report(run["dir"])
-    write_comparison([run["dir"] for run in runs], args.work)
+    write_comparison([run["dir"] for run in every_run], args.work)
     total = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(runs, teacher, args, build_s, total, invocation.strip()))
+    args.out.write_text(render(runs, teacher, args, build_s, total, invocation.strip(), matched))
     print(f"wrote {args.out} in {total / 60:.1f} min", flush=True)
+
+
+def run_equal_wall(equal_wall: tuple, runs: list[dict], args, cache: Path) -> dict:
+    """The off-policy run given the reference run's training wall time, as steps at the pace of
+    the same kind's off-policy run at equal steps (the pace measured, not assumed)."""
+    (ref_kind, ref_fraction), kind = equal_wall
+    reference = next(run for run in runs if (run["kind"], run["fraction"]) == (ref_kind, ref_fraction))
+    pace = next(run for run in runs if (run["kind"], run["fraction"]) == (kind, 0.0))
+    steps = steps_in_wall_time(reference, pace)
+    run = run_kind(kind, 0.0, args, cache, steps=steps, name=f"{kind}_equal_wall_{reference['name']}")
+    return {"run": run, "reference": reference, "pace": pace, "steps": steps}
 
 
 if __name__ == "__main__":

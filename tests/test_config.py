@@ -179,3 +179,17 @@ def test_a_sweep_over_onpolicy_fraction_expands_to_one_valid_job_per_value():
         validate(cfg)
         seen.add((cfg.onpolicy.fraction, cfg.loss.kind))
     assert seen == {(fraction, kind) for fraction in (0.0, 0.5, 1.0) for kind in ("rkl", "jsd")}
+
+
+def test_the_onpolicy_demo_is_the_demo_with_every_response_the_students_under_reverse_kl():
+    from trainer.demo.recipe import DemoRecipe
+    from trainer.demo.task import worked_sum
+
+    cfg = composed("experiment=demo_onpolicy")
+    validate(cfg)
+    assert (cfg.onpolicy.fraction, cfg.loss.kind, cfg.onpolicy.temperature) == (1.0, "rkl", 1.0)
+    # The longest demo answer (one token a character, the character tokenizer) and its EOS fit.
+    widest = 10 ** DemoRecipe().max_digits - 1
+    assert cfg.onpolicy.max_new_tokens >= len(worked_sum(widest, widest)) + 1
+    demo = composed()
+    assert (cfg.train, cfg.student, cfg.teacher, cfg.data) == (demo.train, demo.student, demo.teacher, demo.data)

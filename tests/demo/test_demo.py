@@ -72,3 +72,19 @@ def test_the_demo_generation_line_writes_the_teachers_greedy_and_right_answers(d
     rows = read_jsonl(out / "train.jsonl")
     assert len(rows) == len(expected) == 300
     assert sum(row["response"] == expected[row["prompt"]] for row in rows) >= 0.9 * len(rows)
+
+
+def test_the_onpolicy_demo_runs_from_the_cached_demo_and_the_student_writes_its_answers(demo_runs, tmp_path):
+    """`python -m trainer experiment=demo_onpolicy`, cut to a few steps: every trained row is a rollout
+    no longer than the answer it replaces allows, and the job ends on its RESULT line."""
+    run_dir = tmp_path / "onpolicy"
+    args = [f"hydra.run.dir={run_dir}", "logger=none", "experiment=demo_onpolicy", "train.max_steps=4",
+            "train.log_every=2"]
+    proc = run_cli(args, env={"DISTILL_CACHE": str(demo_runs["cache"])}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("RESULT eval/kl_to_teacher=")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train/steps"] == 4
+    assert 0 < summary["train/rollout_mean_length"] <= 32 and 0 < summary["train/rollout_share"] < 1
+    windows = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "rollout_rows" in row]
+    assert [row["rollout_rows"] for row in windows] == [2 * 16, 2 * 16]  # λ=1: every row of 2 steps × 16

@@ -286,3 +286,55 @@ def test_a_results_table_run_it_cannot_read_is_one_line_saying_what_to_write(mon
     with pytest.raises(SystemExit) as refused:
         results_table.parse_run(spec)
     assert "write KIND or KIND@FRACTION" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_equal_wall_run_gets_the_steps_that_fit_in_the_on_policy_runs_training_time(monkeypatch):
+    results_table = _results_table(monkeypatch)
+    onpolicy = {"summary": {"train/wall_s": 30.0, "train/steps": 4}}
+    offpolicy = {"summary": {"train/wall_s": 10.0, "train/steps": 4}}  # 2.5 s a step
+    assert results_table.steps_in_wall_time(onpolicy, offpolicy) == 12
+    assert results_table.steps_in_wall_time({"summary": {"train/wall_s": 0.1}}, offpolicy) == 1
+
+
+def test_an_equal_wall_spec_names_a_run_and_an_off_policy_kind_among_the_runs(monkeypatch):
+    results_table = _results_table(monkeypatch)
+    specs = [("rkl", 0.0), ("rkl", 1.0)]
+    assert results_table.parse_equal_wall("rkl@1=rkl", specs) == (("rkl", 1.0), "rkl")
+    assert results_table.parse_equal_wall(None, specs) is None
+    for spec in ("rkl@1=fkl", "jsd@1=rkl", "rkl@1"):  # fkl and jsd@1 are not among the runs; no kind
+        with pytest.raises(SystemExit) as refused:
+            results_table.parse_equal_wall(spec, specs)
+        assert "write RUN=KIND" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_results_table_shows_the_equal_wall_comparison_and_how_its_steps_were_chosen(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    results_table = _results_table(monkeypatch)
+    offpolicy = _table_run(tmp_path, "rkl", 0.0)  # 10 s for 4 steps
+    onpolicy = _table_run(tmp_path, "rkl", 1.0, **{"train/wall_s": 30.0, "train/rollout_share": 0.6,
+                                                   "train/rollout_mean_length": 31.25,
+                                                   "train/rollout_truncation_rate": 0.125})
+    matched = {**_table_run(tmp_path, "rkl", 0.0, **{"train/steps": 12, "train/wall_s": 29.0,
+                                                     "eval/kl_to_teacher": 0.3}),
+               "name": "rkl_equal_wall_rkl_onpolicy1"}
+    text = results_table.render([offpolicy, onpolicy], TEACHER, SimpleNamespace(work=tmp_path), 0.0, 60.0,
+                                "python scripts/x.py",
+                                {"run": matched, "reference": onpolicy, "pace": offpolicy, "steps": 12})
+    section = text.split("## At equal wall time")[1].split("## Runs")[0]
+    assert "30 s / 2.500 s = 12 steps" in section and "it trained for 29 s" in section
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| `")}
+    assert rows["`rkl_equal_wall_rkl_onpolicy1`"][1:5] == ["0", "12", "29 s", "0.3000"]
+    assert rows["`rkl_onpolicy1`"][1:4] == ["1", "4", "30 s"]
+    runs = text.split("## Runs")[1]
+    assert "| `rkl_onpolicy1` | `python -m trainer loss.kind=rkl` | 4 | 12 s | 30 s | 60% | 31.2, 12.5% |" in runs
+    assert "| `rkl_equal_wall_rkl_onpolicy1` |" in runs
+    assert "| `rkl` | `python -m trainer loss.kind=rkl` | 4 | 12 s | 10 s | — | — |" in runs  # off-policy: none
+
+
+def test_a_results_table_on_policy_run_samples_as_the_on_policy_demo_does(monkeypatch):
+    results_table = _results_table(monkeypatch)
+    assert results_table.run_overrides("jsd", 1.0, None) == ["experiment=demo_onpolicy", "loss.kind=jsd",
+                                                             "onpolicy.fraction=1", "logger=none"]
+    assert results_table.run_overrides("rkl", 0.0, 12) == ["loss.kind=rkl", "train.max_steps=12", "logger=none"]

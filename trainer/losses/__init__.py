@@ -13,8 +13,12 @@
   padded vocabulary rows).
 - :mod:`.objective`: one micro-batch's training objective (KD + CE) as sums over its supervised
   tokens, divided once per step.
+- :mod:`.cross_tokenizer`: ULD and GOLD between a student and a teacher with different tokenizers,
+  on positions already aligned (spans merged by the chain rule), chunked, on logits or fused with
+  both heads; the student's mass on ids the teacher lacks (``unshared_mass``).
 """
 
+from trainer.losses.cross_tokenizer import SharedVocab, fused_cross_tokenizer_loss, gold_loss, match_vocabularies, shared_vocab, uld_loss, unshared_mass
 from trainer.losses.divergence import KINDS, distill_loss, masked_sum, per_token_divergence, validate_loss_params
 from trainer.losses.fused import FusedSums, default_chunk_size, fused_distill_loss, fused_sparse_distill_loss, fused_token_sums
 from trainer.losses.head import LMHead, head_quirks
@@ -22,6 +26,7 @@ from trainer.losses.settings import IGNORE_INDEX, LossSettings
 from trainer.losses.sparse import PADDING_ID, SparseTeacher, sparse_distill_loss, sparse_per_token_divergence
 
 __all__ = [
+    "SharedVocab", "fused_cross_tokenizer_loss", "gold_loss", "match_vocabularies", "shared_vocab", "uld_loss", "unshared_mass",
     "KINDS", "distill_loss", "masked_sum", "per_token_divergence", "validate_loss_params",
     "FusedSums", "default_chunk_size", "fused_distill_loss", "fused_sparse_distill_loss", "fused_token_sums",
     "LMHead", "head_quirks", "IGNORE_INDEX", "LossSettings", "PADDING_ID", "SparseTeacher", "sparse_distill_loss", "sparse_per_token_divergence",

@@ -169,9 +169,24 @@ def next_tokens(logits: torch.Tensor, generators: list[torch.Generator], setting
         return logits.argmax(dim=-1)
     probs = top_p_filtered(logits / settings.temperature, settings.top_p).softmax(dim=-1)
     chosen = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-    for row in (~done).nonzero().flatten().tolist():
-        chosen[row] = torch.multinomial(probs[row], 1, generator=generators[row])[0]
+    rows = (~done).nonzero().flatten()
+    if len(rows):
+        chosen[rows] = inverse_cdf_draws(probs[rows], [generators[row] for row in rows.tolist()])
     return chosen
+
+
+def inverse_cdf_draws(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One id per row of `probs` `[B, V]`, row `i` drawn with one uniform from `generators[i]`: the
+    first id whose cumulative probability exceeds it. `torch.multinomial` (one row at a time, as
+    each row has its own generator) draws an exponential per vocabulary entry instead: at V=32k on
+    a CPU that was a quarter of a rollout's time, more than the student's forward's head.
+    The sums are in float64, so the distribution is the softmax's to well below float32's rounding."""
+    cumulative = probs.double().cumsum(dim=-1)
+    uniforms = torch.cat([torch.rand(1, dtype=torch.float64, device=probs.device, generator=generator)
+                          for generator in generators])
+    # u < 1, so u·total < total but for rounding; an id past the last would be no token.
+    drawn = torch.searchsorted(cumulative, (uniforms * cumulative[:, -1])[:, None], right=True)
+    return drawn[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
 def top_p_filtered(logits: torch.Tensor, top_p: float) -> torch.Tensor:

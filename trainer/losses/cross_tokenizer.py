@@ -1,0 +1,516 @@
+"""Losses across tokenizers: ULD and GOLD on positions already aligned, as pure functions.
+
+The caller aligns the two tokenisations (character offsets into spans, elsewhere) and passes, for
+each of ``N`` aligned spans, the student's logits ``[N, V_s]`` and the teacher's ``[N, V_t]`` at the
+position that predicts the span's first token. Everything here is a sum over those ``N``
+positions: the objective divides once per step, as for the other losses. Gradients flow to the
+student only. Both sides are divided by ``temperature`` before every softmax, including the
+continuation probabilities below.
+
+**ULD** (Boizard et al., 2024), per position: sort ``q = softmax(s/T)`` and ``p = softmax(t/T)``
+descending, pad the shorter with zeros, ``Σ_j |q_(j) − p_(j)|``: the Wasserstein-1 distance between
+the two sorted distributions, which needs no mapping between vocabularies. In ``[0, 2]``.
+
+**GOLD** (after TRL's gold trainer), per position, given the ids whose strings match exactly
+(:class:`SharedVocab`: student id ``a_i`` ↔ teacher id ``b_i``, ``i < S``):
+
+- the *coarse* distributions: the ``S`` shared ids, each its own outcome, plus one *bucket*
+  outcome that holds all the mass on ids the other side lacks: ``p_c = (p[b_1..b_S], P_U)``,
+  ``q_c = (q[a_1..a_S], Q_U)``, with ``P_U``/``Q_U`` each side's mass on its unshared ids;
+- ``GOLD = KL(p_c ‖ q_c) + uld_weight · ULD(p[unshared_t], q[unshared_s])``, the ULD term on the
+  raw (not renormalised) unshared probabilities, sorted and zero-padded. ``kind`` swaps the KL for
+  any other of ``distill_loss``'s divergences on the same coarse distributions (TRL uses JSD).
+
+How the shared ids are renormalised, and why: by the chain rule,
+``KL(p_c‖q_c) = KL_Bernoulli(P_S‖Q_S) + P_S · KL(p̃_S‖q̃_S)`` with ``p̃_S = p_S / P_S`` (and
+``q̃_S`` alike) the distributions renormalised over the shared ids. The renormalised KL alone would
+say nothing about how much mass the student keeps on ids the teacher lacks: it is unchanged when
+the student moves any share of its mass there, which is the drift the issue warns about. The
+Bernoulli term pins the student's unshared mass ``Q_U`` to the teacher's ``P_U``;
+:func:`unshared_mass` reports ``Q_U`` for evaluation. With one vocabulary and every id shared, the
+bucket is empty on both sides, the ULD term is over no ids, and GOLD is exactly forward KL
+(``distill_loss(kind="fkl")`` at the same temperature).
+
+One case has no bucket: a student whose every id is shared, at a one-token span, cannot put mass
+on an id the teacher lacks, so ``Q_U = 0`` and ``KL`` would be infinite whenever ``P_U > 0``. There
+the teacher's shared probabilities are renormalised instead (``p̃_S`` against ``q_S``) and its
+bucket is dropped: the student is taught the teacher's distribution given a shared id.
+
+**Spans of m student tokens against n teacher tokens** (chain rule on span probabilities). Let a
+span's student tokens be ``x_1..x_m``, and ``q_j`` the student's distribution at the position that
+*predicts* ``x_j`` (the position before it, so ``q_1`` sits at the last position before the span).
+The span is scored as the merged vector ``q̂(y) = q_1(y) · Π_{j=2..m} q_j(x_j)``: at ``y = x_1`` it
+is the student's exact probability of the whole span; for ``y ≠ x_1`` it assumes the continuation
+would have been as likely (the student was never run on ``y``), TRL's approximation. Its mass
+``Z_s = Π_{j≥2} q_j(x_j)`` is below 1; the missing ``1 − Z_s`` ("the first token, then another
+continuation") has no id on the other side, so it joins the bucket: ``B_s = Z_s·Q_U + (1 − Z_s)``.
+The teacher's ``n`` tokens are merged the same way. Then GOLD is as above on
+``(q̂_S, B_s)`` against ``(p̂_S, B_t)``, both summing to 1, and ULD on the merged unshared
+probabilities. Pass ``log Z`` as ``student_continuation``/``teacher_continuation`` (``[N]``, 0 at
+one-token spans; :func:`token_log_probs` and :func:`span_continuation` build it): it carries
+gradient to the student positions inside the span. At one-token spans on both sides this is the
+1:1 definition exactly.
+
+Worked example: the student splits ``" hello"`` as ``" hel" | "lo"`` (m = 2), the teacher keeps
+``" hello"`` (n = 1). The student rows are its position ``i`` (the one predicting ``" hel"``) and
+``i + 1`` (predicting ``"lo"``): it passes ``student_logits = s[i]`` and
+``student_continuation = log softmax(s[i+1]/T)["lo"]``. The teacher passes its position ``j``
+predicting ``" hello"`` and continuation 0. If ``q_{i+1}("lo") = 0.9``, the student's ``q̂`` is
+``0.9 · q_i`` and its bucket gains ``0.1``; the teacher's bucket is its ``P_U`` alone.
+
+**Cost, and where the time goes.** Both losses run a chunk of positions at a time (never more than
+``chunk_size`` rows of either side's ``[·, V]`` tensors); each chunk's gradient is taken at once and
+backward only scales it. :func:`uld_loss`/:func:`gold_loss` take logits the caller already holds;
+:func:`fused_cross_tokenizer_loss` takes hidden states and both heads and projects one chunk at a
+time, so neither model's ``[N, V]`` logits exist (the path the trainer should run). The softmax is ``O(V)`` per row, but sorting the full vocabulary is
+``O(V log V)``, with a value and an int64 index per element: the sorts are the bulk of the time
+and of a chunk's memory (measured on the 2-core CPU here, 64 rows at V = 152k: softmax 0.09 s, a
+descending sort 2.6 s, ``topk(64)`` 0.06 s; GPU not measured).
+``top_k`` replaces the two sorts by two ``topk``: the first ``k`` sorted values are compared
+exactly and the rest by their masses, ``|tail_q − tail_p|``. That is a lower bound of the exact
+ULD (triangle inequality), equal to it when one tail lies wholly above the other, and at
+``k ≥ V`` exact; at ``k ≪ V`` a ``topk`` costs ``O(V)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from trainer.losses.divergence import (
+    compute_dtype,
+    divergence_from_log_probs,
+    tempered_log_probs,
+    validate_divergence_params,
+)
+from trainer.losses.head import LMHead
+from trainer.losses.settings import LossSettings
+
+# Elements of one chunk's [C, V] rows. A chunk holds, per side, the log-softmax, the
+# probabilities, the sorted values and their int64 indices, and autograd's copies of them:
+# ~40 bytes an element, ~170 MB at 2**22.
+CHUNK_ELEMENTS = 2**22
+
+
+def default_chunk_size(student_vocab: int, teacher_vocab: int) -> int:
+    """Rows per chunk: a chunk of the larger vocabulary near :data:`CHUNK_ELEMENTS` elements."""
+    return max(1, CHUNK_ELEMENTS // max(student_vocab, teacher_vocab))
+
+
+@dataclass(frozen=True)
+class SharedVocab:
+    """The ids whose strings match exactly in both vocabularies, paired, and each side's rest."""
+
+    student_ids: Tensor
+    """``[S]`` student ids; ``student_ids[i]`` is the same string as ``teacher_ids[i]``."""
+    teacher_ids: Tensor
+    """``[S]`` teacher ids."""
+    student_only: Tensor
+    """``[V_s − S]`` the student's ids that the teacher lacks."""
+    teacher_only: Tensor
+    """``[V_t − S]`` the teacher's ids that the student lacks."""
+
+    @property
+    def student_size(self) -> int:
+        return self.student_ids.numel() + self.student_only.numel()
+
+    @property
+    def teacher_size(self) -> int:
+        return self.teacher_ids.numel() + self.teacher_only.numel()
+
+    def to(self, device) -> "SharedVocab":
+        return SharedVocab(*(t.to(device) for t in (self.student_ids, self.teacher_ids, self.student_only, self.teacher_only)))
+
+
+def shared_vocab(student_ids: Tensor, teacher_ids: Tensor, student_size: int, teacher_size: int) -> SharedVocab:
+    """A :class:`SharedVocab` from paired ``[S]`` id tensors and each vocabulary's size (logit rows).
+
+    Each id may appear once per side: an exact string match pairs one id with one id."""
+    student_ids = torch.as_tensor(student_ids, dtype=torch.long).reshape(-1)
+    teacher_ids = torch.as_tensor(teacher_ids, dtype=torch.long).reshape(-1)
+    if student_ids.numel() != teacher_ids.numel():
+        raise ValueError(
+            f"{student_ids.numel()} student ids but {teacher_ids.numel()} teacher ids; pass one teacher id per shared student id."
+        )
+    for side, ids, size in (("student", student_ids, student_size), ("teacher", teacher_ids, teacher_size)):
+        if ids.numel() and (ids.min() < 0 or ids.max() >= size):
+            raise ValueError(f"a shared {side} id is outside 0..{size - 1}; pass ids of the {side}'s vocabulary.")
+        if ids.unique().numel() != ids.numel():
+            raise ValueError(f"a shared {side} id appears twice; pair each id at most once (exact string matches).")
+    return SharedVocab(student_ids, teacher_ids, _complement(student_ids, student_size), _complement(teacher_ids, teacher_size))
+
+
+def match_vocabularies(student_vocab: dict[str, int], teacher_vocab: dict[str, int],
+                       student_size: int | None = None, teacher_size: int | None = None) -> SharedVocab:
+    """The :class:`SharedVocab` of two ``{token string: id}`` maps (a tokenizer's ``get_vocab()``).
+
+    ``student_size``/``teacher_size`` are the logit rows, when a head has more rows than the
+    tokenizer has strings (padded vocabularies): those extra rows are unshared."""
+    pairs = sorted((student_vocab[s], teacher_id) for s, teacher_id in teacher_vocab.items() if s in student_vocab)
+    student_ids = torch.tensor([a for a, _ in pairs], dtype=torch.long)
+    teacher_ids = torch.tensor([b for _, b in pairs], dtype=torch.long)
+    return shared_vocab(student_ids, teacher_ids, student_size or max(student_vocab.values()) + 1,
+                        teacher_size or max(teacher_vocab.values()) + 1)
+
+
+def _complement(ids: Tensor, size: int) -> Tensor:
+    keep = torch.ones(size, dtype=torch.bool, device=ids.device)
+    keep[ids] = False
+    return keep.nonzero().squeeze(1)
+
+
+# --- per position --------------------------------------------------------------------------------
+
+
+def uld_per_position(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
+                     top_k: int | None = None, student_continuation: Tensor | None = None,
+                     teacher_continuation: Tensor | None = None) -> Tensor:
+    """ULD at every position, unchunked (autograd holds every row): ``[N, V_s]``, ``[N, V_t]`` -> ``[N]``.
+
+    The continuations (``[N]`` log-masses, default 0) scale each side's probabilities (see the
+    module docstring on spans)."""
+    _check_rows(student_logits, teacher_logits, student_continuation, teacher_continuation)
+    _check_extras(0.0, top_k)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature} must be a finite number > 0; pass 1.0 for example.")
+    dtype = compute_dtype(student_logits, teacher_logits)
+    q = _merged_log_probs(student_logits, student_continuation, temperature, dtype).exp()
+    p = _merged_log_probs(teacher_logits, teacher_continuation, temperature, dtype).exp()
+    return sorted_l1(q, p, top_k)
+
+
+def gold_per_position(student_logits: Tensor, teacher_logits: Tensor, vocab: SharedVocab, *,
+                      temperature: float = 1.0, uld_weight: float = 1.0, top_k: int | None = None,
+                      kind: str = "fkl", beta: float = 0.5, skew: float = 0.1,
+                      student_continuation: Tensor | None = None,
+                      teacher_continuation: Tensor | None = None) -> Tensor:
+    """GOLD at every position, unchunked: ``[N, V_s]``, ``[N, V_t]`` -> ``[N]`` (module docstring).
+
+    ``kind`` (with ``beta``, ``skew``): the divergence between the coarse distributions, any of
+    ``distill_loss``'s; forward KL by default. Each is a divergence of two distributions over the
+    same ``S + 1`` outcomes, so each pins the bucket, and each equals ``distill_loss`` of that kind
+    when every id is shared."""
+    settings = LossSettings(kind, temperature, beta, skew)
+    validate_divergence_params(settings)
+    _check_rows(student_logits, teacher_logits, student_continuation, teacher_continuation)
+    _check_extras(uld_weight, top_k)
+    _check_vocab(vocab, student_logits.shape[-1], teacher_logits.shape[-1])
+    dtype = compute_dtype(student_logits, teacher_logits)
+    log_q = _merged_log_probs(student_logits, student_continuation, temperature, dtype)
+    log_p = _merged_log_probs(teacher_logits, teacher_continuation, temperature, dtype)
+    c_q = _continuation(student_continuation, log_q)
+    c_p = _continuation(teacher_continuation, log_p)
+    log_q_coarse = _coarse(log_q, c_q, vocab.student_ids, vocab.student_only)
+    log_p_coarse = _coarse(log_p, c_p, vocab.teacher_ids, vocab.teacher_only)
+    if vocab.student_only.numel() == 0:
+        log_p_coarse = _conditioned_where_no_bucket(log_p_coarse, c_q == 0)
+    shared_part = divergence_from_log_probs(settings, log_p_coarse, log_q_coarse)
+    if uld_weight == 0:
+        return shared_part
+    rest = sorted_l1(log_q.index_select(-1, vocab.student_only).exp(),
+                     log_p.index_select(-1, vocab.teacher_only).exp(), top_k)
+    return shared_part + uld_weight * rest
+
+
+def _check_extras(uld_weight: float, top_k: int | None) -> None:
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be at least 1; pass None to sort the whole vocabulary.")
+    if not uld_weight >= 0:
+        raise ValueError(f"uld_weight={uld_weight} must be >= 0; pass 1.0 to weigh both parts alike.")
+
+
+def _conditioned_where_no_bucket(log_p_coarse: Tensor, no_bucket: Tensor) -> Tensor:
+    """Where the student's bucket is empty (every student id shared, a one-token span), the
+    teacher's coarse ``[N, S + 1]`` log-probs conditioned on its shared ids, bucket dropped: the
+    student is not asked for mass it cannot hold (module docstring)."""
+    shared = log_p_coarse[:, :-1]
+    conditioned = torch.cat([shared - torch.logsumexp(shared, -1, keepdim=True),
+                             torch.full_like(log_p_coarse[:, -1:], torch.finfo(log_p_coarse.dtype).min)], dim=-1)
+    return torch.where(no_bucket.unsqueeze(-1), conditioned, log_p_coarse)
+
+
+def unshared_mass(logits: Tensor, shared_ids: Tensor, *, temperature: float = 1.0,
+                  chunk_size: int | None = None) -> Tensor:
+    """Each position's probability mass on the ids outside ``shared_ids``: ``[N, V]`` -> ``[N]``.
+
+    For evaluation: with the student's logits and :attr:`SharedVocab.student_ids`, the mass the
+    student puts on ids the teacher lacks (GOLD pins it to the teacher's; a drifting student shows
+    here first). Computed ``chunk_size`` rows at a time, without gradient."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    only = _complement(torch.as_tensor(shared_ids, dtype=torch.long).cpu(), logits.shape[-1]).to(logits.device)
+    dtype = compute_dtype(logits)
+    step = chunk_size or default_chunk_size(logits.shape[-1], 1)
+    masses = []
+    with torch.no_grad():
+        for start in range(0, logits.shape[0], step):
+            log_q = tempered_log_probs(logits[start:start + step], temperature, dtype)
+            masses.append(torch.logsumexp(log_q.index_select(-1, only), -1).exp())
+    return torch.cat(masses) if masses else logits.new_zeros(0, dtype=dtype)
+
+
+def sorted_l1(a: Tensor, b: Tensor, top_k: int | None = None) -> Tensor:
+    """``Σ_j |a_(j) − b_(j)|`` of ``[N, V_a]`` and ``[N, V_b]`` nonnegative rows, each sorted descending,
+    the shorter zero-padded -> ``[N]``. With ``top_k``: the first ``k`` sorted values of each, plus
+    ``|tail_a − tail_b|`` for the rest (a lower bound; exact at ``k ≥ V``)."""
+    width = max(a.shape[-1], b.shape[-1])
+    if width == 0:
+        return a.new_zeros(a.shape[:-1])
+    if top_k is None or top_k >= width:
+        return (_sorted_padded(a, width) - _sorted_padded(b, width)).abs().sum(-1)
+    top_a, top_b = _top_padded(a, top_k), _top_padded(b, top_k)
+    tails = (a.sum(-1) - top_a.sum(-1)) - (b.sum(-1) - top_b.sum(-1))
+    return (top_a - top_b).abs().sum(-1) + tails.abs()
+
+
+def _sorted_padded(values: Tensor, width: int) -> Tensor:
+    ordered = values.sort(dim=-1, descending=True).values
+    return torch.nn.functional.pad(ordered, (0, width - values.shape[-1]))
+
+
+def _top_padded(values: Tensor, k: int) -> Tensor:
+    top = values.topk(min(k, values.shape[-1]), dim=-1).values
+    return torch.nn.functional.pad(top, (0, k - top.shape[-1]))
+
+
+def _merged_log_probs(logits: Tensor, continuation: Tensor | None, temperature: float, dtype) -> Tensor:
+    """``log q̂ = log softmax(logits/T) + log Z``: ``[N, V]`` (and ``[N]``) -> ``[N, V]``."""
+    log_probs = tempered_log_probs(logits, temperature, dtype)
+    if continuation is None:
+        return log_probs
+    return log_probs + continuation.to(dtype).unsqueeze(-1)
+
+
+def _continuation(continuation: Tensor | None, like: Tensor) -> Tensor:
+    if continuation is None:
+        return like.new_zeros(like.shape[:-1])
+    return continuation.to(like.dtype)
+
+
+def _coarse(log_merged: Tensor, log_z: Tensor, shared: Tensor, only: Tensor) -> Tensor:
+    """``[N, V]`` merged log-probs -> ``[N, S + 1]``: the shared ids' and the bucket's log-mass,
+    ``log(Z·M_U + 1 − Z)``, computed without ``1 − Σ shared`` (which cancels to noise when the
+    unshared mass is tiny) and with finite gradients at ``Z = 1`` and at an empty side."""
+    dtype_min = torch.finfo(log_merged.dtype).min
+    if only.numel():
+        log_unshared = torch.logsumexp(log_merged.index_select(-1, only), -1)
+    else:
+        log_unshared = torch.full_like(log_z, dtype_min)
+    # log(1 − Z) via a where on both sides: at Z = 1 its gradient would be 0·inf = NaN.
+    below_one = log_z < 0
+    safe = torch.where(below_one, log_z, torch.full_like(log_z, -1.0))
+    log_rest = torch.where(below_one, torch.log(-torch.expm1(safe)), torch.full_like(log_z, dtype_min))
+    bucket = torch.logaddexp(log_unshared, log_rest).clamp(min=dtype_min)
+    return torch.cat([log_merged.index_select(-1, shared), bucket.unsqueeze(-1)], dim=-1)
+
+
+def _check_rows(student: Tensor, teacher: Tensor, student_continuation, teacher_continuation) -> None:
+    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"student_logits {list(student.shape)} and teacher_logits {list(teacher.shape)} must be "
+            "[N, V_s] and [N, V_t] with the same N: pass the rows of the aligned positions only."
+        )
+    for side, continuation in (("student", student_continuation), ("teacher", teacher_continuation)):
+        if continuation is not None and continuation.shape != (student.shape[0],):
+            raise ValueError(
+                f"{side}_continuation has shape {list(continuation.shape)}; pass one log-probability "
+                f"per aligned position, [{student.shape[0]}] (0 for one-token spans)."
+            )
+
+
+def _check_vocab(vocab: SharedVocab, student_size: int, teacher_size: int) -> None:
+    if (vocab.student_size, vocab.teacher_size) != (student_size, teacher_size):
+        raise ValueError(
+            f"the shared vocabulary was built for {vocab.student_size} student and {vocab.teacher_size} "
+            f"teacher ids but the logits have {student_size} and {teacher_size}; build it with the heads' row counts."
+        )
+
+
+# --- spans ---------------------------------------------------------------------------------------
+
+
+def token_log_probs(logits: Tensor, token_ids: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """``log softmax(logits/T)[token]`` at every row: ``[L, V]`` logits at the positions that predict
+    ``token_ids`` ``[L]`` -> ``[L]``, differentiable. Row ``j`` must be the position *before* token ``j``."""
+    if logits.shape[:-1] != token_ids.shape:
+        raise ValueError(
+            f"logits {list(logits.shape)} and token_ids {list(token_ids.shape)} disagree; pass one row "
+            "per token, the row of the position that predicts it."
+        )
+    scaled = logits.to(compute_dtype(logits)) / temperature
+    return scaled.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+
+
+def span_continuation(log_probs: Tensor, span_starts: Tensor, span_lengths: Tensor) -> Tensor:
+    """``log Z`` of each span: ``Σ_{j=start+1}^{start+len−1} log_probs[j]`` -> ``[K]`` (0 for one token).
+
+    log_probs: ``[L]`` from :func:`token_log_probs`; span_starts, span_lengths: ``[K]`` rows of
+    each span's first token and its token count (≥ 1). Summed exactly (no cumulative sums)."""
+    if span_lengths.numel() and int(span_lengths.min()) < 1:
+        raise ValueError("a span has no tokens; pass spans of at least one token on each side.")
+    if span_lengths.numel() and int((span_starts + span_lengths).max()) > log_probs.shape[0]:
+        raise ValueError(f"a span runs past the {log_probs.shape[0]} token rows; check span_starts and span_lengths.")
+    inner = span_lengths - 1
+    owner = torch.repeat_interleave(torch.arange(span_starts.numel(), device=log_probs.device), inner)
+    first = torch.repeat_interleave(span_starts + 1, inner)
+    offset = torch.arange(owner.numel(), device=log_probs.device) - torch.repeat_interleave(inner.cumsum(0) - inner, inner)
+    rows = first + offset
+    total = log_probs.new_zeros(span_starts.numel())
+    return total.index_add(0, owner, log_probs.index_select(0, rows))
+
+
+# --- chunked sums --------------------------------------------------------------------------------
+
+METHODS = ("uld", "gold")
+
+
+def uld_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
+             top_k: int | None = None, student_continuation: Tensor | None = None,
+             teacher_continuation: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+    """Σ over the ``N`` aligned positions of :func:`uld_per_position`, ``chunk_size`` rows at a time.
+
+    student_logits: ``[N, V_s]``; teacher_logits: ``[N, V_t]`` (no gradient reaches it).
+    Returns a scalar in float32 (float64 for float64 inputs)."""
+    return _logits_sum("uld", student_logits, teacher_logits, None, dict(temperature=temperature, top_k=top_k),
+                       student_continuation, teacher_continuation, chunk_size)
+
+
+def gold_loss(student_logits: Tensor, teacher_logits: Tensor, vocab: SharedVocab, *, temperature: float = 1.0,
+              uld_weight: float = 1.0, top_k: int | None = None, kind: str = "fkl", beta: float = 0.5,
+              skew: float = 0.1, student_continuation: Tensor | None = None,
+              teacher_continuation: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+    """Σ over the ``N`` aligned positions of :func:`gold_per_position`, ``chunk_size`` rows at a time."""
+    settings = dict(temperature=temperature, uld_weight=uld_weight, top_k=top_k, kind=kind, beta=beta, skew=skew)
+    return _logits_sum("gold", student_logits, teacher_logits, vocab, settings,
+                       student_continuation, teacher_continuation, chunk_size)
+
+
+def fused_cross_tokenizer_loss(student_hidden: Tensor, student_head: LMHead, teacher_hidden: Tensor,
+                               teacher_head: LMHead, *, method: str, vocab: SharedVocab | None = None,
+                               temperature: float = 1.0, uld_weight: float = 1.0, top_k: int | None = None,
+                               kind: str = "fkl", beta: float = 0.5, skew: float = 0.1,
+                               student_continuation: Tensor | None = None,
+                               teacher_continuation: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+    """:func:`uld_loss` or :func:`gold_loss` of ``student_head.logits(student_hidden)`` against
+    ``teacher_head.logits(teacher_hidden)``, each head applied to one chunk of rows at a time, so
+    neither model's ``[N, V]`` logits ever exist.
+
+    student_hidden: ``[N, H_s]`` at the aligned positions; gradients reach it, the head's weight and
+    bias when they require one, and ``student_continuation``. teacher_hidden: ``[N, H_t]`` (frozen).
+    The continuations are inputs here: a span's inner rows are scored by whoever built them."""
+    settings = _method_settings(method, vocab, temperature=temperature, uld_weight=uld_weight, top_k=top_k,
+                                kind=kind, beta=beta, skew=skew)
+    if student_hidden.dim() != 2 or teacher_hidden.shape[:1] != student_hidden.shape[:1]:
+        raise ValueError(
+            f"student_hidden {list(student_hidden.shape)} and teacher_hidden {list(teacher_hidden.shape)} "
+            "must be [N, H_s] and [N, H_t] with the same N: pass the aligned positions' hidden states."
+        )
+    _check_rows(student_hidden, teacher_hidden, student_continuation, teacher_continuation)
+    if vocab is not None:
+        _check_vocab(vocab, student_head.rows, teacher_head.rows)
+        vocab = vocab.to(student_hidden.device)
+    rows = _per_position(method, vocab, settings)
+
+    def chunk_value(chunk, hidden, weight, bias, continuation):
+        with torch.no_grad():
+            teacher = teacher_head.logits(teacher_hidden[chunk])
+        student = student_head.finish(student_head.projection(hidden, weight, bias))
+        return rows(student, teacher, continuation, _rows_of(teacher_continuation, chunk)).sum()
+
+    step = chunk_size or default_chunk_size(student_head.rows, teacher_head.rows)
+    continuation = _zeros_if_none(student_continuation, student_hidden)
+    return _ChunkedRows.apply(chunk_value, student_hidden.shape[0], step, (True, False, False, True),
+                              student_hidden, student_head.weight, student_head.bias, continuation)
+
+
+def _logits_sum(method, student, teacher, vocab, settings, student_continuation, teacher_continuation, chunk_size):
+    """The chunked sum of ``method`` on given logits (what :func:`uld_loss` and :func:`gold_loss` run)."""
+    _check_rows(student, teacher, student_continuation, teacher_continuation)
+    if vocab is not None:
+        _check_vocab(vocab, student.shape[-1], teacher.shape[-1])
+        vocab = vocab.to(student.device)
+    rows = _per_position(method, vocab, settings)
+    teacher = teacher.detach()
+
+    def chunk_value(chunk, student_rows, continuation):
+        return rows(student_rows, teacher[chunk], continuation, _rows_of(teacher_continuation, chunk)).sum()
+
+    step = chunk_size or default_chunk_size(student.shape[-1], teacher.shape[-1])
+    return _ChunkedRows.apply(chunk_value, student.shape[0], step, (True, True), student,
+                              _zeros_if_none(student_continuation, student))
+
+
+def _method_settings(method: str, vocab, **settings) -> dict:
+    """The keywords ``method``'s per-position function reads (ULD reads no divergence settings)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not a cross-tokenizer loss: choose one of {', '.join(METHODS)}.")
+    if method == "gold" and vocab is None:
+        raise ValueError("method='gold' needs the shared vocabulary: pass vocab=match_vocabularies(...).")
+    if method == "uld":
+        return dict(temperature=settings["temperature"], top_k=settings["top_k"])
+    return settings
+
+
+def _per_position(method: str, vocab, settings: dict) -> Callable:
+    """``(student [C, V_s], teacher [C, V_t], student_continuation, teacher_continuation) -> [C]``."""
+    if method == "uld":
+        return lambda s, t, cs, ct: uld_per_position(s, t, student_continuation=cs, teacher_continuation=ct, **settings)
+    return lambda s, t, cs, ct: gold_per_position(s, t, vocab, student_continuation=cs, teacher_continuation=ct, **settings)
+
+
+def _rows_of(tensor: Tensor | None, chunk: slice) -> Tensor | None:
+    return None if tensor is None else tensor.detach()[chunk]
+
+
+def _zeros_if_none(continuation: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_zeros(like.shape[0]) if continuation is None else continuation
+
+
+class _ChunkedRows(torch.autograd.Function):
+    """Forward sums ``chunk_value(chunk, *inputs)`` a chunk of rows at a time and takes each chunk's
+    gradient at once, so no chunk's graph outlives it; backward scales the stored gradients.
+
+    ``sliced[i]``: whether ``tensors[i]`` is indexed by row (its chunk is passed, and its gradient
+    written there) or whole (a head's weight: passed whole, its gradient summed over chunks, in
+    float32 or wider so a bf16 weight's gradient is not rounded once per chunk)."""
+
+    @staticmethod
+    def forward(ctx, chunk_value, rows, step, sliced, *tensors):
+        wants = [wanted and tensor is not None for wanted, tensor in zip(ctx.needs_input_grad[4:], tensors)]
+        grads = [torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
+                 if wanted else None for t, wanted in zip(tensors, wants)]
+        total = torch.zeros((), dtype=torch.promote_types(tensors[0].dtype, torch.float32), device=tensors[0].device)
+        for start in range(0, rows, step):
+            chunk = slice(start, start + step)
+            inputs = [None if t is None else (t[chunk] if by_row else t).detach().requires_grad_(wanted)
+                      for t, by_row, wanted in zip(tensors, sliced, wants)]
+            with torch.enable_grad():
+                value = chunk_value(chunk, *inputs)
+            if any(wants):
+                _add_chunk_grads(value, inputs, grads, sliced, chunk)
+            total = total + value.detach()
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        ctx.wants, ctx.dtypes = wants, [None if t is None else t.dtype for t in tensors]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = [(stored * grad_total).to(dtype) if wanted else None
+                 for stored, wanted, dtype in zip(ctx.saved_tensors, ctx.wants, ctx.dtypes)]
+        return (None, None, None, None, *grads)
+
+
+def _add_chunk_grads(value: Tensor, inputs: list, grads: list, sliced, chunk: slice) -> None:
+    """One chunk's gradients into the accumulators: written at the chunk's rows, or summed."""
+    wanted = [i for i, g in enumerate(grads) if g is not None]
+    chunk_grads = torch.autograd.grad(value, [inputs[i] for i in wanted], allow_unused=True)
+    for i, chunk_grad in zip(wanted, chunk_grads):
+        if chunk_grad is None:
+            continue
+        if sliced[i]:
+            grads[i][chunk] = chunk_grad
+        else:
+            grads[i] += chunk_grad
