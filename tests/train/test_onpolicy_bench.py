@@ -24,7 +24,7 @@ def test_the_onpolicy_benchmark_reports_each_contender_counting_tokens_alike(tmp
                "--contenders", ",".join(contenders)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    table = [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")]
+    table = [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
     assert table[:len(contenders) + 1] == ["contender", *contenders]
     assert "ours (HFRolloutEngine)" in table and "bare model.generate" in table
     results = json.loads((tmp_path / "results.json").read_text())
