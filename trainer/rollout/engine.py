@@ -8,7 +8,7 @@ caller reads nothing else, so adding an engine is one new file.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,15 @@ class RolloutSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def within(self, seq_len: int, prompts: list[list[int]]) -> "RolloutSettings":
+        """These settings with no more new tokens than the shortest of `prompts` leaves room for in
+        `seq_len`: rows are cut to `seq_len`, so whatever is generated beyond is cut from every row
+        (and a row's first tokens do not depend on where it stops)."""
+        if not prompts:
+            return self
+        room = max(seq_len - min(len(prompt) for prompt in prompts), 1)
+        return replace(self, max_new_tokens=min(self.max_new_tokens, room))
 
 
 @dataclass(frozen=True)

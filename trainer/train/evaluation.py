@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -167,17 +166,8 @@ def _rolled_out(prompted: list[tuple[TokenizedRow, list[int]]], engine: RolloutE
     every batch, with no prompts on a rank that has run out (the engine is a collective)."""
     prompts = [prompt for _, prompt in prompted]
     seeds = [rollout_seed(seed, EVAL_ROLLOUT_STEP, row.index) for row, _ in prompted]
-    rollouts = engine.generate(prompts, seeds, _within_seq_len(settings, prompts, seq_len))
+    rollouts = engine.generate(prompts, seeds, settings.within(seq_len, prompts))
     return [rewritten(row, tokens, seq_len) for (row, _), tokens in zip(prompted, rollouts.tokens)]
-
-
-def _within_seq_len(settings: RolloutSettings, prompts: list[list[int]], seq_len: int) -> RolloutSettings:
-    """`settings` with no more new tokens than the shortest prompt leaves of `seq_len`: what lies
-    beyond is cut from every row anyway, and a row's first tokens do not depend on where it stops."""
-    if not prompts:
-        return settings
-    room = max(seq_len - min(len(prompt) for prompt in prompts), 1)
-    return replace(settings, max_new_tokens=min(settings.max_new_tokens, room))
 
 
 def _filler(pad_id: int) -> TokenizedRow:

@@ -24,9 +24,9 @@ from trainer.outputs.finish import RunFacts, finish_run
 from trainer.outputs.tracking import Tracker, forget_steps_after
 from trainer.ranks import RankInfo, all_reduce_sum
 from trainer.train import checkpoints, resume, throughput
-from trainer.rollout.engine import RolloutSettings
 from trainer.train.evaluation import evaluate, nothing_to_average, onpolicy_evaluate
 from trainer.train.nonfinite import TrainingDiverged, describe_weights, largest_abs_weight, streak_message
+from trainer.train.onpolicy import rollout_settings
 from trainer.train.progress import Progress
 from trainer.train.setup import JobParts, build_parts
 
@@ -308,8 +308,7 @@ class DistillJob:
             return {}
         if diverged:
             return {"eval/onpolicy_kl": math.nan, "eval/teacher_nll_of_student": math.nan, "eval/onpolicy_tokens": 0.0}
-        settings = RolloutSettings(cfg.onpolicy.max_new_tokens, cfg.onpolicy.temperature, cfg.onpolicy.top_p)
-        return onpolicy_evaluate(parts.eval_rows, parts.rollout_engine, settings, cfg.train.seed, parts.eval_teacher,
+        return onpolicy_evaluate(parts.eval_rows, parts.rollout_engine, rollout_settings(cfg.onpolicy), cfg.train.seed, parts.eval_teacher,
                                  parts.student_scorer, device=self.rank.device, chunk_size=parts.chunk_size,
                                  pad_id=parts.pad_id, batch_size=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len)
 

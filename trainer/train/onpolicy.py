@@ -57,6 +57,11 @@ class RolloutWork:
         }
 
 
+def rollout_settings(onpolicy_cfg) -> RolloutSettings:
+    """How the student samples, training rollouts and the on-policy evaluation's alike."""
+    return RolloutSettings(onpolicy_cfg.max_new_tokens, onpolicy_cfg.temperature, onpolicy_cfg.top_p)
+
+
 class OnPolicyRows:
     """Rewrites the rows a step draws for rollouts, one rollout call per micro-batch (every rank
     makes the same number of calls: under ZeRO-3 a rollout is collective)."""
@@ -64,7 +69,7 @@ class OnPolicyRows:
     def __init__(self, onpolicy_cfg, seed: int, seq_len: int, engine: RolloutEngine, forward_cost: ModelCost):
         """`forward_cost`: the student's forward FLOPs per token, for the FLOP account of generation."""
         self.fraction, self.seed, self.seq_len, self.engine = onpolicy_cfg.fraction, seed, seq_len, engine
-        self.settings = RolloutSettings(onpolicy_cfg.max_new_tokens, onpolicy_cfg.temperature, onpolicy_cfg.top_p)
+        self.settings = rollout_settings(onpolicy_cfg)
         self.forward_cost = forward_cost
 
     def rewrite(self, step: int, positions: list[int], rows: list[TokenizedRow]) -> tuple[list[TokenizedRow],
@@ -73,7 +78,7 @@ class OnPolicyRows:
         responses written by the student; what generating them did."""
         chosen = [i for i, picked in enumerate(rollout_rows(step, positions, self.fraction, self.seed)) if picked]
         prompts = [prompt_of(rows[i]) for i in chosen]
-        settings = self._fitting(prompts)
+        settings = self.settings.within(self.seq_len, prompts)
         rollouts = self.engine.generate(prompts, [rollout_seed(self.seed, step, positions[i]) for i in chosen],
                                         settings)
         out = list(rows)
@@ -85,10 +90,3 @@ class OnPolicyRows:
                            flops=self.forward_cost.of_rows(lengths))
         return out, work
 
-    def _fitting(self, prompts: list[list[int]]) -> RolloutSettings:
-        """The settings, with no more new tokens than the shortest prompt leaves room for in
-        `train.seq_len`: whatever is generated beyond it would be cut from every row."""
-        room = self.seq_len - min((len(prompt) for prompt in prompts), default=0)
-        if not prompts or room >= self.settings.max_new_tokens:
-            return self.settings
-        return RolloutSettings(max(room, 1), self.settings.temperature, self.settings.top_p)
