@@ -80,8 +80,8 @@ def _inject_nan_loss():
 def _poison_final_evaluation():
     original = job.DistillJob.evaluate
 
-    def evaluate(self, step):
-        metrics = original(self, step)
+    def evaluate(self, step, **how):
+        metrics = original(self, step, **how)
         if step == self.cfg.train.max_steps:
             return {**metrics, "eval/kl_to_teacher": float("nan"), "eval/student_ce": float("nan")}
         return metrics
