@@ -13,6 +13,7 @@
   padded vocabulary rows).
 - :mod:`.objective`: one micro-batch's training objective (KD + CE) as sums over its supervised
   tokens, divided once per step.
+- :mod:`.spans`: :class:`SpanBatch`, a micro-batch's aligned spans as flat index tensors (data -> loss).
 - :mod:`.cross_tokenizer`: ULD and GOLD between a student and a teacher with different tokenizers,
   on positions already aligned (spans merged by the chain rule), chunked, on logits or fused with
   both heads; the student's mass on ids the teacher lacks (``unshared_mass``).
