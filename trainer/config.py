@@ -137,6 +137,16 @@ class LossConfig:
     false: the models return full logits (for an architecture the fused path cannot serve)."""
     chunk_size: int = 0
     """Tokens per chunk of the fused loss; 0: 2**23 // vocabulary size, at least 256."""
+    cross_tokenizer: Optional[str] = None
+    """null: teacher and student must share a tokenizer. `uld` or `gold`: distil across tokenizers
+    (trainer/losses/cross_tokenizer.py): each model tokenises the row itself, the two are aligned by
+    character offsets into spans, and ULD (sorted distributions) or GOLD (exact divergence of kind
+    loss.kind over the ids both vocabularies share, ULD over the rest) compares each span."""
+    uld_weight: float = 1.0
+    """GOLD's weight of its ULD term over the ids only one vocabulary has; 0 drops that term."""
+    uld_top_k: int = 0
+    """0: ULD sorts the whole vocabulary (exact). k: it compares the k largest probabilities of
+    each side exactly and the rest by their mass (a lower bound, O(V) instead of O(V log V))."""
 
 
 @dataclass
@@ -312,6 +322,7 @@ def validate(cfg) -> None:
     _validate_teacher(cfg.teacher)
     _validate_loss(cfg.loss)
     _validate_onpolicy(cfg.onpolicy, cfg.teacher, cfg.data)
+    _validate_cross_tokenizer_job(cfg)
     if is_onpolicy_eval_metric(cfg.train.metric) and cfg.teacher.cache:
         raise ConfigError(f"train.metric={cfg.train.metric} is never measured with a teacher cache (a cache cannot "
                           "score the student's own responses); set teacher.cache=null or pick another train.metric "
@@ -358,20 +369,52 @@ def _validate_loss(loss) -> None:
         raise ConfigError(f"loss.chunk_size={loss.chunk_size} is negative; use 0 (automatic) or a token count.")
     if not 0.0 <= loss.ce_weight <= 1.0:
         raise ConfigError(f"loss.ce_weight={loss.ce_weight} is out of range; use a value in [0, 1].")
+    _validate_cross_tokenizer(loss)
+
+
+def _validate_cross_tokenizer(loss) -> None:
+    if loss.cross_tokenizer not in (None, *CROSS_TOKENIZER_METHODS):
+        raise ConfigError(f"loss.cross_tokenizer={loss.cross_tokenizer} is not a method; use null (one tokenizer), "
+                          f"{' or '.join(CROSS_TOKENIZER_METHODS)} (distil across tokenizers).")
+    if not (math.isfinite(loss.uld_weight) and loss.uld_weight >= 0):
+        raise ConfigError(f"loss.uld_weight={loss.uld_weight} must be a finite number >= 0; use 1.0, or 0 to drop "
+                          "GOLD's ULD term.")
+    if loss.uld_top_k < 0:
+        raise ConfigError(f"loss.uld_top_k={loss.uld_top_k} is negative; use 0 (sort the whole vocabulary) or a "
+                          "count such as 1024.")
+    if loss.cross_tokenizer and not loss.fused:
+        raise ConfigError(f"loss.cross_tokenizer={loss.cross_tokenizer} runs on the fused path only; set "
+                          "loss.fused=true.")
 
 
 # The loss.* keys each kind leaves unread (loss.ce_weight too under sft, which is all cross-entropy).
 _UNREAD_BY_KIND = {"beta": lambda kind: kind != "jsd", "skew": lambda kind: kind not in ("skl", "srkl"),
-                   "temperature": lambda kind: kind == "sft", "ce_weight": lambda kind: kind == "sft"}
+                   "temperature": lambda kind: kind == "sft", "ce_weight": lambda kind: kind == "sft",
+                   "cross_tokenizer": lambda kind: kind == "sft", "uld_weight": lambda kind: kind == "sft",
+                   "uld_top_k": lambda kind: kind == "sft"}
+
+CROSS_TOKENIZER_METHODS = ("uld", "gold")
 
 
 def unread_loss_settings(loss) -> list[str]:
     """One warning per loss.* key set away from its default that `loss.kind` does not read: legal
     (a sweep over kinds sets them for all), but likely a sign the user meant another kind."""
     defaults = LossConfig()
-    return [f"loss.{key}={loss[key]} has no effect with loss.kind={loss.kind}; it is read only by "
-            f"{_readers(key)}. Remove it, or pick a kind that reads it."
-            for key, unread in _UNREAD_BY_KIND.items() if unread(loss.kind) and loss[key] != getattr(defaults, key)]
+    warnings = [f"loss.{key}={loss[key]} has no effect with loss.kind={loss.kind}; it is read only by "
+                f"{_readers(key)}. Remove it, or pick a kind that reads it."
+                for key, unread in _UNREAD_BY_KIND.items() if unread(loss.kind) and loss[key] != getattr(defaults, key)]
+    if loss.kind != "sft" and loss.cross_tokenizer != "gold":
+        warnings += [f"loss.{key}={loss[key]} has no effect with loss.cross_tokenizer={loss.cross_tokenizer}; it is "
+                     "read only by loss.cross_tokenizer=gold. Remove it, or use gold."
+                     for key in ("uld_weight",) if loss[key] != getattr(defaults, key)]
+    if loss.kind != "sft" and loss.cross_tokenizer is None and loss.uld_top_k != defaults.uld_top_k:
+        warnings.append(f"loss.uld_top_k={loss.uld_top_k} has no effect with loss.cross_tokenizer=null; it is read "
+                        "only by uld and gold. Remove it, or set loss.cross_tokenizer.")
+    if loss.cross_tokenizer == "uld" and loss.kind not in (defaults.kind, "sft"):
+        warnings.append(f"loss.kind={loss.kind} has no effect with loss.cross_tokenizer=uld (ULD compares sorted "
+                        "distributions, no divergence kind); use loss.cross_tokenizer=gold to apply it to the "
+                        "shared ids.")
+    return warnings
 
 
 def _readers(key: str) -> str:
@@ -395,6 +438,22 @@ def _validate_onpolicy(onpolicy, teacher, data) -> None:
     if onpolicy.fraction > 0 and teacher.cache:
         raise ConfigError(f"onpolicy.fraction={onpolicy.fraction} needs a teacher that runs (a cache cannot score the "
                           "student's new text); set teacher.cache=null or onpolicy.fraction=0.")
+
+
+def _validate_cross_tokenizer_job(cfg) -> None:
+    """What distillation across tokenizers does not do yet, refused before anything loads."""
+    method = cfg.loss.cross_tokenizer
+    if not method or cfg.loss.kind == "sft":
+        return
+    if cfg.data.pack:
+        raise ConfigError(f"loss.cross_tokenizer={method} cannot pack rows (the two tokenisations of a packed row "
+                          "would need packing alike); set data.pack=false.")
+    if cfg.teacher.cache:
+        raise ConfigError(f"loss.cross_tokenizer={method} cannot read a teacher cache yet (its top-k ids are the "
+                          "teacher's, stored without character offsets); set teacher.cache=null to run the teacher.")
+    if cfg.onpolicy.fraction > 0:
+        raise ConfigError(f"loss.cross_tokenizer={method} does not train on-policy yet (the student's rollouts "
+                          "would need re-tokenising for the teacher); set onpolicy.fraction=0.")
 
 
 def _validate_train(train) -> None:

@@ -293,3 +293,18 @@ def _byte_level_table() -> dict[str, int]:
         _TABLE.update({chr(byte): byte for byte in printable})
         _TABLE.update({chr(256 + rank): byte for rank, byte in enumerate(shifted)})
     return _TABLE
+
+
+def token_byte_lengths(tokenizer: Any, rows: int) -> list[int]:
+    """How many UTF-8 bytes of text each of `rows` ids stands for: what CE per byte divides by, the
+    one measure of a model's fit that compares across tokenizers. Special tokens (bos, eos, chat
+    markup) and the padding rows past the tokenizer's ids stand for none: their loss still counts
+    in CE per byte's numerator, as a cost of the text around them."""
+    scheme = surface_scheme(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    added = tokenizer.get_added_vocab()
+    lengths = [0] * rows
+    for token, index in tokenizer.get_vocab().items():
+        if index < rows and index not in special:
+            lengths[index] = len(token.encode() if token in added else token_bytes(token, scheme))
+    return lengths

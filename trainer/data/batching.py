@@ -86,18 +86,22 @@ def micro_batch_rows_for_step(step: int, rows: list, rank: int, world_size: int,
     return slots
 
 
-def eval_batches(rows: list, rank: int, world_size: int, batch_size: int, pad_id: int) -> list[dict]:
+def eval_batches(rows: list, rank: int, world_size: int, batch_size: int, pad_id: int,
+                 collate_rows=collate) -> list[dict]:
     """This rank's share of the held-out rows, padded with fully masked rows so that every rank
     runs the same number of forwards (ZeRO-3 gathers are collective: a rank that stops early
-    would hang the others)."""
+    would hang the others). `collate_rows(rows, pad_id)`: how a batch is collated."""
     mine = rows[rank::world_size]
     per_rank = -(-len(rows) // world_size)
     filler = _masked_copy(rows[0])
     mine = mine + [filler] * (per_rank - len(mine))
-    return [collate(mine[i : i + batch_size], pad_id) for i in range(0, per_rank, batch_size)]
+    return [collate_rows(mine[i : i + batch_size], pad_id) for i in range(0, per_rank, batch_size)]
 
 
 def _masked_copy(row):
+    """A row that adds nothing to any sum: no label, and (across tokenizers) no span."""
     from dataclasses import replace
 
-    return replace(row, labels=[IGNORE_INDEX] * len(row.labels))
+    teacher = getattr(row, "teacher", None)
+    masked_teacher = {} if teacher is None else {"teacher": replace(teacher, spans=[])}
+    return replace(row, labels=[IGNORE_INDEX] * len(row.labels), **masked_teacher)

@@ -160,7 +160,8 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
         raise ModelError(
             f"teacher and student tokenizers differ ({len(teacher_vocab)} vs {len(student_vocab)} tokens, "
             f"e.g. {example!r} maps to {teacher_vocab.get(example)} vs {student_vocab.get(example)}); "
-            "pick a student from the teacher's model family, or distil on teacher-generated text."
+            "pick a student from the teacher's model family, set loss.cross_tokenizer=gold (or uld) to distil "
+            "across tokenizers, or distil on teacher-generated text."
         )
 
 

@@ -14,7 +14,7 @@ from trainer.preflight.licence_check import CardLicence
 from trainer.preflight.licences import Decision, describe
 
 # The held-out metrics the card shows, before and after training (each only where the run has it).
-CARD_METRICS = ("eval/kl_to_teacher", "eval/student_ce", "eval/top1_agreement", "eval/exact_match", "eval/teacher_ce",
+CARD_METRICS = ("eval/kl_to_teacher", "eval/student_ce", "eval/student_ce_per_byte", "eval/top1_agreement", "eval/exact_match", "eval/teacher_ce",
                 "eval/onpolicy_kl", "eval/teacher_nll_of_student")
 
 
@@ -54,34 +54,38 @@ def card_base_model(student_path: str) -> str:
 
 def write_card(out_dir: Path, *, name: str, student_id: str, student_licence: CardLicence, teacher_id: str,
                decision: Decision, name_ok: bool | None, datasets: list[str], metrics: dict, lora: bool,
-               loss_kind: str, steps: int, on_policy: dict) -> Path:
-    """`on_policy`: the provenance record's entry (`trainer.outputs.record.on_policy`)."""
+               loss_kind: str, steps: int, on_policy: dict, cross_tokenizer: dict | None = None) -> Path:
+    """`on_policy`, `cross_tokenizer`: the provenance record's entries (`trainer.outputs.record`)."""
+    cross_tokenizer = cross_tokenizer or {"enabled": False}
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
         base_model=student_id, base_model_relation="adapter" if lora else "finetune",
         library_name="peft" if lora else "transformers", pipeline_tag="text-generation", model_name=name,
         datasets=datasets, tags=["distillation", "knowledge-distillation", *(["lora", "peft"] if lora else []),
-                                 *(["on-policy-distillation"] if on_policy["enabled"] else [])],
+                                 *(["on-policy-distillation"] if on_policy["enabled"] else []),
+                                 *(["cross-tokenizer-distillation"] if cross_tokenizer["enabled"] else [])],
         **{k: v for k, v in student_licence.card_fields().items() if v is not None},
         # Not standard hub fields: the card data keeps them, so tools can read who taught the student.
         teacher=teacher_id, teacher_license=decision.licence,
     )
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + _body(
-        name, student_id, teacher_id, decision, name_ok, metrics, lora, loss_kind, steps, student_licence, on_policy))
+        name, student_id, teacher_id, decision, name_ok, metrics, lora, loss_kind, steps, student_licence, on_policy,
+        cross_tokenizer))
     path = Path(out_dir) / "README.md"
     card.save(path)
     return path
 
 
 def _body(name, student_id, teacher_id, decision: Decision, name_ok, metrics: dict, lora: bool, loss_kind: str,
-          steps: int, student_licence: CardLicence, on_policy: dict) -> str:
+          steps: int, student_licence: CardLicence, on_policy: dict, cross_tokenizer: dict) -> str:
     kind = "A LoRA adapter for" if lora else "A fine-tune of"
     lines = [f"# {name}", ""]
     if decision.notice:
         lines += [f"**{decision.notice}**", ""]
     lines += [f"{kind} `{student_id}`, distilled from the teacher `{teacher_id}` (loss `{loss_kind}`, {steps} "
-              f"optimizer steps) with distill{_on_policy_clause(on_policy)}.", "", "## Licences", "",
+              f"optimizer steps) with distill{_on_policy_clause(on_policy)}{_cross_tokenizer_clause(cross_tokenizer)}.",
+              "", "## Licences", "",
               f"- Student (base model): {student_licence.card_fields()['license']} ({student_licence.read_from}).",
               f"- Teacher: {decision.licence} ({decision.read_from}): {describe(decision)}"
               + (f"; text: {decision.source}" if decision.source else "") + "."]
@@ -113,6 +117,21 @@ def _on_policy_clause(on_policy: dict) -> str:
     return (f", by on-policy distillation (GKD, λ={on_policy['fraction']:g}): the student wrote the responses of "
             f"{on_policy['fraction']:.0%} of its training rows itself ({sampling}, at most "
             f"{on_policy['max_new_tokens']} new tokens) and the teacher scored every token of them")
+
+
+_CROSS_TOKENIZER_METHODS = {
+    "gold": "GOLD: exact divergence over the tokens both vocabularies share, ULD over the rest",
+    "uld": "ULD: the two next-token distributions compared sorted by probability",
+}
+
+
+def _cross_tokenizer_clause(cross_tokenizer: dict) -> str:
+    """Nothing for a student that shares the teacher's tokenizer; else that it does not, and how the
+    two were compared."""
+    if not cross_tokenizer["enabled"]:
+        return ""
+    return (f", across tokenizers ({_CROSS_TOKENIZER_METHODS[cross_tokenizer['method']]}; the two tokenisations "
+            "aligned by character offsets)")
 
 
 def _how_to_load(student_id: str, lora: bool) -> list[str]:

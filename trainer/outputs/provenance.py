@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trainer.config import cache_root
 from trainer.outputs.card import card_base_model, card_datasets, write_card
-from trainer.outputs.record import FILE_NAME, build_record, gather_ranks, now, on_policy
+from trainer.outputs.record import FILE_NAME, build_record, cross_tokenizer, gather_ranks, now, on_policy
 from trainer.outputs.record import write as write_record
 
 __all__ = ["write", "gather_ranks", "now", "FILE_NAME"]  # what the job calls
@@ -34,7 +34,8 @@ def write(cfg, run_dir: Path, out_dir: Path, *, decision, ranks: list[dict], stu
         student_licence=student_licence,
         teacher_id=_teacher_id(cfg, cache), decision=decision, name_ok=name_complies,
         datasets=card_datasets(data_sources(cfg.data)), metrics=metrics, lora=cfg.peft.kind == "lora",
-        loss_kind=cfg.loss.kind, steps=cfg.train.max_steps, on_policy=on_policy(cfg.onpolicy))
+        loss_kind=cfg.loss.kind, steps=cfg.train.max_steps, on_policy=on_policy(cfg.onpolicy),
+        cross_tokenizer=cross_tokenizer(cfg.loss))
     log.info("provenance: %s in %s and %s (record_sha256 %s); model card %s", FILE_NAME, run_dir, out_dir,
              sealed["record_sha256"][:16], card)
     return sealed

@@ -157,6 +157,16 @@ def on_policy(onpolicy_cfg) -> dict:
             "temperature": float(onpolicy_cfg.temperature), "top_p": float(onpolicy_cfg.top_p)}
 
 
+def cross_tokenizer(loss_cfg) -> dict:
+    """Whether the student was distilled across tokenizers (the teacher's differs), and by which
+    method; a run with one tokenizer records `enabled: false` alone."""
+    method = None if loss_cfg.kind == "sft" else loss_cfg.cross_tokenizer
+    if method is None:
+        return {"enabled": False}
+    entry = {"enabled": True, "method": method, "uld_top_k": int(loss_cfg.uld_top_k)}
+    return {**entry, "uld_weight": float(loss_cfg.uld_weight)} if method == "gold" else entry
+
+
 def data_files(source, hashes: FileHashes) -> list[dict]:
     """One entry per source of a split: a file (sha256, bytes, rows), a saved dataset folder (every
     file's sha256) or a `datasets` name (only the name: its files are the hub's)."""
@@ -270,6 +280,7 @@ def build_record(cfg, *, run_dir: Path, out_dir: Path, decision, student_licence
         "held_out": _held_out(cfg),
         "rows_trained": rows_trained,
         "on_policy": on_policy(cfg.onpolicy),
+        "cross_tokenizer": cross_tokenizer(cfg.loss),
         "licence": decision.as_record(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "code": code_version(),

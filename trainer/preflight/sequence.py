@@ -14,7 +14,7 @@ from trainer.models import checks, loading, lora
 from trainer.models.files import ModelFiles, resolve_model
 from trainer.models.loading import ModelError
 from trainer.outputs.record import now
-from trainer.preflight import licence_check, onpolicy
+from trainer.preflight import cross_tokenizer, licence_check, onpolicy
 from trainer.preflight.demo_assets import KEYS_READ_BY, demo_prompts_for_the_demo_teacher, materialise_demo
 from trainer.preflight.licences import Decision
 from trainer.preflight.splits import TrainingRows, data_sources, load_splits, training_rows, warn_past_positions
@@ -53,6 +53,18 @@ class Preflight:
     teacher_weights: str | None = None
     """:func:`~trainer.cache.key.weights_fingerprint` of the teacher, where a cache or a generated
     dataset is keyed by it (hashed on rank 0, shared with every rank)."""
+    teacher_tokenizer: object | None = None
+    """Training across tokenizers (loss.cross_tokenizer) only: the teacher's own tokenizer."""
+    teacher_vocab_size: int | None = None
+    """The token ids the teacher scores: `vocab_size` unless the job distils across tokenizers."""
+    shared_ids: cross_tokenizer.SharedIds | None = None
+    """Across tokenizers: the student ids matched to teacher ids (GOLD's exact part)."""
+    alignment: dict = field(default_factory=dict)
+    """Across tokenizers: the start-up alignment report (`cross_tokenizer/*`, for summary.json)."""
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        return self.teacher_tokenizer is not None
 
     @property
     def data_fingerprints(self) -> dict[str, str]:
@@ -100,24 +112,45 @@ def _check_pair(cfg, rank: RankInfo, started_at: str) -> Preflight:
     name_complies = licence_check.check_name(licence, model_name, rank.is_main)
     tokenizer = loading.load_tokenizer("student", cfg.student)
     student_config = loading.load_config("student", cfg.student)
+    teacher_tokenizer = None
     if cfg.teacher.path is not None:  # else a teacher cache that records its own teacher (e.g. an API model)
-        # First: with another tokenizer nothing else about the pair matters.
-        checks.check_same_tokenizer(loading.load_tokenizer("teacher", cfg.teacher), tokenizer)
+        # First: with another tokenizer (and no cross_tokenizer method) nothing else about the pair matters.
+        teacher_tokenizer = loading.load_tokenizer("teacher", cfg.teacher)
+        cross_tokenizer.check_tokenizers(_cross_method(cfg), teacher_tokenizer, tokenizer)
     onpolicy.check_student_stops(cfg.onpolicy, tokenizer, models["student"], student_config)
     limits: dict[str, int | None] = {}
     student, limits["student"] = checks.check_fits("student", cfg.student, student_config, cfg.train.seq_len)
     if cfg.peft.kind == "lora":
         lora.lora_targets(student, cfg.peft.target_modules)
     teacher_config = loading.load_config("teacher", cfg.teacher) if cfg.teacher.path is not None else None
-    vocab_size = checks.shared_vocab_size(tokenizer, teacher_config, student_config)
+    cross = _cross_method(cfg) is not None and teacher_config is not None
+    # Across tokenizers each model scores its own ids; with one tokenizer, the ids both score.
+    vocab_size = checks.shared_vocab_size(tokenizer, None if cross else teacher_config, student_config)
     if teacher_config is not None:
         teacher = None
         if not cfg.teacher.cache:  # a cached teacher is never run: its weights and positions do not matter
             teacher, limits["teacher"] = checks.check_fits("teacher", cfg.teacher, teacher_config, cfg.train.seq_len)
         if rank.is_main:
             checks.warn_about_pair(cfg.teacher, cfg.student, teacher, student)
-    return Preflight("train", started_at, models, licence, tokenizer, vocab_size, student_licence=student_licence,
-                     model_name=model_name, name_complies=name_complies, position_limits=limits)
+    preflight = Preflight("train", started_at, models, licence, tokenizer, vocab_size, student_licence=student_licence,
+                          model_name=model_name, name_complies=name_complies, position_limits=limits)
+    if cross:
+        _add_teacher_tokenizer(preflight, teacher_tokenizer, teacher_config)
+    return preflight
+
+
+def _cross_method(cfg) -> str | None:
+    """The cross-tokenizer method the job runs: none under sft, which runs no teacher."""
+    return None if cfg.loss.kind == "sft" else cfg.loss.cross_tokenizer
+
+
+def _add_teacher_tokenizer(preflight: Preflight, teacher_tokenizer, teacher_config) -> None:
+    from trainer.data.pairing import role_pairs
+
+    preflight.teacher_tokenizer = teacher_tokenizer
+    preflight.teacher_vocab_size = checks.shared_vocab_size(teacher_tokenizer, teacher_config)
+    preflight.shared_ids = cross_tokenizer.shared_ids(preflight.tokenizer, teacher_tokenizer,
+                                                      role_pairs(preflight.tokenizer, teacher_tokenizer))
 
 
 def _check_teacher(cfg, rank: RankInfo, entry: str, started_at: str) -> Preflight:
@@ -140,10 +173,14 @@ def _load_data(cfg, rank: RankInfo, preflight: Preflight) -> None:
     preflight.tokenizer_hash = tokenizer_fingerprint(preflight.tokenizer)
     preflight.sources = data_sources(cfg.data)
     preflight.splits = load_splits(cfg.data, cfg.train.seq_len, cache_root(cfg) / "tokenized", preflight.tokenizer,
-                                   preflight.tokenizer_hash, rank)
+                                   preflight.tokenizer_hash, rank, teacher_tokenizer=preflight.teacher_tokenizer)
     if preflight.entry == "train":
         preflight.rows = training_rows(preflight.splits, cfg.data, cfg.train, cfg.onpolicy, preflight.position_limits,
                                        rank.is_main)
+    if preflight.cross_tokenizer:
+        preflight.alignment = cross_tokenizer.alignment_report(
+            cfg.loss.cross_tokenizer, preflight.shared_ids, preflight.vocab_size, preflight.teacher_vocab_size,
+            preflight.rows.train, rank.is_main)
     elif rank.is_main:
         warn_past_positions(preflight.position_limits, [row for split in preflight.splits.values() for row in split.rows])
 

@@ -26,13 +26,15 @@ def data_sources(data_cfg) -> dict:
 
 
 def load_splits(data_cfg, seq_len: int, cache_dir: Path, tokenizer, tokenizer_hash: str,
-                rank: RankInfo) -> dict[str, Examples]:
+                rank: RankInfo, teacher_tokenizer=None) -> dict[str, Examples]:
     """Tokenized rows of each split: rank 0 tokenises and caches in `cache_dir`, then the other ranks
-    read the cache. Each split's fingerprint is computed here, once per rank (it names the cache file)."""
+    read the cache. Each split's fingerprint is computed here, once per rank (it names the cache file).
+    With `teacher_tokenizer` (distilling across tokenizers) each row is tokenised by both, and aligned."""
     for turn in ("main", "others"):
         if (turn == "main") == rank.is_main:
             splits = {name: load_examples(source, tokenizer, seq_len, cache_dir, key=f"data.{name}",
-                                          truncate=data_cfg.truncate, tokenizer_hash=tokenizer_hash)
+                                          truncate=data_cfg.truncate, tokenizer_hash=tokenizer_hash,
+                                          **({"teacher_tokenizer": teacher_tokenizer} if teacher_tokenizer else {}))
                       for name, source in data_sources(data_cfg).items()}
         dist.barrier()
     return splits

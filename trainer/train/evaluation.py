@@ -27,12 +27,17 @@ from trainer.rollout.prompts import prompt_of, rewritten, rollout_seed
 
 log = logging.getLogger(__name__)
 
-_COUNTERS = ("kl", "student_ce", "teacher_ce", "agree", "tokens", "exact", "rows")
+_COUNTERS = ("kl", "student_ce", "teacher_ce", "agree", "bytes", "tokens", "exact", "rows")
 
 
 @torch.no_grad()
-def evaluate(teacher: Teacher, student: Scorer, batches: list[dict], device, chunk_size: int) -> dict:
+def evaluate(teacher: Teacher, student: Scorer, batches: list[dict], device, chunk_size: int,
+             byte_lengths: torch.Tensor | None = None) -> dict:
     """Token-weighted means over every rank's share of the held-out rows.
+
+    `eval/student_ce_per_byte` divides the student's summed CE by the UTF-8 bytes of the supervised
+    text (`byte_lengths` ``[V]``: each id's, :func:`~trainer.data.alignment.token_byte_lengths`):
+    nats per byte compare across tokenizers, nats per token do not. Without `byte_lengths` it is NaN.
 
     `eval/exact_match` is the share of rows whose every supervised token is the student's argmax
     under teacher forcing, which is exactly the share that greedy decoding would get right.
@@ -49,12 +54,14 @@ def evaluate(teacher: Teacher, student: Scorer, batches: list[dict], device, chu
             teacher_terms = teacher.evaluation_terms(batch, host_batch)  # the teacher's forward first, on every rank
             student_states = student.states(batch)
             with teacher.gathered(), student.gathered():
-                sums += _batch_counters(student, student_states, teacher_terms, batch["labels"], chunk_size)
+                sums += _batch_counters(student, student_states, teacher_terms, batch["labels"], chunk_size,
+                                        byte_lengths)
     totals = dict(zip(_COUNTERS, all_reduce_sum(sums).tolist()))
     tokens, rows = totals["tokens"], totals["rows"]
     return {
         "eval/kl_to_teacher": _mean(totals["kl"], tokens),
         "eval/student_ce": _mean(totals["student_ce"], tokens),
+        "eval/student_ce_per_byte": _mean(totals["student_ce"], totals["bytes"]) if byte_lengths is not None else math.nan,
         "eval/teacher_ce": _mean(totals["teacher_ce"], tokens),
         "eval/top1_agreement": _mean(totals["agree"], tokens),
         "eval/exact_match": _mean(totals["exact"], rows),
@@ -72,7 +79,8 @@ def nothing_to_average(key: str, metrics: dict) -> bool:
     return metrics.get("eval/tokens") == 0 and teacher_forced(key)
 
 
-def _batch_counters(student: Scorer, student_states, teacher_terms: ChunkTerms, labels, chunk_size: int):
+def _batch_counters(student: Scorer, student_states, teacher_terms: ChunkTerms, labels, chunk_size: int,
+                    byte_lengths: torch.Tensor | None = None):
     """The student's [B, T, ·] states, the teacher's terms of the same batch and [B, T] labels ->
     float64 sums of `_COUNTERS`."""
     targets = targets_at_each_position(labels)
@@ -80,8 +88,9 @@ def _batch_counters(student: Scorer, student_states, teacher_terms: ChunkTerms, 
     student_rows = student_states.reshape(flat_targets.shape[0], -1)
     supervised = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     missed = torch.zeros_like(flat_targets, dtype=torch.bool)
-    # kl, student_ce, teacher_ce, agree: summed on the device, read once per batch.
-    sums = torch.zeros(4, dtype=torch.float64, device=flat_targets.device)
+    # kl, student_ce, teacher_ce, agree, bytes: summed on the device, read once per batch.
+    sums = torch.zeros(5, dtype=torch.float64, device=flat_targets.device)
+    lengths = None if byte_lengths is None else byte_lengths.to(flat_targets.device)
     for start in range(0, supervised.numel(), chunk_size):
         index = supervised[start:start + chunk_size]
         chunk_targets = flat_targets.index_select(0, index)
@@ -92,6 +101,7 @@ def _batch_counters(student: Scorer, student_states, teacher_terms: ChunkTerms, 
         sums += torch.stack([
             kl, F.nll_loss(student_logp, chunk_targets, reduction="sum"), teacher_ce,
             (student_top == teacher_top).sum(),
+            lengths.index_select(0, chunk_targets).sum() if lengths is not None else kl.new_zeros(()),
         ]).double()
         missed[index] = student_top != chunk_targets
     supervised_rows = (targets != IGNORE_INDEX).any(dim=1)

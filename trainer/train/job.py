@@ -24,6 +24,7 @@ from trainer.outputs.finish import RunFacts, finish_run
 from trainer.outputs.tracking import Tracker, forget_steps_after
 from trainer.ranks import RankInfo, all_reduce_sum
 from trainer.train import checkpoints, resume, throughput
+from trainer.train.cross_tokenizer import cross_tokenizer_evaluate, teacher_view
 from trainer.train.evaluation import evaluate, nothing_to_average, onpolicy_evaluate
 from trainer.train.nonfinite import TrainingDiverged, describe_weights, largest_abs_weight, streak_message
 from trainer.train.onpolicy import rollout_settings
@@ -126,11 +127,10 @@ class DistillJob:
         if parts.onpolicy is not None:  # not data loading: the student's own work, timed apart
             slots = [(positions, self._rolled_out(step, positions, rows)) for positions, rows in slots]
         with self.progress.data_time:
-            collate_rows = collate_packed if cfg.data.pack else collate
-            batches = [collate_rows(rows, parts.pad_id) for _, rows in slots]
+            batches = [self._collate(rows) for _, rows in slots]
             counts = torch.tensor([[float((b["labels"][:, 1:] != IGNORE_INDEX).sum()), float(b["attention_mask"].sum())]
                                    for b in batches], dtype=torch.float64).sum(dim=0)
-            self.progress.flops += sum(parts.step_cost.of_rows(document_lengths(b)) for b in batches)
+            self.progress.flops += sum(self._flops(b) for b in batches)
         # DeepSpeed divides by grad_accum and averages over ranks; undo both so the gradient is
         # that of (Σ over the step's tokens) / (the step's token count).
         scale = self.rank.world_size * cfg.train.grad_accum / max(self._global_supervised_tokens(step, counts), 1.0)
@@ -145,7 +145,8 @@ class DistillJob:
             # head runs) and through the backward (a trainable head's gradient must reach the whole
             # weight before ZeRO-3 partitions it again).
             with parts.student_scorer.gathered():
-                sums = self._micro_batch_sums(teacher_states, student_states, batch["labels"], batch["supervised"])
+                sums = self._micro_batch_sums(teacher_states, student_states, batch["labels"], batch["supervised"],
+                                              batch.get("spans"))
                 parts.student.backward(sums.objective * scale)
             loss_sums += torch.stack([sums.objective.detach(), sums.kd, sums.ce]).double()
             if index == len(batches) - 1:
@@ -155,6 +156,19 @@ class DistillJob:
                 parts.optimizer.arm(loss_sums[0])  # the optimizer skips the step if any rank's loss is NaN/Inf
             parts.student.step()
         return loss_sums, counts
+
+    def _collate(self, rows: list) -> dict:
+        if self.parts.cross is not None:
+            return self.parts.cross.collate(rows, self.parts.pad_id)
+        return (collate_packed if self.cfg.data.pack else collate)(rows, self.parts.pad_id)
+
+    def _flops(self, batch: dict) -> float:
+        """A micro-batch's FLOPs; across tokenizers the teacher runs on its own (longer or shorter) rows."""
+        parts = self.parts
+        if parts.cross is None or parts.teacher_cost is None:
+            return parts.step_cost.of_rows(document_lengths(batch))
+        teacher_lengths = batch["teacher_attention_mask"].sum(dim=1).tolist()
+        return parts.step_cost.of_rows(document_lengths(batch)) + parts.teacher_cost.of_rows(teacher_lengths)
 
     def _rolled_out(self, step: int, positions: list[int], rows: list) -> list:
         """One micro-batch's rows, those drawn for rollouts rewritten with the student's responses."""
@@ -175,11 +189,20 @@ class DistillJob:
     def _forward_models(self, batch: dict, host_batch: dict):
         """The teacher as the loss takes it (None under sft: no teacher runs), and the student's
         states: hidden states when fused, else logits."""
-        teacher = None if self.objective.sft else self.parts.step_teacher.states(batch, host_batch)
+        if self.objective.sft:
+            teacher = None
+        elif self.parts.cross is not None:  # the teacher reads its own tokenisation of the rows
+            teacher = self.parts.step_teacher.states(teacher_view(batch), host_batch)
+        else:
+            teacher = self.parts.step_teacher.states(batch, host_batch)
         return teacher, self.parts.student_scorer.states(batch)
 
-    def _micro_batch_sums(self, teacher_states, student_states, labels, supervised):
-        student = self.parts.student_scorer
+    def _micro_batch_sums(self, teacher_states, student_states, labels, supervised, spans=None):
+        student, cross = self.parts.student_scorer, self.parts.cross
+        if cross is not None and not self.objective.sft:
+            with self.parts.step_teacher.gathered():
+                return cross.micro_batch_sums(student_states, student.head, teacher_states, labels, self.objective,
+                                              spans, supervised)
         if not student.fused:
             return micro_batch_sums(student_states, teacher_states, labels, self.objective, student.vocab_size)
         with contextlib.nullcontext() if self.objective.sft else self.parts.step_teacher.gathered():
@@ -287,8 +310,13 @@ class DistillJob:
         the rest) runs before and after training in every job, and `between` those only where the
         job trains on-policy, whose curve it is."""
         parts = self.parts
-        metrics = evaluate(parts.eval_teacher, parts.student_scorer, parts.eval_batches, self.rank.device,
-                           parts.chunk_size)
+        if parts.cross is not None and not self.objective.sft:
+            metrics = cross_tokenizer_evaluate(parts.eval_teacher.scorer, parts.student_scorer, parts.cross,
+                                               parts.eval_batches, self.rank.device, parts.chunk_size,
+                                               parts.byte_lengths)
+        else:
+            metrics = evaluate(parts.eval_teacher, parts.student_scorer, parts.eval_batches, self.rank.device,
+                               parts.chunk_size, parts.byte_lengths)
         if between and self.cfg.onpolicy.fraction == 0:
             self.tracker.log_eval(step, metrics)
             return metrics
@@ -365,7 +393,7 @@ def _print_before_after(initial: dict, final: dict) -> None:
         return
     print("held-out metric                before      after")
     # The on-policy pair is absent where nothing measured it (a teacher cache cannot score new text).
-    for key in ("eval/kl_to_teacher", "eval/student_ce", "eval/top1_agreement", "eval/exact_match",
+    for key in ("eval/kl_to_teacher", "eval/student_ce", "eval/student_ce_per_byte", "eval/top1_agreement", "eval/exact_match",
                 "eval/onpolicy_kl", "eval/teacher_nll_of_student"):
         if key in initial and key in final:
             print(f"{key:<28} {initial[key]:>10.4f} {final[key]:>10.4f}")

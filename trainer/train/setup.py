@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from trainer.cache.store import CacheReader
 from trainer.cache.teacher import CachedTeacher
-from trainer.data.batching import eval_batches
+from trainer.data.alignment import token_byte_lengths
+from trainer.data.batching import collate, eval_batches
 from trainer.data.tokenize import TokenizedRow
 from trainer.losses import default_chunk_size
 from trainer.models import engines, loading, lora
@@ -24,6 +27,7 @@ from trainer.ranks import RankInfo
 from trainer.rollout.engine import RolloutEngine
 from trainer.rollout.hf import HFRolloutEngine
 from trainer.train import throughput
+from trainer.train.cross_tokenizer import CrossTokenizer
 from trainer.train.onpolicy import OnPolicyRows
 
 log = logging.getLogger(__name__)
@@ -45,7 +49,9 @@ class JobParts:
     chunk_size: int
     """Tokens per chunk of the fused loss and of the evaluation's logits."""
     step_cost: throughput.ModelCost
-    """FLOPs per token of every model a step runs."""
+    """FLOPs per token of every model a step runs on the student's rows (the teacher's too, with one tokenizer)."""
+    teacher_cost: throughput.ModelCost | None
+    """Across tokenizers: the teacher's FLOPs per token of its own rows (not in `step_cost`); else None."""
     train_rows: list[TokenizedRow]
     eval_batches: list[dict]
     """This rank's share of the held-out rows, collated."""
@@ -55,9 +61,14 @@ class JobParts:
     """The student writing responses (on-policy steps, on-policy evaluation); None only in an off-policy
     job whose student has no EOS token, so that its rollouts could never stop."""
     pad_id: int
+    byte_lengths: torch.Tensor
+    """``[V]`` float64: the UTF-8 bytes of text each student id stands for (eval/student_ce_per_byte)."""
     onpolicy: OnPolicyRows | None
     """Rewrites each step's drawn rows with rollouts; None off-policy (onpolicy.fraction=0)."""
     teacher_cache: CacheReader | None
+    cross: CrossTokenizer | None
+    """Distilling across tokenizers (loss.cross_tokenizer): the method and the ids both vocabularies
+    share; None with one tokenizer."""
     summary: dict
     """What summary.json says of the teacher and the loss path."""
 
@@ -71,11 +82,13 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
     student, optimizer = _build_student(cfg, configs, precision)
     by_role = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
     fused = cfg.loss.fused and _fused_loss_fits(by_role)
-    scorers = {role: Scorer(engine, checked.vocab_size, fused) for role, engine in by_role.items()}
+    # Across tokenizers each model scores its own ids; with one tokenizer, the ids both score.
+    vocab_sizes = {"student": checked.vocab_size, "teacher": checked.teacher_vocab_size or checked.vocab_size}
+    scorers = {role: Scorer(engine, vocab_sizes[role], fused) for role, engine in by_role.items()}
     if fused:
         for role, scorer in scorers.items():
             check_head_parity(role, scorer.engine, scorer.tap, scorer.head, rank.device)
-    chunk_size = cfg.loss.chunk_size or default_chunk_size(checked.vocab_size)
+    chunk_size = cfg.loss.chunk_size or default_chunk_size(max(vocab_sizes.values()))
     log.info("loss: %s, %d tokens per chunk", "fused with the heads" if fused else "on full logits", chunk_size)
     summary["loss/fused"] = fused
     if cfg.data.pack:  # every rank: a sharded model's forward is collective
@@ -84,6 +97,9 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
     step_teacher, eval_teacher = _teachers(scorers.get("teacher"), teacher_cache, checked.rows.eval_split, rank,
                                            data_time)
     pad_id = checked.tokenizer.pad_token_id
+    cross = CrossTokenizer.for_job(cfg.loss, checked) if checked.cross_tokenizer else None
+    collate_rows = cross.collate if cross is not None else collate
+    summary.update(checked.alignment)
     rollout_engine = _rollout_engine(student, checked.tokenizer, checked.vocab_size, cfg.onpolicy.fraction)
     onpolicy = (OnPolicyRows(cfg.onpolicy, cfg.train.seed, cfg.train.seq_len, rollout_engine,
                              throughput.teacher_cost(student.module))  # generating is the student's forward only
@@ -91,10 +107,14 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
     return JobParts(
         student=student, optimizer=optimizer, teacher=teacher, step_teacher=step_teacher, eval_teacher=eval_teacher,
         student_scorer=scorers["student"], chunk_size=chunk_size,
-        step_cost=_step_cost(student, teacher, cfg.loss.kind), train_rows=checked.rows.train,
-        eval_batches=eval_batches(checked.rows.eval, rank.rank, rank.world_size, cfg.train.micro_batch_size, pad_id),
+        step_cost=_step_cost(student, None if cross else teacher, cfg.loss.kind),
+        teacher_cost=throughput.teacher_cost(teacher.module) if cross and teacher is not None else None,
+        train_rows=checked.rows.train,
+        eval_batches=eval_batches(checked.rows.eval, rank.rank, rank.world_size, cfg.train.micro_batch_size, pad_id,
+                                  collate_rows),
         eval_rows=checked.rows.eval[rank.rank::rank.world_size], pad_id=pad_id, rollout_engine=rollout_engine,
-        onpolicy=onpolicy, teacher_cache=teacher_cache, summary=summary)
+        byte_lengths=torch.tensor(token_byte_lengths(checked.tokenizer, checked.vocab_size), dtype=torch.float64),
+        onpolicy=onpolicy, teacher_cache=teacher_cache, cross=cross, summary=summary)
 
 
 def _build_teacher(teacher_cfg, teacher_cache: CacheReader | None, configs: engines.EngineConfigs,

@@ -1,0 +1,55 @@
+"""Issue 20: loss.cross_tokenizer and its settings are checked at start-up, one line each, before
+anything loads; the combinations not built yet are refused by name."""
+
+from __future__ import annotations
+
+import pytest
+from test_config import composed
+
+from trainer.config import ConfigError, unread_loss_settings, validate
+
+
+def refused(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as error:
+        validate(composed(*overrides))
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("overrides, phrase", [
+    (["loss.cross_tokenizer=bpe"], "loss.cross_tokenizer=bpe is not a method; use null (one tokenizer), uld or gold"),
+    (["loss.cross_tokenizer=gold", "loss.uld_weight=-1"], "loss.uld_weight=-1.0 must be a finite number >= 0"),
+    (["loss.cross_tokenizer=gold", "loss.uld_top_k=-5"], "loss.uld_top_k=-5 is negative"),
+    (["loss.cross_tokenizer=uld", "loss.fused=false"], "loss.cross_tokenizer=uld runs on the fused path only"),
+    (["loss.cross_tokenizer=gold", "data.pack=true"], "loss.cross_tokenizer=gold cannot pack rows"),
+    (["loss.cross_tokenizer=gold", "teacher.cache=auto"], "loss.cross_tokenizer=gold cannot read a teacher cache yet"),
+    (["loss.cross_tokenizer=gold", "onpolicy.fraction=0.5"], "loss.cross_tokenizer=gold does not train on-policy yet"),
+])
+def test_a_bad_cross_tokenizer_setting_is_one_line(overrides, phrase):
+    assert phrase in refused(*overrides)
+
+
+@pytest.mark.parametrize("method", ["uld", "gold"])
+def test_each_method_is_accepted(method):
+    validate(composed(f"loss.cross_tokenizer={method}", "loss.uld_top_k=64"))
+
+
+def test_sft_runs_no_teacher_so_a_method_is_only_a_warning():
+    cfg = composed("loss.kind=sft", "loss.cross_tokenizer=gold", "data.pack=true")
+    validate(cfg)
+    assert any("loss.cross_tokenizer=gold has no effect with loss.kind=sft" in w for w in unread_loss_settings(cfg.loss))
+
+
+@pytest.mark.parametrize("overrides, phrase", [
+    (["loss.cross_tokenizer=uld", "loss.kind=rkl"], "loss.kind=rkl has no effect with loss.cross_tokenizer=uld"),
+    (["loss.cross_tokenizer=uld", "loss.uld_weight=0.5"], "loss.uld_weight=0.5 has no effect with loss.cross_tokenizer=uld"),
+    (["loss.uld_top_k=8"], "loss.uld_top_k=8 has no effect with loss.cross_tokenizer=null"),
+])
+def test_a_setting_the_method_does_not_read_is_warned_about(overrides, phrase):
+    assert any(phrase in warning for warning in unread_loss_settings(composed(*overrides).loss))
+
+
+def test_gold_reads_every_cross_tokenizer_setting():
+    assert unread_loss_settings(composed("loss.cross_tokenizer=gold", "loss.kind=jsd", "loss.uld_weight=0.5",
+                                         "loss.uld_top_k=8").loss) == []
