@@ -100,4 +100,6 @@ def eval_batches(rows: list, rank: int, world_size: int, batch_size: int, pad_id
 def _masked_copy(row):
     from dataclasses import replace
 
-    return replace(row, labels=[IGNORE_INDEX] * len(row.labels))
+    # A teacher's spans are its mask across tokenizers: the filler keeps the teacher's ids, not its spans.
+    teacher = None if row.teacher is None else replace(row.teacher, spans=[])
+    return replace(row, labels=[IGNORE_INDEX] * len(row.labels), teacher=teacher)
