@@ -103,11 +103,12 @@ RULES = {
     "nothing below the job imports train/ or launch/": lambda: violations(
         STEP_AREAS | STAGE_AREAS | {TOP}, JOB_AREAS),
     "data/, models/, losses/ import none of the stages": lambda: violations(STEP_AREAS, STAGE_AREAS),
-    # Rows and batches know no model and no loss; the one thing they share with the losses is the
-    # label that masks a position (IGNORE_INDEX, in losses/settings.py, the lowest module of all).
-    "data/ imports no model, and of the losses only their settings": lambda: {
+    # Rows and batches know no model and no loss; what they share with the losses is the label that
+    # masks a position (IGNORE_INDEX, in losses/settings.py, the lowest module of all) and the span
+    # tensors a paired batch hands the cross-tokenizer loss (SpanBatch, losses/spans.py: torch alone).
+    "data/ imports no model, and of the losses only their settings and SpanBatch": lambda: {
         (importer, target) for importer, target in violations({"data"}, {"models", "losses"})
-        if target != "trainer.losses.settings"},
+        if target not in {"trainer.losses.settings", "trainer.losses.spans"}},
     "rollout/ imports neither preflight/ nor outputs/": lambda: violations({"rollout"}, {"preflight", "outputs"}),
 }
 

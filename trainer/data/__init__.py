@@ -8,4 +8,6 @@
 - `packing.py`: several documents in one row, with position ids that restart at each.
 - `alignment.py`: two tokenizers' tokens of one text aligned into spans by character offsets, and
   the share of the student's vocabulary the teacher's holds (distillation across tokenizers).
+- `pairing.py`: one row tokenised by both models, their tokens aligned into spans (end markers
+  included), the ids whose roles match (eos, end of turn), and collating pairs into a `SpanBatch`.
 """

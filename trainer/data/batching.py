@@ -102,6 +102,6 @@ def _masked_copy(row):
     """A row that adds nothing to any sum: no label, and (across tokenizers) no span."""
     from dataclasses import replace
 
-    teacher = getattr(row, "teacher", None)
-    masked_teacher = {} if teacher is None else {"teacher": replace(teacher, spans=[])}
-    return replace(row, labels=[IGNORE_INDEX] * len(row.labels), **masked_teacher)
+    # A teacher's spans are its mask across tokenizers: the filler keeps the teacher's ids, not its spans.
+    teacher = None if row.teacher is None else replace(row.teacher, spans=[])
+    return replace(row, labels=[IGNORE_INDEX] * len(row.labels), teacher=teacher)

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from trainer.data.sources import DataError, _resolve_sources, _Source, read_rows
-from trainer.data.tokenize import TokenizedRow, special_ids, tokenize_row
+from trainer.data.pairing import pair_tokenize_row
+from trainer.data.tokenize import TeacherTokens, TokenizedRow, special_ids, tokenize_row
 from trainer.files import write_atomically
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ class Examples:
 
 def load_examples(
     source: Any, tokenizer: Any, seq_len: int, cache_dir: str | os.PathLike | None, *, key: str = "data",
-    truncate: bool = True, tokenizer_hash: str | None = None,
+    truncate: bool = True, tokenizer_hash: str | None = None, teacher_tokenizer: Any = None,
+    teacher_tokenizer_hash: str | None = None,
 ) -> Examples:
     """Read and tokenize `source`, reusing the cached result when nothing that shapes it changed.
 
@@ -80,33 +82,50 @@ def load_examples(
     same either way, so the flag is not in the key: it is checked on the rows, cached or not.
     `tokenizer_hash`: :func:`tokenizer_fingerprint` of `tokenizer`, when the caller has it already.
     A source whose every response is empty is refused; one with some empty responses is warned about.
+    `teacher_tokenizer` (a teacher with another tokenizer): each row also holds the teacher's tokens
+    and their spans against the student's (`TokenizedRow.teacher`, trainer/data/pairing.py), and the
+    teacher's tokenizer (`teacher_tokenizer_hash`, when the caller has it) joins the cache key.
     """
     if seq_len < 2:
         raise DataError(f"seq_len is {seq_len}, too short to predict any token; set train.seq_len to 2 or more")
-    fingerprint = examples_fingerprint(source, tokenizer_hash or tokenizer_fingerprint(tokenizer), seq_len, key)
-    examples = _tokenized(source, tokenizer, seq_len, fingerprint, cache_dir, key)
+    teacher_hash = None
+    if teacher_tokenizer is not None:
+        teacher_hash = teacher_tokenizer_hash or tokenizer_fingerprint(teacher_tokenizer)
+    fingerprint = examples_fingerprint(source, tokenizer_hash or tokenizer_fingerprint(tokenizer), seq_len, key,
+                                       teacher_tokenizer_hash=teacher_hash)
+    examples = _tokenized(source, tokenizer, teacher_tokenizer, seq_len, fingerprint, cache_dir, key)
     if not truncate:
         _refuse_long_rows(examples.rows, source, tokenizer, seq_len, key)
     _check_empty_responses(examples, source, key)
     return examples
 
 
-def _tokenized(source: Any, tokenizer: Any, seq_len: int, fingerprint: str, cache_dir, key: str) -> Examples:
+def _tokenized(source: Any, tokenizer: Any, teacher_tokenizer: Any, seq_len: int, fingerprint: str, cache_dir,
+               key: str) -> Examples:
     origin = _describe(source)
+    paired = teacher_tokenizer is not None
     cache_path = None
     if cache_dir is not None:
         cache_path = Path(cache_dir) / f"{fingerprint}.pt"
-        cached = _load_cache(cache_path)
+        cached = _load_cache(cache_path, paired)
         if cached is not None:
             return Examples(_numbered(cached), origin, fingerprint, from_cache=True)
-    specials = special_ids(tokenizer)
-    rows = [
-        tokenize_row(row, tokenizer, seq_len, row_origin, specials=specials)
-        for row_origin, row in read_rows(source, key=key)
-    ]
+    tokenize = _row_tokenizer(tokenizer, teacher_tokenizer, seq_len)
+    rows = [tokenize(row, row_origin) for row_origin, row in read_rows(source, key=key)]
     if cache_path is not None:
-        _save_cache(cache_path, rows)
+        _save_cache(cache_path, rows, paired)
     return Examples(_numbered(rows), origin, fingerprint)
+
+
+def _row_tokenizer(tokenizer: Any, teacher_tokenizer: Any, seq_len: int):
+    """(row, origin) -> TokenizedRow: the student's alone, or both models' with their spans. The
+    special ids are looked up once here, not once a row."""
+    specials = special_ids(tokenizer)
+    if teacher_tokenizer is None:
+        return lambda row, origin: tokenize_row(row, tokenizer, seq_len, origin, specials=specials)
+    teacher_specials = special_ids(teacher_tokenizer)
+    return lambda row, origin: pair_tokenize_row(row, tokenizer, teacher_tokenizer, seq_len, origin,
+                                                 specials=specials, teacher_specials=teacher_specials)
 
 
 def _refuse_long_rows(rows: list[TokenizedRow], source: Any, tokenizer: Any, seq_len: int, key: str) -> None:
@@ -158,17 +177,23 @@ def _describe(source: Any) -> str:
     return ", ".join(str(spec) for spec in source) if isinstance(source, Iterable) else repr(source)
 
 
-def examples_fingerprint(source: Any, tokenizer_hash: str, seq_len: int, key: str = "data") -> str:
+def examples_fingerprint(source: Any, tokenizer_hash: str, seq_len: int, key: str = "data", *,
+                         teacher_tokenizer_hash: str | None = None) -> str:
     """sha256 of everything that decides `load_examples`' rows: the sources' contents, the
-    tokenizer (`tokenizer_hash`, its :func:`tokenizer_fingerprint`), `seq_len` and FORMAT_VERSION.
-    Equal fingerprints mean equal rows, in order. It reads every data file: callers take it from
-    :attr:`Examples.fingerprint` rather than computing it again."""
+    tokenizer (`tokenizer_hash`, its :func:`tokenizer_fingerprint`), `seq_len` and FORMAT_VERSION,
+    and the teacher's tokenizer when the rows hold its tokens too. Equal fingerprints mean equal rows,
+    in order. It reads every data file: callers take it from :attr:`Examples.fingerprint` rather than
+    computing it again."""
     described = {
         "format_version": FORMAT_VERSION,
         "sources": [_source_fingerprint(src) for src in _resolve_sources(source, key)],
         "tokenizer": tokenizer_hash,
         "seq_len": seq_len,
     }
+    if teacher_tokenizer_hash is not None:
+        # Only then: student-only fingerprints stay what they were, so teacher caches and checkpoints
+        # made before pairs existed still know their data.
+        described["teacher_tokenizer"] = teacher_tokenizer_hash
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
@@ -212,7 +237,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _save_cache(path: Path, rows: list[TokenizedRow]) -> None:
+def _save_cache(path: Path, rows: list[TokenizedRow], paired: bool = False) -> None:
     """Write flat tensors (compact and quick to load) atomically, so that ranks writing at once are safe."""
     blob = {
         "format_version": FORMAT_VERSION,
@@ -223,6 +248,8 @@ def _save_cache(path: Path, rows: list[TokenizedRow]) -> None:
         "empty_response": torch.tensor([row.empty_response for row in rows], dtype=torch.bool),
         "prompt_only": torch.tensor([row.prompt_only for row in rows], dtype=torch.bool),
     }
+    if paired:
+        blob.update(_teacher_blob(rows))
     write_atomically(path, lambda temporary: torch.save(blob, temporary))
 
 
@@ -230,16 +257,27 @@ def _flat_tensor(lists: Iterable[list[int]]) -> torch.Tensor:
     return torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.int64)
 
 
-def _load_cache(path: Path) -> list[TokenizedRow] | None:
+def _teacher_blob(rows: list[TokenizedRow]) -> dict[str, torch.Tensor]:
+    """The rows' teacher ids and spans (`[S, 4]`, each row's in order), flat like the rest."""
+    return {
+        "teacher_lengths": torch.tensor([len(row.teacher.input_ids) for row in rows], dtype=torch.int64),
+        "teacher_input_ids": _flat_tensor(row.teacher.input_ids for row in rows),
+        "teacher_span_counts": torch.tensor([len(row.teacher.spans) for row in rows], dtype=torch.int64),
+        "teacher_spans": _flat_tensor(itertools.chain.from_iterable(row.teacher.spans) for row in rows).reshape(-1, 4),
+    }
+
+
+def _load_cache(path: Path, paired: bool = False) -> list[TokenizedRow] | None:
     """The cached rows, or None when there is no usable cache (a damaged one, or one written before a
-    field existed, is rebuilt)."""
+    field existed, is rebuilt). `paired`: the rows must hold the teacher's tokens too."""
     if not path.is_file():
         return None
     try:
         blob = torch.load(path, weights_only=True)
         if blob["format_version"] != FORMAT_VERSION:
             return None
-        return _unpack(blob)
+        rows = _unpack(blob)
+        return _with_teacher(rows, blob) if paired else rows
     except (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError):
         return None
 
@@ -254,6 +292,16 @@ def _unpack(blob: dict) -> list[TokenizedRow]:
         rows.append(TokenizedRow(input_ids[start : start + length], labels[start : start + length], truncated,
                                  empty_response=empty_response, prompt_only=prompt_only))
         start += length
+    return rows
+
+
+def _with_teacher(rows: list[TokenizedRow], blob: dict) -> list[TokenizedRow]:
+    """`rows` with their teacher tokens from the cache file; KeyError when it has none."""
+    teacher_ids, spans = blob["teacher_input_ids"].tolist(), [tuple(span) for span in blob["teacher_spans"].tolist()]
+    id_start = span_start = 0
+    for row, length, count in zip(rows, blob["teacher_lengths"].tolist(), blob["teacher_span_counts"].tolist()):
+        row.teacher = TeacherTokens(teacher_ids[id_start : id_start + length], spans[span_start : span_start + count])
+        id_start, span_start = id_start + length, span_start + count
     return rows
 
 

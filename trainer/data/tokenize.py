@@ -45,6 +45,17 @@ TOOL_ROLES = ("tool", "developer", "function", "ipython")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
+@dataclass(frozen=True)
+class TeacherTokens:
+    """The teacher's tokenisation of a row, for distillation across tokenizers (trainer/data/pairing.py)."""
+
+    input_ids: list[int]
+    """The teacher's ids of the row, its own bos/eos or chat markup included, cut at `seq_len`."""
+    spans: list[tuple[int, int, int, int]]
+    """(a, b, c, d): student tokens [a, b) spell what teacher tokens [c, d) spell, indices into each
+    side's ids; a >= 1 and c >= 1 (a position before predicts them), all supervised on both sides."""
+
+
 @dataclass
 class TokenizedRow:
     """One tokenized row, at most `seq_len` tokens long.
@@ -64,6 +75,9 @@ class TokenizedRow:
     prompt_only: bool = False
     """A `{"prompt"}` row: the prompt's tokens, none supervised; the student writes its response
     (on-policy distillation), so it is not one of the rows that lost their response to `seq_len`."""
+    teacher: TeacherTokens | None = None
+    """The teacher's own tokens of the row and their spans against these, when the two models have
+    different tokenizers (trainer/data/pairing.py); None when they share one."""
 
     @property
     def num_supervised(self) -> int:
@@ -101,7 +115,7 @@ def tokenize_row(
     many rows to save two tokenizer calls per row.
     """
     specials = special_ids(tokenizer) if specials is None else specials
-    kind = _row_format(row, origin)
+    kind = row_format(row, origin)
     if kind == "prompt/response":
         ids, supervised = _tokenize_prompt_response(row, tokenizer, specials)
     elif kind == PROMPT_ONLY:
@@ -130,7 +144,7 @@ def _has_empty_response(row: dict, kind: str) -> bool:
     return bool(answers) and not any(answer.strip() for answer in answers)
 
 
-def _row_format(row: Any, origin: str) -> str:
+def row_format(row: Any, origin: str) -> str:
     """Name the one format `row` fits, after checking its field types.
 
     Fields besides the format's own (ids, sources, metadata) are ignored: real datasets carry them.
@@ -235,6 +249,15 @@ def _tokenize_messages(messages: Sequence[dict], tokenizer: Any, origin: str) ->
 
     The template writes its own bos and turn markers into the text, so nothing is added around it.
     """
+    rendered, spans = chat_turns(messages, tokenizer, origin)
+    encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    supervised = [_within(offsets, spans) for offsets in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), supervised
+
+
+def chat_turns(messages: Sequence[dict], tokenizer: Any, origin: str) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered with the tokenizer's chat template, and the character range
+    `[start, end)` of each assistant turn in it, in order, its end-of-turn marker included."""
     if not tokenizer.chat_template:
         raise DataError(
             f"data row {origin} has 'messages' but the tokenizer has no chat template; "
@@ -251,10 +274,7 @@ def _tokenize_messages(messages: Sequence[dict], tokenizer: Any, origin: str) ->
     # Null fields (from Parquet) would read as "defined" to templates that test `message.tool_calls is defined`.
     messages = [{field: value for field, value in message.items() if value is not None} for message in messages]
     rendered = render_chat(tokenizer, messages, origin)
-    spans = _assistant_spans(tokenizer, messages, rendered, origin)
-    encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-    supervised = [_within(offsets, spans) for offsets in encoded["offset_mapping"]]
-    return list(encoded["input_ids"]), supervised
+    return rendered, _assistant_spans(tokenizer, messages, rendered, origin)
 
 
 def render_chat(tokenizer: Any, messages: list[dict], origin: str, add_generation_prompt: bool = False) -> str:
