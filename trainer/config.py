@@ -137,6 +137,8 @@ class LossConfig:
     false: the models return full logits (for an architecture the fused path cannot serve)."""
     chunk_size: int = 0
     """Tokens per chunk of the fused loss; 0: 2**23 // vocabulary size, at least 256."""
+    cross_tokenizer: Optional[str] = None
+    """null: teacher and student share a tokenizer; uld or gold: distil across tokenizers."""
 
 
 @dataclass
