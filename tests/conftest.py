@@ -118,6 +118,25 @@ def tiny(tmp_path_factory) -> dict:
     }
 
 
+def tiny_demo_recipe():
+    """A demo recipe small enough that a build takes a second or two: it checks plumbing, not learning."""
+    from trainer.demo import DemoRecipe
+
+    return DemoRecipe(n_train=48, n_eval=16, n_teacher_rows=16, hidden_size=32, num_layers=2, num_heads=2,
+                      intermediate_size=64, teacher_steps=3, teacher_batch_size=8, teacher_warmup_steps=1,
+                      student_layers=(0,))
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_assets(tmp_path_factory):
+    """(cache folder, DemoAssets) of :func:`tiny_demo_recipe`, built once per session. Build anything
+    derived from them into a folder of your own: tests count what this cache folder holds."""
+    from trainer.demo import build_demo_assets
+
+    cache = tmp_path_factory.mktemp("demo-cache")
+    return cache, build_demo_assets(cache, recipe=tiny_demo_recipe(), log=lambda _: None)
+
+
 @pytest.fixture
 def one_gloo_rank(tmp_path):
     """A one-rank gloo group, for code that sums or compares over ranks (the evaluations do)."""

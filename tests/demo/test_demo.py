@@ -88,3 +88,31 @@ def test_the_onpolicy_demo_runs_from_the_cached_demo_and_the_student_writes_its_
     assert 0 < summary["train/rollout_mean_length"] <= 32 and 0 < summary["train/rollout_share"] < 1
     windows = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "rollout_rows" in row]
     assert [row["rollout_rows"] for row in windows] == [2 * 16, 2 * 16]  # λ=1: every row of 2 steps × 16
+
+
+def test_the_untrained_cross_tokenizer_student_writes_column_steps_but_no_pair_yet(demo_runs, tmp_path):
+    """The student `experiment=demo_cross_tokenizer` starts from, cut from the demo's own teacher.
+    Measured on the first 300 training rows of one CPU's demo build: teacher-forced exact match
+    (trainer/demo/metrics.py) 0.00, as for the same-tokenizer demo student (0.00); it has to be 0,
+    since every answer holds a two-digit column sum, one pair token, and the untrained student
+    never ranks a pair first. Greedy, its first column step ("7+5+0=12;") adds up in 72% of rows
+    and is the right one in 21% (the same-tokenizer student: 92% and 69%)."""
+    import re
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.demo.assets import build_demo_assets
+    from trainer.demo.cross_student import build_cross_tokenizer_student
+    from trainer.demo.metrics import exact_match_rate
+
+    assets = build_demo_assets(demo_runs["cache"] / "demo")  # the cache the demo runs built
+    path = build_cross_tokenizer_student(assets, tmp_path, log=lambda _: None)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    rows = read_jsonl(assets.train_path)[:64]
+    assert exact_match_rate(model, rows, tokenizer) == 0.0
+    batch = tokenizer([row["prompt"] for row in rows], return_tensors="pt")  # 3-digit prompts: one length
+    written = model.generate(**batch, max_new_tokens=40, do_sample=False)[:, batch.input_ids.shape[1]:]
+    steps = [re.match(r"(\d)\+(\d)\+([01])=(\d\d);", tokenizer.decode(ids, skip_special_tokens=True))
+             for ids in written]
+    adds_up = [step is not None and sum(map(int, step.groups()[:3])) == int(step[4]) for step in steps]
+    assert sum(adds_up) >= 0.5 * len(rows)

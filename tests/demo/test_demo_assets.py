@@ -7,35 +7,17 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_demo_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.demo import DemoRecipe, build_demo_assets, exact_match_rate
+from trainer.demo import build_demo_assets, exact_match_rate
 from trainer.demo.task import read_jsonl
 
-# Small enough that a build takes a second or two; it checks plumbing, not learning.
-TINY = DemoRecipe(
-    n_train=48,
-    n_eval=16,
-    n_teacher_rows=16,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=2,
-    intermediate_size=64,
-    teacher_steps=3,
-    teacher_batch_size=8,
-    teacher_warmup_steps=1,
-    student_layers=(0,),
-)
+TINY = tiny_demo_recipe()
 
 
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("demo-cache")
-    return cache, build_demo_assets(cache, recipe=TINY, log=lambda _: None)
-
-
-def test_models_load_and_student_has_half_the_layers(tiny_assets):
-    _, assets = tiny_assets
+def test_models_load_and_student_has_half_the_layers(tiny_demo_assets):
+    _, assets = tiny_demo_assets
     teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_path)
     student = AutoModelForCausalLM.from_pretrained(assets.student_path)
     assert student.config.num_hidden_layers * 2 == teacher.config.num_hidden_layers
@@ -44,8 +26,8 @@ def test_models_load_and_student_has_half_the_layers(tiny_assets):
     assert torch.equal(kept, dict(teacher.named_parameters())["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_tokenizers_are_identical_and_character_level(tiny_assets):
-    _, assets = tiny_assets
+def test_tokenizers_are_identical_and_character_level(tiny_demo_assets):
+    _, assets = tiny_demo_assets
     teacher_tok = AutoTokenizer.from_pretrained(assets.teacher_path)
     student_tok = AutoTokenizer.from_pretrained(assets.student_path)
     assert teacher_tok.get_vocab() == student_tok.get_vocab()
@@ -57,8 +39,8 @@ def test_tokenizers_are_identical_and_character_level(tiny_assets):
     assert teacher_tok.unk_token_id not in teacher_tok.apply_chat_template(chat, tokenize=True)["input_ids"]
 
 
-def test_rows_are_prompt_response_pairs_and_splits_are_disjoint(tiny_assets):
-    _, assets = tiny_assets
+def test_rows_are_prompt_response_pairs_and_splits_are_disjoint(tiny_demo_assets):
+    _, assets = tiny_demo_assets
     train, held_out = read_jsonl(assets.train_path), read_jsonl(assets.eval_path)
     assert (len(train), len(held_out)) == (TINY.n_train, TINY.n_eval)
     for row in train + held_out:
@@ -68,8 +50,8 @@ def test_rows_are_prompt_response_pairs_and_splits_are_disjoint(tiny_assets):
     assert not {row["prompt"] for row in train} & {row["prompt"] for row in held_out}
 
 
-def test_second_call_is_a_cache_hit(tiny_assets):
-    cache, assets = tiny_assets
+def test_second_call_is_a_cache_hit(tiny_demo_assets):
+    cache, assets = tiny_demo_assets
     started = time.perf_counter()
     again = build_demo_assets(cache, recipe=TINY, log=lambda _: None)
     assert time.perf_counter() - started < 0.5
@@ -77,8 +59,8 @@ def test_second_call_is_a_cache_hit(tiny_assets):
     assert [p.name for p in cache.iterdir()] == [assets.teacher_path.parent.name]  # no leftovers
 
 
-def test_another_recipe_or_seed_gets_its_own_folder(tiny_assets):
-    _, assets = tiny_assets
+def test_another_recipe_or_seed_gets_its_own_folder(tiny_demo_assets):
+    _, assets = tiny_demo_assets
     assert TINY.fingerprint(seed=0) != TINY.fingerprint(seed=1)
     assert TINY.fingerprint(seed=0) != dataclasses.replace(TINY, teacher_steps=4).fingerprint(seed=0)
     assert TINY.fingerprint(seed=0) in assets.teacher_path.parent.name

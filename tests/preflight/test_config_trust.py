@@ -127,6 +127,46 @@ def demo_builds(monkeypatch, tmp_path) -> list:
     return builds
 
 
+@pytest.fixture
+def cross_builds(monkeypatch, tmp_path) -> list:
+    """Records each build of the demo's cross-tokenizer student instead of building it."""
+    builds = []
+
+    def build(assets, cache_dir, **_):
+        builds.append(cache_dir)
+        return tmp_path / "cross" / "student"
+
+    monkeypatch.setattr("trainer.demo.build_cross_tokenizer_student", build)
+    return builds
+
+
+def test_the_cross_tokenizer_demo_gets_its_student_built_next_to_the_demos(demo_builds, cross_builds, tmp_path):
+    from trainer.preflight.demo_assets import materialise_demo
+
+    cfg = composed("experiment=demo_cross_tokenizer", f"cache_dir={tmp_path / 'cache'}")
+    materialise_demo(cfg, _cpu())
+    assert cfg.student.path == str(tmp_path / "cross" / "student")
+    assert cfg.teacher.path == str(tmp_path / "demo" / "teacher") and cfg.loss.cross_tokenizer == "gold"
+    assert cross_builds and set(cross_builds) == set(demo_builds) == {tmp_path / "cache" / "demo"}
+
+
+def test_the_plain_demo_never_builds_the_cross_tokenizer_student(demo_builds, cross_builds):
+    from trainer.preflight.demo_assets import materialise_demo
+
+    materialise_demo(composed(), _cpu())
+    assert demo_builds and cross_builds == []
+
+
+def test_an_unknown_demo_asset_is_refused_by_name_before_anything_is_built(demo_builds):
+    from trainer.preflight.demo_assets import materialise_demo
+
+    with pytest.raises(ConfigError) as error:
+        materialise_demo(composed("student.path=demo://studnet"), _cpu())
+    assert str(error.value).startswith("student.path=demo://studnet is not one of the demo's assets; use one of "
+                                       "demo://teacher, demo://student, demo://student_cross_tokenizer")
+    assert demo_builds == []
+
+
 def test_own_data_train_alone_holds_out_from_it_and_builds_no_demo(demo_builds, tmp_path):
     from trainer.preflight.demo_assets import materialise_demo
     from trainer.preflight.splits import data_sources

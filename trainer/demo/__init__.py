@@ -4,13 +4,16 @@ cached, so `python -m trainer` with no overrides runs on a laptop CPU with no ne
 
 - `task.py`: the addition task, written out column by column; `tokenizer.py`: its characters.
 - `teacher.py`: a small Llama trained on the task; `student.py`: the teacher with layers dropped.
+- `cross_student.py`: that student re-headed for a tokenizer of its own (two digits a token), built
+  on first use next to the demo assets, for `experiment=demo_cross_tokenizer`.
 - `recipe.py`: everything that decides the assets (its hash names their cache folder).
 - `assets.py`: builds them once and finds them in the cache after that.
 - `metrics.py`: the task's exact-match score.
 """
 
 from trainer.demo.assets import DemoAssets, build_demo_assets
+from trainer.demo.cross_student import build_cross_tokenizer_student
 from trainer.demo.metrics import exact_match_rate
 from trainer.demo.recipe import DemoRecipe
 
-__all__ = ["DemoAssets", "DemoRecipe", "build_demo_assets", "exact_match_rate"]
+__all__ = ["DemoAssets", "DemoRecipe", "build_cross_tokenizer_student", "build_demo_assets", "exact_match_rate"]

@@ -22,7 +22,7 @@ from trainer.demo.tokenizer import build_char_tokenizer
 from trainer.files import honour_umask, write_text_atomically
 
 # Written last; a folder without it was never finished and is never returned.
-_COMPLETE_MARKER = "COMPLETE"
+COMPLETE_MARKER = "COMPLETE"
 
 
 @dataclass(frozen=True)
@@ -59,22 +59,35 @@ def build_demo_assets(
     sharing one complete copy.
     """
     recipe = recipe or DemoRecipe()
-    cache_dir = Path(cache_dir)
-    final = cache_dir / f"demo-{recipe.fingerprint(seed)}"
-    if (final / _COMPLETE_MARKER).exists():
+    final = Path(cache_dir) / f"demo-{recipe.fingerprint(seed)}"
+    if is_complete(final):
         _write_model_cards(DemoAssets.in_folder(final))  # builds older than the cards get them here
         return DemoAssets.in_folder(final)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=cache_dir))
+    log(f"Building the demo teacher, student and data in {final}; "
+        "this takes about 2 minutes once, and later runs reuse them.")
+    build_atomically(final, lambda staging: _build_into(staging, recipe, seed=seed, log=log))
+    return DemoAssets.in_folder(final)
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether `folder` holds a finished build (its completion marker is written last)."""
+    return (folder / COMPLETE_MARKER).exists()
+
+
+def build_atomically(final: Path, build_into) -> None:
+    """`build_into(staging)` into a temporary sibling of `final`, renamed to `final` when it returns.
+
+    `build_into` writes COMPLETE_MARKER last. An interrupted build leaves nothing behind, and of two
+    processes racing to build, the second keeps the first one's folder.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
-        log(f"Building the demo teacher, student and data in {final}; "
-            "this takes about 2 minutes once, and later runs reuse them.")
         with _torch_threads(2):
-            _build_into(staging, recipe, seed=seed, log=log)
+            build_into(staging)
         _publish(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return DemoAssets.in_folder(final)
 
 
 @contextlib.contextmanager
@@ -96,7 +109,7 @@ def _publish(staging: Path, final: Path) -> None:
     try:
         os.rename(staging, final)
     except OSError:
-        if not (final / _COMPLETE_MARKER).exists():
+        if not is_complete(final):
             raise RuntimeError(
                 f"{final} exists but holds no finished build; delete it and run again."
             ) from None
@@ -119,15 +132,18 @@ addition; no third-party weights or data went into it.
 
 
 def _write_model_cards(assets: DemoAssets) -> None:
-    whats = {"teacher": "A small Llama-architecture model.",
-             "student": "The demo teacher with half of its layers dropped."}
-    for role, path in (("teacher", assets.teacher_path), ("student", assets.student_path)):
-        card = path / "README.md"
-        if not card.exists():
-            try:
-                write_text_atomically(card, _CARD.format(role=role, what=whats[role]))
-            except OSError:  # a shared cache we may not write to: the licence gate then names the missing card
-                pass
+    write_model_card(assets.teacher_path, "teacher", "A small Llama-architecture model.")
+    write_model_card(assets.student_path, "student", "The demo teacher with half of its layers dropped.")
+
+
+def write_model_card(model_path: Path, role: str, what: str) -> None:
+    """The demo model card (licence and provenance) in `model_path`, unless it has one."""
+    card = model_path / "README.md"
+    if not card.exists():
+        try:
+            write_text_atomically(card, _CARD.format(role=role, what=what))
+        except OSError:  # a shared cache we may not write to: the licence gate then names the missing card
+            pass
 
 
 def _build_into(folder: Path, recipe: DemoRecipe, *, seed: int, log) -> None:
@@ -161,4 +177,4 @@ def _build_into(folder: Path, recipe: DemoRecipe, *, seed: int, log) -> None:
         tokenizer.save_pretrained(path)
     _write_model_cards(assets)
     (folder / "recipe.json").write_text(json.dumps({"seed": seed, **asdict(recipe)}, indent=2))
-    (folder / _COMPLETE_MARKER).write_text(f"teacher_exact_match={accuracy:.4f}\n")
+    (folder / COMPLETE_MARKER).write_text(f"teacher_exact_match={accuracy:.4f}\n")

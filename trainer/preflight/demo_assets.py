@@ -4,6 +4,7 @@ and the pairings that keep the demo's data apart from the user's own models."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -14,6 +15,9 @@ from trainer.ranks import RankInfo
 log = logging.getLogger(__name__)
 
 DEMO_TRAIN, DEMO_EVAL = f"{DEMO_SCHEME}train", f"{DEMO_SCHEME}eval"
+CROSS_STUDENT = "student_cross_tokenizer"
+DEMO_NAMES = ("teacher", "student", CROSS_STUDENT, "train", "eval")
+"""What may follow `demo://`: the demo's models and data (trainer/demo/)."""
 
 TRAINING_KEYS = ("teacher.path", "student.path", "data.train", "data.eval")
 """The keys that may name a demo asset, as training reads them; a cache build reads no student and
@@ -30,21 +34,45 @@ def materialise_demo(cfg, rank: RankInfo, keys: tuple[str, ...] = TRAINING_KEYS)
     if "data.train" in keys:
         refuse_demo_data_for_own_models(cfg, keys)
         pair_demo_held_out(cfg)
-    if not any(_is_demo(OmegaConf.select(cfg, key)) for key in keys):
+    named = _named_demo_assets(cfg, keys)
+    if not named:
         return
-    from trainer.demo import build_demo_assets
+    paths = _built_demo_assets(cache_root(cfg) / "demo", rank, with_cross_student=CROSS_STUDENT in named.values())
+    for key, name in named.items():
+        OmegaConf.update(cfg, key, str(paths[name]))
 
-    demo_dir = cache_root(cfg) / "demo"
+
+def _named_demo_assets(cfg, keys: tuple[str, ...]) -> dict[str, str]:
+    """{key: the asset it names}, for each of `keys` set to `demo://<asset>`; an unknown one is refused."""
+    named = {}
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if not _is_demo(value):
+            continue
+        named[key] = value[len(DEMO_SCHEME):]
+        if named[key] not in DEMO_NAMES:
+            raise ConfigError(f"{key}={value} is not one of the demo's assets; use one of "
+                              f"{', '.join(DEMO_SCHEME + name for name in DEMO_NAMES)}.")
+    return named
+
+
+def _built_demo_assets(demo_dir: Path, rank: RankInfo, *, with_cross_student: bool) -> dict[str, Path]:
+    """{asset name: its path}, built on rank 0 while the other ranks wait. The cross-tokenizer student
+    is derived from the others and built only when asked for, so the plain demo never waits for it."""
+    from trainer.demo import build_cross_tokenizer_student, build_demo_assets
+
     if rank.is_main:
         build_demo_assets(demo_dir, log=log.info)
     dist.barrier()
     assets = build_demo_assets(demo_dir, log=log.debug)
-    by_name = {"teacher": assets.teacher_path, "student": assets.student_path,
-               "train": assets.train_path, "eval": assets.eval_path}
-    for key in keys:
-        value = OmegaConf.select(cfg, key)
-        if _is_demo(value):
-            OmegaConf.update(cfg, key, str(by_name[value[len(DEMO_SCHEME):]]))
+    paths = {"teacher": assets.teacher_path, "student": assets.student_path,
+             "train": assets.train_path, "eval": assets.eval_path}
+    if with_cross_student:
+        if rank.is_main:
+            build_cross_tokenizer_student(assets, demo_dir, log=log.info)
+        dist.barrier()
+        paths[CROSS_STUDENT] = build_cross_tokenizer_student(assets, demo_dir, log=log.debug)
+    return paths
 
 
 def pair_demo_held_out(cfg) -> None:
