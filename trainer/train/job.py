@@ -334,6 +334,8 @@ class DistillJob:
         cfg, parts = self.cfg, self.parts
         if parts.rollout_engine is None or not parts.eval_teacher.scores_new_text:
             return {}
+        if parts.cross is not None:  # the student's ids would need re-tokenising for the teacher: not built yet
+            return {}
         if diverged:
             return {"eval/onpolicy_kl": math.nan, "eval/teacher_nll_of_student": math.nan, "eval/onpolicy_tokens": 0.0}
         return onpolicy_evaluate(parts.eval_rows, parts.rollout_engine, rollout_settings(cfg.onpolicy), cfg.train.seed, parts.eval_teacher,
