@@ -448,6 +448,21 @@ def test_long_rows_are_still_refused_with_truncate_false(gpt, llama, tmp_path):
         load_examples(str(path), gpt, 8, None, truncate=False, teacher_tokenizer=llama)
 
 
+def test_a_row_only_the_teachers_tokens_overflow_is_refused_with_truncate_false_and_cached_as_cut(gpt, llama, tmp_path):
+    row = ROWS["prompt/response"]
+    student_length = len(tokenize_row(row, gpt, 512, "test").input_ids)
+    teacher_length = len(tokenize_row(row, llama, 512, "test").input_ids)
+    assert teacher_length > student_length  # SentencePiece spells "€" and "🙂" in bytes
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    cut = load_examples(str(path), gpt, student_length, tmp_path / "cache", teacher_tokenizer=llama)
+    assert not cut.rows[0].truncated and cut.rows[0].teacher.truncated
+    cached = load_examples(str(path), gpt, student_length, tmp_path / "cache", teacher_tokenizer=llama)
+    assert cached.from_cache and cached.rows[0].teacher.truncated
+    with pytest.raises(DataError, match=rf"d.jsonl:1 is {teacher_length} tokens long in the teacher's tokenizer, "
+                                        rf"more than train.seq_len={student_length}"):
+        load_examples(str(path), gpt, student_length, tmp_path / "cache", truncate=False, teacher_tokenizer=llama)
+
+
 @pytest.mark.slow
 def test_tokenising_both_sides_grows_linearly_with_the_rows(gpt, llama, tmp_path):
     rows = [ROWS[name] for name in sorted(ROWS)] * 500

@@ -107,7 +107,8 @@ def pair_tokenize_row(
     # alignment's are not); each side's mask is cut at seq_len, which drops the spans past the cut.
     student = replace(student, supervised=[label != IGNORE_INDEX for label in tokenized.labels])
     teacher = replace(teacher, supervised=teacher.supervised[:seq_len])
-    tokenized.teacher = TeacherTokens(list(teacher.tokens.ids[:seq_len]), row_spans(student, teacher))
+    tokenized.teacher = TeacherTokens(list(teacher.tokens.ids[:seq_len]), row_spans(student, teacher),
+                                      truncated=len(teacher.tokens.ids) > seq_len)
     return tokenized
 
 
