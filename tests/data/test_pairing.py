@@ -37,15 +37,16 @@ CORPUS = [
 ] * 8
 
 
-def byte_level_chatml():
-    """A GPT-2/Qwen-like student: byte-level BPE, no bos, eos <|endoftext|>, ChatML."""
+def byte_level_chatml(trim_offsets: bool = False):
+    """A GPT-2/Qwen-like student: byte-level BPE, no bos, eos <|endoftext|>, ChatML. `trim_offsets`: its
+    own offsets leave spaces out (RoBERTa's post-processor), as the student's mask then reads them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
     trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
     backend.train_from_iterator(CORPUS, trainer)
@@ -86,9 +87,15 @@ def llama():
     return sentencepiece_llama3()
 
 
-@pytest.fixture(params=["byte-level student", "sentencepiece student"])
-def pair(request, gpt, llama):
-    return (gpt, llama) if request.param == "byte-level student" else (llama, gpt)
+@pytest.fixture(scope="module")
+def gpt_trimmed():
+    return byte_level_chatml(trim_offsets=True)
+
+
+@pytest.fixture(params=["byte-level student", "sentencepiece student", "trimmed byte-level student"])
+def pair(request, gpt, llama, gpt_trimmed):
+    return {"byte-level student": (gpt, llama), "sentencepiece student": (llama, gpt),
+            "trimmed byte-level student": (gpt_trimmed, llama)}[request.param]
 
 
 ROWS = {
@@ -303,12 +310,16 @@ def test_truncation_drops_the_spans_past_either_sides_cut(pair, name):
     row = ROWS[name]
     whole = pair_tokenize_row(row, student_tokenizer, teacher_tokenizer, 512, "test")
     longest = max(len(whole.input_ids), len(whole.teacher.input_ids))
-    for seq_len in range(longest - 12, longest + 1, 3):
+    dropped_by_one_side = 0
+    for seq_len in range(2, longest + 1):
         cut = pair_tokenize_row(row, student_tokenizer, teacher_tokenizer, seq_len, "test")
         assert cut.input_ids == whole.input_ids[:seq_len] and cut.teacher.input_ids == whole.teacher.input_ids[:seq_len]
+        assert cut.truncated == (len(whole.input_ids) > seq_len)
         assert cut.teacher.spans == [span for span in whole.teacher.spans if span[1] <= seq_len and span[3] <= seq_len]
-    # The two sides differ in length, so some cut falls past one side's end and inside the other's.
-    assert len(whole.input_ids) != len(whole.teacher.input_ids)
+        dropped_by_one_side += any(min(span[1], span[3]) <= seq_len < max(span[1], span[3])
+                                   for span in whole.teacher.spans)
+    # The two sides differ in length, so some cuts fall inside one side's spans and past the other's.
+    assert dropped_by_one_side > 0
 
 
 def test_prompt_only_rows_have_the_teachers_prompt_and_no_span(gpt, llama):
@@ -435,6 +446,21 @@ def test_long_rows_are_still_refused_with_truncate_false(gpt, llama, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [ROWS["prompt/response"]])
     with pytest.raises(DataError, match=r"d.jsonl:1 is \d+ tokens long, more than train.seq_len=8"):
         load_examples(str(path), gpt, 8, None, truncate=False, teacher_tokenizer=llama)
+
+
+def test_a_row_only_the_teachers_tokens_overflow_is_refused_with_truncate_false_and_cached_as_cut(gpt, llama, tmp_path):
+    row = ROWS["prompt/response"]
+    student_length = len(tokenize_row(row, gpt, 512, "test").input_ids)
+    teacher_length = len(tokenize_row(row, llama, 512, "test").input_ids)
+    assert teacher_length > student_length  # SentencePiece spells "€" and "🙂" in bytes
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    cut = load_examples(str(path), gpt, student_length, tmp_path / "cache", teacher_tokenizer=llama)
+    assert not cut.rows[0].truncated and cut.rows[0].teacher.truncated
+    cached = load_examples(str(path), gpt, student_length, tmp_path / "cache", teacher_tokenizer=llama)
+    assert cached.from_cache and cached.rows[0].teacher.truncated
+    with pytest.raises(DataError, match=rf"d.jsonl:1 is {teacher_length} tokens long in the teacher's tokenizer, "
+                                        rf"more than train.seq_len={student_length}"):
+        load_examples(str(path), gpt, student_length, tmp_path / "cache", truncate=False, teacher_tokenizer=llama)
 
 
 @pytest.mark.slow

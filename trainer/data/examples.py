@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from trainer.data.sources import DataError, _resolve_sources, _Source, read_rows
-from trainer.data.pairing import pair_tokenize_row
-from trainer.data.tokenize import TeacherTokens, TokenizedRow, special_ids, tokenize_row
+from trainer.data.pairing import pair_tokenize_row, side_of
+from trainer.data.tokenize import TeacherTokens, TokenizedRow, row_format, special_ids, tokenize_row
 from trainer.files import write_atomically
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def load_examples(
     examples = _tokenized(source, tokenizer, teacher_tokenizer, seq_len, fingerprint, cache_dir, key)
     if not truncate:
         _refuse_long_rows(examples.rows, source, tokenizer, seq_len, key)
+        _refuse_long_teacher_rows(examples.rows, source, teacher_tokenizer, seq_len, key)
     _check_empty_responses(examples, source, key)
     return examples
 
@@ -139,6 +140,21 @@ def _refuse_long_rows(rows: list[TokenizedRow], source: Any, tokenizer: Any, seq
     raise DataError(
         f"data row {origin} is {length} tokens long, more than train.seq_len={seq_len}, and data.truncate=false "
         "refuses to cut it; raise train.seq_len, shorten or drop the row, or set data.truncate=true"
+    )
+
+
+def _refuse_long_teacher_rows(rows: list[TokenizedRow], source: Any, teacher_tokenizer: Any, seq_len: int,
+                              key: str) -> None:
+    """As `_refuse_long_rows`, for a row that fits the student's `seq_len` but not the teacher's tokens."""
+    first = next((row.index for row in rows if row.teacher is not None and row.teacher.truncated), None)
+    if first is None:
+        return
+    origin, raw = read_rows(source, key=key)[first]
+    kind = row_format(raw, origin)
+    length = len(side_of(raw, kind, teacher_tokenizer, special_ids(teacher_tokenizer), origin, "teacher").tokens.ids)
+    raise DataError(
+        f"data row {origin} is {length} tokens long in the teacher's tokenizer, more than train.seq_len={seq_len}, and "
+        "data.truncate=false refuses to cut it; raise train.seq_len, shorten or drop the row, or set data.truncate=true"
     )
 
 
@@ -264,6 +280,7 @@ def _teacher_blob(rows: list[TokenizedRow]) -> dict[str, torch.Tensor]:
         "teacher_input_ids": _flat_tensor(row.teacher.input_ids for row in rows),
         "teacher_span_counts": torch.tensor([len(row.teacher.spans) for row in rows], dtype=torch.int64),
         "teacher_spans": _flat_tensor(itertools.chain.from_iterable(row.teacher.spans) for row in rows).reshape(-1, 4),
+        "teacher_truncated": torch.tensor([row.teacher.truncated for row in rows], dtype=torch.bool),
     }
 
 
@@ -299,8 +316,11 @@ def _with_teacher(rows: list[TokenizedRow], blob: dict) -> list[TokenizedRow]:
     """`rows` with their teacher tokens from the cache file; KeyError when it has none."""
     teacher_ids, spans = blob["teacher_input_ids"].tolist(), [tuple(span) for span in blob["teacher_spans"].tolist()]
     id_start = span_start = 0
-    for row, length, count in zip(rows, blob["teacher_lengths"].tolist(), blob["teacher_span_counts"].tolist()):
-        row.teacher = TeacherTokens(teacher_ids[id_start : id_start + length], spans[span_start : span_start + count])
+    columns = zip(rows, blob["teacher_lengths"].tolist(), blob["teacher_span_counts"].tolist(),
+                  blob["teacher_truncated"].tolist())
+    for row, length, count, truncated in columns:
+        row.teacher = TeacherTokens(teacher_ids[id_start : id_start + length], spans[span_start : span_start + count],
+                                    truncated)
         id_start, span_start = id_start + length, span_start + count
     return rows
 

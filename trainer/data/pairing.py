@@ -47,7 +47,7 @@ with offsets, which costs one more encoding per row, not more per row as the dat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -94,6 +94,8 @@ def pair_tokenize_row(
         _require_chat_template(teacher_tokenizer, "teacher", origin)
     specials = special_ids(student_tokenizer) if specials is None else specials
     teacher_specials = special_ids(teacher_tokenizer) if teacher_specials is None else teacher_specials
+    # The sides first: a tokenizer without offsets is refused there in one line, before tokenize_row
+    # would fail on it with a less helpful one.
     student = side_of(row, kind, student_tokenizer, specials, origin, "student")
     teacher = side_of(row, kind, teacher_tokenizer, teacher_specials, origin, "teacher")
     tokenized = tokenize_row(row, student_tokenizer, seq_len, origin, specials=specials)
@@ -101,9 +103,12 @@ def pair_tokenize_row(
         raise DataError(f"data row {origin}: the student's tokenizer gives other ids with character offsets than "
                         "without, so its spans would point at the wrong tokens; re-save it with save_pretrained "
                         "so that its tokenizer.json and tokenizer_config.json agree")
-    student = _cut(student, [label != IGNORE_INDEX for label in tokenized.labels])
-    teacher = _cut(teacher, teacher.supervised[:seq_len])
-    tokenized.teacher = TeacherTokens(list(teacher.tokens.ids[:seq_len]), row_spans(student, teacher))
+    # The student's own labels say what it learns (its tokenizer's offsets may be trimmed where the
+    # alignment's are not); each side's mask is cut at seq_len, which drops the spans past the cut.
+    student = replace(student, supervised=[label != IGNORE_INDEX for label in tokenized.labels])
+    teacher = replace(teacher, supervised=teacher.supervised[:seq_len])
+    tokenized.teacher = TeacherTokens(list(teacher.tokens.ids[:seq_len]), row_spans(student, teacher),
+                                      truncated=len(teacher.tokens.ids) > seq_len)
     return tokenized
 
 
@@ -112,10 +117,6 @@ def _require_chat_template(tokenizer: Any, side: str, origin: str) -> None:
         raise DataError(f"data row {origin} has 'messages' but the {side}'s tokenizer has no chat template, and each "
                         f"model renders the conversation with its own; give the {side} one (chat_template in its "
                         "tokenizer_config.json) or use prompt/response rows")
-
-
-def _cut(side: Side, supervised: Sequence[bool]) -> Side:
-    return Side(side.text, side.tokens, supervised, side.contents, side.ends)
 
 
 # One side of a row --------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ class TeacherTokens:
     spans: list[tuple[int, int, int, int]]
     """(a, b, c, d): student tokens [a, b) spell what teacher tokens [c, d) spell, indices into each
     side's ids; a >= 1 and c >= 1 (a position before predicts them), all supervised on both sides."""
+    truncated: bool = False
+    """The teacher's tokens were cut at `seq_len` (the student's may not have been)."""
 
 
 @dataclass
