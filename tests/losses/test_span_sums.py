@@ -341,3 +341,21 @@ def test_spans_that_do_not_fit_the_batch_are_refused_by_name():
     with pytest.raises(ValueError, match="teacher_first has 6 entries for 7 spans"):
         sums_of({**b, "spans": short}, method="uld", kd_weight=1.0, ce_weight=0.0)
 
+
+
+@pytest.mark.parametrize("method", ["uld", "gold"])
+def test_float32_inputs_give_float32_gradients_close_to_the_float64_reference(method):
+    b = batch(quirky=True)
+    params = student_params(b)
+    low = [p.detach().float().requires_grad_(True) for p in params]
+    head = b["student_head"]
+    low_head = LMHead(low[1], low[2], scale=head.scale, softcap=head.softcap, vocab_size=head.vocab_size)
+    teacher = LMHead(b["teacher_head"].weight.float())
+    sums = cross_tokenizer_sums(low[0], low_head, b["teacher_hidden"].float(), teacher, b["spans"], b["targets"],
+                                method=method, vocab=b["vocab"], kd_weight=0.7, ce_weight=0.4, chunk_size=2)
+    exact = sums_of(b, method=method, kd_weight=0.7, ce_weight=0.4, chunk_size=2)
+    assert sums.objective.dtype == torch.float32
+    torch.testing.assert_close(sums.objective.double(), exact.objective, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads_of(sums.objective, low), grads_of(exact.objective, params)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
