@@ -17,6 +17,8 @@
 - :mod:`.cross_tokenizer`: ULD and GOLD between a student and a teacher with different tokenizers,
   on positions already aligned (spans merged by the chain rule), chunked, on logits or fused with
   both heads; the student's mass on ids the teacher lacks (``unshared_mass``).
+- :mod:`.span_sums`: a micro-batch's cross-tokenizer objective (ULD/GOLD over its spans, with the
+  spans' continuations, plus the student's CE) as sums, and the evaluation's span terms.
 """
 
 from trainer.losses.cross_tokenizer import SharedVocab, fused_cross_tokenizer_loss, gold_loss, match_vocabularies, shared_vocab, uld_loss, unshared_mass
