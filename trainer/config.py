@@ -410,6 +410,10 @@ def unread_loss_settings(loss) -> list[str]:
     if loss.kind != "sft" and loss.cross_tokenizer is None and loss.uld_top_k != defaults.uld_top_k:
         warnings.append(f"loss.uld_top_k={loss.uld_top_k} has no effect with loss.cross_tokenizer=null; it is read "
                         "only by uld and gold. Remove it, or set loss.cross_tokenizer.")
+    if loss.cross_tokenizer == "uld" and loss.kind != "sft" and loss.ce_weight == 0:
+        warnings.append("loss.cross_tokenizer=uld with loss.ce_weight=0: ULD compares the two distributions sorted, "
+                        "so it cannot tell which token is which, and nothing ties the student to the right ones; "
+                        "set loss.ce_weight=0.5 (the ULD paper trains on CE and ULD together), or use gold.")
     if loss.cross_tokenizer == "uld" and loss.kind not in (defaults.kind, "sft"):
         warnings.append(f"loss.kind={loss.kind} has no effect with loss.cross_tokenizer=uld (ULD compares sorted "
                         "distributions, no divergence kind); use loss.cross_tokenizer=gold to apply it to the "

@@ -55,12 +55,19 @@ def sorted_l1_reference(a, b):
     return sum(abs(x - y) for x, y in zip(a, b))
 
 
+def with_remainder(probabilities, z):
+    """The merged probabilities and the span's remainder 1 − Z as one more outcome (a zero at Z = 1)."""
+    return torch.cat([probabilities, torch.tensor([1 - z], dtype=probabilities.dtype)])
+
+
 def uld_reference(student, teacher, temperature=1.0, cs=None, ct=None):
     values = []
     for n in range(student.shape[0]):
-        q = torch.softmax(student[n] / temperature, -1) * (math.exp(cs[n]) if cs is not None else 1.0)
-        p = torch.softmax(teacher[n] / temperature, -1) * (math.exp(ct[n]) if ct is not None else 1.0)
-        values.append(sorted_l1_reference(q, p))
+        zq = math.exp(cs[n]) if cs is not None else 1.0
+        zp = math.exp(ct[n]) if ct is not None else 1.0
+        q = torch.softmax(student[n] / temperature, -1) * zq
+        p = torch.softmax(teacher[n] / temperature, -1) * zp
+        values.append(sorted_l1_reference(with_remainder(q, zq), with_remainder(p, zp)))
     return torch.tensor(values, dtype=torch.float64)
 
 
@@ -103,7 +110,7 @@ def gold_reference(student, teacher, vocab, temperature=1.0, uld_weight=1.0, cs=
             p_shared = [x / sum(p_shared) for x in p_shared]
             p_bucket = 0.0
         shared_part = divergence_reference(p_shared + [p_bucket], q_shared + [q_bucket], kind)
-        values.append(shared_part + uld_weight * sorted_l1_reference(q_rest, p_rest))
+        values.append(shared_part + uld_weight * sorted_l1_reference(with_remainder(q_rest, zq), with_remainder(p_rest, zp)))
     return torch.tensor(values, dtype=torch.float64)
 
 

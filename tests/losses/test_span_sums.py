@@ -112,6 +112,11 @@ def sorted_l1(a, b):
     return (a - b).abs().sum()
 
 
+def with_remainder(values, merged_row):
+    """`values` and the span's remainder 1 − Z (Z: the merged row's total) as one more outcome."""
+    return torch.cat([values, (1 - merged_row.sum()).reshape(1)])
+
+
 def coarse(merged_row, shared, only):
     """The shared ids' probabilities and the bucket: the unshared mass plus the continuation's 1 − Z."""
     bucket = merged_row[only].sum() + (1 - merged_row.sum())
@@ -125,7 +130,7 @@ def kl(p, q):
 def gold(q, p, vocab, uld_weight, kind):
     q_c, p_c = coarse(q, vocab.student_ids, vocab.student_only), coarse(p, vocab.teacher_ids, vocab.teacher_only)
     divergence = kl(p_c, q_c) if kind == "fkl" else kl(q_c, p_c)
-    return divergence + uld_weight * sorted_l1(q[vocab.student_only], p[vocab.teacher_only])
+    return divergence + uld_weight * sorted_l1(with_remainder(q[vocab.student_only], q), with_remainder(p[vocab.teacher_only], p))
 
 
 def reference_kd(student_logits, teacher_logits, student_tokens, teacher_tokens, method, vocab, temperature,
@@ -133,7 +138,7 @@ def reference_kd(student_logits, teacher_logits, student_tokens, teacher_tokens,
     qs = merged(student_logits, student_tokens, SPANS, "student", temperature)
     ps = merged(teacher_logits, teacher_tokens, SPANS, "teacher", temperature)
     if method == "uld":
-        return sum(sorted_l1(q, p) for q, p in zip(qs, ps))
+        return sum(sorted_l1(with_remainder(q, q), with_remainder(p, p)) for q, p in zip(qs, ps))
     return sum(gold(q, p, vocab, uld_weight, kind) for q, p in zip(qs, ps))
 
 

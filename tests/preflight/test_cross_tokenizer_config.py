@@ -45,6 +45,7 @@ def test_sft_runs_no_teacher_so_a_method_is_only_a_warning():
     (["loss.cross_tokenizer=uld", "loss.kind=rkl"], "loss.kind=rkl has no effect with loss.cross_tokenizer=uld"),
     (["loss.cross_tokenizer=uld", "loss.uld_weight=0.5"], "loss.uld_weight=0.5 has no effect with loss.cross_tokenizer=uld"),
     (["loss.uld_top_k=8"], "loss.uld_top_k=8 has no effect with loss.cross_tokenizer=null"),
+    (["loss.cross_tokenizer=uld"], "loss.cross_tokenizer=uld with loss.ce_weight=0: ULD compares the two distributions sorted"),
 ])
 def test_a_setting_the_method_does_not_read_is_warned_about(overrides, phrase):
     assert any(phrase in warning for warning in unread_loss_settings(composed(*overrides).loss))

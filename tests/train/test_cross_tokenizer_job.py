@@ -49,6 +49,8 @@ def run_job(tiny, tmp_path, name: str, *overrides: str, nproc: int = 1) -> tuple
 
 
 def falls(metrics: list[dict]) -> bool:
+    """A random 1-layer student with a frozen head cannot move its mass between the two-digit ids and
+    the characters through LoRA alone in a few steps: the learning tests fine-tune it whole."""
     losses = [m["loss"] for m in metrics]
     return sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3
 
@@ -70,10 +72,11 @@ def test_gold_between_one_tokenizer_and_itself_trains_like_the_same_tokenizer_lo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["gold", "uld"])
-def test_a_student_with_another_tokenizer_learns_from_the_teacher(method, tiny, cross_student, tmp_path):
-    metrics, summary = run_job(tiny, tmp_path, method, f"student.path={cross_student}",
-                               f"loss.cross_tokenizer={method}", "train.max_steps=12", "train.lr=0.02")
+@pytest.mark.parametrize("method, ce_weight", [("gold", 0.0), ("uld", 0.5)])
+def test_a_student_with_another_tokenizer_learns_from_the_teacher(method, ce_weight, tiny, cross_student, tmp_path):
+    """ULD cannot tell which token is which (it sorts): it trains with CE, as in its paper."""
+    metrics, summary = run_job(tiny, tmp_path, method, f"student.path={cross_student}", f"loss.ce_weight={ce_weight}",
+                               f"loss.cross_tokenizer={method}", "train.max_steps=12", "train.lr=0.01", "peft=none")
     assert falls(metrics), [m["loss"] for m in metrics]
     assert 0 < summary["cross_tokenizer/vocab_share"] < 1
     assert summary["cross_tokenizer/one_to_one_share"] < 1, "digit pairs meet two teacher tokens"
@@ -81,14 +84,14 @@ def test_a_student_with_another_tokenizer_learns_from_the_teacher(method, tiny, 
     assert summary["eval/student_ce_per_byte"] < summary["initial/eval/student_ce_per_byte"]
     record = json.loads((tmp_path / method / "provenance.json").read_text())
     assert record["cross_tokenizer"]["enabled"] and record["cross_tokenizer"]["method"] == method
-    card = (tmp_path / method / "adapter" / "README.md").read_text()
+    card = (tmp_path / method / "model" / "README.md").read_text()
     assert "across tokenizers" in card and "cross-tokenizer-distillation" in card
 
 
 @pytest.mark.slow
 def test_two_ranks_under_zero3_with_a_sharded_teacher_learn_across_tokenizers(tiny, cross_student, tmp_path):
     metrics, summary = run_job(tiny, tmp_path, "zero3", f"student.path={cross_student}", "loss.cross_tokenizer=gold",
-                               "deepspeed=zero3", "train.max_steps=12", "train.lr=0.02", nproc=2)
+                               "deepspeed=zero3", "train.max_steps=12", "train.lr=0.01", "peft=none", nproc=2)
     assert summary["teacher/sharded"] is True
     assert falls(metrics), [m["loss"] for m in metrics]
 

@@ -51,6 +51,16 @@ one-token spans; :func:`token_log_probs` and :func:`span_continuation` build it)
 gradient to the student positions inside the span. At one-token spans on both sides this is the
 1:1 definition exactly.
 
+**Remainder.** Both ULD and GOLD's ULD part compare a multi-token span's merged probabilities
+with the remainder ``1 − Z`` as one more outcome, on each side: ``sort(q̂, 1 − Z_s)`` against
+``sort(p̂, 1 − Z_t)``. Without it the two sorted vectors would hold ``Z_s`` and ``Z_t`` of mass, and
+at a span of one student token against two teacher tokens (``Z_s = 1``, ``Z_t ≈ p(second token)``)
+no student could bring the L1 below ``1 − Z_t``: a floor the loss cannot train away, and one that
+fights GOLD's own bucket (which asks the student for that very mass on its unshared ids, a
+two-character token say). With it, a student whose one token carries the mass the teacher spreads
+over its continuation matches it. At one-token spans ``Z = 1`` and the remainder is 0: nothing
+changes there.
+
 Worked example: the student splits ``" hello"`` as ``" hel" | "lo"`` (m = 2), the teacher keeps
 ``" hello"`` (n = 1). The student rows are its position ``i`` (the one predicting ``" hel"``) and
 ``i + 1`` (predicting ``"lo"``): it passes ``student_logits = s[i]`` and
@@ -180,7 +190,7 @@ def uld_per_position(student_logits: Tensor, teacher_logits: Tensor, *, temperat
     dtype = compute_dtype(student_logits, teacher_logits)
     q = _merged_log_probs(student_logits, student_continuation, temperature, dtype).exp()
     p = _merged_log_probs(teacher_logits, teacher_continuation, temperature, dtype).exp()
-    return sorted_l1(q, p, top_k)
+    return sorted_l1(_with_remainder(q, student_continuation), _with_remainder(p, teacher_continuation), top_k)
 
 
 def gold_per_position(student_logits: Tensor, teacher_logits: Tensor, vocab: SharedVocab, *,
@@ -211,9 +221,19 @@ def gold_per_position(student_logits: Tensor, teacher_logits: Tensor, vocab: Sha
     shared_part = divergence_from_log_probs(settings, log_p_coarse, log_q_coarse)
     if uld_weight == 0:
         return shared_part
-    rest = sorted_l1(log_q.index_select(-1, vocab.student_only).exp(),
-                     log_p.index_select(-1, vocab.teacher_only).exp(), top_k)
+    rest = sorted_l1(_with_remainder(log_q.index_select(-1, vocab.student_only).exp(), student_continuation),
+                     _with_remainder(log_p.index_select(-1, vocab.teacher_only).exp(), teacher_continuation), top_k)
     return shared_part + uld_weight * rest
+
+
+def _with_remainder(merged: Tensor, continuation: Tensor | None) -> Tensor:
+    """``[N, V]`` merged probabilities (scaled by ``Z``) and one more outcome, the span's remainder
+    ``1 − Z`` ("its first token, then another continuation"): what the sorted comparison sees of a
+    multi-token span, so both sides sum to what their bucket holds (module docstring, "Remainder")."""
+    if continuation is None:
+        return merged
+    remainder = (-torch.expm1(continuation.to(merged.dtype))).clamp(min=0)
+    return torch.cat([merged, remainder.unsqueeze(-1)], dim=-1)
 
 
 def _check_extras(uld_weight: float, top_k: int | None) -> None:
