@@ -51,6 +51,17 @@ def _other_tokenizer(tiny: dict, root: Path) -> Path:
     return folder
 
 
+def _cross_student_without_chat_template(root: Path) -> Path:
+    """A student with another tokenizer (the demo's two-digit one) and no chat template (a base model's)."""
+    from conftest import save_model, tiny_llama_config
+
+    from trainer.demo.cross_student import build_pair_tokenizer
+
+    tokenizer = build_pair_tokenizer()
+    tokenizer.chat_template = None
+    return save_model(tiny_llama_config(len(tokenizer), layers=1), tokenizer, root / "untemplated", seed=2)
+
+
 def _pickled(tiny: dict, root: Path) -> Path:
     """The student with its weights in pytorch_model.bin only (transformers 5 writes no pickle itself)."""
     import torch
@@ -109,6 +120,7 @@ def odd(tiny, tmp_path_factory) -> dict:
     return {
         "root": root,
         "other_tokenizer": _other_tokenizer(tiny, root),
+        "cross_student_no_template": _cross_student_without_chat_template(root),
         "short_vocab": _edit_config(_copy_student(tiny, root, "short_vocab"), vocab_size=real_ids - 1),
         "remote_code": _edit_config(_copy_student(tiny, root, "remote_code"), model_type="distill_custom",
                                     auto_map={"AutoConfig": "configuration_custom.CustomConfig",
@@ -128,6 +140,8 @@ def odd(tiny, tmp_path_factory) -> dict:
         "blank": write_jsonl(root / "blank.jsonl", [{"prompt": "1+1=", "response": ""}] * 4),
         "text": write_jsonl(root / "text.jsonl", [{"prompt": "1+1=", "response": "2"}, {"text": "1+1=2"}] * 2),
         "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": "1+1=", "response": "2"}, {"prompt": "2+2="}] * 2),
+        "chat": write_jsonl(root / "chat.jsonl", [{"messages": [{"role": "user", "content": "1+1="},
+                                                                {"role": "assistant", "content": "2"}]}] * 4),
         "sharegpt": write_jsonl(root / "sharegpt.jsonl", [{"messages": [{"role": "human", "content": "1+1="},
                                                                         {"role": "gpt", "content": "2"}]}] * 2),
     }
@@ -186,6 +200,13 @@ CATALOGUE = {
                                      "onpolicy.fraction=0.5 needs a student that can end its response", {}),
     "onpolicy_with_teacher_cache": (lambda o: ["teacher.cache=auto", "onpolicy.fraction=0.5"],
                                     "onpolicy.fraction=0.5 needs a teacher that runs", {}),
+    # Issue 20: distillation across tokenizers.
+    "cross_tokenizer_unknown_method": (lambda o: [f"student.path={o['other_tokenizer']}", "loss.cross_tokenizer=bpe"],
+                                       "loss.cross_tokenizer=bpe is not a method", {}),
+    "cross_tokenizer_chat_template_missing_on_one_side": (
+        lambda o: [f"student.path={o['cross_student_no_template']}", "loss.cross_tokenizer=gold",
+                   f"data.train={o['chat']}", f"data.eval={o['chat']}"],
+        "has 'messages' but the student's tokenizer has no chat template", {}),
     "prompt_only_rows_off_policy": (lambda o: [f"data.train={o['prompts']}"],
                                     "prompts.jsonl:2 has a prompt and no response, which only onpolicy.fraction=1", {}),
     "prompt_only_rows_below_fraction_1": (lambda o: [f"data.train={o['prompts']}", "onpolicy.fraction=0.5"],

@@ -16,30 +16,15 @@ from conftest import REPO, assert_ok, read_jsonl, run_cli, save_model, tiny_llam
 LOSSES = ("loss", "kd_loss", "ce_loss", "grad_norm")
 
 
-def digit_pair_tokenizer(path):
-    """The tiny models' characters, plus every two-digit pair as one token, in another id order:
-    "12+34=" is 4 student tokens against the teacher's 6."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from trainer.demo.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, build_char_tokenizer
-
-    characters = [token for token in build_char_tokenizer().get_vocab() if token not in SPECIAL_TOKENS]
-    pairs = [f"{a}{b}" for a in range(10) for b in range(10)]
-    tokens = [*pairs, *sorted(characters, reverse=True), *SPECIAL_TOKENS]
-    backend = Tokenizer(models.WordLevel({token: index for index, token in enumerate(tokens)}, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d\d|[\s\S]"), behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                        unk_token=UNK, extra_special_tokens=["<|im_start|>", "<|im_end|>"])
-    tokenizer.save_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def cross_student(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cross") / "student"
-    tokenizer = digit_pair_tokenizer(folder)
-    return save_model(tiny_llama_config(len(tokenizer), layers=1), tokenizer, folder, seed=2)
+    """A random 1-layer student whose tokenizer is the demo's cross-tokenizer one: the characters and
+    every two-digit pair as one token, in another id order ("12+34=" is 4 tokens to the teacher's 6)."""
+    from trainer.demo.cross_student import build_pair_tokenizer
+
+    tokenizer = build_pair_tokenizer()
+    return save_model(tiny_llama_config(len(tokenizer), layers=1), tokenizer,
+                      tmp_path_factory.mktemp("cross") / "student", seed=2)
 
 
 def run_job(tiny, tmp_path, name: str, *overrides: str, nproc: int = 1) -> tuple[list[dict], dict]:
