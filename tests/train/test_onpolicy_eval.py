@@ -196,7 +196,7 @@ class RefusingEngine(RolloutEngine):
 def test_a_cached_teacher_measures_nothing_on_policy_and_its_metric_is_refused_at_start_up(tokenizer, rows):
     bare = job.DistillJob.__new__(job.DistillJob)
     bare.cfg = composed()
-    bare.parts = SimpleNamespace(rollout_engine=RefusingEngine(), eval_teacher=CacheLikeTeacher())
+    bare.parts = SimpleNamespace(rollout_engine=RefusingEngine(), eval_teacher=CacheLikeTeacher(), cross=None)
     assert bare._onpolicy_evaluate() == {}
     with pytest.raises(ValueError, match="cannot score the student's rollouts"):
         evaluation.onpolicy_evaluate(rows, RefusingEngine(), GREEDY, 0, CacheLikeTeacher(), None, device=CPU,
@@ -211,7 +211,7 @@ def test_a_diverged_student_writes_nothing_and_its_pair_is_nan(tokenizer):
     bare = job.DistillJob.__new__(job.DistillJob)
     bare.cfg = composed()
     bare.parts = SimpleNamespace(rollout_engine=RefusingEngine(),
-                                 eval_teacher=SimpleNamespace(scores_new_text=True))
+                                 eval_teacher=SimpleNamespace(scores_new_text=True), cross=None)
     measured = bare._onpolicy_evaluate(diverged=True)
     assert math.isnan(measured["eval/onpolicy_kl"]) and math.isnan(measured["eval/teacher_nll_of_student"])
 

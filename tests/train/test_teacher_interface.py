@@ -115,7 +115,7 @@ def _bare_job(objective: Objective, teacher: Teacher, student: FixedStudent) -> 
     """A DistillJob holding only what a step's forward and loss read."""
     distill_job = job.DistillJob.__new__(job.DistillJob)
     distill_job.objective = objective
-    distill_job.parts = SimpleNamespace(step_teacher=teacher, student_scorer=student)
+    distill_job.parts = SimpleNamespace(step_teacher=teacher, student_scorer=student, cross=None)
     return distill_job
 
 
@@ -194,8 +194,8 @@ def test_held_out_rows_without_a_response_token_give_nan_means_that_do_not_stop_
 
     assert metrics["eval/tokens"] == 0
     unaveraged = {key for key, value in metrics.items() if value != value}
-    assert unaveraged == {"eval/kl_to_teacher", "eval/student_ce", "eval/teacher_ce", "eval/top1_agreement",
-                          "eval/exact_match"}
+    assert unaveraged == {"eval/kl_to_teacher", "eval/student_ce", "eval/student_ce_per_byte", "eval/teacher_ce",
+                          "eval/top1_agreement", "eval/exact_match"}
     stopper = SimpleNamespace(_weights_now=lambda: "finite", _newest_checkpoint=lambda: (None, None),
                               state=SimpleNamespace(nonfinite_in_a_row=0),
                               cfg=SimpleNamespace(peft=SimpleNamespace(kind="lora")))

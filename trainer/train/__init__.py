@@ -6,6 +6,8 @@
   model or a cache, scorers, the student's rollout engine, rows, the step's cost.
 - `onpolicy.py`: on-policy steps: the rows a micro-batch draws rewritten with the student's
   rollouts, and what generating them did (`RolloutWork`).
+- `cross_tokenizer.py`: a job across tokenizers: the shared ids, both sides of a batch, the step's sums
+  and the held-out evaluation over aligned spans.
 - `progress.py`: the loop's account: the open log window, the run's speed, skipped updates.
 - `evaluation.py`: held-out metrics, teacher-forced and on the student's own rollouts. `checkpoints.py`:
   atomic, resumable checkpoints.
