@@ -390,7 +390,7 @@ def _validate_cross_tokenizer(loss) -> None:
 # The loss.* keys each kind leaves unread (loss.ce_weight too under sft, which is all cross-entropy).
 _UNREAD_BY_KIND = {"beta": lambda kind: kind != "jsd", "skew": lambda kind: kind not in ("skl", "srkl"),
                    "temperature": lambda kind: kind == "sft", "ce_weight": lambda kind: kind == "sft",
-                   "cross_tokenizer": lambda kind: kind == "sft", "uld_weight": lambda kind: kind == "sft",
+                   "uld_weight": lambda kind: kind == "sft",
                    "uld_top_k": lambda kind: kind == "sft"}
 
 CROSS_TOKENIZER_METHODS = ("uld", "gold")
@@ -447,7 +447,7 @@ def _validate_onpolicy(onpolicy, teacher, data) -> None:
 def _validate_cross_tokenizer_job(cfg) -> None:
     """What distillation across tokenizers does not do yet, refused before anything loads."""
     method = cfg.loss.cross_tokenizer
-    if not method or cfg.loss.kind == "sft":
+    if not method:  # under sft too: its evaluation compares the student with the teacher over aligned spans
         return
     if cfg.data.pack:
         raise ConfigError(f"loss.cross_tokenizer={method} cannot pack rows (the two tokenisations of a packed row "

@@ -35,10 +35,13 @@ def test_each_method_is_accepted(method):
     validate(composed(f"loss.cross_tokenizer={method}", "loss.uld_top_k=64"))
 
 
-def test_sft_runs_no_teacher_so_a_method_is_only_a_warning():
-    cfg = composed("loss.kind=sft", "loss.cross_tokenizer=gold", "data.pack=true")
+def test_under_sft_the_method_is_the_evaluations_and_its_refusals_hold():
+    """Hard labels train without the teacher, but the evaluation still compares the two over spans."""
+    assert "loss.cross_tokenizer=gold cannot pack rows" in refused("loss.kind=sft", "loss.cross_tokenizer=gold",
+                                                                   "data.pack=true")
+    cfg = composed("loss.kind=sft", "loss.cross_tokenizer=gold")
     validate(cfg)
-    assert any("loss.cross_tokenizer=gold has no effect with loss.kind=sft" in w for w in unread_loss_settings(cfg.loss))
+    assert unread_loss_settings(cfg.loss) == []
 
 
 @pytest.mark.parametrize("overrides, phrase", [

@@ -140,8 +140,9 @@ def _check_pair(cfg, rank: RankInfo, started_at: str) -> Preflight:
 
 
 def _cross_method(cfg) -> str | None:
-    """The cross-tokenizer method the job runs: none under sft, which runs no teacher."""
-    return None if cfg.loss.kind == "sft" else cfg.loss.cross_tokenizer
+    """The cross-tokenizer method: the loss's, and under sft the evaluation's (the teacher still scores
+    the held-out rows, over aligned spans)."""
+    return cfg.loss.cross_tokenizer
 
 
 def _add_teacher_tokenizer(preflight: Preflight, teacher_tokenizer, teacher_config) -> None:

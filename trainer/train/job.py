@@ -310,7 +310,7 @@ class DistillJob:
         the rest) runs before and after training in every job, and `between` those only where the
         job trains on-policy, whose curve it is."""
         parts = self.parts
-        if parts.cross is not None and not self.objective.sft:
+        if parts.cross is not None:
             metrics = cross_tokenizer_evaluate(parts.eval_teacher.scorer, parts.student_scorer, parts.cross,
                                                parts.eval_batches, self.rank.device, parts.chunk_size,
                                                parts.byte_lengths)

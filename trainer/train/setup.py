@@ -108,7 +108,8 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
         student=student, optimizer=optimizer, teacher=teacher, step_teacher=step_teacher, eval_teacher=eval_teacher,
         student_scorer=scorers["student"], chunk_size=chunk_size,
         step_cost=_step_cost(student, None if cross else teacher, cfg.loss.kind),
-        teacher_cost=throughput.teacher_cost(teacher.module) if cross and teacher is not None else None,
+        teacher_cost=(throughput.teacher_cost(teacher.module)
+                      if cross and teacher is not None and cfg.loss.kind != "sft" else None),
         train_rows=checked.rows.train,
         eval_batches=eval_batches(checked.rows.eval, rank.rank, rank.world_size, cfg.train.micro_batch_size, pad_id,
                                   collate_rows),
