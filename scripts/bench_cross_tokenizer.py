@@ -17,7 +17,8 @@ Each cell first runs once on ``--warmup-tokens`` rows (warm-up and estimate); a 
 estimate for ``--tokens`` rows exceeds ``--cell-budget-s`` is timed on fewer rows instead, which
 the table says. Time ratios are per token, so such a cell still compares with the reference.
 
-    python scripts/bench_cross_tokenizer.py --json /tmp/bench_xt.json     # docs/benchmarks.md
+    python scripts/bench_cross_tokenizer.py --json /tmp/bench_xt.json     # every cell (docs/benchmarks.md)
+    python scripts/bench_cross_tokenizer.py --cells "gold top_k=1024"      # the reference and that cell only
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def parse_args(argv=None):
                         help="none: the same-tokenizer references only")
     parser.add_argument("--top-k", type=int, nargs="+", default=[0, 1024], help="0: exact sort")
     parser.add_argument("--shared", type=int, default=100_000, help="GOLD: ids 0..S-1 of each side are paired")
+    parser.add_argument("--cells", nargs="+", metavar="NAME",
+                        help="only these cells (by their table name), after the reference, which always runs")
     parser.add_argument("--warmup-tokens", type=int, default=256)
     parser.add_argument("--cell-budget-s", type=float, default=900.0,
                         help="a cell estimated to take longer at --tokens is timed on fewer rows")
@@ -106,6 +109,11 @@ def plan_cells(args) -> list[dict]:
             cells.append(dict(name=f"{method} {'exact sort' if not top_k else f'top_k={top_k}'}", method=method,
                               top_k=top_k or None, student_vocab=args.student_vocab, teacher_vocab=args.teacher_vocab,
                               chunk=xt.default_chunk_size(args.student_vocab, args.teacher_vocab)))
+    if args.cells:
+        unknown = set(args.cells) - {cell["name"] for cell in cells}
+        if unknown:
+            raise SystemExit(f"--cells {sorted(unknown)} are not cells here; pick from {[cell['name'] for cell in cells]}.")
+        cells = cells[:1] + [cell for cell in cells[1:] if cell["name"] in args.cells]
     return cells
 
 
