@@ -1,0 +1,281 @@
+"""Cross-tokenizer loss (ULD, GOLD) versus the same-tokenizer fused loss: peak memory, time, and
+where one chunk's time goes.
+
+Every cell is one forward+backward on random inputs, the student's head trainable (as in
+``scripts/bench_loss.py``, whose measuring code this imports: peak extra memory from ``VmHWM`` on
+CPU, glibc returning freed blocks, an address-space limit so a path that does not fit fails
+cleanly; all cells one after another in this one process):
+
+- ``same V=...``: ``fused_distill_loss(kind="fkl")``, both heads of one vocabulary: at the
+  student's vocabulary (the reference, what a job between two models of one tokenizer runs) and at
+  the teacher's;
+- ``uld``/``gold``: ``fused_cross_tokenizer_loss`` between a ``--teacher-vocab`` teacher and a
+  ``--student-vocab`` student, GOLD with the first ``--shared`` ids of each side paired and
+  ``kind="fkl"``; each with every ``--top-k`` (0: the exact sort of the whole vocabulary).
+
+Each cell first runs once on ``--warmup-tokens`` rows (warm-up and estimate); a cell whose
+estimate for ``--tokens`` rows exceeds ``--cell-budget-s`` is timed on fewer rows instead, which
+the table says. Time ratios are per token, so such a cell still compares with the reference.
+
+    python scripts/bench_cross_tokenizer.py --json /tmp/bench_xt.json     # every cell (docs/benchmarks.md)
+    python scripts/bench_cross_tokenizer.py --cells "gold top_k=1024"      # the reference and that cell only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+# Importing bench_loss sets glibc's trim threshold (re-executing this script once) and the repo path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_loss import format_bytes, limit_address_space, machine_line, make_inputs, measure  # noqa: E402
+
+import torch  # noqa: E402
+
+from trainer.losses import LMHead, default_chunk_size, fused_cross_tokenizer_loss, fused_distill_loss, shared_vocab  # noqa: E402
+from trainer.losses import cross_tokenizer as xt  # noqa: E402  (the breakdown times its private pieces)
+from trainer.losses.divergence import divergence_from_log_probs, tempered_log_probs  # noqa: E402
+from trainer.losses.settings import LossSettings  # noqa: E402
+
+MEMORY_GOAL, TIME_GOAL = 1.5, 2.0  # issue 20: against the same-tokenizer fused loss
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192, help="aligned positions N")
+    parser.add_argument("--student-vocab", type=int, default=151936, help="V_s (Qwen2.5's head)")
+    parser.add_argument("--teacher-vocab", type=int, default=131072, help="V_t")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size of both models")
+    parser.add_argument("--methods", nargs="*", default=list(xt.METHODS), choices=xt.METHODS,
+                        help="none: the same-tokenizer references only")
+    parser.add_argument("--top-k", type=int, nargs="+", default=[0, 1024], help="0: exact sort")
+    parser.add_argument("--shared", type=int, default=100_000, help="GOLD: ids 0..S-1 of each side are paired")
+    parser.add_argument("--cells", nargs="+", metavar="NAME",
+                        help="only these cells (by their table name), after the reference, which always runs")
+    parser.add_argument("--warmup-tokens", type=int, default=256)
+    parser.add_argument("--cell-budget-s", type=float, default=900.0,
+                        help="a cell estimated to take longer at --tokens is timed on fewer rows")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-limit-gb", type=float, default=20.0)
+    parser.add_argument("--json", type=Path, help="also write every cell and breakdown here")
+    args = parser.parse_args(argv)
+    if not 0 < args.shared <= min(args.student_vocab, args.teacher_vocab):
+        parser.error(f"--shared {args.shared} must be in 1..min(--student-vocab, --teacher-vocab); lower it.")
+    if not 0 < args.warmup_tokens <= args.tokens:
+        parser.error("--warmup-tokens must be in 1..--tokens; pass a smaller warm-up.")
+    return args
+
+
+# --- cells ---------------------------------------------------------------------------------------
+
+
+def cell_inputs(tokens: int, student_vocab: int, teacher_vocab: int, hidden: int):
+    """``(student hidden, student head weight, teacher hidden, teacher head weight)``; the student's two
+    require grad (first, so ``measure`` clears their gradients between runs)."""
+    student_hidden, student_weight, *_ = make_inputs(tokens, student_vocab, hidden, torch.float32, torch.device("cpu"), seed=0)
+    _, _, teacher_hidden, teacher_weight, _ = make_inputs(tokens, teacher_vocab, hidden, torch.float32,
+                                                          torch.device("cpu"), seed=1)
+    return student_hidden, student_weight, teacher_hidden, teacher_weight
+
+
+def same_tokenizer_step(student_hidden, student_weight, teacher_hidden, teacher_weight, _kind, _chunk):
+    labels = torch.zeros(student_hidden.shape[0], dtype=torch.long)  # a mask only: every row supervised
+    loss = fused_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, kind="fkl")
+    loss.backward()
+    return loss.detach()
+
+
+def cross_tokenizer_step(cell: dict, vocab):
+    def step(student_hidden, student_weight, teacher_hidden, teacher_weight, _kind, _chunk):
+        loss = fused_cross_tokenizer_loss(student_hidden, LMHead(student_weight), teacher_hidden, LMHead(teacher_weight),
+                                          method=cell["method"], vocab=vocab if cell["method"] == "gold" else None,
+                                          kind="fkl", top_k=cell["top_k"] or None)
+        loss.backward()
+        return loss.detach()
+    return step
+
+
+def plan_cells(args) -> list[dict]:
+    """The references first (the ratios need them), then every method × top-k."""
+    cells = [dict(name=f"same V={vocab}", method="same", top_k=None, student_vocab=vocab, teacher_vocab=vocab,
+                  chunk=default_chunk_size(vocab)) for vocab in dict.fromkeys((args.student_vocab, args.teacher_vocab))]
+    for method in args.methods:
+        for top_k in args.top_k:
+            cells.append(dict(name=f"{method} {'exact sort' if not top_k else f'top_k={top_k}'}", method=method,
+                              top_k=top_k or None, student_vocab=args.student_vocab, teacher_vocab=args.teacher_vocab,
+                              chunk=xt.default_chunk_size(args.student_vocab, args.teacher_vocab)))
+    if args.cells:
+        unknown = set(args.cells) - {cell["name"] for cell in cells}
+        if unknown:
+            raise SystemExit(f"--cells {sorted(unknown)} are not cells here; pick from {[cell['name'] for cell in cells]}.")
+        cells = cells[:1] + [cell for cell in cells[1:] if cell["name"] in args.cells]
+    return cells
+
+
+def run_cell(cell: dict, args, vocab) -> dict:
+    """Warm up on ``--warmup-tokens`` rows, then measure on ``--tokens`` rows or as many as fit the budget."""
+    step = same_tokenizer_step if cell["method"] == "same" else cross_tokenizer_step(cell, vocab)
+    warm = measure(step, cell_inputs(args.warmup_tokens, cell["student_vocab"], cell["teacher_vocab"], args.hidden),
+                   "fkl", 0, torch.device("cpu"), 1)
+    estimate = None if warm["oom"] else warm["seconds"] * args.tokens / args.warmup_tokens
+    tokens = timed_tokens(args, estimate)
+    inputs = cell_inputs(tokens, cell["student_vocab"], cell["teacher_vocab"], args.hidden)
+    result = measure(step, inputs, "fkl", 0, torch.device("cpu"), 1)
+    return {**cell, "tokens": tokens, "estimate_s": estimate, "warmup": warm, **result}
+
+
+def timed_tokens(args, estimate: float | None) -> int:
+    """``--tokens``, or the multiple of ``--warmup-tokens`` whose estimated time fits the budget."""
+    if estimate is None or estimate <= args.cell_budget_s:
+        return args.tokens
+    per_warmup = estimate * args.warmup_tokens / args.tokens
+    return max(1, math.floor(args.cell_budget_s / per_warmup)) * args.warmup_tokens
+
+
+# --- where one chunk's time goes -----------------------------------------------------------------
+
+
+class PieceTimer:
+    """Seconds per named piece, summed over the pieces' calls."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, piece: str):
+        started = time.perf_counter()
+        yield
+        self.seconds[piece] = self.seconds.get(piece, 0.0) + time.perf_counter() - started
+
+
+def chunk_breakdown(cell: dict, vocab, hidden: int) -> dict[str, float]:
+    """One chunk of ``cell`` (its default rows) step by step, as ``fused_cross_tokenizer_loss`` runs it
+    (with the module's own pieces): forward, autograd to the student's logits, the head's backward by
+    hand (hidden and weight gradients) and the weight gradient's accumulation over chunks."""
+    rows = min(cell["chunk"], cell["tokens"])
+    student_hidden, student_weight, teacher_hidden, teacher_weight = cell_inputs(rows, cell["student_vocab"],
+                                                                                 cell["teacher_vocab"], hidden)
+    accumulated = torch.zeros_like(student_weight)
+    timer = PieceTimer()
+    with timer("head matmuls (forward)"):
+        with torch.no_grad():
+            teacher_logits = teacher_hidden @ teacher_weight.T
+        student_logits = (student_hidden.detach() @ student_weight.detach().T).requires_grad_()
+    with torch.enable_grad():
+        value = (uld_pieces if cell["method"] == "uld" else gold_pieces)(timer, student_logits, teacher_logits, cell, vocab)
+    with timer("autograd to the logits (backward of the above)"):
+        (logit_grad,) = torch.autograd.grad(value, student_logits)
+    with timer("head matmuls (backward: hidden and weight gradients)"):
+        logit_grad @ student_weight
+        weight_grad = logit_grad.T @ student_hidden
+    with timer("weight-gradient accumulation ([V_s, H] add)"):
+        accumulated += weight_grad
+    return timer.seconds
+
+
+def uld_pieces(timer, student_logits, teacher_logits, cell, _vocab):
+    with timer("softmaxes"):
+        q = tempered_log_probs(student_logits, 1.0, torch.float32).exp()
+        p = tempered_log_probs(teacher_logits, 1.0, torch.float32).exp()
+    return sorted_l1_pieces(timer, q, p, cell["top_k"])
+
+
+def gold_pieces(timer, student_logits, teacher_logits, cell, vocab):
+    with timer("softmaxes"):
+        log_q = tempered_log_probs(student_logits, 1.0, torch.float32)
+        log_p = tempered_log_probs(teacher_logits, 1.0, torch.float32)
+    with timer("coarse distributions and their KL (index_select, bucket logsumexp)"):
+        zeros = log_q.new_zeros(log_q.shape[0])
+        coarse_q = xt._coarse(log_q, zeros, vocab.student_ids, vocab.student_only)
+        coarse_p = xt._coarse(log_p, zeros, vocab.teacher_ids, vocab.teacher_only)
+        shared_part = divergence_from_log_probs(LossSettings("fkl"), coarse_p, coarse_q).sum()
+    with timer("softmaxes"):
+        q = log_q.index_select(-1, vocab.student_only).exp()
+        p = log_p.index_select(-1, vocab.teacher_only).exp()
+    return shared_part + sorted_l1_pieces(timer, q, p, cell["top_k"])
+
+
+def sorted_l1_pieces(timer, q, p, top_k) -> torch.Tensor:
+    """``xt.sorted_l1(q, p, top_k).sum()``, its sorts (or top-k) timed apart from the rest."""
+    width = max(q.shape[-1], p.shape[-1])
+    exact = top_k is None or top_k >= width
+    with timer("sorts" if exact else "topk"):
+        ordered_q = xt._sorted_padded(q, width) if exact else xt._top_padded(q, top_k)
+        ordered_p = xt._sorted_padded(p, width) if exact else xt._top_padded(p, top_k)
+    with timer("sorted L1 (and tails)"):
+        l1 = (ordered_q - ordered_p).abs().sum(-1)
+        if not exact:
+            l1 = l1 + ((q.sum(-1) - ordered_q.sum(-1)) - (p.sum(-1) - ordered_p.sum(-1))).abs()
+    return l1.sum()
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Memory and per-token time against the first row, the same-tokenizer reference."""
+    reference = rows[0]
+    for row in rows:
+        if row["oom"] or reference["oom"]:
+            row["memory_ratio"] = row["time_ratio"] = None
+            continue
+        row["memory_ratio"] = row["peak_extra_bytes"] / max(reference["peak_extra_bytes"], 1)
+        row["time_ratio"] = (row["seconds"] / row["tokens"]) / (reference["seconds"] / reference["tokens"])
+
+
+def table_row(row: dict, args) -> str:
+    tokens = str(row["tokens"]) if row["tokens"] == args.tokens else \
+        f"{row['tokens']} (est. {row['estimate_s']:.0f} s at {args.tokens})"
+    if row["oom"]:
+        return f"| {row['name']} | {row['student_vocab']} | {row['teacher_vocab']} | {tokens} | {row['chunk']} | " \
+               f"OOM at {args.memory_limit_gb:g} GiB | n/a | n/a | n/a | n/a | no |"
+    met = row["memory_ratio"] <= MEMORY_GOAL and row["time_ratio"] <= TIME_GOAL
+    return (f"| {row['name']} | {row['student_vocab']} | {row['teacher_vocab']} | {tokens} | {row['chunk']} | "
+            f"{format_bytes(row['peak_extra_bytes'])} | {row['memory_ratio']:.2f}x | {row['seconds']:.2f} | "
+            f"{1000 * row['seconds'] / row['tokens']:.3f} | {row['time_ratio']:.2f}x | {'yes' if met else 'no'} |")
+
+
+def breakdown_lines(row: dict, pieces: dict[str, float]) -> list[str]:
+    chunks = math.ceil(row["tokens"] / row["chunk"])
+    lines = [f"# {row['name']}: one chunk of {min(row['chunk'], row['tokens'])} rows; the cell ran {chunks} chunks, "
+             f"{row['seconds'] / chunks:.3f} s each" if not row["oom"] else f"# {row['name']}: one chunk"]
+    total = sum(pieces.values())
+    lines += [f"#   {piece}: {seconds:.3f} s ({100 * seconds / total:.0f}%)" for piece, seconds in pieces.items()]
+    return lines + [f"#   sum of the pieces: {total:.3f} s"]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_limit_gb:
+        limit_address_space(args.memory_limit_gb)
+    vocab = shared_vocab(torch.arange(args.shared), torch.arange(args.shared), args.student_vocab, args.teacher_vocab)
+    print(f"# {machine_line(torch.device('cpu'))}; float32; hidden {args.hidden}; GOLD pairs ids "
+          f"0..{args.shared - 1} of each side, kind fkl", flush=True)
+    print("| cell | V_s | V_t | N | chunk | peak extra | memory ratio | s | s per 1k tokens | time ratio | goals met |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    rows, breakdowns = [], {}
+    for cell in plan_cells(args):
+        rows.append(run_cell(cell, args, vocab))
+        add_ratios(rows)
+        print(table_row(rows[-1], args), flush=True)
+        if cell["method"] != "same":
+            breakdowns[cell["name"]] = chunk_breakdown(rows[-1], vocab, args.hidden)
+            print("\n".join(breakdown_lines(rows[-1], breakdowns[cell["name"]])), flush=True)
+        if args.json:  # after every cell, so a run stopped early keeps what it measured
+            write_json(args, rows, breakdowns)
+
+
+def write_json(args, rows: list[dict], breakdowns: dict) -> None:
+    record = {"machine": machine_line(torch.device("cpu")), "args": {**vars(args), "json": str(args.json)},
+              "cells": rows, "breakdowns": breakdowns}
+    args.json.write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
