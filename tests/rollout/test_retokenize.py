@@ -67,9 +67,9 @@ def test_bytes_that_complete_no_character_cover_none():
     assert decoded_offsets(student, ids) == (" €!", [(0, 1), (1, 1), (1, 1), (1, 2), (2, 3)])
 
 
-def test_special_tokens_written_mid_response_cover_nothing_and_an_unfinished_character_ends_the_text(pairs):
+def test_special_tokens_written_mid_response_are_text_and_an_unfinished_character_ends_the_text(pairs):
     ids = [*pairs.encode("12", add_special_tokens=False), pairs.bos_token_id, *pairs.encode("3", add_special_tokens=False)]
-    assert decoded_offsets(pairs, ids) == ("123", [(0, 2), (2, 2), (2, 3)])
+    assert decoded_offsets(pairs, ids) == ("12<s>3", [(0, 2), (2, 5), (5, 6)])
     unfinished = byte_bpe([]).encode("a€", add_special_tokens=False)[:2]  # "a" and the first byte of "€"
     assert decoded_offsets(byte_bpe([]), unfinished) == ("a\ufffd", [(0, 1), (1, 2)])
     assert decoded_offsets(pairs, []) == ("", [])
@@ -136,6 +136,14 @@ def test_a_messages_row_keeps_the_teachers_template_up_to_the_last_answer_and_en
     assert chars.decode(paired.teacher.input_ids) == prompt + "46<|im_end|>"
     assert span_pieces(paired, pairs, chars) == [(["46"], ["4", "6"]), (["<|im_end|>"], ["<|im_end|>"])]
     assert rollout_ends(pairs, chars).teacher_end(end_of_turn) == [chars.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_a_special_token_written_mid_response_is_the_teachers_own_when_it_has_that_string(pairs, chars, arithmetic_row):
+    unknown = pairs.convert_tokens_to_ids("<unk>")
+    generated = [*pairs.encode("4", add_special_tokens=False), unknown, *pairs.encode("6", add_special_tokens=False)]
+    paired = pair_rollout(arithmetic_row, generated, False, pairs, chars, 32)
+    assert pieces(chars, paired.teacher.input_ids[7:]) == ["4", "<unk>", "6"]
+    assert span_pieces(paired, pairs, chars) == [(["4"], ["4"]), (["<unk>"], ["<unk>"]), (["6"], ["6"])]
 
 
 def test_a_row_without_teacher_tokens_is_refused_saying_how_to_load_it(pairs, chars):

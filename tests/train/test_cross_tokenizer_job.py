@@ -55,6 +55,9 @@ def test_gold_between_one_tokenizer_and_itself_trains_like_the_same_tokenizer_lo
     assert gold_summary["cross_tokenizer/one_to_one_share"] == 1.0
     assert gold_summary["cross_tokenizer/supervised_coverage"] == 1.0
     assert gold_summary["eval/unshared_mass"] == 0.0
+    # The held-out rollouts, decoded and re-tokenised by the same tokenizer, are the same tokens.
+    for key in ("eval/teacher_nll_of_student", "eval/onpolicy_tokens"):
+        assert gold_summary[key] == pytest.approx(plain_summary[key], rel=1e-5), key
 
 
 @pytest.mark.slow
@@ -110,6 +113,11 @@ def test_a_student_with_another_tokenizer_learns_from_the_teacher_on_its_own_rol
     assert all(m["rollout_rows"] == 4 and m["rollout_mean_length"] > 0 for m in metrics)
     assert falls(metrics), [m["loss"] for m in metrics]
     assert all(m["kd_loss"] > 0 for m in metrics), "the teacher scores spans of every rollout"
+    # The held-out prompts' rollouts, re-tokenised and scored over their spans, before and after.
+    for when in ("initial/", ""):
+        assert summary[f"{when}eval/onpolicy_spans"] > 0 and summary[f"{when}eval/onpolicy_tokens"] > 0
+        assert summary[f"{when}eval/onpolicy_kl"] >= 0 and summary[f"{when}eval/teacher_nll_of_student"] > 0
+    assert summary["eval/onpolicy_kl"] < 0.5 * summary["initial/eval/onpolicy_kl"]
 
 
 @pytest.mark.slow

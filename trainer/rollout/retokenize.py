@@ -22,10 +22,14 @@ Worked example. A byte-level student writes " €!" as three tokens; "€" is th
 A character-level teacher tokenises " €!" as " ", "€", "!": three 1:1 spans. Had "Ġâ" been the
 byte E2 alone, it would cover (0, 0) and join "Ĥ¬" in one span against the teacher's "€".
 
-The response text is `decode` without special tokens (a special token written mid-response covers
-nothing) and without clean-up of spaces (the text must be the concatenation of the tokens' pieces). A
-SentencePiece decoder drops the space its first piece starts with ("▁The" is "The"), so such a
-student's response reaches the teacher without its leading space.
+The response text is `decode` without clean-up of spaces (the text must be the concatenation of the
+tokens' pieces) and with the special tokens the student wrote mid-response ("<unk>", "<|im_start|>"):
+the teacher must judge every token, and a token that covered no characters would make its span's first
+token differ between the sides, which the span loss assumes they do not. A teacher with the same
+special string reads it as its own special token; one without reads its characters. (The stopping EOS
+is not text: it meets the teacher's end marker.) A SentencePiece decoder drops the space its first
+piece starts with ("▁The" is "The"), so such a student's response reaches the teacher without its
+leading space.
 """
 
 from __future__ import annotations
@@ -113,13 +117,13 @@ def _teacher_side(prompt_ids: list[int], text: str, end_ids: list[int], tokenize
 
 
 def decoded_offsets(tokenizer: Any, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
-    """`ids` decoded (no special tokens, no clean-up), and the characters `[start, end)` of that text
+    """`ids` decoded (special tokens kept, no clean-up), and the characters `[start, end)` of that text
     each one adds: a token completing no character covers none (see the module docstring)."""
     if not ids:
         return "", []
     # One call for all prefixes: quadratic in the response's length, in the tokenizer's Rust loop.
     prefixes = tokenizer.backend_tokenizer.decode_batch([ids[:end] for end in range(1, len(ids) + 1)],
-                                                        skip_special_tokens=True)
+                                                        skip_special_tokens=False)
     text = prefixes[-1]
     offsets, reached = [], 0
     for prefix in prefixes:

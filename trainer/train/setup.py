@@ -70,6 +70,9 @@ class JobParts:
     cross: CrossTokenizer | None
     """Distilling across tokenizers (loss.cross_tokenizer): the method and the ids both vocabularies
     share; None with one tokenizer."""
+    pairing: RolloutPairing | None
+    """Across tokenizers, re-tokenises the student's rollouts for the teacher (on-policy steps, the
+    on-policy evaluation); None with one tokenizer."""
     summary: dict
     """What summary.json says of the teacher and the loss path."""
 
@@ -119,7 +122,7 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
                                   collate_rows),
         eval_rows=checked.rows.eval[rank.rank::rank.world_size], pad_id=pad_id, rollout_engine=rollout_engine,
         byte_lengths=torch.tensor(token_byte_lengths(checked.tokenizer, checked.vocab_size), dtype=torch.float64),
-        onpolicy=onpolicy, teacher_cache=teacher_cache, cross=cross, summary=summary)
+        onpolicy=onpolicy, teacher_cache=teacher_cache, cross=cross, pairing=pairing, summary=summary)
 
 
 def _build_teacher(teacher_cfg, teacher_cache: CacheReader | None, configs: engines.EngineConfigs,
