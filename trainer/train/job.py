@@ -334,10 +334,10 @@ class DistillJob:
         cfg, parts = self.cfg, self.parts
         if parts.rollout_engine is None or not parts.eval_teacher.scores_new_text:
             return {}
-        if parts.cross is not None and self.objective.sft:  # no span-wise scoring is set up without a teacher loss
-            return {}
         if diverged:
             return {"eval/onpolicy_kl": math.nan, "eval/teacher_nll_of_student": math.nan, "eval/onpolicy_tokens": 0.0}
+        if parts.cross is not None and self.objective.sft:  # no span-wise scoring is set up without a teacher loss
+            return {}
         if parts.cross is not None:  # the rollouts re-tokenised for the teacher, scored over the spans
             return cross_tokenizer_onpolicy_evaluate(
                 parts.eval_rows, parts.rollout_engine, rollout_settings(cfg.onpolicy), cfg.train.seed, parts.pairing,
