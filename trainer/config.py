@@ -455,9 +455,6 @@ def _validate_cross_tokenizer_job(cfg) -> None:
     if cfg.teacher.cache:
         raise ConfigError(f"loss.cross_tokenizer={method} cannot read a teacher cache yet (its top-k ids are the "
                           "teacher's, stored without character offsets); set teacher.cache=null to run the teacher.")
-    if cfg.onpolicy.fraction > 0:
-        raise ConfigError(f"loss.cross_tokenizer={method} does not train on-policy yet (the student's rollouts "
-                          "would need re-tokenising for the teacher); set onpolicy.fraction=0.")
 
 
 def _validate_train(train) -> None:

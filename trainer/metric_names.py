@@ -11,9 +11,10 @@ ONPOLICY_EVAL_METRICS = ("onpolicy_kl", "teacher_nll_of_student", "onpolicy_toke
 """The held-out evaluation of the student's own responses, which only a teacher model can score:
 absent from a job that reads a teacher cache."""
 
-CROSS_TOKENIZER_EVAL_METRICS = ("unshared_mass", "aligned_spans", "one_to_one_spans")
+CROSS_TOKENIZER_EVAL_METRICS = ("unshared_mass", "aligned_spans", "one_to_one_spans", "onpolicy_spans")
 """What only a job distilling across tokenizers (loss.cross_tokenizer) measures: the student's mean
-probability mass on ids the teacher's vocabulary lacks, and the aligned spans its KL averages over."""
+probability mass on ids the teacher's vocabulary lacks, and the aligned spans its KLs average over
+(teacher-forced, and on the student's own rollouts)."""
 
 EVAL_METRICS = ("kl_to_teacher", "student_ce", "student_ce_per_byte", "teacher_ce", "top1_agreement", "exact_match",
                 "tokens", *ONPOLICY_EVAL_METRICS, *CROSS_TOKENIZER_EVAL_METRICS)

@@ -3,7 +3,8 @@
 GOLD between one tokenizer and itself trains like the same-tokenizer loss (the wiring reads the
 right positions); a student whose tokenizer merges digit pairs learns from the character-level
 teacher with GOLD and ULD, on one rank and on two under ZeRO-3 with a sharded teacher; a killed and
-resumed run is the run never interrupted; the run's outputs say it was cross-tokenizer.
+resumed run is the run never interrupted; the run's outputs say it was cross-tokenizer; on-policy, the
+student learns from the teacher on its own rollouts, re-tokenised for it, and resumes exactly.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def test_gold_between_one_tokenizer_and_itself_trains_like_the_same_tokenizer_lo
     assert gold_summary["cross_tokenizer/one_to_one_share"] == 1.0
     assert gold_summary["cross_tokenizer/supervised_coverage"] == 1.0
     assert gold_summary["eval/unshared_mass"] == 0.0
+    # The held-out rollouts, decoded and re-tokenised by the same tokenizer, are the same tokens.
+    for key in ("eval/teacher_nll_of_student", "eval/onpolicy_tokens"):
+        assert gold_summary[key] == pytest.approx(plain_summary[key], rel=1e-5), key
 
 
 @pytest.mark.slow
@@ -98,3 +102,40 @@ def test_a_cross_tokenizer_run_killed_after_a_checkpoint_and_resumed_is_the_run_
     assert_ok(run(resumed, "none"))
     assert ([[m[k] for k in LOSSES] for m in read_jsonl(resumed / "metrics.jsonl")]
             == [[m[k] for k in LOSSES] for m in read_jsonl(straight / "metrics.jsonl")])
+
+
+@pytest.mark.slow
+def test_a_student_with_another_tokenizer_learns_from_the_teacher_on_its_own_rollouts(tiny, cross_student, tmp_path):
+    """Every row's response is the student's, decoded and re-tokenised for the teacher."""
+    metrics, summary = run_job(tiny, tmp_path, "onpolicy", f"student.path={cross_student}", "loss.cross_tokenizer=gold",
+                               "onpolicy.fraction=1", "onpolicy.max_new_tokens=8", "train.max_steps=12",
+                               "train.lr=0.01", "peft=none")
+    assert all(m["rollout_rows"] == 4 and m["rollout_mean_length"] > 0 for m in metrics)
+    assert falls(metrics), [m["loss"] for m in metrics]
+    assert all(m["kd_loss"] > 0 for m in metrics), "the teacher scores spans of every rollout"
+    # The held-out prompts' rollouts, re-tokenised and scored over their spans, before and after.
+    for when in ("initial/", ""):
+        assert summary[f"{when}eval/onpolicy_spans"] > 0 and summary[f"{when}eval/onpolicy_tokens"] > 0
+        assert summary[f"{when}eval/onpolicy_kl"] >= 0 and summary[f"{when}eval/teacher_nll_of_student"] > 0
+    assert summary["eval/onpolicy_kl"] < 0.5 * summary["initial/eval/onpolicy_kl"]
+
+
+@pytest.mark.slow
+def test_an_onpolicy_cross_tokenizer_run_killed_and_resumed_is_the_run_never_interrupted(tiny, cross_student, tmp_path):
+    """The resumed run redraws the same rows and regenerates the same rollouts, re-tokenised alike."""
+    env = {"PYTHONPATH": str(REPO / "tests")}
+    extra = (f"student.path={cross_student}", "loss.cross_tokenizer=gold", "train.max_steps=6", "checkpoint.every=3",
+             "peft.dropout=0.1", "onpolicy.fraction=0.5", "onpolicy.max_new_tokens=8")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+
+    def run(run_dir, fault):
+        return run_cli(tiny_overrides(tiny, run_dir, tmp_path / "cache", *extra), module="fault_injection",
+                       env={**env, "DISTILL_TEST_FAULT": fault})
+
+    assert_ok(run(straight, "none"))
+    assert run(resumed, "kill_after_checkpoint=3").returncode != 0
+    assert_ok(run(resumed, "none"))
+    keys = (*LOSSES, "rollout_rows", "rollout_mean_length", "rollout_truncation_rate")
+    assert ([[m[k] for k in keys] for m in read_jsonl(resumed / "metrics.jsonl")]
+            == [[m[k] for k in keys] for m in read_jsonl(straight / "metrics.jsonl")])
+    assert any(0 < m["rollout_rows"] < 4 for m in read_jsonl(straight / "metrics.jsonl")), "some rows, not all"

@@ -281,6 +281,7 @@ def _teacher_blob(rows: list[TokenizedRow]) -> dict[str, torch.Tensor]:
         "teacher_span_counts": torch.tensor([len(row.teacher.spans) for row in rows], dtype=torch.int64),
         "teacher_spans": _flat_tensor(itertools.chain.from_iterable(row.teacher.spans) for row in rows).reshape(-1, 4),
         "teacher_truncated": torch.tensor([row.teacher.truncated for row in rows], dtype=torch.bool),
+        "teacher_prompt_lengths": torch.tensor([row.teacher.prompt_length for row in rows], dtype=torch.int64),
     }
 
 
@@ -317,10 +318,10 @@ def _with_teacher(rows: list[TokenizedRow], blob: dict) -> list[TokenizedRow]:
     teacher_ids, spans = blob["teacher_input_ids"].tolist(), [tuple(span) for span in blob["teacher_spans"].tolist()]
     id_start = span_start = 0
     columns = zip(rows, blob["teacher_lengths"].tolist(), blob["teacher_span_counts"].tolist(),
-                  blob["teacher_truncated"].tolist())
-    for row, length, count, truncated in columns:
+                  blob["teacher_truncated"].tolist(), blob["teacher_prompt_lengths"].tolist())
+    for row, length, count, truncated, prompt_length in columns:
         row.teacher = TeacherTokens(teacher_ids[id_start : id_start + length], spans[span_start : span_start + count],
-                                    truncated)
+                                    truncated, prompt_length)
         id_start, span_start = id_start + length, span_start + count
     return rows
 

@@ -106,10 +106,25 @@ def pair_tokenize_row(
     # The student's own labels say what it learns (its tokenizer's offsets may be trimmed where the
     # alignment's are not); each side's mask is cut at seq_len, which drops the spans past the cut.
     student = replace(student, supervised=[label != IGNORE_INDEX for label in tokenized.labels])
+    # Found before the cut: a last response past it still ends the teacher's prompt there.
+    teacher_prompt = min(response_start(teacher.supervised), seq_len)
     teacher = replace(teacher, supervised=teacher.supervised[:seq_len])
     tokenized.teacher = TeacherTokens(list(teacher.tokens.ids[:seq_len]), row_spans(student, teacher),
-                                      truncated=len(teacher.tokens.ids) > seq_len)
+                                      truncated=len(teacher.tokens.ids) > seq_len,
+                                      prompt_length=teacher_prompt)
     return tokenized
+
+
+def response_start(supervised: Sequence[bool]) -> int:
+    """Where the last run of supervised tokens starts (the last response, or the last assistant turn),
+    or the length when none is: the side's prompt for a rollout, as `prompt_of` finds the student's."""
+    end = len(supervised)
+    while end > 0 and not supervised[end - 1]:
+        end -= 1
+    start = end
+    while start > 0 and supervised[start - 1]:
+        start -= 1
+    return start if end else len(supervised)
 
 
 def _require_chat_template(tokenizer: Any, side: str, origin: str) -> None:
@@ -243,7 +258,7 @@ def role_pairs(student_tokenizer: Any, teacher_tokenizer: Any) -> list[tuple[int
     reuses an id on either side is left out (the eos pair wins)."""
     candidates = [(student_tokenizer.eos_token_id, teacher_tokenizer.eos_token_id)]
     if student_tokenizer.chat_template and teacher_tokenizer.chat_template:
-        candidates.append((_end_of_turn_id(student_tokenizer), _end_of_turn_id(teacher_tokenizer)))
+        candidates.append((end_of_turn_id(student_tokenizer), end_of_turn_id(teacher_tokenizer)))
     pairs: list[tuple[int, int]] = []
     for student_id, teacher_id in candidates:
         if student_id is None or teacher_id is None or any(student_id == s or teacher_id == t for s, t in pairs):
@@ -253,7 +268,7 @@ def role_pairs(student_tokenizer: Any, teacher_tokenizer: Any) -> list[tuple[int
     return pairs
 
 
-def _end_of_turn_id(tokenizer: Any) -> int | None:
+def end_of_turn_id(tokenizer: Any) -> int | None:
     """The first token after the assistant's content in a probe conversation, or None when it shares a
     token with the content."""
     side = _chat_side(_PROBE, tokenizer, "(the end-of-turn probe)", "model")

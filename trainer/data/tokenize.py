@@ -56,6 +56,9 @@ class TeacherTokens:
     side's ids; a >= 1 and c >= 1 (a position before predicts them), all supervised on both sides."""
     truncated: bool = False
     """The teacher's tokens were cut at `seq_len` (the student's may not have been)."""
+    prompt_length: int | None = None
+    """How many of `input_ids` come before the row's last response (all of them in a prompt-only
+    row): the teacher's side of the prompt a rollout answers (trainer/rollout/retokenize.py)."""
 
 
 @dataclass

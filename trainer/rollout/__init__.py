@@ -8,4 +8,6 @@
   fit, else every rank forwarding in lockstep until all are done.
 - `prompts.py`: a tokenised row's prompt, the row rewritten with a rollout as its response, and which
   rows of a step are rewritten with which seed (a hash of seed, step and row: the same on any ranks).
+- `retokenize.py`: a rollout re-tokenised for a teacher with another tokenizer: the decoded response
+  in the teacher's tokens after its side of the prompt, and the spans (on-policy across tokenizers).
 """

@@ -5,9 +5,9 @@
 - `setup.py`: what the loop reads (`JobParts`): both models and their engines, the teacher as a
   model or a cache, scorers, the student's rollout engine, rows, the step's cost.
 - `onpolicy.py`: on-policy steps: the rows a micro-batch draws rewritten with the student's
-  rollouts, and what generating them did (`RolloutWork`).
-- `cross_tokenizer.py`: a job across tokenizers: the shared ids, both sides of a batch, the step's sums
-  and the held-out evaluation over aligned spans.
+  rollouts (across tokenizers re-tokenised for the teacher), and what generating them did (`RolloutWork`).
+- `cross_tokenizer.py`: a job distilling across tokenizers: its collate, its step's sums over aligned
+  spans (`CrossTokenizer`), and its held-out evaluation.
 - `progress.py`: the loop's account: the open log window, the run's speed, skipped updates.
 - `evaluation.py`: held-out metrics, teacher-forced and on the student's own rollouts. `checkpoints.py`:
   atomic, resumable checkpoints.

@@ -9,6 +9,7 @@ at the spans (trainer/losses/span_sums.py); the student's CE is on its own label
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from trainer.data.batching import to_device
 from trainer.data.pairing import collate_pairs
+from trainer.data.tokenize import TeacherTokens, TokenizedRow
 from trainer.losses.cross_tokenizer import SharedVocab, shared_vocab
 from trainer.losses.objective import Objective, TokenSums, targets_at_each_position
 from trainer.losses.settings import IGNORE_INDEX
@@ -24,6 +26,11 @@ from trainer.losses.span_sums import cross_tokenizer_eval_sums, cross_tokenizer_
 from trainer.models.heads import Scorer
 from trainer.models.loading import eval_mode
 from trainer.ranks import all_reduce_sum
+from trainer.rollout.engine import RolloutEngine, RolloutSettings
+from trainer.rollout.retokenize import RolloutPairing
+from trainer.train.evaluation import batches_of_busiest_rank, held_out_prompts, rolled_out
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -165,3 +172,53 @@ def _teacher_nll(teacher: Scorer, hidden, batch: dict, chunk_size: int) -> tuple
         log_probs = F.log_softmax(teacher.logits_of(rows.index_select(0, index)), dim=-1)
         nll += F.nll_loss(log_probs, targets[start:start + chunk_size], reduction="sum").double()
     return float(nll), float(positions.numel())
+
+
+_ONPOLICY_COUNTERS = ("kl", "spans", "teacher_nll", "teacher_tokens")
+
+
+@torch.no_grad()
+def cross_tokenizer_onpolicy_evaluate(rows: list[TokenizedRow], engine: RolloutEngine, settings: RolloutSettings,
+                                      seed: int, pairing: RolloutPairing, teacher: Scorer, student: Scorer,
+                                      cross: CrossTokenizer, *, device, chunk_size: int, pad_id: int,
+                                      batch_size: int) -> dict:
+    """The student's own responses to this rank's held-out prompts (seeded as `onpolicy_evaluate`
+    seeds them), re-tokenised for the teacher and scored over the aligned spans, means over every rank:
+    `eval/onpolicy_kl` is GOLD's coarse KL(teacher ‖ student) per span (as `eval/kl_to_teacher`: the
+    two vocabularies compare only through the shared ids and one bucket, so the same-tokenizer
+    KL(student ‖ teacher) per token has no counterpart), `eval/teacher_nll_of_student` the teacher's
+    NLL per teacher token of the aligned text, over `eval/onpolicy_tokens` teacher tokens and
+    `eval/onpolicy_spans` spans. Returns {} (with a warning) when no rank had a span to score."""
+    sums = torch.zeros(len(_ONPOLICY_COUNTERS), dtype=torch.float64)
+    filler = TokenizedRow([pad_id], [IGNORE_INDEX], teacher=TeacherTokens([cross.teacher_pad_id], [], prompt_length=1))
+    with eval_mode(student.engine):
+        for batch in batches_of_busiest_rank(held_out_prompts(rows), batch_size):
+            batch_rows = rolled_out(batch, engine, settings, seed, pairing.seq_len, pairing)
+            sums += _onpolicy_counters(teacher, student, cross, cross.collate(batch_rows or [filler], pad_id), device,
+                                       chunk_size)
+    totals = dict(zip(_ONPOLICY_COUNTERS, all_reduce_sum(sums).tolist()))
+    if totals["spans"] == 0:
+        log.warning("eval/onpolicy_kl is left out: no held-out rollout had a span both tokenizers supervise within "
+                    "train.seq_len=%d; hold out prompt/response or messages rows, or raise train.seq_len.",
+                    pairing.seq_len)
+        return {}
+    return {
+        "eval/onpolicy_kl": totals["kl"] / totals["spans"],
+        "eval/teacher_nll_of_student": _mean(totals["teacher_nll"], totals["teacher_tokens"]),
+        "eval/onpolicy_tokens": totals["teacher_tokens"],
+        "eval/onpolicy_spans": totals["spans"],
+    }
+
+
+def _onpolicy_counters(teacher: Scorer, student: Scorer, cross: CrossTokenizer, host_batch: dict, device,
+                       chunk_size: int) -> torch.Tensor:
+    """Both models on one collated batch of re-tokenised rollouts: float64 `_ONPOLICY_COUNTERS`."""
+    batch = to_device(host_batch, device)
+    teacher_hidden = teacher.states(teacher_view(batch))  # the teacher's forward first, on every rank
+    student_hidden = student.states(batch)
+    with teacher.gathered(), student.gathered():
+        against = cross_tokenizer_eval_sums(student_hidden, student.head, teacher_hidden, teacher.head, batch["spans"],
+                                            cross.vocab, chunk_size=chunk_size)
+        teacher_nll, teacher_tokens = _teacher_nll(teacher, teacher_hidden, batch, chunk_size)
+    return torch.tensor([float(against["kl"]), float(against["spans"]), teacher_nll, teacher_tokens],
+                        dtype=torch.float64)

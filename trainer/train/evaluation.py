@@ -136,11 +136,11 @@ def onpolicy_evaluate(rows: list[TokenizedRow], engine: RolloutEngine, settings:
     if not teacher.scores_new_text:
         raise ValueError(f"{type(teacher).__name__} cannot score the student's rollouts; evaluate them with a "
                          "teacher model (teacher.cache=null)")
-    prompted = [(row, prompt) for row, prompt in ((row, _prompt_or_none(row)) for row in rows) if prompt is not None]
+    prompted = held_out_prompts(rows)
     sums = torch.zeros(len(_ONPOLICY_COUNTERS), dtype=torch.float64)
     with eval_mode(student.engine):
-        for start in range(0, _batches_on_busiest_rank(len(prompted), batch_size) * batch_size, batch_size):
-            batch_rows = _rolled_out(prompted[start:start + batch_size], engine, settings, seed, seq_len)
+        for batch in batches_of_busiest_rank(prompted, batch_size):
+            batch_rows = rolled_out(batch, engine, settings, seed, seq_len)
             sums += _scored(batch_rows or [_filler(pad_id)], teacher, student, device, chunk_size, pad_id)
     totals = dict(zip(_ONPOLICY_COUNTERS, all_reduce_sum(sums).tolist()))
     if totals["tokens"] == 0:
@@ -153,6 +153,17 @@ def onpolicy_evaluate(rows: list[TokenizedRow], engine: RolloutEngine, settings:
         "eval/teacher_nll_of_student": totals["teacher_nll"] / totals["tokens"],
         "eval/onpolicy_tokens": totals["tokens"],
     }
+
+
+def held_out_prompts(rows: list[TokenizedRow]) -> list[tuple[TokenizedRow, list[int]]]:
+    """Each row with a prompt, and its prompt."""
+    return [(row, prompt) for row, prompt in ((row, _prompt_or_none(row)) for row in rows) if prompt is not None]
+
+
+def batches_of_busiest_rank(prompted: list, batch_size: int) -> list[list]:
+    """`prompted` in batches, as many as the busiest rank has (the last ones empty here if need be)."""
+    count = _batches_on_busiest_rank(len(prompted), batch_size)
+    return [prompted[start:start + batch_size] for start in range(0, count * batch_size, batch_size)]
 
 
 def _prompt_or_none(row: TokenizedRow) -> list[int] | None:
@@ -170,13 +181,17 @@ def _batches_on_busiest_rank(rows: int, batch_size: int) -> int:
     return int(max_over_ranks(count).item())
 
 
-def _rolled_out(prompted: list[tuple[TokenizedRow, list[int]]], engine: RolloutEngine, settings: RolloutSettings,
-                seed: int, seq_len: int) -> list[TokenizedRow]:
-    """The rows rewritten with the student's rollouts as their responses. Called on every rank for
-    every batch, with no prompts on a rank that has run out (the engine is a collective)."""
+def rolled_out(prompted: list[tuple[TokenizedRow, list[int]]], engine: RolloutEngine, settings: RolloutSettings,
+               seed: int, seq_len: int, pairing=None) -> list[TokenizedRow]:
+    """The rows rewritten with the student's rollouts as their responses (`pairing`, across tokenizers:
+    re-tokenised for the teacher too, trainer/rollout/retokenize.py). Called on every rank for every
+    batch, with no prompts on a rank that has run out (the engine is a collective)."""
     prompts = [prompt for _, prompt in prompted]
     seeds = [rollout_seed(seed, EVAL_ROLLOUT_STEP, row.index) for row, _ in prompted]
     rollouts = engine.generate(prompts, seeds, settings.within(seq_len, prompts))
+    if pairing is not None:
+        return [pairing(row, tokens, stopped)
+                for (row, _), tokens, stopped in zip(prompted, rollouts.tokens, rollouts.stopped_at_eos)]
     return [rewritten(row, tokens, seq_len) for (row, _), tokens in zip(prompted, rollouts.tokens)]
 
 

@@ -24,7 +24,7 @@ from trainer.outputs.finish import RunFacts, finish_run
 from trainer.outputs.tracking import Tracker, forget_steps_after
 from trainer.ranks import RankInfo, all_reduce_sum
 from trainer.train import checkpoints, resume, throughput
-from trainer.train.cross_tokenizer import cross_tokenizer_evaluate, teacher_view
+from trainer.train.cross_tokenizer import cross_tokenizer_evaluate, cross_tokenizer_onpolicy_evaluate, teacher_view
 from trainer.train.evaluation import evaluate, nothing_to_average, onpolicy_evaluate
 from trainer.train.nonfinite import TrainingDiverged, describe_weights, largest_abs_weight, streak_message
 from trainer.train.onpolicy import rollout_settings
@@ -334,10 +334,13 @@ class DistillJob:
         cfg, parts = self.cfg, self.parts
         if parts.rollout_engine is None or not parts.eval_teacher.scores_new_text:
             return {}
-        if parts.cross is not None:  # the student's ids would need re-tokenising for the teacher: not built yet
-            return {}
         if diverged:
             return {"eval/onpolicy_kl": math.nan, "eval/teacher_nll_of_student": math.nan, "eval/onpolicy_tokens": 0.0}
+        if parts.cross is not None:  # the rollouts re-tokenised for the teacher, scored over the spans
+            return cross_tokenizer_onpolicy_evaluate(
+                parts.eval_rows, parts.rollout_engine, rollout_settings(cfg.onpolicy), cfg.train.seed, parts.pairing,
+                parts.eval_teacher.scorer, parts.student_scorer, parts.cross, device=self.rank.device,
+                chunk_size=parts.chunk_size, pad_id=parts.pad_id, batch_size=cfg.train.micro_batch_size)
         return onpolicy_evaluate(parts.eval_rows, parts.rollout_engine, rollout_settings(cfg.onpolicy), cfg.train.seed, parts.eval_teacher,
                                  parts.student_scorer, device=self.rank.device, chunk_size=parts.chunk_size,
                                  pad_id=parts.pad_id, batch_size=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from trainer.data.tokenize import TokenizedRow
 from trainer.rollout.engine import RolloutEngine, RolloutSettings
 from trainer.rollout.prompts import prompt_of, rewritten, rollout_rows, rollout_seed
+from trainer.rollout.retokenize import RolloutPairing
 from trainer.train.throughput import ModelCost
 
 
@@ -66,11 +67,14 @@ class OnPolicyRows:
     """Rewrites the rows a step draws for rollouts, one rollout call per micro-batch (every rank
     makes the same number of calls: under ZeRO-3 a rollout is collective)."""
 
-    def __init__(self, onpolicy_cfg, seed: int, seq_len: int, engine: RolloutEngine, forward_cost: ModelCost):
-        """`forward_cost`: the student's forward FLOPs per token, for the FLOP account of generation."""
+    def __init__(self, onpolicy_cfg, seed: int, seq_len: int, engine: RolloutEngine, forward_cost: ModelCost,
+                 pairing: RolloutPairing | None = None):
+        """`forward_cost`: the student's forward FLOPs per token, for the FLOP account of generation.
+        `pairing`: across tokenizers, re-tokenises each rollout for the teacher; None with one tokenizer."""
         self.fraction, self.seed, self.seq_len, self.engine = onpolicy_cfg.fraction, seed, seq_len, engine
         self.settings = rollout_settings(onpolicy_cfg)
         self.forward_cost = forward_cost
+        self.pairing = pairing
 
     def rewrite(self, step: int, positions: list[int], rows: list[TokenizedRow]) -> tuple[list[TokenizedRow],
                                                                                           RolloutWork]:
@@ -82,8 +86,9 @@ class OnPolicyRows:
         rollouts = self.engine.generate(prompts, [rollout_seed(self.seed, step, positions[i]) for i in chosen],
                                         settings)
         out = list(rows)
-        for i, prompt, generated in zip(chosen, prompts, rollouts.tokens):
-            out[i] = rewritten(rows[i], generated, self.seq_len)
+        for i, generated, stopped in zip(chosen, rollouts.tokens, rollouts.stopped_at_eos):
+            out[i] = (rewritten(rows[i], generated, self.seq_len) if self.pairing is None
+                      else self.pairing(rows[i], generated, stopped))
         lengths = [len(prompt) + len(generated) for prompt, generated in zip(prompts, rollouts.tokens)]
         work = RolloutWork(rollouts=len(chosen), generated_tokens=rollouts.generated_tokens,
                            truncated=rollouts.truncated, seconds=rollouts.seconds,

@@ -26,6 +26,7 @@ from trainer.preflight import Preflight
 from trainer.ranks import RankInfo
 from trainer.rollout.engine import RolloutEngine
 from trainer.rollout.hf import HFRolloutEngine
+from trainer.rollout.retokenize import RolloutPairing
 from trainer.train import throughput
 from trainer.train.cross_tokenizer import CrossTokenizer
 from trainer.train.onpolicy import OnPolicyRows
@@ -69,6 +70,9 @@ class JobParts:
     cross: CrossTokenizer | None
     """Distilling across tokenizers (loss.cross_tokenizer): the method and the ids both vocabularies
     share; None with one tokenizer."""
+    pairing: RolloutPairing | None
+    """Across tokenizers, re-tokenises the student's rollouts for the teacher (on-policy steps, the
+    on-policy evaluation); None with one tokenizer."""
     summary: dict
     """What summary.json says of the teacher and the loss path."""
 
@@ -101,8 +105,12 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
     collate_rows = cross.collate if cross is not None else collate
     summary.update(checked.alignment)
     rollout_engine = _rollout_engine(student, checked.tokenizer, checked.vocab_size, cfg.onpolicy.fraction)
+    # Across tokenizers each rollout is re-tokenised for the teacher, here and nowhere else.
+    pairing = (RolloutPairing.for_tokenizers(checked.tokenizer, checked.teacher_tokenizer, cfg.train.seq_len)
+               if cross is not None else None)
     onpolicy = (OnPolicyRows(cfg.onpolicy, cfg.train.seed, cfg.train.seq_len, rollout_engine,
-                             throughput.teacher_cost(student.module))  # generating is the student's forward only
+                             throughput.teacher_cost(student.module),  # generating is the student's forward only
+                             pairing)
                 if cfg.onpolicy.fraction > 0 else None)
     return JobParts(
         student=student, optimizer=optimizer, teacher=teacher, step_teacher=step_teacher, eval_teacher=eval_teacher,
@@ -115,7 +123,7 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
                                   collate_rows),
         eval_rows=checked.rows.eval[rank.rank::rank.world_size], pad_id=pad_id, rollout_engine=rollout_engine,
         byte_lengths=torch.tensor(token_byte_lengths(checked.tokenizer, checked.vocab_size), dtype=torch.float64),
-        onpolicy=onpolicy, teacher_cache=teacher_cache, cross=cross, summary=summary)
+        onpolicy=onpolicy, teacher_cache=teacher_cache, cross=cross, pairing=pairing, summary=summary)
 
 
 def _build_teacher(teacher_cfg, teacher_cache: CacheReader | None, configs: engines.EngineConfigs,
