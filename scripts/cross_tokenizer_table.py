@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
+
+from omegaconf import OmegaConf
+from results_table import machine, versions  # scripts/ is on the path when run as a script
 
 COLUMNS = (
     ("eval/student_ce_per_byte", "CE per byte ↓"),
@@ -43,7 +45,9 @@ def read_run(spec: str) -> dict:
     overrides_file = folder / ".hydra" / "overrides.yaml"
     overrides = [line.removeprefix("- ").strip() for line in overrides_file.read_text().splitlines()
                  if line.startswith("- ")] if overrides_file.exists() else []
-    return {"name": name, "summary": json.loads(summary_file.read_text()), "overrides": overrides}
+    config = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    return {"name": name, "summary": json.loads(summary_file.read_text()), "overrides": overrides,
+            "kind": config.loss.kind, "ce_weight": config.loss.ce_weight}
 
 
 def fmt(value) -> str:
@@ -51,8 +55,11 @@ def fmt(value) -> str:
 
 
 def method_of(run: dict) -> str:
-    summary = run["summary"]
-    return "hard labels (`sft`)" if summary.get("cross_tokenizer/method") is None else f"`{summary['cross_tokenizer/method']}`"
+    """What the run trained on: hard labels, or the cross-tokenizer method (and its CE share)."""
+    if run["kind"] == "sft":
+        return "hard labels (`sft`)"
+    method = f"`{run['summary']['cross_tokenizer/method']}`"
+    return method + (f" + CE ({run['ce_weight']:g})" if run["ce_weight"] else "")
 
 
 def render(runs: list[dict]) -> str:
@@ -72,7 +79,7 @@ def render(runs: list[dict]) -> str:
         summary = run["summary"]
         lines.append(f"| `{run['name']}` | {method_of(run)} | {summary.get('train/steps')} | "
                      + " | ".join(fmt(summary.get(key)) for key, _ in COLUMNS) + " |")
-    lines += ["", "Teacher's CE per character-token on the same answers: "
+    lines += ["", "The teacher's CE per token of its own on the same aligned answers: "
               f"{fmt(first.get('eval/teacher_ce'))} (`eval/teacher_ce` of the runs).", "", "## Runs", "",
               "| run | command | training wall time | start-up alignment |", "| --- | --- | ---: | --- |"]
     for run in runs:
@@ -82,7 +89,8 @@ def render(runs: list[dict]) -> str:
                      f"{summary['cross_tokenizer/vocab_share']:.1%} of the student's ids shared; "
                      f"{summary['cross_tokenizer/one_to_one_share']:.1%} of spans 1:1")
         lines.append(f"| `{run['name']}` | `{command}` | {summary.get('train/wall_s', 0):.0f} s | {alignment} |")
-    lines += ["", f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}; torch threads as each run set them.", ""]
+    lines += ["", f"Machine: {machine()}; {versions()}. The runs shared the machine with other work (their wall "
+              "times are not a speed measurement).", ""]
     return "\n".join(lines)
 
 
