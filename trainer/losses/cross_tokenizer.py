@@ -72,10 +72,18 @@ predicting ``" hello"`` and continuation 0. If ``q_{i+1}("lo") = 0.9``, the stud
 ``chunk_size`` rows of either side's ``[·, V]`` tensors); each chunk's gradient is taken at once and
 backward only scales it. :func:`uld_loss`/:func:`gold_loss` take logits the caller already holds;
 :func:`fused_cross_tokenizer_loss` takes hidden states and both heads and projects one chunk at a
-time, so neither model's ``[N, V]`` logits exist (the path the trainer should run). The softmax is ``O(V)`` per row, but sorting the full vocabulary is
-``O(V log V)``, with a value and an int64 index per element: the sorts are the bulk of the time
-and of a chunk's memory (measured on the 2-core CPU here, 64 rows at V = 152k: softmax 0.09 s, a
-descending sort 2.6 s, ``topk(64)`` 0.06 s; GPU not measured).
+time, so neither model's ``[N, V]`` logits exist (the path the trainer should run). It differentiates
+a chunk only down to the student's logits and chains that gradient through the head by hand, as
+:mod:`trainer.losses.fused` does: the weight's gradient is added in place into one accumulator, so
+the loss holds no ``[V_s, H]`` tensor besides it (for a float32 weight; a bf16 weight's chunk
+product is a bf16 ``[V_s, H]`` before its float32 add, as there). The softmax is ``O(V)`` per row, but sorting the
+full vocabulary is ``O(V log V)``, with a value and an int64 index per element: the sorts set a
+chunk's memory, and so its default rows (:data:`MIN_CHUNK_ROWS`); the head matmuls want many rows.
+Measured on the loaded 2-core CPU here (V_s = 152k, V_t = 131k, H = 1024, 128-row chunks; GPU not
+measured): ULD's exact sort is 40% of a chunk's time and the head matmuls, forward and backward,
+50%; per token this costliest cell runs at 1.9× the same-tokenizer fused loss's time and 1.27× its
+peak extra memory, the others at 0.9–1.6× and 0.9–1.2× (docs/benchmarks.md). 256-row chunks are at most 9% faster and put the exact sorts at 1.8–2.0×
+its memory.
 ``top_k`` replaces the two sorts by two ``topk``: the first ``k`` sorted values are compared
 exactly and the rest by their masses, ``|tail_q − tail_p|``. That is a lower bound of the exact
 ULD (triangle inequality), equal to it when one tail lies wholly above the other, and at
@@ -102,15 +110,22 @@ from trainer.losses.head import LMHead
 from trainer.losses.settings import LossSettings
 from trainer.losses.workspace import ChunkWorkspace
 
-# Elements of one chunk's [C, V] rows. A chunk holds, per side, the log-softmax, the
-# probabilities, the sorted values and their int64 indices, and autograd's copies of them:
-# ~40 bytes an element, ~170 MB at 2**22.
+# Elements of one chunk's [C, V] rows at small vocabularies. A chunk holds, per side, the
+# log-softmax, the probabilities, the sorted values and their int64 indices, and autograd's copies
+# of them: ~40 bytes an element, ~170 MB at 2**22.
 CHUNK_ELEMENTS = 2**22
+# Each chunk streams both [V, H] head weights and the weight-gradient accumulator through memory
+# once, so few rows leave the head matmuls memory-bound: at V_s=152k, V_t=131k, 27 rows ran at
+# 2.6-3.6x the same-tokenizer loss's time per token, 128 rows at most 1.9x; 256 rows were at most
+# 9% faster than 128 but their exact sorts took 1.8-2.0x its peak memory, 128 rows at most 1.27x
+# (docs/benchmarks.md).
+MIN_CHUNK_ROWS = 128
 
 
 def default_chunk_size(student_vocab: int, teacher_vocab: int) -> int:
-    """Rows per chunk: a chunk of the larger vocabulary near :data:`CHUNK_ELEMENTS` elements."""
-    return max(1, CHUNK_ELEMENTS // max(student_vocab, teacher_vocab))
+    """Rows per chunk: :data:`MIN_CHUNK_ROWS`, or more where the larger vocabulary is so small that
+    a chunk of :data:`CHUNK_ELEMENTS` elements holds more rows."""
+    return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(student_vocab, teacher_vocab))
 
 
 @dataclass(frozen=True)
