@@ -19,6 +19,7 @@ the table says. Time ratios are per token, so such a cell still compares with th
 
     python scripts/bench_cross_tokenizer.py --json /tmp/bench_xt.json     # every cell (docs/benchmarks.md)
     python scripts/bench_cross_tokenizer.py --cells "gold top_k=1024"      # the reference and that cell only
+    python scripts/bench_cross_tokenizer.py --tokens 1024 --chunk 64 256   # each cell at 64 and 256 rows a chunk
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def parse_args(argv=None):
                         help="none: the same-tokenizer references only")
     parser.add_argument("--top-k", type=int, nargs="+", default=[0, 1024], help="0: exact sort")
     parser.add_argument("--shared", type=int, default=100_000, help="GOLD: ids 0..S-1 of each side are paired")
+    parser.add_argument("--chunk", type=int, nargs="+", metavar="ROWS",
+                        help="rows per chunk of the cross-tokenizer cells, each its own cell (default: the loss's default)")
     parser.add_argument("--cells", nargs="+", metavar="NAME",
                         help="only these cells (by their table name), after the reference, which always runs")
     parser.add_argument("--warmup-tokens", type=int, default=256)
@@ -66,6 +69,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not 0 < args.shared <= min(args.student_vocab, args.teacher_vocab):
         parser.error(f"--shared {args.shared} must be in 1..min(--student-vocab, --teacher-vocab); lower it.")
+    if args.chunk and min(args.chunk) < 1:
+        parser.error("--chunk sizes must be at least 1 row; pass e.g. --chunk 64 256.")
     if not 0 < args.warmup_tokens <= args.tokens:
         parser.error("--warmup-tokens must be in 1..--tokens; pass a smaller warm-up.")
     return args
@@ -94,21 +99,25 @@ def cross_tokenizer_step(cell: dict, vocab):
     def step(student_hidden, student_weight, teacher_hidden, teacher_weight, _kind, _chunk):
         loss = fused_cross_tokenizer_loss(student_hidden, LMHead(student_weight), teacher_hidden, LMHead(teacher_weight),
                                           method=cell["method"], vocab=vocab if cell["method"] == "gold" else None,
-                                          kind="fkl", top_k=cell["top_k"] or None)
+                                          kind="fkl", top_k=cell["top_k"] or None, chunk_size=cell["chunk"])
         loss.backward()
         return loss.detach()
     return step
 
 
 def plan_cells(args) -> list[dict]:
-    """The references first (the ratios need them), then every method × top-k."""
+    """The references first (the ratios need them), then every method × top-k (× ``--chunk``: a name
+    with ``chunk=ROWS`` appended)."""
     cells = [dict(name=f"same V={vocab}", method="same", top_k=None, student_vocab=vocab, teacher_vocab=vocab,
                   chunk=default_chunk_size(vocab)) for vocab in dict.fromkeys((args.student_vocab, args.teacher_vocab))]
+    chunks = args.chunk or [xt.default_chunk_size(args.student_vocab, args.teacher_vocab)]
     for method in args.methods:
         for top_k in args.top_k:
-            cells.append(dict(name=f"{method} {'exact sort' if not top_k else f'top_k={top_k}'}", method=method,
-                              top_k=top_k or None, student_vocab=args.student_vocab, teacher_vocab=args.teacher_vocab,
-                              chunk=xt.default_chunk_size(args.student_vocab, args.teacher_vocab)))
+            for chunk in chunks:
+                name = f"{method} {'exact sort' if not top_k else f'top_k={top_k}'}"
+                cells.append(dict(name=f"{name} chunk={chunk}" if args.chunk else name, method=method,
+                                  top_k=top_k or None, student_vocab=args.student_vocab,
+                                  teacher_vocab=args.teacher_vocab, chunk=chunk))
     if args.cells:
         unknown = set(args.cells) - {cell["name"] for cell in cells}
         if unknown:
@@ -156,7 +165,7 @@ class PieceTimer:
 def chunk_breakdown(cell: dict, vocab, hidden: int) -> dict[str, float]:
     """One chunk of ``cell`` (its default rows) step by step, as ``fused_cross_tokenizer_loss`` runs it
     (with the module's own pieces): forward, autograd to the student's logits, the head's backward by
-    hand (hidden and weight gradients) and the weight gradient's accumulation over chunks."""
+    hand (the hidden states' gradient, the weight's added in place into its accumulator)."""
     rows = min(cell["chunk"], cell["tokens"])
     student_hidden, student_weight, teacher_hidden, teacher_weight = cell_inputs(rows, cell["student_vocab"],
                                                                                  cell["teacher_vocab"], hidden)
@@ -170,11 +179,9 @@ def chunk_breakdown(cell: dict, vocab, hidden: int) -> dict[str, float]:
         value = (uld_pieces if cell["method"] == "uld" else gold_pieces)(timer, student_logits, teacher_logits, cell, vocab)
     with timer("autograd to the logits (backward of the above)"):
         (logit_grad,) = torch.autograd.grad(value, student_logits)
-    with timer("head matmuls (backward: hidden and weight gradients)"):
+    with timer("head matmuls (backward: hidden gradient, weight gradient by addmm_ into its accumulator)"):
         logit_grad @ student_weight
-        weight_grad = logit_grad.T @ student_hidden
-    with timer("weight-gradient accumulation ([V_s, H] add)"):
-        accumulated += weight_grad
+        accumulated.addmm_(logit_grad.T, student_hidden)
     return timer.seconds
 
 

@@ -36,3 +36,11 @@ def test_a_cell_over_its_budget_is_timed_on_fewer_rows(tmp_path):
                                "--cell-budget-s", "1e-9")
     assert [(cell["name"], cell["tokens"]) for cell in record["cells"]] == [("same V=300", 16), ("uld exact sort", 16)]
     assert "16 (est. " in stdout
+
+
+def test_each_chunk_size_is_its_own_cell(tmp_path):
+    _, record = run_bench(tmp_path, "--tokens", "32", "--warmup-tokens", "16", "--methods", "uld", "--top-k", "0",
+                          "--chunk", "3", "32")
+    cells = [(cell["name"], cell["chunk"]) for cell in record["cells"]]
+    assert cells[2:] == [("uld exact sort chunk=3", 3), ("uld exact sort chunk=32", 32)]
+    assert set(record["breakdowns"]) == {"uld exact sort chunk=3", "uld exact sort chunk=32"}

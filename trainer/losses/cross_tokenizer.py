@@ -72,10 +72,18 @@ predicting ``" hello"`` and continuation 0. If ``q_{i+1}("lo") = 0.9``, the stud
 ``chunk_size`` rows of either side's ``[·, V]`` tensors); each chunk's gradient is taken at once and
 backward only scales it. :func:`uld_loss`/:func:`gold_loss` take logits the caller already holds;
 :func:`fused_cross_tokenizer_loss` takes hidden states and both heads and projects one chunk at a
-time, so neither model's ``[N, V]`` logits exist (the path the trainer should run). The softmax is ``O(V)`` per row, but sorting the full vocabulary is
-``O(V log V)``, with a value and an int64 index per element: the sorts are the bulk of the time
-and of a chunk's memory (measured on the 2-core CPU here, 64 rows at V = 152k: softmax 0.09 s, a
-descending sort 2.6 s, ``topk(64)`` 0.06 s; GPU not measured).
+time, so neither model's ``[N, V]`` logits exist (the path the trainer should run). It differentiates
+a chunk only down to the student's logits and chains that gradient through the head by hand, as
+:mod:`trainer.losses.fused` does: the weight's gradient is added in place into one accumulator, so
+the loss holds no ``[V_s, H]`` tensor besides it (for a float32 weight; a bf16 weight's chunk
+product is a bf16 ``[V_s, H]`` before its float32 add, as there). The softmax is ``O(V)`` per row, but sorting the
+full vocabulary is ``O(V log V)``, with a value and an int64 index per element: the sorts set a
+chunk's memory, and so its default rows (:data:`MIN_CHUNK_ROWS`); the head matmuls want many rows.
+Measured on the loaded 2-core CPU here (V_s = 152k, V_t = 131k, H = 1024, 128-row chunks; GPU not
+measured): ULD's exact sort is 40% of a chunk's time and the head matmuls, forward and backward,
+50%; per token this costliest cell runs at 1.9× the same-tokenizer fused loss's time and 1.27× its
+peak extra memory, the others at 0.9–1.6× and 0.9–1.2× (docs/benchmarks.md). 256-row chunks are at most 9% faster and put the exact sorts at 1.8–2.0×
+its memory.
 ``top_k`` replaces the two sorts by two ``topk``: the first ``k`` sorted values are compared
 exactly and the rest by their masses, ``|tail_q − tail_p|``. That is a lower bound of the exact
 ULD (triangle inequality), equal to it when one tail lies wholly above the other, and at
@@ -97,18 +105,27 @@ from trainer.losses.divergence import (
     tempered_log_probs,
     validate_divergence_params,
 )
+from trainer.losses.fused import _accumulate as accumulate_head_grads
 from trainer.losses.head import LMHead
 from trainer.losses.settings import LossSettings
+from trainer.losses.workspace import ChunkWorkspace
 
-# Elements of one chunk's [C, V] rows. A chunk holds, per side, the log-softmax, the
-# probabilities, the sorted values and their int64 indices, and autograd's copies of them:
-# ~40 bytes an element, ~170 MB at 2**22.
+# Elements of one chunk's [C, V] rows at small vocabularies. A chunk holds, per side, the
+# log-softmax, the probabilities, the sorted values and their int64 indices, and autograd's copies
+# of them: ~40 bytes an element, ~170 MB at 2**22.
 CHUNK_ELEMENTS = 2**22
+# Each chunk streams both [V, H] head weights and the weight-gradient accumulator through memory
+# once, so few rows leave the head matmuls memory-bound: at V_s=152k, V_t=131k, 27 rows ran at
+# 2.6-3.6x the same-tokenizer loss's time per token, 128 rows at most 1.9x; 256 rows were at most
+# 9% faster than 128 but their exact sorts took 1.8-2.0x its peak memory, 128 rows at most 1.27x
+# (docs/benchmarks.md).
+MIN_CHUNK_ROWS = 128
 
 
 def default_chunk_size(student_vocab: int, teacher_vocab: int) -> int:
-    """Rows per chunk: a chunk of the larger vocabulary near :data:`CHUNK_ELEMENTS` elements."""
-    return max(1, CHUNK_ELEMENTS // max(student_vocab, teacher_vocab))
+    """Rows per chunk: :data:`MIN_CHUNK_ROWS`, or more where the larger vocabulary is so small that
+    a chunk of :data:`CHUNK_ELEMENTS` elements holds more rows."""
+    return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(student_vocab, teacher_vocab))
 
 
 @dataclass(frozen=True)
@@ -434,16 +451,15 @@ def fused_cross_tokenizer_loss(student_hidden: Tensor, student_head: LMHead, tea
         vocab = vocab.to(student_hidden.device)
     rows = _per_position(method, vocab, settings)
 
-    def chunk_value(chunk, hidden, weight, bias, continuation):
+    def chunk_value(chunk, projected, continuation):
         with torch.no_grad():
             teacher = teacher_head.logits(teacher_hidden[chunk])
-        student = student_head.finish(student_head.projection(hidden, weight, bias))
-        return rows(student, teacher, continuation, _rows_of(teacher_continuation, chunk)).sum()
+        return rows(student_head.finish(projected), teacher, continuation, _rows_of(teacher_continuation, chunk)).sum()
 
     step = chunk_size or default_chunk_size(student_head.rows, teacher_head.rows)
     continuation = _zeros_if_none(student_continuation, student_hidden)
-    return _ChunkedRows.apply(chunk_value, student_hidden.shape[0], step, (True, False, False, True),
-                              student_hidden, student_head.weight, student_head.bias, continuation)
+    return _HeadChunks.apply(chunk_value, step, student_head, student_hidden, student_head.weight,
+                             student_head.bias, continuation)
 
 
 def _logits_sum(method, student, teacher, vocab, settings, student_continuation, teacher_continuation, chunk_size):
@@ -534,3 +550,64 @@ def _add_chunk_grads(value: Tensor, inputs: list, grads: list, sliced, chunk: sl
             grads[i][chunk] = chunk_grad
         else:
             grads[i] += chunk_grad
+
+
+class _HeadChunks(torch.autograd.Function):
+    """:func:`fused_cross_tokenizer_loss`'s sum, a chunk of rows at a time, with the student head's
+    backward written out as :mod:`trainer.losses.fused` writes it.
+
+    Each chunk's logits are projected outside autograd and ``chunk_value(chunk, projected [C, V_s],
+    continuation [C])`` is differentiated to them (and the continuation) only; the logit gradient is
+    then chained through the head by hand: the weight's gradient added in place into its accumulator
+    (``addmm_``), the bias's summed, the hidden states' written at the chunk's rows. Autograd through
+    the head itself would hand back a new ``[V_s, H]`` weight gradient per chunk, one more tensor the
+    size of the weight at the peak (docs/benchmarks.md, across tokenizers)."""
+
+    @staticmethod
+    def forward(ctx, chunk_value, step, head, hidden, weight, bias, continuation):
+        wants = [wanted and tensor is not None for wanted, tensor in
+                 zip(ctx.needs_input_grad[3:], (hidden, weight, bias, continuation))]
+        # Float32 or wider, so a bf16 weight's gradient is not rounded once per chunk.
+        grads = [torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
+                 if wanted else None for t, wanted in zip((hidden, weight, bias, continuation), wants)]
+        wants_logits = any(wants[:3])
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        workspace = ChunkWorkspace(min(step, max(1, hidden.shape[0])))
+        for start in range(0, hidden.shape[0], step):
+            chunk = slice(start, start + step)
+            rows = hidden[chunk]
+            buffer = workspace.take("student_logits", rows.shape[0], head.rows, weight.dtype, weight.device)
+            projected = head.projection(rows, weight, bias, out=buffer).detach().requires_grad_(wants_logits)
+            chunk_continuation = continuation[chunk].detach().requires_grad_(wants[3])
+            with torch.enable_grad():
+                value = chunk_value(chunk, projected, chunk_continuation)
+            if wants_logits or wants[3]:
+                grad_logits, grad_continuation = _chunk_grads(value, projected, chunk_continuation)
+                if grad_logits is not None:
+                    index = torch.arange(start, start + rows.shape[0], device=hidden.device)
+                    accumulate_head_grads(grad_logits, rows, index, weight, head.rows, *grads[:3])
+                if grad_continuation is not None:
+                    grads[3][chunk] = grad_continuation
+            total += value.detach()
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        ctx.wants, ctx.used = wants, False
+        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias, continuation)]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        if ctx.used:
+            raise RuntimeError("fused_cross_tokenizer_loss supports one backward pass per forward; "
+                               "recompute the loss instead of retain_graph=True.")
+        ctx.used = True
+        # In place: each stored gradient is used once, and a [V, H] copy would be the largest tensor here.
+        grads = [stored.mul_(grad_total).to(dtype) if wanted else None
+                 for stored, wanted, dtype in zip(ctx.saved_tensors, ctx.wants, ctx.dtypes)]
+        return (None, None, None, *grads)
+
+
+def _chunk_grads(value: Tensor, projected: Tensor, continuation: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """``d value / d projected`` ``[C, V_s]`` and ``d value / d continuation`` ``[C]``, each None if not wanted."""
+    inputs = [t for t in (projected, continuation) if t.requires_grad]
+    found = iter(torch.autograd.grad(value, inputs, allow_unused=True))
+    return tuple(next(found) if t.requires_grad else None for t in (projected, continuation))

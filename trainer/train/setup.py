@@ -17,6 +17,7 @@ from trainer.data.alignment import token_byte_lengths
 from trainer.data.batching import collate, eval_batches
 from trainer.data.tokenize import TokenizedRow
 from trainer.losses import default_chunk_size
+from trainer.losses.cross_tokenizer import default_chunk_size as cross_tokenizer_chunk_size
 from trainer.models import engines, loading, lora
 from trainer.models.heads import Scorer, fused_unsupported_reason
 from trainer.models.optimizer import SkippingAdamW
@@ -92,7 +93,7 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
     if fused:
         for role, scorer in scorers.items():
             check_head_parity(role, scorer.engine, scorer.tap, scorer.head, rank.device)
-    chunk_size = cfg.loss.chunk_size or default_chunk_size(max(vocab_sizes.values()))
+    chunk_size = cfg.loss.chunk_size or _default_chunk_size(vocab_sizes, checked.cross_tokenizer)
     log.info("loss: %s, %d tokens per chunk", "fused with the heads" if fused else "on full logits", chunk_size)
     summary["loss/fused"] = fused
     if cfg.data.pack:  # every rank: a sharded model's forward is collective
@@ -124,6 +125,14 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
         eval_rows=checked.rows.eval[rank.rank::rank.world_size], pad_id=pad_id, rollout_engine=rollout_engine,
         byte_lengths=torch.tensor(token_byte_lengths(checked.tokenizer, checked.vocab_size), dtype=torch.float64),
         onpolicy=onpolicy, teacher_cache=teacher_cache, cross=cross, pairing=pairing, summary=summary)
+
+
+def _default_chunk_size(vocab_sizes: dict[str, int], cross_tokenizer) -> int:
+    """Rows per chunk when ``loss.chunk_size`` is unset: across tokenizers the sorts' ``[C, V]``
+    intermediates bound it (fewer rows than the same-tokenizer loss runs), otherwise the fused loss's."""
+    if cross_tokenizer:
+        return cross_tokenizer_chunk_size(vocab_sizes["student"], vocab_sizes["teacher"])
+    return default_chunk_size(max(vocab_sizes.values()))
 
 
 def _build_teacher(teacher_cfg, teacher_cache: CacheReader | None, configs: engines.EngineConfigs,
