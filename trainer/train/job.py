@@ -289,7 +289,7 @@ class DistillJob:
         The teacher's own CE is left out: a cached teacher's stored log-probabilities may hold -inf; so
         are the means that prompt-only held-out rows leave nothing to average over."""
         bad = {key: value for key, value in final.items() if key != "eval/teacher_ce" and not math.isfinite(value)
-               and not nothing_to_average(key, final)}
+               and not nothing_to_average(key, final) and not _no_bytes_to_divide_by(key, final)}
         if not bad:
             return
         weights = self._weights_now()
@@ -363,6 +363,12 @@ class DistillJob:
         return finish_run(parts.student.module, checked.tokenizer, run_dir=self.run_dir, rank=self.rank,
                           tracker=self.tracker, summary=summary, facts=facts, peft_cfg=cfg.peft,
                           student_cfg=cfg.student, merged_dtype=merged_dtype, metric=cfg.train.metric)
+
+def _no_bytes_to_divide_by(key: str, final: dict) -> bool:
+    """CE per byte is NaN, not a diverged student, when the supervised tokens stand for no text (a
+    tokenizer whose ids are all special or unreadable as bytes): the CE itself is finite then."""
+    return key == "eval/student_ce_per_byte" and math.isfinite(final.get("eval/student_ce", math.nan))
+
 
 def run(cfg, rank: RankInfo, run_dir: Path, inputs_checked=lambda: None) -> float:
     """The whole job (see :class:`DistillJob` for `inputs_checked`). Returns the metric named by
