@@ -68,8 +68,8 @@ def _inject_nan_loss():
         self.poisoned = dist.get_rank() == int(rank) and hit(step + 1)
         return original_step(self, step, measure_grad_norm)
 
-    def micro_batch_sums(self, teacher_states, student_states, labels, supervised):
-        sums = original_sums(self, teacher_states, student_states, labels, supervised)
+    def micro_batch_sums(self, teacher_states, student_states, labels, supervised, spans=None):
+        sums = original_sums(self, teacher_states, student_states, labels, supervised, spans)
         if self.poisoned:
             return TokenSums(sums.objective * float("nan"), sums.kd, sums.ce)
         return sums
