@@ -6,16 +6,9 @@ from __future__ import annotations
 
 import pytest
 from test_config import composed
+from test_config_trust import refused
 
-from trainer.config import ConfigError, unread_loss_settings, validate
-
-
-def refused(*overrides: str) -> str:
-    with pytest.raises(ConfigError) as error:
-        validate(composed(*overrides))
-    message = str(error.value)
-    assert "\n" not in message
-    return message
+from trainer.config import unread_loss_settings, validate
 
 
 @pytest.mark.parametrize("overrides, phrase", [
