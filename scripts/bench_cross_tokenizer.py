@@ -187,8 +187,8 @@ def chunk_breakdown(cell: dict, vocab, hidden: int) -> dict[str, float]:
 
 def uld_pieces(timer, student_logits, teacher_logits, cell, _vocab):
     with timer("softmaxes"):
-        q = tempered_log_probs(student_logits, 1.0, torch.float32).exp()
-        p = tempered_log_probs(teacher_logits, 1.0, torch.float32).exp()
+        q = torch.softmax(student_logits, dim=-1)  # as xt._merged_probs, at T = 1 and one-token spans
+        p = torch.softmax(teacher_logits, dim=-1)
     return sorted_l1_pieces(timer, q, p, cell["top_k"])
 
 
@@ -198,12 +198,11 @@ def gold_pieces(timer, student_logits, teacher_logits, cell, vocab):
         log_p = tempered_log_probs(teacher_logits, 1.0, torch.float32)
     with timer("coarse distributions and their KL (index_select, bucket logsumexp)"):
         zeros = log_q.new_zeros(log_q.shape[0])
-        coarse_q = xt._coarse(log_q, zeros, vocab.student_ids, vocab.student_only)
-        coarse_p = xt._coarse(log_p, zeros, vocab.teacher_ids, vocab.teacher_only)
+        coarse_q, unshared_q = xt._coarse(log_q, zeros, vocab.student_ids, vocab.student_only)
+        coarse_p, unshared_p = xt._coarse(log_p, zeros, vocab.teacher_ids, vocab.teacher_only)
         shared_part = divergence_from_log_probs(LossSettings("fkl"), coarse_p, coarse_q).sum()
     with timer("softmaxes"):
-        q = log_q.index_select(-1, vocab.student_only).exp()
-        p = log_p.index_select(-1, vocab.teacher_only).exp()
+        q, p = unshared_q.exp(), unshared_p.exp()
     return shared_part + sorted_l1_pieces(timer, q, p, cell["top_k"])
 
 

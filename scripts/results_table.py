@@ -337,6 +337,7 @@ def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float
         *([ONPOLICY_METRICS_NOTE] if len(metrics) > len(METRICS) else []),
         "",
         *(equal_wall_section(matched, metrics) if matched else []),
+        *cross_tokenizer_section(CROSS_TOKENIZER_RESULTS),
         "## Runs",
         "",
         *run_rows,
@@ -355,6 +356,36 @@ def render(runs: list[dict], teacher: dict, args, build_s: float, total_s: float
         "severalfold, in CPU time too (threads contend for the cores), so compare times only at similar load.",
     ]
     return "\n".join(lines) + "\n"
+
+
+CROSS_TOKENIZER_RESULTS = REPO / "docs" / "results_cross_tokenizer.md"
+
+
+def cross_tokenizer_section(path: Path) -> list[str]:
+    """The demo across tokenizers (hard labels, ULD, GOLD at equal steps), its rows copied from the
+    table `scripts/cross_tokenizer_table.py` wrote to `path`; nothing when there is none."""
+    if not path.is_file():
+        return []
+    text = path.read_text().splitlines()
+    start = next((i for i, line in enumerate(text) if line.startswith("| run |")), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start, len(text)) if not text[i].startswith("|")), len(text))
+    teacher = [line for line in text[end:] if line.startswith("The teacher's CE")][:1]
+    about = [line for line in text[:start] if line.strip()][-1:]  # the paragraph that says what the runs are
+    return [
+        "## Across tokenizers",
+        "",
+        f"Hard labels, ULD and GOLD at equal steps, copied from `{path.relative_to(REPO)}` (written by "
+        "`scripts/cross_tokenizer_table.py` from the runs' `summary.json`; their commands and machine are there).",
+        "",
+        *about,
+        "",
+        *text[start:end],
+        "",
+        *teacher,
+        *([""] if teacher else []),
+    ]
 
 
 def runs_table(runs: list[dict], onpolicy: bool) -> list[str]:

@@ -141,7 +141,8 @@ class LossConfig:
     """null: teacher and student must share a tokenizer. `uld` or `gold`: distil across tokenizers
     (trainer/losses/cross_tokenizer.py): each model tokenises the row itself, the two are aligned by
     character offsets into spans, and ULD (sorted distributions) or GOLD (exact divergence of kind
-    loss.kind over the ids both vocabularies share, ULD over the rest) compares each span."""
+    loss.kind over the ids both vocabularies share, ULD over the rest) compares each span. With
+    python -m trainer.cache it builds a cache any student can read (trainer/cache/cross.py)."""
     uld_weight: float = 1.0
     """GOLD's weight of its ULD term over the ids only one vocabulary has; 0 drops that term."""
     uld_top_k: int = 0
@@ -452,9 +453,6 @@ def _validate_cross_tokenizer_job(cfg) -> None:
     if cfg.data.pack:
         raise ConfigError(f"loss.cross_tokenizer={method} cannot pack rows (the two tokenisations of a packed row "
                           "would need packing alike); set data.pack=false.")
-    if cfg.teacher.cache:
-        raise ConfigError(f"loss.cross_tokenizer={method} cannot read a teacher cache yet (its top-k ids are the "
-                          "teacher's, stored without character offsets); set teacher.cache=null to run the teacher.")
 
 
 def _validate_train(train) -> None:

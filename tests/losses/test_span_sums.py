@@ -364,3 +364,66 @@ def test_float32_inputs_give_float32_gradients_close_to_the_float64_reference(me
     for got, want in zip(grads_of(sums.objective, low), grads_of(exact.objective, params)):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+# --- a cached teacher (trainer/losses/topk_teacher.py) -------------------------------------------
+
+
+def cached(teacher_logits, teacher_tokens, top_k):
+    """The teacher's top-k at every flat position, and the exact log-probability of the token that follows."""
+    from trainer.losses.topk_teacher import TopKTeacher
+
+    log_probs = torch.log_softmax(teacher_logits, -1)
+    top = log_probs.topk(top_k, dim=-1)
+    following = torch.cat([teacher_tokens[:, 1:], teacher_tokens[:, :1]], dim=1).reshape(-1)
+    return TopKTeacher(top.values, top.indices, following, log_probs.gather(1, following.unsqueeze(1)).squeeze(1),
+                       teacher_logits.shape[-1])
+
+
+@pytest.mark.parametrize("method,temperature", [("uld", 1.0), ("gold", 1.0), ("gold", 1.7)])
+def test_a_cached_teacher_listing_every_id_gives_the_live_teachers_sums_and_gradients(method, temperature):
+    b = batch(quirky=True)
+    teacher_logits = reference_logits(b["teacher_hidden"], b["teacher_head"])
+    settings = dict(method=method, kd_weight=0.7, ce_weight=0.4, temperature=temperature, chunk_size=2)
+    live = sums_of(b, **settings)
+    from_cache = cross_tokenizer_sums(b["student_hidden"], b["student_head"], None,
+                                      cached(teacher_logits, b["teacher_tokens"], V_T), b["spans"], b["targets"],
+                                      vocab=b["vocab"], **settings)
+    torch.testing.assert_close(from_cache.objective, live.objective, rtol=1e-10, atol=1e-10)
+    params = student_params(b)
+    for got, want in zip(grads_of(from_cache.objective, params), grads_of(live.objective, params)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    live_eval = cross_tokenizer_eval_sums(b["student_hidden"], b["student_head"], b["teacher_hidden"],
+                                          b["teacher_head"], b["spans"], b["vocab"], chunk_size=3)
+    cached_eval = cross_tokenizer_eval_sums(b["student_hidden"], b["student_head"], None,
+                                            cached(teacher_logits, b["teacher_tokens"], V_T), b["spans"], b["vocab"],
+                                            chunk_size=3)
+    for key, value in live_eval.items():
+        torch.testing.assert_close(cached_eval[key], value, rtol=1e-10, atol=1e-10)
+
+
+def test_a_cached_row_keeps_its_top_k_and_target_exact_and_spreads_the_rest_evenly():
+    from trainer.losses.topk_teacher import TopKTeacher
+
+    log_probs = torch.log_softmax(torch.randn(2, 10, generator=generator(11), dtype=torch.float64), -1)
+    top = log_probs.topk(3, dim=-1)
+    ids = top.indices.clone()
+    ids[1, 2] = -1  # a position listing fewer entries
+    target = log_probs[0].argmin().reshape(1)  # outside the top-k
+    teacher = TopKTeacher(top.values, ids, torch.cat([target, ids[1, :1]]),
+                          torch.stack([log_probs[0, target[0]], log_probs[1, ids[1, 0]]]), 10)
+    rows = teacher.logits(torch.arange(2))
+    assert torch.allclose(rows.exp().sum(-1), torch.ones(2, dtype=torch.float64))
+    listed = [set(ids[0].tolist()) | {int(target)}, set(ids[1, :2].tolist())]
+    for r, known in enumerate(listed):
+        for i in known:
+            assert rows[r, i] == log_probs[r, i]
+        rest = torch.tensor(sorted(set(range(10)) - known))
+        left = 1 - log_probs[r, sorted(known)].exp().sum()
+        torch.testing.assert_close(rows[r, rest].exp(), torch.full((len(rest),), float(left) / len(rest),
+                                                                   dtype=torch.float64))
+    # The stored value at temperature 1; read off the rebuilt row at any other.
+    assert teacher.token_log_probs(torch.tensor([0]), target) == log_probs[0, target]
+    torch.testing.assert_close(teacher.token_log_probs(torch.tensor([0]), target, temperature=2.0),
+                               torch.log_softmax(rows[0] / 2, -1)[target])
+    assert teacher.top1(torch.arange(2)).tolist() == log_probs.argmax(-1).tolist()

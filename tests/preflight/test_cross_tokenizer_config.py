@@ -1,6 +1,7 @@
 """Issue 20: loss.cross_tokenizer and its settings are checked at start-up, one line each, before
-anything loads; the combinations not built yet are refused by name (on-policy rollouts are
-re-tokenised for the teacher, so on-policy is accepted)."""
+anything loads; the combinations not built are refused by name (on-policy rollouts are
+re-tokenised for the teacher, so on-policy is accepted, and a teacher cache built across tokenizers
+serves any student)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from trainer.config import unread_loss_settings, validate
     (["loss.cross_tokenizer=gold", "loss.uld_top_k=-5"], "loss.uld_top_k=-5 is negative"),
     (["loss.cross_tokenizer=uld", "loss.fused=false"], "loss.cross_tokenizer=uld runs on the fused path only"),
     (["loss.cross_tokenizer=gold", "data.pack=true"], "loss.cross_tokenizer=gold cannot pack rows"),
-    (["loss.cross_tokenizer=gold", "teacher.cache=auto"], "loss.cross_tokenizer=gold cannot read a teacher cache yet"),
+    (["loss.cross_tokenizer=gold", "teacher.cache=auto", "onpolicy.fraction=0.5"],
+     "onpolicy.fraction=0.5 needs a teacher that runs"),
 ])
 def test_a_bad_cross_tokenizer_setting_is_one_line(overrides, phrase):
     assert phrase in refused(*overrides)
@@ -26,6 +28,11 @@ def test_a_bad_cross_tokenizer_setting_is_one_line(overrides, phrase):
 @pytest.mark.parametrize("method", ["uld", "gold"])
 def test_each_method_is_accepted(method):
     validate(composed(f"loss.cross_tokenizer={method}", "loss.uld_top_k=64"))
+
+
+def test_a_teacher_cache_across_tokenizers_is_accepted():
+    """Built with loss.cross_tokenizer, it serves students of any tokenizer (tests/cache/test_cross_tokenizer_cache.py)."""
+    validate(composed("loss.cross_tokenizer=gold", "teacher.cache=auto"))
 
 
 @pytest.mark.parametrize("fraction", ["0.5", "1"])

@@ -6,5 +6,6 @@
 - `identity.py`: a cache's identity for one job, and the check that the one on disk is it.
 - `tail.py`: entries drawn from the teacher's tail beside its exact top tokens (teacher.tail_samples).
 - `teacher.py`: the cached teacher, behind the same `Teacher` interface as a model (trainer/models/teacher.py).
+- `cross.py`: a cache built across tokenizers (loss.cross_tokenizer), which serves students of any tokenizer.
 - `from_api.py`: `python -m trainer.cache.from_api` turns an API dump into a dataset and a cache.
 """

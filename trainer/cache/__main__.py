@@ -3,7 +3,8 @@ and keep its top-k log-probabilities, so that any number of student runs can tra
 `teacher=cache` (or `teacher.cache=auto`) and no teacher in memory.
 
 Takes the job's own config: the same teacher, data, train.seq_len and deepspeed settings the
-training runs use, plus teacher.top_k, teacher.tail_samples, teacher.cache_dtype and teacher.cache_shard_rows. Prints
+training runs use, plus teacher.top_k, teacher.tail_samples, teacher.cache_dtype and teacher.cache_shard_rows.
+With loss.cross_tokenizer set, the cache serves students of any tokenizer (trainer/cache/cross.py). Prints
 `CACHE <folder>` last. Run it again after an interruption: it resumes at the first missing shard.
 """
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trainer.cache.cross import TOKENIZER_FOLDER, teacher_side_splits, with_positions
 from trainer.cache.identity import CacheIdentity, check_matches, job_identity
 from trainer.cache.store import Manifest, RowTopK, SplitInfo, read_manifest, shard_path, write_manifest, write_shard
 from trainer.cache.tail import draw_seed, top_and_sampled_tail
@@ -44,13 +45,18 @@ class _Batch:
     """Its place within the shard, which seeds its tail draws."""
     rows: list[TokenizedRow]
     last_of_shard: bool
+    sides: list | None = None
+    """Across tokenizers, each row's :class:`~trainer.data.pairing.TeacherSideRow`."""
 
 
 def build_cache(cfg, rank: RankInfo) -> Path:
     """Build (or finish) the cache for this config; returns its folder."""
     preflight = check(cfg, rank, "cache")  # the cache is the teacher's outputs, made to train students
-    identity = job_identity(cfg.teacher, preflight, cache_root(cfg))
+    across = bool(cfg.loss.cross_tokenizer)
+    identity = job_identity(cfg.teacher, preflight, cache_root(cfg), cross_tokenizer=across)
     manifest = _start_manifest(cfg, identity, preflight, rank)
+    if across and rank.is_main:  # a student job reads the teacher's tokenizer from here (trainer/cache/cross.py)
+        preflight.tokenizer.save_pretrained(str(identity.folder / TOKENIZER_FOLDER))
     if manifest.complete:
         log.info("cache: %s is already complete", identity.folder)
         return identity.folder
@@ -62,7 +68,11 @@ def build_cache(cfg, rank: RankInfo) -> Path:
     configs = engines.engine_configs(cfg.deepspeed, cfg.train, cfg.teacher, precision, rank.world_size)
     engine, _ = load_teacher(cfg.teacher, configs, precision, rank)
     scorer = _teacher_scorer(cfg.loss.fused, engine, preflight.vocab_size, rank)
-    _compute_shards(cfg, scorer, identity.folder, manifest, preflight.splits, todo[rank.rank::rank.world_size],
+    # Across tokenizers, the rows as the teacher's side of a pairing holds them (any student's).
+    sides = teacher_side_splits(preflight.sources, preflight.tokenizer, cfg.train.seq_len) if across else None
+    rows = ({name: [side.row for side in split] for name, split in sides.items()} if across
+            else {name: examples.rows for name, examples in preflight.splits.items()})
+    _compute_shards(cfg, scorer, identity.folder, manifest, rows, sides, todo[rank.rank::rank.world_size],
                     preflight.tokenizer, rank, collective=configs.teacher_sharded)
     dist.barrier()
     if rank.is_main:
@@ -107,16 +117,19 @@ def _teacher_scorer(fused_wanted: bool, engine, vocab_size: int, rank: RankInfo)
     return scorer
 
 
-def _compute_shards(cfg, scorer: Scorer, folder: Path, manifest: Manifest, splits: dict, mine: list,
-                    tokenizer, rank: RankInfo, collective: bool) -> None:
-    """`collective`: the teacher is partitioned, so every forward needs every rank (see in_lockstep)."""
+def _compute_shards(cfg, scorer: Scorer, folder: Path, manifest: Manifest, splits: dict[str, list[TokenizedRow]],
+                    sides: dict | None, mine: list, tokenizer, rank: RankInfo, collective: bool) -> None:
+    """`collective`: the teacher is partitioned, so every forward needs every rank (see in_lockstep).
+    `sides`: across tokenizers, each row's teacher side, whose positions and offsets are stored too."""
     batch_size = cfg.train.micro_batch_size
     work = []
     for split, shard in mine:
         shard_rows = manifest.splits[split].shard_rows
-        rows = splits[split].rows[shard * shard_rows:(shard + 1) * shard_rows]
+        span = slice(shard * shard_rows, (shard + 1) * shard_rows)
+        rows, row_sides = splits[split][span], sides[split][span] if sides else None
         starts = range(0, len(rows), batch_size)
-        work += [_Batch(split, shard, i, rows[s:s + batch_size], s == starts[-1]) for i, s in enumerate(starts)]
+        work += [_Batch(split, shard, i, rows[s:s + batch_size], s == starts[-1],
+                        row_sides[s:s + batch_size] if row_sides else None) for i, s in enumerate(starts)]
     dtype = getattr(torch, manifest.dtype)
     entries = Entries(manifest.key["top_k"], manifest.key.get("tail_samples", 0))
     chunk_size = cfg.loss.chunk_size or default_chunk_size(scorer.vocab_size)
@@ -125,7 +138,10 @@ def _compute_shards(cfg, scorer: Scorer, folder: Path, manifest: Manifest, split
     def run(item: _Batch) -> None:
         batch = to_device(collate(item.rows, tokenizer.pad_token_id), rank.device)
         draws = torch.Generator(rank.device).manual_seed(draw_seed(item.split, item.shard, item.index))
-        pending.extend(batch_top_k(scorer, batch, entries, chunk_size, draws))
+        found = batch_top_k(scorer, batch, entries, chunk_size, draws)
+        if item.sides is not None:
+            found = [with_positions(row, side) for row, side in zip(found, item.sides)]
+        pending.extend(found)
         if item.last_of_shard:
             write_shard(shard_path(folder, item.split, item.shard), pending, dtype)
             log.info("cache: %s shard %d written (%d rows)", item.split, item.shard, len(pending))

@@ -11,6 +11,16 @@ and for each row only its supervised positions (those whose next token the loss 
     ids              int32  [P, k]   their token ids (-1 pads a position that lists fewer than k)
     target_logprobs  fp32   [P]      the teacher's log-probability of the actual next token
 
+A cache built for distillation across tokenizers (`loss.cross_tokenizer`, manifest key
+`cross_tokenizer: true`) holds rows as the teacher tokenises them itself (trainer/cache/cross.py),
+and, per position, what lets a student of any tokenizer find it:
+
+    token_positions  int32  [P]      the index, in the teacher's row, of the token the position predicts
+    token_ids        int32  [P]      that token's id
+    char_offsets     int32  [P, 2]   the characters [start, end) it covers in the teacher's text of the row
+
+and its folder holds the teacher's tokenizer (`tokenizer/`), which renders that text.
+
 A shard is written to a temporary name and renamed, so a shard file on disk is always whole; a
 build that stops resumes at the first missing shard. `complete` is set last.
 """
@@ -92,6 +102,9 @@ def shard_path(folder: Path, split: str, index: int) -> Path:
     return folder / split / f"{index:05d}.safetensors"
 
 
+CROSS_FIELDS = ("token_positions", "token_ids", "char_offsets")
+
+
 @dataclass
 class RowTopK:
     """The cached teacher of one row's supervised positions."""
@@ -99,6 +112,9 @@ class RowTopK:
     logprobs: torch.Tensor  # [P, k]
     ids: torch.Tensor  # [P, k] int32
     target_logprobs: torch.Tensor  # [P]
+    token_positions: torch.Tensor | None = None  # [P] int32, cross-tokenizer caches only
+    token_ids: torch.Tensor | None = None  # [P] int32
+    char_offsets: torch.Tensor | None = None  # [P, 2] int32
 
 
 def write_shard(path: Path, rows: list[RowTopK], dtype: torch.dtype) -> None:
@@ -109,6 +125,9 @@ def write_shard(path: Path, rows: list[RowTopK], dtype: torch.dtype) -> None:
         "ids": torch.cat([row.ids for row in rows]).to(torch.int32).contiguous(),
         "target_logprobs": torch.cat([row.target_logprobs for row in rows]).float().contiguous(),
     }
+    if rows and rows[0].token_positions is not None:
+        tensors.update({name: torch.cat([getattr(row, name) for row in rows]).to(torch.int32).contiguous()
+                        for name in CROSS_FIELDS})
     write_atomically(path, lambda temporary: save_file(tensors, temporary))
 
 
@@ -133,7 +152,13 @@ class CacheReader:
         shard_rows = self.manifest.splits[split].shard_rows
         handle, offsets = self._shard(split, index // shard_rows)
         start, end = offsets[index % shard_rows], offsets[index % shard_rows + 1]
-        return RowTopK(*(handle.get_slice(name)[start:end] for name in ("logprobs", "ids", "target_logprobs")))
+        names = ("logprobs", "ids", "target_logprobs", *(CROSS_FIELDS if self.cross_tokenizer else ()))
+        return RowTopK(*(handle.get_slice(name)[start:end] for name in names))
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Built for distillation across tokenizers: rows as the teacher tokenises them, with offsets."""
+        return bool(self.manifest.key.get("cross_tokenizer"))
 
     def _shard(self, split: str, shard: int):
         if (split, shard) not in self._open:

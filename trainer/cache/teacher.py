@@ -76,7 +76,8 @@ def open_cache(teacher_cfg, loss_kind: str, preflight: Preflight, cache_root: Pa
     """The cache this job reads, after checking it was built from this job's teacher, tokenizer and
     data (as its `preflight` fingerprinted them)."""
     identity = job_identity(teacher_cfg, preflight, cache_root)
-    vocab_size = preflight.vocab_size
+    # Across tokenizers the cache scores the teacher's own ids.
+    vocab_size = preflight.teacher_vocab_size if preflight.cross_tokenizer else preflight.vocab_size
     explicit = teacher_cfg.cache != "auto"
     build = "build it with python -m trainer.cache and the same overrides as this job"
     if read_manifest(identity.folder) is None:
@@ -86,8 +87,9 @@ def open_cache(teacher_cfg, loss_kind: str, preflight: Preflight, cache_root: Pa
     check_matches(reader.manifest, identity, explicit_folder=explicit,
                   fix=f"{build}, or point teacher.cache at the cache that was.")
     if reader.manifest.vocab_size != vocab_size:
+        whose = "teacher's tokenizer" if preflight.cross_tokenizer else "tokenizer"
         raise CacheError(f"the teacher cache in {identity.folder} scores {reader.manifest.vocab_size} token ids but "
-                         f"this job's tokenizer has {vocab_size}; {build}.")
+                         f"this job's {whose} has {vocab_size}; {build}.")
     tail_samples = reader.manifest.key.get("tail_samples", 0)
     if tail_samples and loss_kind == "rkl":
         raise CacheError(f"the teacher cache in {identity.folder} draws its tail (teacher.tail_samples={tail_samples}), "

@@ -115,6 +115,34 @@ def pair_tokenize_row(
     return tokenized
 
 
+@dataclass(frozen=True)
+class TeacherSideRow:
+    """The teacher's side of a row alone, as `pair_tokenize_row` makes it whatever the student: what
+    a cross-tokenizer teacher cache is built from (trainer/cache/cross.py)."""
+
+    row: TokenizedRow
+    """Its ids cut at `seq_len`, and as labels the tokens the teacher's side supervises (`Side.supervised`)."""
+    text: str
+    """The text the teacher reads (its own chat rendering of a `messages` row)."""
+    offsets: list[tuple[int, int]]
+    """Per id, the characters `[start, end)` of `text` it covers (bos and eos cover none)."""
+
+
+def teacher_side_row(row: Any, tokenizer: Any, seq_len: int, origin: str, *,
+                     specials: SpecialIds | None = None) -> TeacherSideRow:
+    """One row as the teacher's side of every pairing sees it: the same ids and the same supervised
+    tokens as `pair_tokenize_row`'s `.teacher`, for any student."""
+    kind = row_format(row, origin)
+    if kind == "messages":
+        _require_chat_template(tokenizer, "teacher", origin)
+    side = side_of(row, kind, tokenizer, special_ids(tokenizer) if specials is None else specials, origin, "teacher")
+    ids = list(side.tokens.ids[:seq_len])
+    labels = [token if kept else IGNORE_INDEX for token, kept in zip(ids, side.supervised)]
+    tokenized = TokenizedRow(ids, labels, truncated=len(side.tokens.ids) > seq_len,
+                             prompt_only=kind == PROMPT_ONLY)
+    return TeacherSideRow(tokenized, side.text, list(side.tokens.offsets[:seq_len]))
+
+
 def response_start(supervised: Sequence[bool]) -> int:
     """Where the last run of supervised tokens starts (the last response, or the last assistant turn),
     or the length when none is: the side's prompt for a rollout, as `prompt_of` finds the student's."""

@@ -19,6 +19,8 @@
   both heads; the student's mass on ids the teacher lacks (``unshared_mass``).
 - :mod:`.span_sums`: a micro-batch's cross-tokenizer objective (ULD/GOLD over its spans, with the
   spans' continuations, plus the student's CE) as sums, and the evaluation's span terms.
+- :mod:`.topk_teacher`: :class:`TopKTeacher`, a cross-tokenizer cache's teacher (top-k per position),
+  whose full rows ULD and GOLD read are rebuilt a chunk at a time.
 """
 
 from trainer.losses.cross_tokenizer import SharedVocab, fused_cross_tokenizer_loss, gold_loss, match_vocabularies, shared_vocab, uld_loss, unshared_mass

@@ -205,8 +205,8 @@ def uld_per_position(student_logits: Tensor, teacher_logits: Tensor, *, temperat
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature} must be a finite number > 0; pass 1.0 for example.")
     dtype = compute_dtype(student_logits, teacher_logits)
-    q = _merged_log_probs(student_logits, student_continuation, temperature, dtype).exp()
-    p = _merged_log_probs(teacher_logits, teacher_continuation, temperature, dtype).exp()
+    q = _merged_probs(student_logits, student_continuation, temperature, dtype)
+    p = _merged_probs(teacher_logits, teacher_continuation, temperature, dtype)
     return sorted_l1(_with_remainder(q, student_continuation), _with_remainder(p, teacher_continuation), top_k)
 
 
@@ -227,19 +227,21 @@ def gold_per_position(student_logits: Tensor, teacher_logits: Tensor, vocab: Sha
     _check_extras(uld_weight, top_k)
     _check_vocab(vocab, student_logits.shape[-1], teacher_logits.shape[-1])
     dtype = compute_dtype(student_logits, teacher_logits)
-    log_q = _merged_log_probs(student_logits, student_continuation, temperature, dtype)
-    log_p = _merged_log_probs(teacher_logits, teacher_continuation, temperature, dtype)
+    # The continuation scales the selected columns only, not the whole [N, V] rows (one copy fewer
+    # per side, and its backward): log q̂ = log q + log Z column by column, so the values are the same.
+    log_q = tempered_log_probs(student_logits, temperature, dtype)
+    log_p = tempered_log_probs(teacher_logits, temperature, dtype)
     c_q = _continuation(student_continuation, log_q)
     c_p = _continuation(teacher_continuation, log_p)
-    log_q_coarse = _coarse(log_q, c_q, vocab.student_ids, vocab.student_only)
-    log_p_coarse = _coarse(log_p, c_p, vocab.teacher_ids, vocab.teacher_only)
+    log_q_coarse, log_q_unshared = _coarse(log_q, c_q, vocab.student_ids, vocab.student_only)
+    log_p_coarse, log_p_unshared = _coarse(log_p, c_p, vocab.teacher_ids, vocab.teacher_only)
     if vocab.student_only.numel() == 0:
         log_p_coarse = _conditioned_where_no_bucket(log_p_coarse, c_q == 0)
     shared_part = divergence_from_log_probs(settings, log_p_coarse, log_q_coarse)
     if uld_weight == 0:
         return shared_part
-    rest = sorted_l1(_with_remainder(log_q.index_select(-1, vocab.student_only).exp(), student_continuation),
-                     _with_remainder(log_p.index_select(-1, vocab.teacher_only).exp(), teacher_continuation), top_k)
+    rest = sorted_l1(_with_remainder(log_q_unshared.exp(), student_continuation),
+                     _with_remainder(log_p_unshared.exp(), teacher_continuation), top_k)
     return shared_part + uld_weight * rest
 
 
@@ -313,13 +315,14 @@ def _top_padded(values: Tensor, k: int) -> Tensor:
     return torch.nn.functional.pad(top, (0, k - top.shape[-1]))
 
 
-def _merged_log_probs(logits: Tensor, continuation: Tensor | None, temperature: float, dtype) -> Tensor:
-    """``log q̂ = log softmax(logits/T) + log Z``: ``[N, V]`` (and ``[N]``) -> ``[N, V]``."""
-    log_probs = tempered_log_probs(logits, temperature, dtype)
+def _merged_probs(logits: Tensor, continuation: Tensor | None, temperature: float, dtype) -> Tensor:
+    """``q̂ = softmax(logits/T) · Z``: ``[N, V]`` (and ``[N]`` log Z) -> ``[N, V]``. A softmax, not
+    ``exp(log_softmax + log Z)``: one ``[N, V]`` pass (and its backward) fewer, for ULD, which reads
+    probabilities only."""
+    probs = torch.softmax(logits.to(dtype) / temperature, dim=-1)
     if continuation is None:
-        return log_probs
-    return log_probs + continuation.to(dtype).unsqueeze(-1)
-
+        return probs
+    return probs * continuation.to(dtype).exp().unsqueeze(-1)
 
 def _continuation(continuation: Tensor | None, like: Tensor) -> Tensor:
     if continuation is None:
@@ -327,13 +330,16 @@ def _continuation(continuation: Tensor | None, like: Tensor) -> Tensor:
     return continuation.to(like.dtype)
 
 
-def _coarse(log_merged: Tensor, log_z: Tensor, shared: Tensor, only: Tensor) -> Tensor:
-    """``[N, V]`` merged log-probs -> ``[N, S + 1]``: the shared ids' and the bucket's log-mass,
-    ``log(Z·M_U + 1 − Z)``, computed without ``1 − Σ shared`` (which cancels to noise when the
-    unshared mass is tiny) and with finite gradients at ``Z = 1`` and at an empty side."""
-    dtype_min = torch.finfo(log_merged.dtype).min
+def _coarse(log_probs: Tensor, log_z: Tensor, shared: Tensor, only: Tensor) -> tuple[Tensor, Tensor]:
+    """``[N, V]`` log-probs and ``[N]`` continuations ``log Z`` -> the merged coarse log-probs
+    ``[N, S + 1]`` (the shared ids' and the bucket's log-mass, ``log(Z·M_U + 1 − Z)``) and the merged
+    unshared log-probs ``[N, V − S]`` (for the ULD part). The bucket is computed without
+    ``1 − Σ shared`` (which cancels to noise when the unshared mass is tiny) and with finite
+    gradients at ``Z = 1`` and at an empty side."""
+    dtype_min = torch.finfo(log_probs.dtype).min
+    unshared = log_probs.index_select(-1, only) + log_z.unsqueeze(-1)
     if only.numel():
-        log_unshared = torch.logsumexp(log_merged.index_select(-1, only), -1)
+        log_unshared = torch.logsumexp(unshared, -1)
     else:
         log_unshared = torch.full_like(log_z, dtype_min)
     # log(1 − Z) via a where on both sides: at Z = 1 its gradient would be 0·inf = NaN.
@@ -341,7 +347,8 @@ def _coarse(log_merged: Tensor, log_z: Tensor, shared: Tensor, only: Tensor) -> 
     safe = torch.where(below_one, log_z, torch.full_like(log_z, -1.0))
     log_rest = torch.where(below_one, torch.log(-torch.expm1(safe)), torch.full_like(log_z, dtype_min))
     bucket = torch.logaddexp(log_unshared, log_rest).clamp(min=dtype_min)
-    return torch.cat([log_merged.index_select(-1, shared), bucket.unsqueeze(-1)], dim=-1)
+    merged_shared = log_probs.index_select(-1, shared) + log_z.unsqueeze(-1)
+    return torch.cat([merged_shared, bucket.unsqueeze(-1)], dim=-1), unshared
 
 
 def _check_rows(student: Tensor, teacher: Tensor, student_continuation, teacher_continuation) -> None:
@@ -350,11 +357,15 @@ def _check_rows(student: Tensor, teacher: Tensor, student_continuation, teacher_
             f"student_logits {list(student.shape)} and teacher_logits {list(teacher.shape)} must be "
             "[N, V_s] and [N, V_t] with the same N: pass the rows of the aligned positions only."
         )
+    _check_continuations(student.shape[0], student_continuation, teacher_continuation)
+
+
+def _check_continuations(rows: int, student_continuation, teacher_continuation) -> None:
     for side, continuation in (("student", student_continuation), ("teacher", teacher_continuation)):
-        if continuation is not None and continuation.shape != (student.shape[0],):
+        if continuation is not None and continuation.shape != (rows,):
             raise ValueError(
                 f"{side}_continuation has shape {list(continuation.shape)}; pass one log-probability "
-                f"per aligned position, [{student.shape[0]}] (0 for one-token spans)."
+                f"per aligned position, [{rows}] (0 for one-token spans)."
             )
 
 
@@ -436,7 +447,9 @@ def fused_cross_tokenizer_loss(student_hidden: Tensor, student_head: LMHead, tea
     neither model's ``[N, V]`` logits ever exist.
 
     student_hidden: ``[N, H_s]`` at the aligned positions; gradients reach it, the head's weight and
-    bias when they require one, and ``student_continuation``. teacher_hidden: ``[N, H_t]`` (frozen).
+    bias when they require one, and ``student_continuation``. teacher_hidden: ``[N, H_t]`` (frozen);
+    or, with a cached teacher as ``teacher_head`` (:class:`~trainer.losses.topk_teacher.TopKTeacher`),
+    ``[N]`` indices of its positions, whose rows it rebuilds a chunk at a time.
     The continuations are inputs here: a span's inner rows are scored by whoever built them."""
     settings = _method_settings(method, vocab, temperature=temperature, uld_weight=uld_weight, top_k=top_k,
                                 kind=kind, beta=beta, skew=skew)
@@ -445,7 +458,7 @@ def fused_cross_tokenizer_loss(student_hidden: Tensor, student_head: LMHead, tea
             f"student_hidden {list(student_hidden.shape)} and teacher_hidden {list(teacher_hidden.shape)} "
             "must be [N, H_s] and [N, H_t] with the same N: pass the aligned positions' hidden states."
         )
-    _check_rows(student_hidden, teacher_hidden, student_continuation, teacher_continuation)
+    _check_continuations(student_hidden.shape[0], student_continuation, teacher_continuation)
     if vocab is not None:
         _check_vocab(vocab, student_head.rows, teacher_head.rows)
         vocab = vocab.to(student_hidden.device)

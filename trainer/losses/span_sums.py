@@ -47,6 +47,11 @@ load 5): written out 96 MB and 7.2 s, checkpoint 158 MB and 9.1 s, unchunked aut
 
 :func:`cross_tokenizer_eval_sums` gives the held-out terms of the same spans, as sums for the
 evaluation to divide: no gradient, temperature 1, a chunk of spans at a time.
+
+Both take the teacher as a model's hidden states and head, or as a cache of its top-k
+(:class:`~trainer.losses.topk_teacher.TopKTeacher` over the batch's ``B·T_t`` flat teacher
+positions, ``teacher_hidden=None``): its rows are rebuilt a chunk at a time where a head would
+project them, and a span's continuation reads the stored log-probability of each inner token.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ from trainer.losses.head import LMHead
 from trainer.losses.objective import TokenSums
 from trainer.losses.settings import LossSettings
 from trainer.losses.spans import SpanBatch
+from trainer.losses.topk_teacher import TopKTeacher
 
 # The keys of cross_tokenizer_eval_sums, in the order an evaluation may stack them to all-reduce.
 EVAL_TERMS = ("kl", "unshared_mass", "spans", "one_to_one", "top1_agreement")
@@ -86,7 +92,9 @@ def cross_tokenizer_sums(student_hidden: Tensor, student_head: LMHead, teacher_h
     Args:
         student_hidden: ``[B, T_s, H_s]`` the student head's input; gradients reach it and the
             head's weight and bias when they require one.
-        teacher_hidden: ``[B, T_t, H_t]`` the teacher head's input (frozen, no gradient).
+        teacher_hidden: ``[B, T_t, H_t]`` the teacher head's input (frozen, no gradient); None
+            when ``teacher_head`` is a cached teacher (:class:`~trainer.losses.topk_teacher.TopKTeacher`)
+            laid out over the ``B·T_t`` flat teacher positions, as the spans index them.
         spans: the micro-batch's ``N`` aligned spans, flat positions into both batches.
         targets: ``[B, T_s]`` the student's next-token targets
             (:func:`~trainer.losses.objective.targets_at_each_position`), for the CE.
@@ -101,15 +109,16 @@ def cross_tokenizer_sums(student_hidden: Tensor, student_head: LMHead, teacher_h
         :class:`~trainer.losses.objective.TokenSums`: ``objective = kd_weight·kd + ce_weight·ce``
         (carries the gradient), ``kd`` (0 with no spans, not NaN) and ``ce``, detached.
     """
-    student_rows, teacher_rows = _flat(student_hidden, "student_hidden"), _flat(teacher_hidden, "teacher_hidden")
-    check_spans(spans, student_rows.shape[0], teacher_rows.shape[0], student_head.rows, teacher_head.rows)
+    student_rows, teacher_rows = _flat(student_hidden, "student_hidden"), _teacher_rows(teacher_hidden, teacher_head)
+    check_spans(spans, student_rows.shape[0], _positions(teacher_rows, teacher_head), student_head.rows,
+                teacher_head.rows)
     student_continuation = student_log_z(student_rows, student_head, spans, temperature=temperature,
                                          chunk_size=chunk_size)
     teacher_continuation = teacher_log_z(teacher_rows, teacher_head, spans, temperature=temperature,
                                          chunk_size=chunk_size)
     kd = fused_cross_tokenizer_loss(
         student_rows.index_select(0, spans.student_first), student_head,
-        teacher_rows.detach().index_select(0, spans.teacher_first), teacher_head, method=method, vocab=vocab,
+        _first_rows(teacher_rows, spans.teacher_first), teacher_head, method=method, vocab=vocab,
         temperature=temperature, uld_weight=uld_weight, top_k=top_k, kind=kind, beta=beta, skew=skew,
         student_continuation=student_continuation, teacher_continuation=teacher_continuation, chunk_size=chunk_size,
     )
@@ -123,7 +132,8 @@ def cross_tokenizer_eval_sums(student_hidden: Tensor, student_head: LMHead, teac
                               chunk_size: int | None = None) -> dict[str, Tensor]:
     """The evaluation's terms over the ``N`` spans of one micro-batch, as sums, at temperature 1.
 
-    student_hidden: ``[B, T_s, H_s]``; teacher_hidden: ``[B, T_t, H_t]``; vocab: the shared ids.
+    student_hidden: ``[B, T_s, H_s]``; teacher_hidden: ``[B, T_t, H_t]`` (or None with a cached
+    teacher as ``teacher_head``, as for :func:`cross_tokenizer_sums`); vocab: the shared ids.
     Returns float64 scalars on the hidden states' device (nothing read to the host), keyed:
 
     - ``kl``: Σ of GOLD's coarse forward KL(teacher ‖ student) over the shared ids and the bucket,
@@ -135,8 +145,9 @@ def cross_tokenizer_eval_sums(student_hidden: Tensor, student_head: LMHead, teac
       a shared pair.
 
     At most ``chunk_size`` rows of either model's logits exist at once."""
-    student_rows, teacher_rows = _flat(student_hidden, "student_hidden"), _flat(teacher_hidden, "teacher_hidden")
-    check_spans(spans, student_rows.shape[0], teacher_rows.shape[0], student_head.rows, teacher_head.rows)
+    student_rows, teacher_rows = _flat(student_hidden, "student_hidden"), _teacher_rows(teacher_hidden, teacher_head)
+    check_spans(spans, student_rows.shape[0], _positions(teacher_rows, teacher_head), student_head.rows,
+                teacher_head.rows)
     device = student_rows.device
     vocab = vocab.to(device)
     student_continuation = student_log_z(student_rows, student_head, spans, chunk_size=chunk_size)
@@ -147,7 +158,7 @@ def cross_tokenizer_eval_sums(student_hidden: Tensor, student_head: LMHead, teac
     for start in range(0, spans.count, step):
         chunk = slice(start, start + step)
         student = student_head.logits(student_rows.index_select(0, spans.student_first[chunk]))
-        teacher = teacher_head.logits(teacher_rows.index_select(0, spans.teacher_first[chunk]))
+        teacher = teacher_head.logits(_first_rows(teacher_rows, spans.teacher_first[chunk]))
         kl += gold_per_position(student, teacher, vocab, uld_weight=0.0, student_continuation=student_continuation[chunk],
                                 teacher_continuation=teacher_continuation[chunk]).sum().double()
         unshared += _mass_on(student, vocab.student_only).sum().double()
@@ -171,12 +182,36 @@ def student_log_z(rows: Tensor, head: LMHead, spans: SpanBatch, *, temperature: 
 
 
 @torch.no_grad()
-def teacher_log_z(rows: Tensor, head: LMHead, spans: SpanBatch, *, temperature: float = 1.0,
+def teacher_log_z(rows: Tensor | None, head: LMHead | TopKTeacher, spans: SpanBatch, *, temperature: float = 1.0,
                   chunk_size: int | None = None) -> Tensor:
-    """Each span's teacher continuation ``log Z``: ``[B·T_t, H_t]`` flat rows -> ``[N]``, no gradient."""
-    log_probs = _inner_log_probs(rows.index_select(0, spans.teacher_inner), head.weight, head.bias,
-                                 spans.teacher_inner_ids, head, temperature, chunk_size or token_chunk_size(head.rows))
+    """Each span's teacher continuation ``log Z``: ``[B·T_t, H_t]`` flat rows -> ``[N]``, no gradient
+    (``rows`` None: a cached teacher reads its own positions)."""
+    step = chunk_size or token_chunk_size(head.rows)
+    if rows is None:
+        log_probs = head.token_log_probs(spans.teacher_inner, spans.teacher_inner_ids, temperature=temperature,
+                                         chunk_size=step)
+    else:
+        log_probs = _inner_log_probs(rows.index_select(0, spans.teacher_inner), head.weight, head.bias,
+                                     spans.teacher_inner_ids, head, temperature, step)
     return log_probs.new_zeros(spans.count).index_add(0, spans.teacher_inner_span, log_probs)
+
+
+def _teacher_rows(teacher_hidden: Tensor | None, teacher_head) -> Tensor | None:
+    """The teacher's flat ``[B·T_t, H_t]`` rows, or None for a cached teacher (which holds its positions)."""
+    if isinstance(teacher_head, TopKTeacher):
+        if teacher_hidden is not None:
+            raise ValueError("a cached teacher (TopKTeacher) holds its own positions; pass teacher_hidden=None.")
+        return None
+    return _flat(teacher_hidden, "teacher_hidden").detach()
+
+
+def _positions(teacher_rows: Tensor | None, teacher_head) -> int:
+    return teacher_head.positions if teacher_rows is None else teacher_rows.shape[0]
+
+
+def _first_rows(teacher_rows: Tensor | None, first: Tensor) -> Tensor:
+    """What the teacher's head reads at the spans' first positions: hidden rows, or (cached) the positions."""
+    return first if teacher_rows is None else teacher_rows.index_select(0, first)
 
 
 def _inner_log_probs(hidden: Tensor, weight: Tensor, bias: Tensor | None, token_ids: Tensor, head: LMHead,

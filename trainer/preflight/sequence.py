@@ -6,10 +6,12 @@ resolved or hashed twice."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 
 from trainer.cache.key import weights_fingerprint
 from trainer.config import cache_root, validate, validate_generate
-from trainer.data.examples import Examples, tokenizer_fingerprint
+from trainer.data.examples import Examples, examples_fingerprint, tokenizer_fingerprint
 from trainer.models import checks, loading, lora
 from trainer.models.files import ModelFiles, resolve_model
 from trainer.models.loading import ModelError
@@ -59,6 +61,11 @@ class Preflight:
     """The token ids the teacher scores: `vocab_size` unless the job distils across tokenizers."""
     shared_ids: cross_tokenizer.SharedIds | None = None
     """Across tokenizers: the student ids matched to teacher ids (GOLD's exact part)."""
+    teacher_tokenizer_hash: str | None = None
+    """Across tokenizers, reading a teacher cache: :func:`~trainer.data.examples.tokenizer_fingerprint` of the teacher's."""
+    teacher_data_fingerprints: dict[str, str] = field(default_factory=dict)
+    """Across tokenizers, reading a teacher cache: split name -> fingerprint of its rows as the teacher
+    alone tokenises them, which a cross-tokenizer cache is keyed by (trainer/cache/cross.py)."""
     alignment: dict = field(default_factory=dict)
     """Across tokenizers: the start-up alignment report (`cross_tokenizer/*`, for summary.json)."""
 
@@ -117,13 +124,16 @@ def _check_pair(cfg, rank: RankInfo, started_at: str) -> Preflight:
         # First: with another tokenizer (and no cross_tokenizer method) nothing else about the pair matters.
         teacher_tokenizer = loading.load_tokenizer("teacher", cfg.teacher)
         cross_tokenizer.check_tokenizers(_cross_method(cfg), teacher_tokenizer, tokenizer)
+    elif _cross_method(cfg) is not None:  # a cross-tokenizer cache keeps the teacher's tokenizer
+        teacher_tokenizer = cached_teacher_tokenizer(Path(cfg.teacher.cache).expanduser())
+        cross_tokenizer.check_tokenizers(_cross_method(cfg), teacher_tokenizer, tokenizer)
     onpolicy.check_student_stops(cfg.onpolicy, tokenizer, models["student"], student_config)
     limits: dict[str, int | None] = {}
     student, limits["student"] = checks.check_fits("student", cfg.student, student_config, cfg.train.seq_len)
     if cfg.peft.kind == "lora":
         lora.lora_targets(student, cfg.peft.target_modules)
     teacher_config = loading.load_config("teacher", cfg.teacher) if cfg.teacher.path is not None else None
-    cross = _cross_method(cfg) is not None and teacher_config is not None
+    cross = _cross_method(cfg) is not None and teacher_tokenizer is not None
     # Across tokenizers each model scores its own ids; with one tokenizer, the ids both score.
     vocab_size = checks.shared_vocab_size(tokenizer, None if cross else teacher_config, student_config)
     if teacher_config is not None:
@@ -178,12 +188,35 @@ def _load_data(cfg, rank: RankInfo, preflight: Preflight) -> None:
     if preflight.entry == "train":
         preflight.rows = training_rows(preflight.splits, cfg.data, cfg.train, cfg.onpolicy, preflight.position_limits,
                                        rank.is_main)
+    if preflight.cross_tokenizer and cfg.teacher.cache:
+        _add_teacher_fingerprints(cfg, preflight)
     if preflight.cross_tokenizer:
         preflight.alignment = cross_tokenizer.alignment_report(
             cfg.loss.cross_tokenizer, preflight.shared_ids, preflight.vocab_size, preflight.teacher_vocab_size,
             preflight.rows.train, rank.is_main)
     elif rank.is_main:
         warn_past_positions(preflight.position_limits, [row for split in preflight.splits.values() for row in split.rows])
+
+
+def _add_teacher_fingerprints(cfg, preflight: Preflight) -> None:
+    """What a cross-tokenizer cache is keyed by: the teacher's tokenizer and, per split, the
+    fingerprint of the rows as the teacher alone tokenises them (the cache build's own rows)."""
+    preflight.teacher_tokenizer_hash = tokenizer_fingerprint(preflight.teacher_tokenizer)
+    preflight.teacher_data_fingerprints = {
+        name: examples_fingerprint(source, preflight.teacher_tokenizer_hash, cfg.train.seq_len, key=f"data.{name}")
+        for name, source in preflight.sources.items()}
+
+
+def cached_teacher_tokenizer(folder: Path):
+    """The teacher's tokenizer a cross-tokenizer cache keeps (trainer/cache/cross.py), for a job with teacher.path=null."""
+    from trainer.cache.cross import TOKENIZER_FOLDER
+
+    if not (folder / TOKENIZER_FOLDER).is_dir():
+        raise ModelError(f"teacher.path is null and the teacher cache in {folder} keeps no teacher tokenizer, which "
+                         "loss.cross_tokenizer needs to align the rows; build the cache with python -m trainer.cache "
+                         "loss.cross_tokenizer=gold, or set teacher.path to the teacher.")
+    return loading.load_tokenizer("teacher", SimpleNamespace(path=str(folder / TOKENIZER_FOLDER), revision=None,
+                                                               trust_remote_code=False))
 
 
 def _keyed_by_teacher_weights(cfg, entry: str) -> bool:

@@ -23,8 +23,10 @@ from trainer.losses.cross_tokenizer import SharedVocab, shared_vocab
 from trainer.losses.objective import Objective, TokenSums, targets_at_each_position
 from trainer.losses.settings import IGNORE_INDEX
 from trainer.losses.span_sums import cross_tokenizer_eval_sums, cross_tokenizer_sums
+from trainer.losses.topk_teacher import TopKTeacher
 from trainer.models.heads import Scorer
 from trainer.models.loading import eval_mode
+from trainer.models.teacher import Teacher
 from trainer.ranks import all_reduce_sum
 from trainer.rollout.engine import RolloutEngine, RolloutSettings
 from trainer.rollout.retokenize import RolloutPairing
@@ -62,11 +64,20 @@ class CrossTokenizer:
                          spans, supervised=None) -> TokenSums:
         """The objective's sums over one micro-batch: the method over its spans, CE on the student's labels."""
         settings = objective.divergence
+        teacher_hidden, teacher_head = _hidden_and_head(teacher)
         return cross_tokenizer_sums(
-            student_hidden, student_head, teacher.hidden, teacher.head, spans, targets_at_each_position(labels),
+            student_hidden, student_head, teacher_hidden, teacher_head, spans, targets_at_each_position(labels),
             method=self.method, vocab=self.vocab, kd_weight=objective.kd_weight, ce_weight=objective.ce_weight,
             temperature=settings.temperature, uld_weight=self.uld_weight, top_k=self.uld_top_k, kind=settings.kind,
             beta=settings.beta, skew=settings.skew, chunk_size=objective.chunk_size, supervised=supervised)
+
+
+def _hidden_and_head(teacher) -> tuple:
+    """The teacher's side of the loss: hidden states and head (a model), or (None, the cache's
+    :class:`TopKTeacher`, which holds the batch's teacher positions itself)."""
+    if isinstance(teacher, TopKTeacher):
+        return None, teacher
+    return teacher.hidden, teacher.head
 
 
 def _pad_id(tokenizer) -> int:
@@ -87,7 +98,7 @@ _COUNTERS = ("kl", "unshared_mass", "spans", "one_to_one", "agree", "student_ce"
 
 
 @torch.no_grad()
-def cross_tokenizer_evaluate(teacher: Scorer, student: Scorer, cross: CrossTokenizer, batches: list[dict], device,
+def cross_tokenizer_evaluate(teacher: Teacher, student: Scorer, cross: CrossTokenizer, batches: list[dict], device,
                              chunk_size: int, byte_lengths: torch.Tensor) -> dict:
     """Held-out metrics across tokenizers, over every rank's share of the held-out rows.
 
@@ -95,16 +106,17 @@ def cross_tokenizer_evaluate(teacher: Scorer, student: Scorer, cross: CrossToken
     means over the aligned spans: `eval/kl_to_teacher` (GOLD's coarse KL(teacher ‖ student): the shared
     ids and one bucket of the rest), `eval/top1_agreement` (both argmaxes a shared pair),
     `eval/unshared_mass` (the student's mass on ids the teacher lacks; GOLD pins it, a drifting student
-    shows here first); `eval/teacher_ce` is the teacher's NLL per teacher token of the aligned text."""
+    shows here first); `eval/teacher_ce` is the teacher's NLL per teacher token of the aligned text.
+    `teacher`: a model, or a cross-tokenizer cache (trainer/cache/cross.py) of the held-out split."""
     sums = torch.zeros(len(_COUNTERS), dtype=torch.float64)
     with eval_mode(student.engine):
         for host_batch in batches:
             batch = to_device(host_batch, device)
-            teacher_hidden = teacher.states(teacher_view(batch))
+            teacher_hidden, teacher_head = _hidden_and_head(teacher.states(teacher_view(batch), host_batch))
             student_hidden = student.states(batch)
             with teacher.gathered(), student.gathered():
-                sums += _batch_counters(teacher, student, cross, teacher_hidden, student_hidden, batch, chunk_size,
-                                        byte_lengths)
+                sums += _batch_counters(teacher_head, student, cross, teacher_hidden, student_hidden, batch,
+                                        chunk_size, byte_lengths)
     totals = dict(zip(_COUNTERS, all_reduce_sum(sums).tolist()))
     spans, tokens = totals["spans"], totals["tokens"]
     return {
@@ -125,12 +137,12 @@ def _mean(total: float, count: float) -> float:
     return total / count if count else math.nan
 
 
-def _batch_counters(teacher: Scorer, student: Scorer, cross: CrossTokenizer, teacher_hidden, student_hidden,
+def _batch_counters(teacher_head, student: Scorer, cross: CrossTokenizer, teacher_hidden, student_hidden,
                     batch: dict, chunk_size: int, byte_lengths: torch.Tensor) -> torch.Tensor:
     spans = batch["spans"]
-    against = cross_tokenizer_eval_sums(student_hidden, student.head, teacher_hidden, teacher.head, spans, cross.vocab,
+    against = cross_tokenizer_eval_sums(student_hidden, student.head, teacher_hidden, teacher_head, spans, cross.vocab,
                                         chunk_size=chunk_size)
-    teacher_nll, teacher_tokens = _teacher_nll(teacher, teacher_hidden, batch, chunk_size)
+    teacher_nll, teacher_tokens = _teacher_nll(teacher_head, teacher_hidden, batch, chunk_size)
     own = _student_counters(student, student_hidden, batch["labels"], chunk_size, byte_lengths)
     return torch.tensor([float(against["kl"]), float(against["unshared_mass"]), float(against["spans"]),
                          float(against["one_to_one"]), float(against["top1_agreement"]), *own,
@@ -158,18 +170,22 @@ def _student_counters(student: Scorer, hidden, labels, chunk_size: int, byte_len
     return [float(ce), float(supervised_bytes), float(supervised.numel()), float(solved), float(with_target.sum())]
 
 
-def _teacher_nll(teacher: Scorer, hidden, batch: dict, chunk_size: int) -> tuple[float, float]:
+def _teacher_nll(head, hidden, batch: dict, chunk_size: int) -> tuple[float, float]:
     """The teacher's Σ NLL of its own tokens inside the aligned spans, and how many there are: each
-    span's first token (read at `teacher_first`, the token after it in the row) and its inner ones."""
+    span's first token (read at `teacher_first`, the token after it in the row) and its inner ones.
+    `hidden` None: `head` is a cached teacher, which stored each of those log-probabilities exactly."""
     spans = batch["spans"]
     ids = batch["teacher_input_ids"].reshape(-1)
     positions = torch.cat([spans.teacher_first, spans.teacher_inner])
     targets = torch.cat([ids.index_select(0, spans.teacher_first + 1), spans.teacher_inner_ids])
+    if hidden is None:
+        return float(-head.token_log_probs(positions, targets, chunk_size=chunk_size).double().sum()), \
+            float(positions.numel())
     rows = hidden.reshape(ids.shape[0], -1)
     nll = torch.zeros((), dtype=torch.float64, device=ids.device)
     for start in range(0, positions.numel(), chunk_size):
         index = positions[start:start + chunk_size]
-        log_probs = F.log_softmax(teacher.logits_of(rows.index_select(0, index)), dim=-1)
+        log_probs = F.log_softmax(head.logits(rows.index_select(0, index)), dim=-1)
         nll += F.nll_loss(log_probs, targets[start:start + chunk_size], reduction="sum").double()
     return float(nll), float(positions.numel())
 
@@ -219,6 +235,6 @@ def _onpolicy_counters(teacher: Scorer, student: Scorer, cross: CrossTokenizer, 
     with teacher.gathered(), student.gathered():
         against = cross_tokenizer_eval_sums(student_hidden, student.head, teacher_hidden, teacher.head, batch["spans"],
                                             cross.vocab, chunk_size=chunk_size)
-        teacher_nll, teacher_tokens = _teacher_nll(teacher, teacher_hidden, batch, chunk_size)
+        teacher_nll, teacher_tokens = _teacher_nll(teacher.head, teacher_hidden, batch, chunk_size)
     return torch.tensor([float(against["kl"]), float(against["spans"]), teacher_nll, teacher_tokens],
                         dtype=torch.float64)

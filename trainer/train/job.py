@@ -311,7 +311,7 @@ class DistillJob:
         job trains on-policy, whose curve it is."""
         parts = self.parts
         if parts.cross is not None:
-            metrics = cross_tokenizer_evaluate(parts.eval_teacher.scorer, parts.student_scorer, parts.cross,
+            metrics = cross_tokenizer_evaluate(parts.eval_teacher, parts.student_scorer, parts.cross,
                                                parts.eval_batches, self.rank.device, parts.chunk_size,
                                                parts.byte_lengths)
         else:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.cache.store import CacheReader
+from trainer.cache.cross import CrossCachedTeacher
 from trainer.cache.teacher import CachedTeacher
 from trainer.data.alignment import token_byte_lengths
 from trainer.data.batching import collate, eval_batches
@@ -100,7 +101,7 @@ def build_parts(cfg, rank: RankInfo, checked: Preflight, teacher_cache: CacheRea
         for role, engine in by_role.items():
             check_documents_stay_apart(role, engine.module, rank.device)
     step_teacher, eval_teacher = _teachers(scorers.get("teacher"), teacher_cache, checked.rows.eval_split, rank,
-                                           data_time)
+                                           data_time, checked.cross_tokenizer)
     pad_id = checked.tokenizer.pad_token_id
     cross = CrossTokenizer.for_job(cfg.loss, checked) if checked.cross_tokenizer else None
     collate_rows = cross.collate if cross is not None else collate
@@ -185,15 +186,17 @@ def _fused_loss_fits(engines_by_role: dict) -> bool:
 
 
 def _teachers(model_scorer: Scorer | None, teacher_cache: CacheReader | None, eval_split: str, rank: RankInfo,
-              data_time) -> tuple[Teacher, Teacher]:
+              data_time, cross_tokenizer: bool = False) -> tuple[Teacher, Teacher]:
     """The step's teacher and the evaluation's: one model, or a cache read by split (held-out rows
-    split off the training data keep their index in it, so they may read the train split)."""
+    split off the training data keep their index in it, so they may read the train split); across
+    tokenizers, a cache read at the teacher positions of the batch's spans (trainer/cache/cross.py)."""
     if model_scorer is not None:
         teacher = ModelTeacher(model_scorer)
         return teacher, teacher
+    cached = CrossCachedTeacher if cross_tokenizer else CachedTeacher
     # Reading the cache is data loading: the step waits on it as on rows.
-    return (CachedTeacher(teacher_cache, "train", rank.device, reading=data_time),
-            CachedTeacher(teacher_cache, eval_split, rank.device))
+    return (cached(teacher_cache, "train", rank.device, reading=data_time),
+            cached(teacher_cache, eval_split, rank.device))
 
 
 def _step_cost(student, teacher, loss_kind: str) -> throughput.ModelCost:
