@@ -18,7 +18,6 @@ log-probabilities as they are, and a temperature divides them as it divides logi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -91,12 +90,6 @@ class TopKTeacher:
                   .gather(1, token_ids[start:start + chunk_size].unsqueeze(1)).squeeze(1)
                   for start in range(0, index.numel(), chunk_size)]
         return torch.cat(values) if values else torch.zeros(0, dtype=self._dtype, device=index.device)
-
-    def top1(self, index: Tensor) -> Tensor:
-        """The most likely listed id at each of positions ``index`` ``[C]`` -> ``[C]``."""
-        ids, values = self._listed(index)
-        best = torch.where(ids >= 0, values, torch.full_like(values, -math.inf)).argmax(-1, keepdim=True)
-        return ids.gather(1, best).squeeze(1)
 
     def _listed(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """``[C, k + 1]`` ids and float32 log-probabilities: the top-k and the target, the target
