@@ -4,6 +4,7 @@ rollout metrics and the on-policy evaluation over steps, and the comparison of o
 from __future__ import annotations
 
 import json
+from itertools import dropwhile, takewhile
 from pathlib import Path
 
 import pytest
@@ -220,8 +221,10 @@ def _results_table(monkeypatch):
 
 
 def _table_rows(text: str) -> dict[str, list[str]]:
-    """The knowledge-transfer table's rows by their first cell (the header under 'header')."""
-    lines = [line for line in text.split("## Runs")[0].splitlines() if line.startswith("|")]
+    """The knowledge-transfer table's rows by their first cell (the header under 'header'): the
+    page's first table only, since the across-tokenizers section below it has rows of the same names."""
+    lines = list(takewhile(lambda line: line.startswith("|"), dropwhile(lambda line: not line.startswith("|"),
+                                                                        text.splitlines())))
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
     return {"header": rows[0], **{f"{row[0]} {row[1]}": row for row in rows[2:]}}
 
