@@ -324,6 +324,7 @@ def _merged_probs(logits: Tensor, continuation: Tensor | None, temperature: floa
         return probs
     return probs * continuation.to(dtype).exp().unsqueeze(-1)
 
+
 def _continuation(continuation: Tensor | None, like: Tensor) -> Tensor:
     if continuation is None:
         return like.new_zeros(like.shape[:-1])
