@@ -30,6 +30,7 @@ import math
 import sys
 import time
 from contextlib import contextmanager
+from unittest import mock
 from pathlib import Path
 
 # Importing bench_loss sets glibc's trim threshold (re-executing this script once) and the repo path.
@@ -40,8 +41,7 @@ import torch  # noqa: E402
 
 from trainer.losses import LMHead, default_chunk_size, fused_cross_tokenizer_loss, fused_distill_loss, shared_vocab  # noqa: E402
 from trainer.losses import cross_tokenizer as xt  # noqa: E402  (the breakdown times its private pieces)
-from trainer.losses.divergence import divergence_from_log_probs, tempered_log_probs  # noqa: E402
-from trainer.losses.settings import LossSettings  # noqa: E402
+from trainer.losses.divergence import tempered_log_probs  # noqa: E402
 
 MEMORY_GOAL, TIME_GOAL = 1.5, 2.0  # issue 20: against the same-tokenizer fused loss
 
@@ -175,10 +175,13 @@ def chunk_breakdown(cell: dict, vocab, hidden: int) -> dict[str, float]:
         with torch.no_grad():
             teacher_logits = teacher_hidden @ teacher_weight.T
         student_logits = (student_hidden.detach() @ student_weight.detach().T).requires_grad_()
-    with torch.enable_grad():
-        value = (uld_pieces if cell["method"] == "uld" else gold_pieces)(timer, student_logits, teacher_logits, cell, vocab)
-    with timer("autograd to the logits (backward of the above)"):
-        (logit_grad,) = torch.autograd.grad(value, student_logits)
+    if cell["method"] == "uld":
+        with torch.enable_grad():
+            value = uld_pieces(timer, student_logits, teacher_logits, cell, vocab)
+        with timer("autograd to the logits (backward of the above)"):
+            (logit_grad,) = torch.autograd.grad(value, student_logits)
+    else:
+        logit_grad = gold_pieces(timer, student_logits.detach(), teacher_logits, cell, vocab)
     with timer("head matmuls (backward: hidden gradient, weight gradient by addmm_ into its accumulator)"):
         logit_grad @ student_weight
         accumulated.addmm_(logit_grad.T, student_hidden)
@@ -192,18 +195,32 @@ def uld_pieces(timer, student_logits, teacher_logits, cell, _vocab):
     return sorted_l1_pieces(timer, q, p, cell["top_k"])
 
 
-def gold_pieces(timer, student_logits, teacher_logits, cell, vocab):
-    with timer("softmaxes"):
-        log_q = tempered_log_probs(student_logits, 1.0, torch.float32)
+def gold_pieces(timer, student_logits, teacher_logits, cell, vocab) -> torch.Tensor:
+    """GOLD (kind fkl) as ``gold_per_position`` runs it for a gradient, at T = 1 and one-token spans:
+    the teacher's side, then the student's value and logit gradient written out, its sorts (or
+    top-k) timed apart. Returns the logit gradient."""
+    zeros = student_logits.new_zeros(student_logits.shape[0])
+    with timer("teacher side (log-softmax, coarse columns, unshared probabilities)"):
         log_p = tempered_log_probs(teacher_logits, 1.0, torch.float32)
-    with timer("coarse distributions and their KL (index_select, bucket logsumexp)"):
-        zeros = log_q.new_zeros(log_q.shape[0])
-        coarse_q, unshared_q = xt._coarse(log_q, zeros, vocab.student_ids, vocab.student_only)
-        coarse_p, unshared_p = xt._coarse(log_p, zeros, vocab.teacher_ids, vocab.teacher_only)
-        shared_part = divergence_from_log_probs(LossSettings("fkl"), coarse_p, coarse_q).sum()
-    with timer("softmaxes"):
-        q, p = unshared_q.exp(), unshared_p.exp()
-    return shared_part + sorted_l1_pieces(timer, q, p, cell["top_k"])
+        log_p_coarse, log_p_unshared = xt._coarse(log_p, zeros, vocab.teacher_ids, vocab.teacher_only)
+        teacher_rest = xt._with_remainder(log_p_unshared.exp(), zeros)
+    sorts = PieceTimer()
+    name = "sorts" if not cell["top_k"] else "topk"
+
+    def timed_sorted_l1(a, b, top_k):
+        with sorts(name):
+            return sorted_l1_with_signs(a, b, top_k)
+
+    sorted_l1_with_signs = xt._sorted_l1_with_signs
+    started = time.perf_counter()
+    with mock.patch.object(xt, "_sorted_l1_with_signs", timed_sorted_l1):
+        _, logit_grad, _ = xt._gold_forward_kl_and_gradient(student_logits, zeros, log_p_coarse, teacher_rest, vocab,
+                                                            1.0, 1.0, cell["top_k"] or None, True)
+    student_side = time.perf_counter() - started
+    timer.seconds["student side: coarse KL, sorted L1 and the logit gradient, written out (sorts apart)"] = \
+        student_side - sorts.seconds[name]
+    timer.seconds[name] = sorts.seconds[name]  # with the signs the gradient scatters back
+    return logit_grad
 
 
 def sorted_l1_pieces(timer, q, p, top_k) -> torch.Tensor:

@@ -312,6 +312,32 @@ def test_gradients_match_autograd_gradcheck(top_k):
                                teacher_continuation=ct, chunk_size=2), inputs, fast_mode=True)
 
 
+@pytest.mark.parametrize("top_k", [None, 3])
+@pytest.mark.parametrize("temperature,uld_weight", [(1.0, 1.0), (1.6, 0.5), (0.8, 0.0)])
+@pytest.mark.parametrize("student_ids", ["partly shared", "all shared"])
+def test_gold_forward_kl_written_out_equals_autograd_through_its_definition(top_k, temperature, uld_weight,
+                                                                           student_ids):
+    """GOLD with kind=fkl takes its gradient in closed form; skl with skew 0 is the same divergence
+    (its mixture is the student itself) taken by autograd through every step."""
+    if student_ids == "all shared":  # no student bucket: the teacher is conditioned at one-token spans
+        vocab = shared_vocab(torch.arange(7), torch.tensor([9, 0, 3, 5, 7, 1, 2]), 7, 10)
+    else:
+        vocab = some_shared(7, 10, 4, seed=5)
+    student, teacher = logits(9, 7, seed=40), logits(9, 10, seed=41)
+    cs, ct = continuations(9, seed=11), continuations(9, seed=12)
+    weights = torch.linspace(0.5, 2.0, 9, dtype=torch.float64)  # an upstream gradient that is not all ones
+
+    def loss(kind, s, c):
+        rows = gold_per_position(s, teacher, vocab, kind=kind, skew=0.0, temperature=temperature,
+                                 uld_weight=uld_weight, top_k=top_k, student_continuation=c, teacher_continuation=ct)
+        return (rows * weights).sum()
+
+    written_out = loss_and_grads(lambda s, c: loss("fkl", s, c), student, cs)
+    by_autograd = loss_and_grads(lambda s, c: loss("skl", s, c), student, cs)
+    for got, expected in zip(written_out, by_autograd):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_the_teacher_gets_no_gradient_and_a_backward_scales_the_stored_one():
     student = logits(4, 6, seed=21).requires_grad_(True)
     teacher = logits(4, 8, seed=22).requires_grad_(True)

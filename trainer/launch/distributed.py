@@ -8,6 +8,8 @@ srun; rank 0 of 1 on a free loopback port alone), so no code below here asks "am
 from __future__ import annotations
 
 import atexit
+import gc
+import importlib
 import os
 import socket
 import subprocess
@@ -70,6 +72,7 @@ def init_distributed() -> RankInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        _import_what_would_pin_the_group()
         import deepspeed  # imported late: it prints accelerator banners at import time
 
         from trainer.launch.console import announce_comm_op_build, prints_to_log
@@ -84,6 +87,16 @@ def init_distributed() -> RankInfo:
         # so the jobs of a sequential sweep share this one rather than re-creating it.
         atexit.register(_destroy_at_exit)
     return RankInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def _import_what_would_pin_the_group() -> None:
+    """`torch.distributed.nn.functional` takes `group=group.WORLD` as a default argument, evaluated
+    when it is first imported (by `transformers.modeling_utils`, through torch.distributed._shard).
+    Imported after the group exists, those defaults hold it: destroy_process_group() then leaves its
+    gloo threads running, and the interpreter's teardown, freeing the group late, sometimes aborts
+    the process (SIGABRT, "terminate called without an active exception": seen in CI, a job's exit
+    status 2 turned into -6). Imported first, the defaults hold the no-group sentinel."""
+    importlib.import_module("torch.distributed.nn.functional")
 
 
 def _restarted_by_torchrun_on_its_store() -> bool:
@@ -112,5 +125,12 @@ def finish_together() -> None:
 
 
 def _destroy_at_exit() -> None:
+    """Every group destroyed while the interpreter is whole. destroy_process_group() forgets them,
+    but a group object someone still holds keeps its gloo threads running until the interpreter's
+    teardown frees it, which sometimes aborts the process (see _import_what_would_pin_the_group).
+    DeepSpeed's own destroy also drops the groups it keeps in module globals."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+    gc.collect()  # engines and optimizers left in reference cycles hold groups too

@@ -79,11 +79,13 @@ the loss holds no ``[V_s, H]`` tensor besides it (for a float32 weight; a bf16 w
 product is a bf16 ``[V_s, H]`` before its float32 add, as there). The softmax is ``O(V)`` per row, but sorting the
 full vocabulary is ``O(V log V)``, with a value and an int64 index per element: the sorts set a
 chunk's memory, and so its default rows (:data:`MIN_CHUNK_ROWS`); the head matmuls want many rows.
-Measured on the loaded 2-core CPU here (V_s = 152k, V_t = 131k, H = 1024, 128-row chunks; GPU not
-measured): ULD's exact sort is 40% of a chunk's time and the head matmuls, forward and backward,
-50%; per token this costliest cell runs at 1.9× the same-tokenizer fused loss's time and 1.27× its
-peak extra memory, the others at 0.9–1.6× and 0.9–1.2× (docs/benchmarks.md). 256-row chunks are at most 9% faster and put the exact sorts at 1.8–2.0×
-its memory.
+GOLD with forward KL (the default ``kind``) takes its gradient in closed form in the forward
+pass (:class:`_GoldForwardKL`), so autograd records no ``[C, V_s]`` graph for it; the other kinds
+go through autograd. Measured on a quiet 2-core CPU (V_s = 152k, V_t = 131k, H = 1024, N = 8192,
+128-row chunks; GPU not measured), per token against the same-tokenizer fused loss: ULD 3.9× its
+time with the exact sort (59% of a chunk is sorting), 1.5× at ``top_k=1024``; GOLD 2.3× exact
+(sorts 26%), 1.7× at ``top_k=1024``; peak extra memory 0.9–1.3× (docs/benchmarks.md). 256-row
+chunks are at most 9% faster and put the exact sorts at 1.8–2.0× its memory.
 ``top_k`` replaces the two sorts by two ``topk``: the first ``k`` sorted values are compared
 exactly and the rest by their masses, ``|tail_q − tail_p|``. That is a lower bound of the exact
 ULD (triangle inequality), equal to it when one tail lies wholly above the other, and at
@@ -229,20 +231,125 @@ def gold_per_position(student_logits: Tensor, teacher_logits: Tensor, vocab: Sha
     dtype = compute_dtype(student_logits, teacher_logits)
     # The continuation scales the selected columns only, not the whole [N, V] rows (one copy fewer
     # per side, and its backward): log q̂ = log q + log Z column by column, so the values are the same.
-    log_q = tempered_log_probs(student_logits, temperature, dtype)
     log_p = tempered_log_probs(teacher_logits, temperature, dtype)
-    c_q = _continuation(student_continuation, log_q)
     c_p = _continuation(teacher_continuation, log_p)
-    log_q_coarse, log_q_unshared = _coarse(log_q, c_q, vocab.student_ids, vocab.student_only)
+    c_q = _continuation(student_continuation, log_p)
     log_p_coarse, log_p_unshared = _coarse(log_p, c_p, vocab.teacher_ids, vocab.teacher_only)
     if vocab.student_only.numel() == 0:
         log_p_coarse = _conditioned_where_no_bucket(log_p_coarse, c_q == 0)
+    teacher_rest = _with_remainder(log_p_unshared.exp(), teacher_continuation) if uld_weight else None
+    if kind == "fkl" and _wants_gradient(student_logits, student_continuation):
+        return _GoldForwardKL.apply(student_logits, c_q, log_p_coarse, teacher_rest, vocab, temperature, uld_weight,
+                                    top_k, student_continuation is not None)
+    log_q = tempered_log_probs(student_logits, temperature, dtype)
+    log_q_coarse, log_q_unshared = _coarse(log_q, c_q, vocab.student_ids, vocab.student_only)
     shared_part = divergence_from_log_probs(settings, log_p_coarse, log_q_coarse)
     if uld_weight == 0:
         return shared_part
-    rest = sorted_l1(_with_remainder(log_q_unshared.exp(), student_continuation),
-                     _with_remainder(log_p_unshared.exp(), teacher_continuation), top_k)
+    rest = sorted_l1(_with_remainder(log_q_unshared.exp(), student_continuation), teacher_rest, top_k)
     return shared_part + uld_weight * rest
+
+
+def _wants_gradient(student_logits: Tensor, student_continuation: Tensor | None) -> bool:
+    wanted = student_logits.requires_grad or (student_continuation is not None and student_continuation.requires_grad)
+    return torch.is_grad_enabled() and wanted
+
+
+class _GoldForwardKL(torch.autograd.Function):
+    """GOLD with forward KL, per position, with its gradient written out: taken in the forward
+    pass from the student's probabilities, so that autograd records no ``[N, V_s]`` graph (its
+    backward through log-softmax, column selections and sorts took 15–19% of a chunk;
+    docs/benchmarks.md). Backward only scales the stored gradient.
+
+    The gradient, per row, with ``q`` the student's tempered probabilities, ``Z = exp(c)``, ``B``
+    its bucket and ``p`` the teacher's coarse probabilities, is ``(g − q·Σg)/T`` with ``g`` the
+    gradient with respect to ``log q``: ``−p_i`` at shared id ``i``; at an unshared id ``v``,
+    ``−p_B·Z·q_v/B`` from the bucket plus ``uld_weight·h_v·Z·q_v`` from the sorted part, ``h_v`` the
+    sign of the difference at ``v``'s sorted place (the tail's sign past ``top_k``). The
+    continuation's: ``−(1 − p_B) − p_B·d log B/d c`` plus the sorted part's ``Σ h_v·Z·q_v − h_R·Z``
+    (``h_R`` the remainder's sign). At ``c = 0`` the remainder ``1 − Z`` is a constant, as
+    autograd sees it through :func:`_coarse`. tests/losses/test_cross_tokenizer.py checks all of
+    it against autograd on the unfused definition and by finite differences."""
+
+    @staticmethod
+    def forward(ctx, student_logits, log_z, log_p_coarse, teacher_rest, vocab, temperature, uld_weight, top_k,
+                with_remainder):
+        with torch.no_grad():
+            value, grad_logits, grad_log_z = _gold_forward_kl_and_gradient(
+                student_logits.detach(), log_z.detach(), log_p_coarse, teacher_rest, vocab, temperature, uld_weight,
+                top_k, with_remainder)
+        ctx.save_for_backward(grad_logits.to(student_logits.dtype), grad_log_z)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        grad_logits, grad_log_z = ctx.saved_tensors
+        if not bool((grad_value == 1).all()):  # a plain sum (the chunked losses) needs no [C, V] pass
+            grad_logits = grad_logits * grad_value.unsqueeze(-1).to(grad_logits.dtype)
+        return grad_logits, grad_log_z * grad_value, None, None, None, None, None, None, None
+
+
+def _gold_forward_kl_and_gradient(student_logits, log_z, log_p_coarse, teacher_rest, vocab, temperature, uld_weight,
+                                  top_k, with_remainder) -> tuple[Tensor, Tensor, Tensor]:
+    """``[C]`` values, ``[C, V_s]`` gradient to the logits and ``[C]`` to ``log Z`` (see :class:`_GoldForwardKL`)."""
+    log_q = tempered_log_probs(student_logits, temperature, log_p_coarse.dtype)
+    log_q_coarse, log_q_unshared = _coarse(log_q, log_z, vocab.student_ids, vocab.student_only)
+    p_coarse = log_p_coarse.exp()
+    value = (p_coarse * (log_p_coarse - log_q_coarse)).sum(-1)
+    p_bucket, log_bucket = p_coarse[:, -1], log_q_coarse[:, -1]
+    # 1/B, Z/B and Z·Q_U/B from logs, clamped: B can be far below 1 where the student holds
+    # little outside the shared ids, and is 0 where the teacher's bucket is dropped (p_B = 0).
+    log_max = _LOG_MAX[log_z.dtype]
+    bucket_weight = torch.where(p_bucket > 0, p_bucket * torch.exp((-log_bucket).clamp(max=log_max)), 0.0)
+    z_over_bucket = torch.exp((log_z - log_bucket).clamp(max=log_max))
+    unshared_share = torch.exp(torch.logsumexp(log_q_unshared, -1) - log_bucket) if log_q_unshared.shape[-1] else \
+        torch.zeros_like(log_z)
+    merged_unshared = log_q_unshared.exp()  # Z·q_v, whose log-derivative is itself
+    grad_unshared = merged_unshared * -bucket_weight.unsqueeze(-1)  # −p_B·Z·q_v/B
+    # d log B / d c: Z·(Q_U − 1)/B below Z = 1; at Z = 1 the remainder is a constant (as in _coarse).
+    bucket_slope = unshared_share - torch.where(log_z < 0, z_over_bucket, 0.0)
+    grad_log_z = -p_coarse[:, :-1].sum(-1) - torch.where(p_bucket > 0, p_bucket * bucket_slope, 0.0)
+    if uld_weight:
+        student_rest = _with_remainder(merged_unshared, log_z if with_remainder else None)
+        rest, signs = _sorted_l1_with_signs(student_rest, teacher_rest, top_k)
+        value = value + uld_weight * rest
+        weighted = signs[:, :merged_unshared.shape[-1]].mul_(merged_unshared)  # the remainder's sign stays last
+        grad_unshared.add_(weighted, alpha=uld_weight)
+        grad_log_z = grad_log_z + uld_weight * weighted.sum(-1)
+        if with_remainder:
+            grad_log_z = grad_log_z - uld_weight * signs[:, -1] * log_z.exp()
+    # Shared and unshared ids partition the vocabulary: two column copies fill the whole gradient.
+    grad = torch.empty_like(log_q)
+    grad.index_copy_(1, vocab.student_ids, -p_coarse[:, :-1])
+    grad.index_copy_(1, vocab.student_only, grad_unshared)
+    total = grad_unshared.sum(-1) - p_coarse[:, :-1].sum(-1)
+    grad.addcmul_(log_q.exp_(), total.unsqueeze(-1), value=-1)
+    if temperature != 1.0:
+        grad.div_(temperature)
+    return value, grad, grad_log_z
+
+
+_LOG_MAX = {torch.float32: math.log(torch.finfo(torch.float32).max) - 1,
+            torch.float64: math.log(torch.finfo(torch.float64).max) - 1}
+
+
+def _sorted_l1_with_signs(a: Tensor, b: Tensor, top_k: int | None) -> tuple[Tensor, Tensor]:
+    """:func:`sorted_l1` ``[C]`` and its gradient with respect to ``a`` ``[C, V_a]``: the sign of the
+    difference at each value's sorted place, and past ``top_k`` the sign of the tails' difference."""
+    width = max(a.shape[-1], b.shape[-1])
+    if width == 0:
+        return a.new_zeros(a.shape[:-1]), torch.zeros_like(a)
+    if top_k is None or top_k >= width:
+        ordered, order = a.sort(dim=-1, descending=True)
+        difference = torch.nn.functional.pad(ordered, (0, width - a.shape[-1])) - _sorted_padded(b, width)
+        return difference.abs().sum(-1), torch.empty_like(a).scatter_(-1, order, difference[:, :a.shape[-1]].sign())
+    top_a, top_index = a.topk(min(top_k, a.shape[-1]), dim=-1)
+    top_b = _top_padded(b, top_k)
+    difference = torch.nn.functional.pad(top_a, (0, top_k - top_a.shape[-1])) - top_b
+    tails = (a.sum(-1) - top_a.sum(-1)) - (b.sum(-1) - top_b.sum(-1))
+    signs = tails.sign().unsqueeze(-1).expand_as(a).clone()
+    signs.scatter_(-1, top_index, difference[:, :top_a.shape[-1]].sign())
+    return difference.abs().sum(-1) + tails.abs(), signs
 
 
 def _with_remainder(merged: Tensor, continuation: Tensor | None) -> Tensor:

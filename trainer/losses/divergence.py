@@ -191,8 +191,10 @@ def tempered_log_probs(logits: Tensor, temperature: float, dtype: torch.dtype) -
     The most negative finite float has ``exp() == 0`` exactly, so those terms vanish instead and
     every gradient stays finite.
     """
-    # Upcast before dividing: dividing bf16 logits by T would round them a second time.
-    log_probs = F.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    # Upcast before dividing: dividing bf16 logits by T would round them a second time. At T = 1
+    # no division: it would only copy a [C, V] chunk.
+    logits = logits.to(dtype)
+    log_probs = F.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
     return log_probs.clamp(min=torch.finfo(dtype).min)
 
 
