@@ -274,10 +274,9 @@ class _GoldForwardKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, log_z, log_p_coarse, teacher_rest, vocab, temperature, uld_weight, top_k,
                 with_remainder):
-        with torch.no_grad():
-            value, grad_logits, grad_log_z = _gold_forward_kl_and_gradient(
-                student_logits.detach(), log_z.detach(), log_p_coarse, teacher_rest, vocab, temperature, uld_weight,
-                top_k, with_remainder)
+        # Autograd records nothing inside a Function's forward: these are plain tensors.
+        value, grad_logits, grad_log_z = _gold_forward_kl_and_gradient(
+            student_logits, log_z, log_p_coarse, teacher_rest, vocab, temperature, uld_weight, top_k, with_remainder)
         ctx.save_for_backward(grad_logits.to(student_logits.dtype), grad_log_z)
         return value
 
@@ -299,7 +298,7 @@ def _gold_forward_kl_and_gradient(student_logits, log_z, log_p_coarse, teacher_r
     p_bucket, log_bucket = p_coarse[:, -1], log_q_coarse[:, -1]
     # 1/B, Z/B and Z·Q_U/B from logs, clamped: B can be far below 1 where the student holds
     # little outside the shared ids, and is 0 where the teacher's bucket is dropped (p_B = 0).
-    log_max = _LOG_MAX[log_z.dtype]
+    log_max = math.log(torch.finfo(log_z.dtype).max) - 1
     bucket_weight = torch.where(p_bucket > 0, p_bucket * torch.exp((-log_bucket).clamp(max=log_max)), 0.0)
     z_over_bucket = torch.exp((log_z - log_bucket).clamp(max=log_max))
     unshared_share = torch.exp(torch.logsumexp(log_q_unshared, -1) - log_bucket) if log_q_unshared.shape[-1] else \
@@ -329,27 +328,16 @@ def _gold_forward_kl_and_gradient(student_logits, log_z, log_p_coarse, teacher_r
     return value, grad, grad_log_z
 
 
-_LOG_MAX = {torch.float32: math.log(torch.finfo(torch.float32).max) - 1,
-            torch.float64: math.log(torch.finfo(torch.float64).max) - 1}
-
-
 def _sorted_l1_with_signs(a: Tensor, b: Tensor, top_k: int | None) -> tuple[Tensor, Tensor]:
     """:func:`sorted_l1` ``[C]`` and its gradient with respect to ``a`` ``[C, V_a]``: the sign of the
     difference at each value's sorted place, and past ``top_k`` the sign of the tails' difference."""
-    width = max(a.shape[-1], b.shape[-1])
-    if width == 0:
-        return a.new_zeros(a.shape[:-1]), torch.zeros_like(a)
-    if top_k is None or top_k >= width:
-        ordered, order = a.sort(dim=-1, descending=True)
-        difference = torch.nn.functional.pad(ordered, (0, width - a.shape[-1])) - _sorted_padded(b, width)
-        return difference.abs().sum(-1), torch.empty_like(a).scatter_(-1, order, difference[:, :a.shape[-1]].sign())
-    top_a, top_index = a.topk(min(top_k, a.shape[-1]), dim=-1)
-    top_b = _top_padded(b, top_k)
-    difference = torch.nn.functional.pad(top_a, (0, top_k - top_a.shape[-1])) - top_b
-    tails = (a.sum(-1) - top_a.sum(-1)) - (b.sum(-1) - top_b.sum(-1))
-    signs = tails.sign().unsqueeze(-1).expand_as(a).clone()
-    signs.scatter_(-1, top_index, difference[:, :top_a.shape[-1]].sign())
-    return difference.abs().sum(-1) + tails.abs(), signs
+    difference, tails, where_in_a = _compared(a, b, top_k)
+    compared_signs = difference[:, :where_in_a.shape[-1]].sign()
+    if tails is None:
+        signs = torch.empty_like(a)
+    else:
+        signs = tails.sign().unsqueeze(-1).expand_as(a).clone()
+    return _l1_of(difference, tails), signs.scatter_(-1, where_in_a, compared_signs)
 
 
 def _with_remainder(merged: Tensor, continuation: Tensor | None) -> Tensor:
@@ -402,14 +390,27 @@ def sorted_l1(a: Tensor, b: Tensor, top_k: int | None = None) -> Tensor:
     """``Σ_j |a_(j) − b_(j)|`` of ``[N, V_a]`` and ``[N, V_b]`` nonnegative rows, each sorted descending,
     the shorter zero-padded -> ``[N]``. With ``top_k``: the first ``k`` sorted values of each, plus
     ``|tail_a − tail_b|`` for the rest (a lower bound; exact at ``k ≥ V``)."""
+    difference, tails, _ = _compared(a, b, top_k)
+    return _l1_of(difference, tails)
+
+
+def _compared(a: Tensor, b: Tensor, top_k: int | None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The values :func:`sorted_l1` compares: ``a``'s sorted (or top-``k``) values minus ``b``'s, both
+    zero-padded to one width ``[N, W]``; the tails' difference ``[N]`` past ``top_k`` (None when the
+    sort is exact); and the columns of ``a`` the first ``W_a ≤ W`` compared values came from."""
     width = max(a.shape[-1], b.shape[-1])
-    if width == 0:
-        return a.new_zeros(a.shape[:-1])
     if top_k is None or top_k >= width:
-        return (_sorted_padded(a, width) - _sorted_padded(b, width)).abs().sum(-1)
-    top_a, top_b = _top_padded(a, top_k), _top_padded(b, top_k)
+        ordered, where_in_a = a.sort(dim=-1, descending=True)
+        return torch.nn.functional.pad(ordered, (0, width - a.shape[-1])) - _sorted_padded(b, width), None, where_in_a
+    top_a, where_in_a = a.topk(min(top_k, a.shape[-1]), dim=-1)
+    top_b = _top_padded(b, top_k)
     tails = (a.sum(-1) - top_a.sum(-1)) - (b.sum(-1) - top_b.sum(-1))
-    return (top_a - top_b).abs().sum(-1) + tails.abs()
+    return torch.nn.functional.pad(top_a, (0, top_k - top_a.shape[-1])) - top_b, tails, where_in_a
+
+
+def _l1_of(difference: Tensor, tails: Tensor | None) -> Tensor:
+    total = difference.abs().sum(-1)
+    return total if tails is None else total + tails.abs()
 
 
 def _sorted_padded(values: Tensor, width: int) -> Tensor:
