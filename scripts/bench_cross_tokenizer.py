@@ -175,24 +175,24 @@ def chunk_breakdown(cell: dict, vocab, hidden: int) -> dict[str, float]:
         with torch.no_grad():
             teacher_logits = teacher_hidden @ teacher_weight.T
         student_logits = (student_hidden.detach() @ student_weight.detach().T).requires_grad_()
-    if cell["method"] == "uld":
-        with torch.enable_grad():
-            value = uld_pieces(timer, student_logits, teacher_logits, cell, vocab)
-        with timer("autograd to the logits (backward of the above)"):
-            (logit_grad,) = torch.autograd.grad(value, student_logits)
-    else:
-        logit_grad = gold_pieces(timer, student_logits.detach(), teacher_logits, cell, vocab)
+    pieces = uld_pieces if cell["method"] == "uld" else gold_pieces
+    logit_grad = pieces(timer, student_logits.detach(), teacher_logits, cell, vocab)
     with timer("head matmuls (backward: hidden gradient, weight gradient by addmm_ into its accumulator)"):
         logit_grad @ student_weight
         accumulated.addmm_(logit_grad.T, student_hidden)
     return timer.seconds
 
 
-def uld_pieces(timer, student_logits, teacher_logits, cell, _vocab):
-    with timer("softmaxes"):
-        q = torch.softmax(student_logits, dim=-1)  # as xt._merged_probs, at T = 1 and one-token spans
-        p = torch.softmax(teacher_logits, dim=-1)
-    return sorted_l1_pieces(timer, q, p, cell["top_k"])
+def uld_pieces(timer, student_logits, teacher_logits, cell, _vocab) -> torch.Tensor:
+    """ULD as ``uld_per_position`` runs it for a gradient, at T = 1 and one-token spans: the teacher's
+    side, then the student's value and logit gradient written out, its sorts (or top-k) timed apart.
+    Returns the logit gradient."""
+    zeros = student_logits.new_zeros(student_logits.shape[0])
+    with timer("teacher side (softmax)"):
+        teacher_side = xt._with_remainder(xt._merged_probs(teacher_logits, zeros, 1.0, torch.float32), zeros)
+    return student_side_pieces(timer, cell, "student side: softmax, sorted L1 and the logit gradient, written out",
+                               xt._uld_and_gradient, student_logits, zeros, teacher_side, 1.0, cell["top_k"] or None,
+                               True)
 
 
 def gold_pieces(timer, student_logits, teacher_logits, cell, vocab) -> torch.Tensor:
@@ -204,37 +204,28 @@ def gold_pieces(timer, student_logits, teacher_logits, cell, vocab) -> torch.Ten
         log_p = tempered_log_probs(teacher_logits, 1.0, torch.float32)
         log_p_coarse, log_p_unshared = xt._coarse(log_p, zeros, vocab.teacher_ids, vocab.teacher_only)
         teacher_rest = xt._with_remainder(log_p_unshared.exp(), zeros)
+    return student_side_pieces(timer, cell, "student side: coarse KL, sorted L1 and the logit gradient, written out",
+                               xt._gold_forward_kl_and_gradient, student_logits, zeros, log_p_coarse, teacher_rest,
+                               vocab, 1.0, 1.0, cell["top_k"] or None, True)
+
+
+def student_side_pieces(timer, cell, name: str, written_out, *args) -> torch.Tensor:
+    """``written_out(*args)`` (a loss's value and gradients in one pass) timed, with the sorted
+    comparison inside it (sorts or top-k, and the signs the gradient scatters back) timed apart."""
     sorts = PieceTimer()
-    name = "sorts" if not cell["top_k"] else "topk"
+    sorts_name = "sorts" if not cell["top_k"] else "topk"
+    sorted_l1_with_signs = xt._sorted_l1_with_signs
 
     def timed_sorted_l1(a, b, top_k):
-        with sorts(name):
+        with sorts(sorts_name):
             return sorted_l1_with_signs(a, b, top_k)
 
-    sorted_l1_with_signs = xt._sorted_l1_with_signs
     started = time.perf_counter()
     with mock.patch.object(xt, "_sorted_l1_with_signs", timed_sorted_l1):
-        _, logit_grad, _ = xt._gold_forward_kl_and_gradient(student_logits, zeros, log_p_coarse, teacher_rest, vocab,
-                                                            1.0, 1.0, cell["top_k"] or None, True)
-    student_side = time.perf_counter() - started
-    timer.seconds["student side: coarse KL, sorted L1 and the logit gradient, written out (sorts apart)"] = \
-        student_side - sorts.seconds[name]
-    timer.seconds[name] = sorts.seconds[name]  # with the signs the gradient scatters back
+        _, logit_grad, _ = written_out(*args)
+    timer.seconds[f"{name} (sorts apart)"] = time.perf_counter() - started - sorts.seconds[sorts_name]
+    timer.seconds[sorts_name] = sorts.seconds[sorts_name]
     return logit_grad
-
-
-def sorted_l1_pieces(timer, q, p, top_k) -> torch.Tensor:
-    """``xt.sorted_l1(q, p, top_k).sum()``, its sorts (or top-k) timed apart from the rest."""
-    width = max(q.shape[-1], p.shape[-1])
-    exact = top_k is None or top_k >= width
-    with timer("sorts" if exact else "topk"):
-        ordered_q = xt._sorted_padded(q, width) if exact else xt._top_padded(q, top_k)
-        ordered_p = xt._sorted_padded(p, width) if exact else xt._top_padded(p, top_k)
-    with timer("sorted L1 (and tails)"):
-        l1 = (ordered_q - ordered_p).abs().sum(-1)
-        if not exact:
-            l1 = l1 + ((q.sum(-1) - ordered_q.sum(-1)) - (p.sum(-1) - ordered_p.sum(-1))).abs()
-    return l1.sum()
 
 
 # --- report --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from trainer.losses.cross_tokenizer import (
     gold_per_position,
     match_vocabularies,
     shared_vocab,
+    sorted_l1,
     span_continuation,
     token_log_probs,
     uld_loss,
@@ -335,6 +336,38 @@ def test_gold_forward_kl_written_out_equals_autograd_through_its_definition(top_
     written_out = loss_and_grads(lambda s, c: loss("fkl", s, c), student, cs)
     by_autograd = loss_and_grads(lambda s, c: loss("skl", s, c), student, cs)
     for got, expected in zip(written_out, by_autograd):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def uld_by_its_definition(student, teacher, temperature, top_k, cs, ct):
+    """ULD through autograd, built here from softmaxes and the public sorted_l1."""
+    def side(logits, c):
+        probs = torch.softmax(logits / temperature, -1)
+        if c is None:
+            return probs
+        return torch.cat([probs * c.exp().unsqueeze(-1), (1 - c.exp()).clamp(min=0).unsqueeze(-1)], -1)
+    return sorted_l1(side(student, cs), side(teacher, ct), top_k)
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+@pytest.mark.parametrize("temperature", [1.0, 1.6])
+@pytest.mark.parametrize("spans", ["one-token", "multi-token"])
+def test_uld_written_out_equals_autograd_through_its_definition(top_k, temperature, spans):
+    student, teacher = logits(9, 7, seed=42), logits(9, 10, seed=43)
+    cs, ct = (continuations(9, seed=13), continuations(9, seed=14)) if spans == "multi-token" else (None, None)
+    weights = torch.linspace(0.5, 2.0, 9, dtype=torch.float64)  # an upstream gradient that is not all ones
+
+    def loss_and_grads_of(fn):
+        s = student.clone().requires_grad_(True)
+        c = None if cs is None else cs.clone().requires_grad_(True)
+        value = (fn(s, c) * weights).sum()
+        grads = torch.autograd.grad(value, [s] if c is None else [s, c])
+        return value.detach(), *grads
+
+    written_out = loss_and_grads_of(lambda s, c: uld_per_position(s, teacher, temperature=temperature, top_k=top_k,
+                                                                  student_continuation=c, teacher_continuation=ct))
+    by_autograd = loss_and_grads_of(lambda s, c: uld_by_its_definition(s, teacher, temperature, top_k, c, ct))
+    for got, expected in zip(written_out, by_autograd, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 

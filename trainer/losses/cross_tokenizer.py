@@ -79,13 +79,15 @@ the loss holds no ``[V_s, H]`` tensor besides it (for a float32 weight; a bf16 w
 product is a bf16 ``[V_s, H]`` before its float32 add, as there). The softmax is ``O(V)`` per row, but sorting the
 full vocabulary is ``O(V log V)``, with a value and an int64 index per element: the sorts set a
 chunk's memory, and so its default rows (:data:`MIN_CHUNK_ROWS`); the head matmuls want many rows.
-GOLD with forward KL (the default ``kind``) takes its gradient in closed form in the forward
-pass (:class:`_GoldForwardKL`), so autograd records no ``[C, V_s]`` graph for it; the other kinds
-go through autograd. Measured on a quiet 2-core CPU (V_s = 152k, V_t = 131k, H = 1024, N = 8192,
-128-row chunks; GPU not measured), per token against the same-tokenizer fused loss: ULD 3.9× its
-time with the exact sort (59% of a chunk is sorting), 1.5× at ``top_k=1024``; GOLD 2.3× exact
-(sorts 26%), 1.7× at ``top_k=1024``; peak extra memory 0.9–1.3× (docs/benchmarks.md). 256-row
-chunks are at most 9% faster and put the exact sorts at 1.8–2.0× its memory.
+ULD and GOLD with forward KL (the default ``kind``) take their gradients in closed form in the
+forward pass (:class:`_GradientInForward`), so autograd records no ``[C, V_s]`` graph for them; GOLD's
+other kinds go through autograd. On CPU, rows of at least 32768 values are sorted by radix sort
+(:mod:`trainer.losses.sorting`, 2.5× faster than ``sort``). Measured on a quiet 2-core CPU
+(V_s = 152k, V_t = 131k, H = 1024, N = 8192, 128-row chunks; GPU not measured), per token against
+the same-tokenizer fused loss: ULD 2.4× its time with the exact sort (51% of a chunk is sorting),
+1.4× at ``top_k=1024``; GOLD 2.0× exact (sorts 23%), 1.6× at ``top_k=1024``; peak extra memory
+1.0–1.3× (docs/benchmarks.md). 256-row chunks were at most 9% faster and put the exact sorts at
+1.8–2.0× its memory.
 ``top_k`` replaces the two sorts by two ``topk``: the first ``k`` sorted values are compared
 exactly and the rest by their masses, ``|tail_q − tail_p|``. That is a lower bound of the exact
 ULD (triangle inequality), equal to it when one tail lies wholly above the other, and at
@@ -94,6 +96,7 @@ ULD (triangle inequality), equal to it when one tail lies wholly above the other
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -110,6 +113,7 @@ from trainer.losses.divergence import (
 from trainer.losses.fused import _accumulate as accumulate_head_grads
 from trainer.losses.head import LMHead
 from trainer.losses.settings import LossSettings
+from trainer.losses.sorting import sort_descending, sorted_descending
 from trainer.losses.workspace import ChunkWorkspace
 
 # Elements of one chunk's [C, V] rows at small vocabularies. A chunk holds, per side, the
@@ -207,9 +211,14 @@ def uld_per_position(student_logits: Tensor, teacher_logits: Tensor, *, temperat
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature} must be a finite number > 0; pass 1.0 for example.")
     dtype = compute_dtype(student_logits, teacher_logits)
-    q = _merged_probs(student_logits, student_continuation, temperature, dtype)
     p = _merged_probs(teacher_logits, teacher_continuation, temperature, dtype)
-    return sorted_l1(_with_remainder(q, student_continuation), _with_remainder(p, teacher_continuation), top_k)
+    teacher_side = _with_remainder(p, teacher_continuation)
+    if _wants_gradient(student_logits, student_continuation):
+        compute = functools.partial(_uld_and_gradient, teacher_side=teacher_side, temperature=temperature, top_k=top_k,
+                                    with_remainder=student_continuation is not None)
+        return _GradientInForward.apply(compute, student_logits, _continuation(student_continuation, p))
+    q = _merged_probs(student_logits, student_continuation, temperature, dtype)
+    return sorted_l1(_with_remainder(q, student_continuation), teacher_side, top_k)
 
 
 def gold_per_position(student_logits: Tensor, teacher_logits: Tensor, vocab: SharedVocab, *,
@@ -239,8 +248,10 @@ def gold_per_position(student_logits: Tensor, teacher_logits: Tensor, vocab: Sha
         log_p_coarse = _conditioned_where_no_bucket(log_p_coarse, c_q == 0)
     teacher_rest = _with_remainder(log_p_unshared.exp(), teacher_continuation) if uld_weight else None
     if kind == "fkl" and _wants_gradient(student_logits, student_continuation):
-        return _GoldForwardKL.apply(student_logits, c_q, log_p_coarse, teacher_rest, vocab, temperature, uld_weight,
-                                    top_k, student_continuation is not None)
+        compute = functools.partial(_gold_forward_kl_and_gradient, log_p_coarse=log_p_coarse, teacher_rest=teacher_rest,
+                                    vocab=vocab, temperature=temperature, uld_weight=uld_weight, top_k=top_k,
+                                    with_remainder=student_continuation is not None)
+        return _GradientInForward.apply(compute, student_logits, c_q)
     log_q = tempered_log_probs(student_logits, temperature, dtype)
     log_q_coarse, log_q_unshared = _coarse(log_q, c_q, vocab.student_ids, vocab.student_only)
     shared_part = divergence_from_log_probs(settings, log_p_coarse, log_q_coarse)
@@ -255,28 +266,18 @@ def _wants_gradient(student_logits: Tensor, student_continuation: Tensor | None)
     return torch.is_grad_enabled() and wanted
 
 
-class _GoldForwardKL(torch.autograd.Function):
-    """GOLD with forward KL, per position, with its gradient written out: taken in the forward
-    pass from the student's probabilities, so that autograd records no ``[N, V_s]`` graph (its
-    backward through log-softmax, column selections and sorts took 15–19% of a chunk;
-    docs/benchmarks.md). Backward only scales the stored gradient.
-
-    The gradient, per row, with ``q`` the student's tempered probabilities, ``Z = exp(c)``, ``B``
-    its bucket and ``p`` the teacher's coarse probabilities, is ``(g − q·Σg)/T`` with ``g`` the
-    gradient with respect to ``log q``: ``−p_i`` at shared id ``i``; at an unshared id ``v``,
-    ``−p_B·Z·q_v/B`` from the bucket plus ``uld_weight·h_v·Z·q_v`` from the sorted part, ``h_v`` the
-    sign of the difference at ``v``'s sorted place (the tail's sign past ``top_k``). The
-    continuation's: ``−(1 − p_B) − p_B·d log B/d c`` plus the sorted part's ``Σ h_v·Z·q_v − h_R·Z``
-    (``h_R`` the remainder's sign). At ``c = 0`` the remainder ``1 − Z`` is a constant, as
-    autograd sees it through :func:`_coarse`. tests/losses/test_cross_tokenizer.py checks all of
-    it against autograd on the unfused definition and by finite differences."""
+class _GradientInForward(torch.autograd.Function):
+    """A per-position loss ``[C]`` whose gradients ``compute(student_logits, log_z)`` writes out in
+    the forward pass, with the value: ``-> (value [C], d/d logits [C, V_s], d/d log Z [C])``. Autograd
+    records no ``[C, V_s]`` graph for it (whose backward through softmax, column selections and
+    sorts took 15–19% of a GOLD chunk; docs/benchmarks.md); backward only scales the stored
+    gradients. GOLD with forward KL (:func:`_gold_forward_kl_and_gradient`) and ULD
+    (:func:`_uld_and_gradient`) run through it; tests/losses/test_cross_tokenizer.py checks both
+    against autograd on their definitions and by finite differences."""
 
     @staticmethod
-    def forward(ctx, student_logits, log_z, log_p_coarse, teacher_rest, vocab, temperature, uld_weight, top_k,
-                with_remainder):
-        # Autograd records nothing inside a Function's forward: these are plain tensors.
-        value, grad_logits, grad_log_z = _gold_forward_kl_and_gradient(
-            student_logits, log_z, log_p_coarse, teacher_rest, vocab, temperature, uld_weight, top_k, with_remainder)
+    def forward(ctx, compute, student_logits, log_z):
+        value, grad_logits, grad_log_z = compute(student_logits, log_z)
         ctx.save_for_backward(grad_logits.to(student_logits.dtype), grad_log_z)
         return value
 
@@ -285,12 +286,21 @@ class _GoldForwardKL(torch.autograd.Function):
         grad_logits, grad_log_z = ctx.saved_tensors
         if not bool((grad_value == 1).all()):  # a plain sum (the chunked losses) needs no [C, V] pass
             grad_logits = grad_logits * grad_value.unsqueeze(-1).to(grad_logits.dtype)
-        return grad_logits, grad_log_z * grad_value, None, None, None, None, None, None, None
+        return None, grad_logits, grad_log_z * grad_value
 
 
 def _gold_forward_kl_and_gradient(student_logits, log_z, log_p_coarse, teacher_rest, vocab, temperature, uld_weight,
                                   top_k, with_remainder) -> tuple[Tensor, Tensor, Tensor]:
-    """``[C]`` values, ``[C, V_s]`` gradient to the logits and ``[C]`` to ``log Z`` (see :class:`_GoldForwardKL`)."""
+    """GOLD with forward KL: ``[C]`` values, ``[C, V_s]`` gradient to the logits and ``[C]`` to ``log Z``.
+
+    Per row, with ``q`` the student's tempered probabilities, ``Z = exp(c)``, ``B`` its bucket and
+    ``p`` the teacher's coarse probabilities, the logits' gradient is ``(g − q·Σg)/T`` with ``g`` the
+    gradient with respect to ``log q``: ``−p_i`` at shared id ``i``; at an unshared id ``v``,
+    ``−p_B·Z·q_v/B`` from the bucket plus ``uld_weight·h_v·Z·q_v`` from the sorted part, ``h_v`` the
+    sign of the difference at ``v``'s sorted place (the tail's sign past ``top_k``). The
+    continuation's: ``−(1 − p_B) − p_B·d log B/d c`` plus the sorted part's ``Σ h_v·Z·q_v − h_R·Z``
+    (``h_R`` the remainder's sign). At ``c = 0`` the remainder ``1 − Z`` is a constant in the
+    bucket, as autograd sees it through :func:`_coarse`."""
     log_q = tempered_log_probs(student_logits, temperature, log_p_coarse.dtype)
     log_q_coarse, log_q_unshared = _coarse(log_q, log_z, vocab.student_ids, vocab.student_only)
     p_coarse = log_p_coarse.exp()
@@ -323,6 +333,31 @@ def _gold_forward_kl_and_gradient(student_logits, log_z, log_p_coarse, teacher_r
     grad.index_copy_(1, vocab.student_only, grad_unshared)
     total = grad_unshared.sum(-1) - p_coarse[:, :-1].sum(-1)
     grad.addcmul_(log_q.exp_(), total.unsqueeze(-1), value=-1)
+    if temperature != 1.0:
+        grad.div_(temperature)
+    return value, grad, grad_log_z
+
+
+def _uld_and_gradient(student_logits, log_z, teacher_side, temperature, top_k, with_remainder
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """ULD: ``[C]`` values, ``[C, V_s]`` gradient to the logits and ``[C]`` to ``log Z``.
+
+    Per row, with ``q = softmax(s/T)``, ``Z = exp(c)`` and ``h_v`` the sign of the difference at
+    ``q̂_v = Z·q_v``'s sorted place (the tail's sign past ``top_k``), ``h_R`` the remainder's: the
+    logits' gradient is ``Z·q·(h − Σ h·q)/T``, the continuation's ``Z·Σ h·q − h_R·Z`` (the remainder
+    ``1 − Z`` falls as ``c`` grows)."""
+    q = _merged_probs(student_logits, None, temperature, teacher_side.dtype)
+    z = log_z.exp().unsqueeze(-1)
+    merged = q * z if with_remainder else q
+    value, signs = _sorted_l1_with_signs(_with_remainder(merged, log_z if with_remainder else None), teacher_side,
+                                         top_k)
+    grad = torch.mul(signs[:, :q.shape[-1]], q)  # h·q, in a tensor of its own: the head's matmuls want it contiguous
+    signed_mass = grad.sum(-1)
+    grad.addcmul_(q, signed_mass.unsqueeze(-1), value=-1)
+    grad_log_z = z.squeeze(-1) * signed_mass
+    if with_remainder:
+        grad_log_z = grad_log_z - signs[:, -1] * z.squeeze(-1)
+        grad.mul_(z)
     if temperature != 1.0:
         grad.div_(temperature)
     return value, grad, grad_log_z
@@ -400,7 +435,7 @@ def _compared(a: Tensor, b: Tensor, top_k: int | None) -> tuple[Tensor, Tensor |
     sort is exact); and the columns of ``a`` the first ``W_a ≤ W`` compared values came from."""
     width = max(a.shape[-1], b.shape[-1])
     if top_k is None or top_k >= width:
-        ordered, where_in_a = a.sort(dim=-1, descending=True)
+        ordered, where_in_a = sort_descending(a)
         return torch.nn.functional.pad(ordered, (0, width - a.shape[-1])) - _sorted_padded(b, width), None, where_in_a
     top_a, where_in_a = a.topk(min(top_k, a.shape[-1]), dim=-1)
     top_b = _top_padded(b, top_k)
@@ -414,7 +449,7 @@ def _l1_of(difference: Tensor, tails: Tensor | None) -> Tensor:
 
 
 def _sorted_padded(values: Tensor, width: int) -> Tensor:
-    ordered = values.sort(dim=-1, descending=True).values
+    ordered = sorted_descending(values)
     return torch.nn.functional.pad(ordered, (0, width - values.shape[-1]))
 
 
@@ -427,7 +462,8 @@ def _merged_probs(logits: Tensor, continuation: Tensor | None, temperature: floa
     """``q̂ = softmax(logits/T) · Z``: ``[N, V]`` (and ``[N]`` log Z) -> ``[N, V]``. A softmax, not
     ``exp(log_softmax + log Z)``: one ``[N, V]`` pass (and its backward) fewer, for ULD, which reads
     probabilities only."""
-    probs = torch.softmax(logits.to(dtype) / temperature, dim=-1)
+    logits = logits.to(dtype)
+    probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
     if continuation is None:
         return probs
     return probs * continuation.to(dtype).exp().unsqueeze(-1)
