@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -162,7 +163,14 @@ class PieceTimer:
         self.seconds[piece] = self.seconds.get(piece, 0.0) + time.perf_counter() - started
 
 
-def chunk_breakdown(cell: dict, vocab, hidden: int) -> dict[str, float]:
+def chunk_breakdown(cell: dict, vocab, hidden: int, repeats: int = 3) -> dict[str, float]:
+    """Each piece's median seconds over ``repeats`` runs of :func:`one_chunk_pieces`: the first run
+    alone would also time first calls and the first touch of every page the pieces write."""
+    runs = [one_chunk_pieces(cell, vocab, hidden) for _ in range(repeats)]
+    return {piece: statistics.median(run[piece] for run in runs) for piece in runs[0]}
+
+
+def one_chunk_pieces(cell: dict, vocab, hidden: int) -> dict[str, float]:
     """One chunk of ``cell`` (its default rows) step by step, as ``fused_cross_tokenizer_loss`` runs it
     (with the module's own pieces): forward, autograd to the student's logits, the head's backward by
     hand (the hidden states' gradient, the weight's added in place into its accumulator)."""
@@ -189,7 +197,7 @@ def uld_pieces(timer, student_logits, teacher_logits, cell, _vocab) -> torch.Ten
     Returns the logit gradient."""
     zeros = student_logits.new_zeros(student_logits.shape[0])
     with timer("teacher side (softmax)"):
-        teacher_side = xt._with_remainder(xt._merged_probs(teacher_logits, zeros, 1.0, torch.float32), zeros)
+        teacher_side = xt._merged_with_remainder(teacher_logits, zeros, 1.0, torch.float32)
     return student_side_pieces(timer, cell, "student side: softmax, sorted L1 and the logit gradient, written out",
                                xt._uld_and_gradient, student_logits, zeros, teacher_side, 1.0, cell["top_k"] or None,
                                True)
@@ -256,8 +264,8 @@ def table_row(row: dict, args) -> str:
 
 def breakdown_lines(row: dict, pieces: dict[str, float]) -> list[str]:
     chunks = math.ceil(row["tokens"] / row["chunk"])
-    lines = [f"# {row['name']}: one chunk of {min(row['chunk'], row['tokens'])} rows; the cell ran {chunks} chunks, "
-             f"{row['seconds'] / chunks:.3f} s each" if not row["oom"] else f"# {row['name']}: one chunk"]
+    lines = [f"# {row['name']}: one chunk of {min(row['chunk'], row['tokens'])} rows (median of 3 runs); the cell "
+             f"ran {chunks} chunks, {row['seconds'] / chunks:.3f} s each" if not row["oom"] else f"# {row['name']}: one chunk"]
     total = sum(pieces.values())
     lines += [f"#   {piece}: {seconds:.3f} s ({100 * seconds / total:.0f}%)" for piece, seconds in pieces.items()]
     return lines + [f"#   sum of the pieces: {total:.3f} s"]

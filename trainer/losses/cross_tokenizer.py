@@ -81,13 +81,13 @@ full vocabulary is ``O(V log V)``, with a value and an int64 index per element: 
 chunk's memory, and so its default rows (:data:`MIN_CHUNK_ROWS`); the head matmuls want many rows.
 ULD and GOLD with forward KL (the default ``kind``) take their gradients in closed form in the
 forward pass (:class:`_GradientInForward`), so autograd records no ``[C, V_s]`` graph for them; GOLD's
-other kinds go through autograd. On CPU, rows of at least 32768 values are sorted by radix sort
-(:mod:`trainer.losses.sorting`, 2.5× faster than ``sort``). Measured on a quiet 2-core CPU
-(V_s = 152k, V_t = 131k, H = 1024, N = 8192, 128-row chunks; GPU not measured), per token against
-the same-tokenizer fused loss: ULD 2.4× its time with the exact sort (51% of a chunk is sorting),
-1.4× at ``top_k=1024``; GOLD 2.0× exact (sorts 23%), 1.6× at ``top_k=1024``; peak extra memory
-1.0–1.3× (docs/benchmarks.md). 256-row chunks were at most 9% faster and put the exact sorts at
-1.8–2.0× its memory.
+other kinds go through autograd. On CPU, rows are sorted by NumPy (:mod:`trainer.losses.sorting`,
+five times faster than ``sort``), and the sorted comparison writes its differences and signs into
+the sorts' own outputs. Measured on a quiet 2-core CPU (V_s = 152k, V_t = 131k, H = 1024, N = 8192,
+128-row chunks; GPU not measured), per token against the same-tokenizer fused loss: ULD 1.6× its
+time with the exact sort (25% of a chunk is sorting), 1.3× at ``top_k=1024``; GOLD 1.7× exact
+(sorts 8%), 1.6× at ``top_k=1024``; peak extra memory 0.9–1.1× (docs/benchmarks.md). 256-row chunks
+were at most 9% faster (before NumPy's sorts) and put the exact sorts at 1.8–2.0× its memory.
 ``top_k`` replaces the two sorts by two ``topk``: the first ``k`` sorted values are compared
 exactly and the rest by their masses, ``|tail_q − tail_p|``. That is a lower bound of the exact
 ULD (triangle inequality), equal to it when one tail lies wholly above the other, and at
@@ -211,14 +211,13 @@ def uld_per_position(student_logits: Tensor, teacher_logits: Tensor, *, temperat
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature} must be a finite number > 0; pass 1.0 for example.")
     dtype = compute_dtype(student_logits, teacher_logits)
-    p = _merged_probs(teacher_logits, teacher_continuation, temperature, dtype)
-    teacher_side = _with_remainder(p, teacher_continuation)
+    teacher_side = _merged_with_remainder(teacher_logits, teacher_continuation, temperature, dtype)
     if _wants_gradient(student_logits, student_continuation):
         compute = functools.partial(_uld_and_gradient, teacher_side=teacher_side, temperature=temperature, top_k=top_k,
                                     with_remainder=student_continuation is not None)
-        return _GradientInForward.apply(compute, student_logits, _continuation(student_continuation, p))
-    q = _merged_probs(student_logits, student_continuation, temperature, dtype)
-    return sorted_l1(_with_remainder(q, student_continuation), teacher_side, top_k)
+        return _GradientInForward.apply(compute, student_logits, _continuation(student_continuation, teacher_side))
+    student_side = _merged_with_remainder(student_logits, student_continuation, temperature, dtype)
+    return sorted_l1(student_side, teacher_side, top_k)
 
 
 def gold_per_position(student_logits: Tensor, teacher_logits: Tensor, vocab: SharedVocab, *,
@@ -346,11 +345,9 @@ def _uld_and_gradient(student_logits, log_z, teacher_side, temperature, top_k, w
     ``q̂_v = Z·q_v``'s sorted place (the tail's sign past ``top_k``), ``h_R`` the remainder's: the
     logits' gradient is ``Z·q·(h − Σ h·q)/T``, the continuation's ``Z·Σ h·q − h_R·Z`` (the remainder
     ``1 − Z`` falls as ``c`` grows)."""
-    q = _merged_probs(student_logits, None, temperature, teacher_side.dtype)
+    q = _tempered_probs(student_logits, temperature, teacher_side.dtype)
     z = log_z.exp().unsqueeze(-1)
-    merged = q * z if with_remainder else q
-    value, signs = _sorted_l1_with_signs(_with_remainder(merged, log_z if with_remainder else None), teacher_side,
-                                         top_k)
+    value, signs = _sorted_l1_with_signs(_scaled_with_remainder(q, log_z) if with_remainder else q, teacher_side, top_k)
     grad = torch.mul(signs[:, :q.shape[-1]], q)  # h·q, in a tensor of its own: the head's matmuls want it contiguous
     signed_mass = grad.sum(-1)
     grad.addcmul_(q, signed_mass.unsqueeze(-1), value=-1)
@@ -365,14 +362,32 @@ def _uld_and_gradient(student_logits, log_z, teacher_side, temperature, top_k, w
 
 def _sorted_l1_with_signs(a: Tensor, b: Tensor, top_k: int | None) -> tuple[Tensor, Tensor]:
     """:func:`sorted_l1` ``[C]`` and its gradient with respect to ``a`` ``[C, V_a]``: the sign of the
-    difference at each value's sorted place, and past ``top_k`` the sign of the tails' difference."""
+    difference at each value's sorted place, and past ``top_k`` the sign of the tails' difference.
+    For the written-out gradients: no autograd through ``a`` or ``b``."""
     difference, tails, where_in_a = _compared(a, b, top_k)
-    compared_signs = difference[:, :where_in_a.shape[-1]].sign()
+    value = _l1_of(difference, tails)
+    compared_signs = difference[:, :where_in_a.shape[-1]].sign_()
     if tails is None:
         signs = torch.empty_like(a)
     else:
         signs = tails.sign().unsqueeze(-1).expand_as(a).clone()
-    return _l1_of(difference, tails), signs.scatter_(-1, where_in_a, compared_signs)
+    return value, signs.scatter_(-1, where_in_a, compared_signs)
+
+
+def _merged_with_remainder(logits: Tensor, continuation: Tensor | None, temperature: float, dtype) -> Tensor:
+    """What ULD sorts of one side: ``softmax(logits/T)·Z`` and the remainder ``1 − Z``, ``[N, V] ->
+    [N, V + 1]`` (``[N, V]``, the probabilities alone, without a continuation)."""
+    probs = _tempered_probs(logits, temperature, dtype)
+    return probs if continuation is None else _scaled_with_remainder(probs, continuation)
+
+
+def _scaled_with_remainder(probs: Tensor, continuation: Tensor) -> Tensor:
+    """``_with_remainder(probs · Z, continuation)`` ``[N, V + 1]``, the product written straight into
+    it: one ``[N, V]`` pass and tensor fewer."""
+    merged = probs.new_empty(probs.shape[0], probs.shape[1] + 1)
+    torch.mul(probs, continuation.to(probs.dtype).exp().unsqueeze(-1), out=merged[:, :-1])
+    merged[:, -1] = (-torch.expm1(continuation.to(probs.dtype))).clamp(min=0)
+    return merged
 
 
 def _with_remainder(merged: Tensor, continuation: Tensor | None) -> Tensor:
@@ -436,7 +451,7 @@ def _compared(a: Tensor, b: Tensor, top_k: int | None) -> tuple[Tensor, Tensor |
     width = max(a.shape[-1], b.shape[-1])
     if top_k is None or top_k >= width:
         ordered, where_in_a = sort_descending(a)
-        return torch.nn.functional.pad(ordered, (0, width - a.shape[-1])) - _sorted_padded(b, width), None, where_in_a
+        return _padded_difference(ordered, sorted_descending(b, width=width)), None, where_in_a
     top_a, where_in_a = a.topk(min(top_k, a.shape[-1]), dim=-1)
     top_b = _top_padded(b, top_k)
     tails = (a.sum(-1) - top_a.sum(-1)) - (b.sum(-1) - top_b.sum(-1))
@@ -444,13 +459,16 @@ def _compared(a: Tensor, b: Tensor, top_k: int | None) -> tuple[Tensor, Tensor |
 
 
 def _l1_of(difference: Tensor, tails: Tensor | None) -> Tensor:
-    total = difference.abs().sum(-1)
+    total = torch.linalg.vector_norm(difference, 1, dim=-1)  # Σ|d| without a [N, W] |d|
     return total if tails is None else total + tails.abs()
 
 
-def _sorted_padded(values: Tensor, width: int) -> Tensor:
-    ordered = sorted_descending(values)
-    return torch.nn.functional.pad(ordered, (0, width - values.shape[-1]))
+def _padded_difference(ordered: Tensor, other: Tensor) -> Tensor:
+    """``ordered`` zero-padded to ``other``'s width, minus ``other``: in ``ordered``'s own memory
+    where it is as wide and no gradient flows through it (the sort's fresh output)."""
+    if ordered.shape[-1] == other.shape[-1] and not ordered.requires_grad:
+        return ordered.sub_(other)
+    return torch.nn.functional.pad(ordered, (0, other.shape[-1] - ordered.shape[-1])) - other
 
 
 def _top_padded(values: Tensor, k: int) -> Tensor:
@@ -458,15 +476,11 @@ def _top_padded(values: Tensor, k: int) -> Tensor:
     return torch.nn.functional.pad(top, (0, k - top.shape[-1]))
 
 
-def _merged_probs(logits: Tensor, continuation: Tensor | None, temperature: float, dtype) -> Tensor:
-    """``q̂ = softmax(logits/T) · Z``: ``[N, V]`` (and ``[N]`` log Z) -> ``[N, V]``. A softmax, not
-    ``exp(log_softmax + log Z)``: one ``[N, V]`` pass (and its backward) fewer, for ULD, which reads
-    probabilities only."""
+def _tempered_probs(logits: Tensor, temperature: float, dtype) -> Tensor:
+    """``softmax(logits/T)`` ``[N, V]`` in ``dtype``. A softmax, not ``exp(log_softmax)``: one
+    ``[N, V]`` pass (and its backward) fewer, for ULD, which reads probabilities only."""
     logits = logits.to(dtype)
-    probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-    if continuation is None:
-        return probs
-    return probs * continuation.to(dtype).exp().unsqueeze(-1)
+    return torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 def _continuation(continuation: Tensor | None, like: Tensor) -> Tensor:
