@@ -313,6 +313,15 @@ def test_gradients_match_autograd_gradcheck(top_k):
                                teacher_continuation=ct, chunk_size=2), inputs, fast_mode=True)
 
 
+def test_uld_differentiates_in_the_teachers_side_too():
+    """The chunked losses detach the teacher; per position, a teacher that needs a gradient is
+    differentiated through autograd (not through a product written with ``out=``)."""
+    student = logits(5, 7, seed=21)
+    teacher, ct = logits(5, 9, seed=22).requires_grad_(True), continuations(5, seed=7).clamp(max=-0.1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t, c: uld_per_position(student, t, teacher_continuation=c).sum(),
+                                    (teacher, ct), fast_mode=True)
+
+
 @pytest.mark.parametrize("top_k", [None, 3])
 @pytest.mark.parametrize("temperature,uld_weight", [(1.0, 1.0), (1.6, 0.5), (0.8, 0.0)])
 @pytest.mark.parametrize("student_ids", ["partly shared", "all shared"])

@@ -81,3 +81,13 @@ def test_sorted_rows_are_zero_padded_to_the_width_asked(dtype):
     assert torch.equal(padded[:, :300], values.sort(dim=-1, descending=True).values)
     assert torch.equal(padded[:, 300:], torch.zeros(3, 10, dtype=dtype))
     assert torch.equal(sorted_descending(values, width=300), padded[:, :300])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 0), (0, 5)])
+def test_empty_rows_and_no_rows_sort(dtype, shape):
+    """GOLD's unshared part is ``[N, 0]`` where the student's vocabulary is all shared."""
+    values = torch.zeros(shape, dtype=dtype)
+    ordered, where = sort_descending(values)
+    assert ordered.shape == where.shape == values.shape
+    assert torch.equal(sorted_descending(values, width=shape[1] + 2), torch.zeros(shape[0], shape[1] + 2, dtype=dtype))

@@ -383,7 +383,9 @@ def _merged_with_remainder(logits: Tensor, continuation: Tensor | None, temperat
 
 def _scaled_with_remainder(probs: Tensor, continuation: Tensor) -> Tensor:
     """``_with_remainder(probs · Z, continuation)`` ``[N, V + 1]``, the product written straight into
-    it: one ``[N, V]`` pass and tensor fewer."""
+    it: one ``[N, V]`` pass and tensor fewer (``out=`` records no autograd, so not where it would)."""
+    if probs.requires_grad or continuation.requires_grad:
+        return _with_remainder(probs * continuation.to(probs.dtype).exp().unsqueeze(-1), continuation)
     merged = probs.new_empty(probs.shape[0], probs.shape[1] + 1)
     torch.mul(probs, continuation.to(probs.dtype).exp().unsqueeze(-1), out=merged[:, :-1])
     merged[:, -1] = (-torch.expm1(continuation.to(probs.dtype))).clamp(min=0)

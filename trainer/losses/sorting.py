@@ -71,7 +71,7 @@ def _sort_packed_row(source: np.ndarray, values: np.ndarray, columns: np.ndarray
     bits = source.view(np.int32)
     # Without negative numbers (probabilities) the bit patterns order as the floats do already; a −0
     # among them reads as the least integer and so sorts last, beside the +0s it equals.
-    negatives = source.min() < 0
+    negatives = source.size > 0 and source.min() < 0
     pairs = np.empty((source.shape[0], 2), dtype=np.int32)
     pairs[:, _LOW] = _columns(source.shape[0])
     pairs[:, _HIGH] = _order_preserving(bits) if negatives else bits
@@ -118,7 +118,7 @@ def _each_row(values: Tensor, sort_row: Callable[[int, np.ndarray], None]) -> No
 
 
 def _row_blocks(rows: int, threads: int) -> list[range]:
-    """``rows`` split into at most ``threads`` contiguous blocks of near-equal size, none empty."""
+    """``rows`` split into at most ``threads`` contiguous blocks of near-equal size (one, empty, for no rows)."""
     threads = max(1, min(threads, rows))
     bounds = [rows * i // threads for i in range(threads + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(threads)]
