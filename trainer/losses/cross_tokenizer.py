@@ -388,7 +388,7 @@ def _scaled_with_remainder(probs: Tensor, continuation: Tensor) -> Tensor:
         return _with_remainder(probs * continuation.to(probs.dtype).exp().unsqueeze(-1), continuation)
     merged = probs.new_empty(probs.shape[0], probs.shape[1] + 1)
     torch.mul(probs, continuation.to(probs.dtype).exp().unsqueeze(-1), out=merged[:, :-1])
-    merged[:, -1] = (-torch.expm1(continuation.to(probs.dtype))).clamp(min=0)
+    merged[:, -1] = _remainder(continuation, probs.dtype)
     return merged
 
 
@@ -398,8 +398,12 @@ def _with_remainder(merged: Tensor, continuation: Tensor | None) -> Tensor:
     multi-token span, so both sides sum to what their bucket holds (module docstring, "Remainder")."""
     if continuation is None:
         return merged
-    remainder = (-torch.expm1(continuation.to(merged.dtype))).clamp(min=0)
-    return torch.cat([merged, remainder.unsqueeze(-1)], dim=-1)
+    return torch.cat([merged, _remainder(continuation, merged.dtype).unsqueeze(-1)], dim=-1)
+
+
+def _remainder(continuation: Tensor, dtype) -> Tensor:
+    """A span's remainder ``1 − Z`` ``[N]`` from its continuation ``log Z``, never below 0."""
+    return (-torch.expm1(continuation.to(dtype))).clamp(min=0)
 
 
 def _check_extras(uld_weight: float, top_k: int | None) -> None:

@@ -52,7 +52,8 @@ def sorted_descending(values: Tensor, *, width: int | None = None) -> Tensor:
     to ``[N, width]``; without the ``[N, V]`` int64 columns where ``values`` needs no gradient."""
     padding = (width or values.shape[-1]) - values.shape[-1]
     if values.requires_grad or not _numpy_sort_applies(values):
-        return torch.nn.functional.pad(sort_descending(values)[0], (0, padding))
+        ordered = sort_descending(values)[0]
+        return torch.nn.functional.pad(ordered, (0, padding)) if padding else ordered
     ordered = values.new_empty(values.shape[0], values.shape[-1] + padding)
     ordered[:, values.shape[-1]:] = 0
     target = ordered.numpy()
