@@ -17,6 +17,7 @@ import subprocess
 import torch
 import torch.distributed as dist
 
+from trainer.launch.cpu_memory import keep_freed_cpu_memory
 from trainer.ranks import RankInfo
 
 
@@ -71,6 +72,7 @@ def init_distributed() -> RankInfo:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        keep_freed_cpu_memory()
     if not dist.is_initialized():
         _import_what_would_pin_the_group()
         import deepspeed  # imported late: it prints accelerator banners at import time

@@ -50,16 +50,14 @@ def closed_form_chunk(
         weight = ce_weight if want_grad else 0.0
         ce, ce_grad = cross_entropy_at_one(student, targets, weight, workspace.like("untempered_probs", student))
         student.div_(temperature)
-    student_probs = workspace.like("student_probs", student)
-    log_q = _log_softmax_(student, student_probs)
+    log_q, student_probs = _log_softmax_(student, workspace.like("student_log_probs", student))
     if ce is None:
         ce = -log_q.gather(1, targets.unsqueeze(1)).sum()
     if teacher is None:
         return None, ce, _cross_entropy_gradient(student_probs, targets, ce_weight) if want_grad else None
     if tempered:
         teacher.div_(temperature)
-    teacher_probs = workspace.like("teacher_probs", teacher)
-    log_p = _log_softmax_(teacher, teacher_probs)
+    log_p, teacher_probs = _log_softmax_(teacher, workspace.like("teacher_log_probs", teacher))
     # At T = 1 the CE's gradient, softmax(z) − onehot, shares the student's probabilities.
     ce_here = 0.0 if tempered else ce_weight
     if kind == "fkl":
@@ -75,15 +73,16 @@ def closed_form_chunk(
     return kd, ce, grad
 
 
-def _log_softmax_(logits: Tensor, probs: Tensor) -> Tensor:
-    """Turn ``[C, V]`` ``logits`` into their log-softmax in place (clamped to the most negative
-    finite value) and write the softmax into ``probs``; returns ``logits``."""
-    row_max = logits.amax(dim=-1, keepdim=True)
-    logits.sub_(row_max)
-    torch.exp(logits, out=probs)
-    total = probs.sum(dim=-1, keepdim=True)
-    probs.div_(total)
-    return logits.sub_(total.log_()).clamp_(min=torch.finfo(logits.dtype).min)
+def _log_softmax_(logits: Tensor, spare: Tensor) -> tuple[Tensor, Tensor]:
+    """``[C, V]`` log-softmax (clamped to the most negative finite value) and softmax of ``logits``:
+    the first written into ``spare``, the second over ``logits``.
+
+    torch's own log-softmax makes one blocked pass over each row where a max, a shift, an exp, a
+    sum and a division in turn made five over the whole chunk (and five kernels, on a GPU); the
+    probabilities are its exponential."""
+    log_probs = torch.log_softmax(logits, dim=-1, out=spare)
+    probs = torch.exp(log_probs, out=logits)
+    return log_probs.clamp_(min=torch.finfo(log_probs.dtype).min), probs
 
 
 def _forward_kl(log_p, p, log_q, q, kd_scale, ce_weight, want_grad) -> tuple[Tensor, Tensor | None]:

@@ -5,7 +5,8 @@ chunk of every step. On CPU that is costly in a way no profiler of operators sho
 out blocks of more than 32 MiB (the default chunk at V = 32k is exactly 32 MiB in float32) as
 fresh ``mmap``s, so every chunk zero-fills its pages again; the end-to-end benchmark spent up to a
 third of its CPU time in the kernel, on page faults. Reusing one set of buffers across a call's
-chunks leaves one fault per page per step. On GPU the caching allocator already reuses memory;
+chunks leaves one fault per page per step, and none once the CPU rank keeps what a step frees
+(:mod:`trainer.launch.cpu_memory`, for buffers under 32 MiB). On GPU the caching allocator already reuses memory;
 sharing buffers there only keeps the footprint flat.
 """
 
