@@ -13,7 +13,9 @@ head), AdamW with the same lr, weight decay 0 and cosine schedule (no warm-up, d
 gradient clipping at 1.0, fp32, sdpa attention, `torch` threads = `--threads` (default `os.cpu_count()`;
 1 on a CPU that others share, where idle threads spin against theirs), micro-batch B, no
 accumulation. TRL's own defaults that would change the work are overridden to match (bf16 and
-gradient checkpointing off).
+gradient checkpointing off, and the student's dropout left as its config has it: `GKDTrainer` sets
+every dropout to 0 unless told `disable_dropout=False`, while ours and the minimal loop train the
+model as it comes; GPT-2's 0.1 is 4-5 ms of a tiny step, Llama and Qwen2 have none).
 
 Each contender runs in its own process, one after the other (`--repeats` rounds, interleaved).
 **Peak RSS** is that process's peak resident set (`ru_maxrss` from `os.wait4` on it: start-up,
@@ -305,6 +307,11 @@ def load_models(paths: dict, device: str = "cpu"):
     return teacher.to(device), AutoModelForCausalLM.from_pretrained(paths["student"], **kwargs).to(device)
 
 
+def dropout_rates(model) -> list[float]:
+    """Every dropout layer's rate (GPT-2's attention reads its rate from its own layer too)."""
+    return [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+
+
 def lora_config():
     from peft import LoraConfig
 
@@ -341,15 +348,20 @@ def train_trl(args, paths: dict, out: Path) -> None:
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps,
         learning_rate=args.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        # TRL turns bf16 and checkpointing on by default; ours uses bf16 on a GPU only, and no checkpointing.
+        # TRL turns bf16 and checkpointing on, and dropout off, by default; ours uses bf16 on a GPU only,
+        # no checkpointing, and the model's own dropout.
         bf16=args.device == "cuda", activation_checkpointing=False, use_cpu=args.device == "cpu",
-        logging_steps=args.warmup, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0)
+        logging_steps=args.warmup, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
+        disable_dropout=False)
     dataset = Dataset.from_dict({"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]})
+    rates = dropout_rates(student)  # before TRL wraps the student: its peft model shares these layers
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
                          processing_class=tokenizer, data_collator=collate, peft_config=lora_config(),
                          callbacks=[Tick()])
     if any(getattr(m, "gradient_checkpointing", False) for m in trainer.model.modules()):
         raise SystemExit("bench_e2e: TRL's student recomputes activations; the comparison would not be like for like.")
+    if dropout_rates(trainer.model) != rates:
+        raise SystemExit("bench_e2e: TRL changed the student's dropout; the comparison would not be like for like.")
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     clock.write(out, args.warmup, trainable_count(trainer.model), losses)
