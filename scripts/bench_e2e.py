@@ -26,9 +26,10 @@ not timed. For ours that is the sum of its `metrics.jsonl` log windows after the
 which cover the same steps; its evaluations before and after training are outside them.
 
 The models are built here into `--work` from random weights (`--arch`: Llama-, Qwen2- or GPT-2-shaped,
-one word-level tokenizer of `--vocab` ids): speed and memory do not depend on what the weights have learned. Every row is
-exactly `--seq-len` tokens, so every step does the same work whatever rows it draws. Results go to
-stdout as a markdown table and to `--work/results.json`.
+one byte-level BPE tokenizer of `--vocab` ids whose every word is one token): speed and memory do not depend
+on what the weights have learned. Every row is exactly `--seq-len` tokens (checked after they are written),
+so every step does the same work whatever rows it draws. Results go to stdout as a markdown table and
+to `--work/results.json`.
 
     pip install -e ".[bench]"                 # TRL, for this script only
     python scripts/bench_e2e.py --repeats 5   # the V=32k table in docs/benchmarks.md
@@ -52,6 +53,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import functools
+import itertools
+import string
 import time
 from pathlib import Path
 
@@ -61,6 +65,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+# The byte-level symbols words are spelt with: "Ġ" (the space before each) and the letters.
+ALPHABET = ("Ġ", *string.ascii_lowercase)
+TOKENIZER_KIND = "byte-level bpe, one token a word"  # in setup.json: a work folder of another kind is rebuilt
 CONTENDERS = ("ours", "trl", "minimal")
 # What each contender runs with: offline, no W&B, one tokenizer thread pool (torch's threads: --threads).
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
@@ -94,6 +101,9 @@ def parse_args():
     args.work = args.work.resolve()
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats} must be at least 1.")
+    if word_count(args.vocab) < 1:
+        parser.error(f"--vocab {args.vocab} leaves no word beside the tokenizer's specials and alphabet; "
+                     f"give at least {len(SPECIALS) + len(ALPHABET) + 1}.")
     if not 0 < args.warmup < args.steps:
         parser.error(f"--warmup {args.warmup} must be between 1 and --steps - 1 ({args.steps - 1}).")
     unknown = set(args.contenders.split(",")) - set(CONTENDERS)
@@ -105,14 +115,36 @@ def parse_args():
 
 
 # ------------------------------------------------------------------------------------------ models
+def word_count(vocab: int) -> int:
+    """How many words a `vocab`-id tokenizer has beside its specials and its alphabet."""
+    return vocab - len(SPECIALS) - len(ALPHABET)
+
+
+@functools.lru_cache(maxsize=2)
+def words(vocab: int) -> tuple[str, ...]:
+    """a, b, ..., z, aa, ab, ...: every prefix of a word is a word, so one BPE merge per word builds it."""
+    by_length = (map("".join, itertools.product(string.ascii_lowercase, repeat=n)) for n in itertools.count(1))
+    return tuple(itertools.islice(itertools.chain.from_iterable(by_length), word_count(vocab)))
+
+
+def text_of(word_ids: list[int], vocab: int) -> str:
+    """The words, each after a space, so that each is one token."""
+    return "".join(" " + words(vocab)[i] for i in word_ids)
+
+
 def build_tokenizer(vocab: int):
-    """Word level: `w0` ... `w{vocab-5}` plus four specials, so any `--vocab` is exactly reached."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    """Byte-level BPE, as Llama 3's and Qwen2's are, so that transformers loads it alike whatever the
+    model's type: for a qwen2 folder it builds its own Qwen2Tokenizer from the vocabulary and merges,
+    with its own pre-tokenizer, which drops every word of a word-level tokenizer. Four specials, the
+    alphabet, then `Ġ`+word for every word, so any `--vocab` is exactly reached."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    ids = {token: i for i, token in enumerate([*SPECIALS, *(f"w{i}" for i in range(vocab - len(SPECIALS)))])}
-    core = Tokenizer(models.WordLevel(vocab=ids, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    ids = {token: i for i, token in enumerate([*SPECIALS, *ALPHABET, *("Ġ" + w for w in words(vocab))])}
+    merges = [("Ġ" + w[:-1], w[-1]) if len(w) > 1 else ("Ġ", w) for w in words(vocab)]
+    core = Tokenizer(models.BPE(vocab=ids, merges=merges, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
@@ -164,6 +196,7 @@ def prepare(args) -> dict:
              "eval": work / "eval.jsonl"}
     shape = {key: getattr(args, key) for key in ("arch", "vocab", "teacher_hidden", "teacher_layers", "student_hidden",
                                                  "student_layers", "seq_len", "batch", "steps")}
+    shape["tokenizer"] = TOKENIZER_KIND
     stamp = work / "setup.json"
     if stamp.exists() and json.loads(stamp.read_text()) == shape:
         return paths
@@ -171,10 +204,10 @@ def prepare(args) -> dict:
     build_models(args, paths)
     # bos + (seq_len - 2) words + eos: every row is exactly seq_len tokens; each row is trained once.
     for name, rows, seed in (("train", args.steps * args.batch, 1), ("eval", args.batch, 2)):
-        words = torch.randint(args.vocab - len(SPECIALS), (rows, args.seq_len - 2),
+        drawn = torch.randint(word_count(args.vocab), (rows, args.seq_len - 2),
                               generator=torch.Generator().manual_seed(seed))
-        paths[name].write_text("".join(json.dumps({"text": " ".join(f"w{w}" for w in row)}) + "\n"
-                                       for row in words.tolist()))
+        paths[name].write_text("".join(json.dumps({"text": text_of(row, args.vocab)}) + "\n" for row in drawn.tolist()))
+    check_row_lengths(paths, args.seq_len, lambda row: len(row.input_ids), args.seq_len)
     stamp.write_text(json.dumps(shape))
     return paths
 
@@ -296,6 +329,18 @@ def load_rows(paths: dict, seq_len: int):
 
     tokenizer = AutoTokenizer.from_pretrained(paths["student"])
     return tokenizer, load_examples(paths["train"], tokenizer, seq_len, cache_dir=None).rows
+
+
+def check_row_lengths(paths: dict, seq_len: int, length_of, expected: int) -> None:
+    """Every training row, tokenized as the trainer tokenizes it, measures `expected` by `length_of`:
+    else the tokenizer as transformers reloads it is not the one built here, and every figure would
+    be of other rows than the benchmark states."""
+    tokenizer, rows = load_rows(paths, seq_len)
+    wrong = sorted({length_of(row) for row in rows} - {expected})
+    if wrong:
+        raise SystemExit(f"{Path(sys.argv[0]).stem}: the rows tokenize to {wrong} tokens, not {expected}, with "
+                         f"{type(tokenizer).__name__} as transformers loads it from {paths['student']}; "
+                         "build_tokenizer's tokenizer does not survive reloading there.")
 
 
 def load_models(paths: dict, device: str = "cpu"):

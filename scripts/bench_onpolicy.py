@@ -34,6 +34,10 @@ and a training batch's prompts, `--rollout-repeats` calls each per round after a
 The 1-minute load average is read before each contender (the machine may be shared). Results: a
 markdown table on stdout and `--work/results.json`.
 
+`--device cuda` runs every contender and the rollout phase on the GPU in bf16 (ours: `train.precision=auto`;
+TRL: `bf16=True`) and reports each one's peak allocated GPU memory instead of its peak RSS, as
+`scripts/bench_e2e.py --device cuda` does; `scripts/gpu/check.py` runs it so.
+
     pip install -e ".[bench]"                    # TRL, for this script only
     python scripts/bench_onpolicy.py --repeats 3 --threads 1    # the table in docs/benchmarks.md
 """
@@ -83,6 +87,8 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's CPU threads in every contender")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: fp32; cuda: every contender and the rollout phase on the GPU in bf16")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="which to run, in this order")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of all contenders; medians")
     parser.add_argument("--rollout-repeats", type=int, default=3,
@@ -90,10 +96,15 @@ def parse_args():
     parser.add_argument("--child", choices=CONTENDERS[1:], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.work, args.device = args.work.resolve(), "cpu"
+    args.work = args.work.resolve()
     args.seq_len = args.prompt_len + args.max_new_tokens  # bench_e2e's helpers read these two
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no GPU; run on a GPU machine or with --device cpu.")
     if args.repeats < 1 or args.rollout_repeats < 0:
         parser.error("--repeats must be at least 1 and --rollout-repeats at least 0.")
+    if e2e.word_count(args.vocab) < 1:
+        parser.error(f"--vocab {args.vocab} leaves no word beside the tokenizer's specials and alphabet; "
+                     f"give at least {len(e2e.SPECIALS) + len(e2e.ALPHABET) + 1}.")
     if not 0 < args.warmup < args.steps:
         parser.error(f"--warmup {args.warmup} must be between 1 and --steps - 1 ({args.steps - 1}).")
     if args.prompt_len < 2 or args.max_new_tokens < 2:
@@ -113,20 +124,23 @@ def prepare(args) -> dict:
              "eval": work / "eval.jsonl"}
     shape = {key: getattr(args, key) for key in ("arch", "vocab", "teacher_hidden", "teacher_layers", "student_hidden",
                                                  "student_layers", "prompt_len", "max_new_tokens", "batch", "steps")}
+    shape["tokenizer"] = e2e.TOKENIZER_KIND
     stamp = work / "setup.json"
     if stamp.exists() and json.loads(stamp.read_text()) == shape:
         return paths
     work.mkdir(parents=True, exist_ok=True)
     e2e.build_models(args, paths)
-    words = len(e2e.SPECIALS)
+    words = e2e.word_count(args.vocab)
     # bos + (prompt_len - 1) words; (max_new_tokens - 1) words + eos.
     for name, rows, seed in (("train", args.steps * args.batch, 1), ("eval", args.batch, 2)):
         generator = torch.Generator().manual_seed(seed)
-        prompts = torch.randint(args.vocab - words, (rows, args.prompt_len - 1), generator=generator).tolist()
-        responses = torch.randint(args.vocab - words, (rows, args.max_new_tokens - 1), generator=generator).tolist()
+        prompts = torch.randint(words, (rows, args.prompt_len - 1), generator=generator).tolist()
+        responses = torch.randint(words, (rows, args.max_new_tokens - 1), generator=generator).tolist()
         paths[name].write_text("".join(
-            json.dumps({"prompt": " ".join(f"w{w}" for w in p), "response": " " + " ".join(f"w{w}" for w in r)}) + "\n"
+            json.dumps({"prompt": e2e.text_of(p, args.vocab), "response": e2e.text_of(r, args.vocab)}) + "\n"
             for p, r in zip(prompts, responses)))
+    e2e.check_row_lengths(paths, args.seq_len, lambda row: len(prompt_of(row)), args.prompt_len)
+    e2e.check_row_lengths(paths, args.seq_len, lambda row: len(row.input_ids), args.seq_len)
     stamp.write_text(json.dumps(shape))
     return paths
 
@@ -180,13 +194,13 @@ class GenerationClock(e2e.StepClock):
 
 def trl_arguments(args, out: Path) -> dict:
     """TrainingArguments both TRL trainers take, set as bench_e2e sets GKDTrainer's (TRL's bf16 and
-    checkpointing defaults off, our schedule, no saving)."""
+    checkpointing defaults off, our schedule, no saving; bf16 on a GPU only, as ours)."""
     return dict(output_dir=str(out / "run"), beta=BETA[args.loss], temperature=args.temperature,
                 per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps,
                 learning_rate=args.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-                warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, activation_checkpointing=False,
-                use_cpu=True, logging_steps=args.warmup, save_strategy="no", report_to="none", seed=0,
-                dataloader_num_workers=0)
+                warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=args.device == "cuda",
+                activation_checkpointing=False, use_cpu=args.device == "cpu", logging_steps=args.warmup,
+                save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0)
 
 
 def tick_callback(clock: GenerationClock):
@@ -209,7 +223,7 @@ def train_gkd(args, paths: dict, out: Path) -> None:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     tokenizer, rows = e2e.load_rows(paths, args.seq_len)
-    teacher, student = e2e.load_models(paths)
+    teacher, student = e2e.load_models(paths, args.device)
     clock = GenerationClock()
 
     class TimedGKD(GKDTrainer):
@@ -252,7 +266,7 @@ def train_distillation(args, paths: dict, out: Path) -> None:
 
     tokenizer, rows = e2e.load_rows(paths, args.seq_len)
     tokenizer.padding_side = "left"
-    teacher, student = e2e.load_models(paths)
+    teacher, student = e2e.load_models(paths, args.device)
     clock = GenerationClock()
     texts = [json.loads(line)["prompt"] for line in paths["train"].read_text().splitlines()]
     if tokenizer(texts[0])["input_ids"] != prompt_of(rows[0]):  # it tokenizes the text itself
@@ -298,12 +312,12 @@ class RolloutPhase:
         from peft import get_peft_model
 
         _, rows = e2e.load_rows(paths, args.seq_len)
-        _, student = e2e.load_models(paths)
+        _, student = e2e.load_models(paths, args.device)
         self.model = get_peft_model(student, e2e.lora_config()).eval()
         self.model.generation_config.eos_token_id = None  # every row runs to max_new_tokens, in both
         self.prompts = [prompt_of(row) for row in rows[:args.batch]]
         self.settings = argparse.Namespace(vocab=args.vocab, max_new_tokens=args.max_new_tokens,
-                                           temperature=args.temperature, top_p=1.0, device="cpu")
+                                           temperature=args.temperature, top_p=1.0, device=args.device)
         self.repeats, self.warm = args.rollout_repeats, False
 
     def measure(self) -> dict:
@@ -342,15 +356,16 @@ def summarise(rounds: list[dict]) -> dict:
 def print_table(results: dict) -> None:
     summary, repeats = results["summary"], len(results["rounds"])
     ours = summary.get("ours")
+    gpu = results["args"]["device"] == "cuda"  # peak allocated GPU memory; on the CPU, each process's peak RSS
     print(f"| contender | tokens/s (median of {repeats}; range) | generating: share of time | generation tokens/s "
-          "| mean rollout length | peak RSS | ours ÷ it, tokens/s |")
+          f"| mean rollout length | {'peak GPU memory' if gpu else 'peak RSS'} | ours ÷ it, tokens/s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, run in summary.items():
         versus = "" if ours is None or name == "ours" else f"{ours['tokens_per_s'] / run['tokens_per_s']:.2f}x"
         print(f"| {name} | {run['tokens_per_s']:.0f} ({run['tokens_per_s_range'][0]:.0f}–"
               f"{run['tokens_per_s_range'][1]:.0f}) | {run['generation_share']:.0%} | "
               f"{run['generation_tokens_per_s']:.0f} | {run['mean_rollout_length']:.1f} | "
-              f"{run['peak_rss_mib']:.0f} MiB | {versus} |")
+              f"{memory_cell(run, gpu)} | {versus} |")
     if ours is not None and repeats > 1:
         for name in (n for n in summary if n != "ours"):
             ratios = [runs["ours"]["tokens_per_s"] / runs[name]["tokens_per_s"] for runs in results["rounds"]]
@@ -368,6 +383,10 @@ def print_table(results: dict) -> None:
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch {m['torch']}; "
           + ", ".join(f"{k} {v}" for k, v in results["versions"].items()))
     print(f"command: {results['command']}")
+
+
+def memory_cell(run: dict, gpu: bool) -> str:
+    return f"{run['peak_memory_gib']:.1f} GiB" if gpu else f"{run['peak_rss_mib']:.0f} MiB"
 
 
 def main() -> None:

@@ -81,6 +81,23 @@ def test_other_contenders_get_model_rates_from_ours():
     assert summary["minimal"]["mfu"] == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_the_benchmark_tokenizer_reloads_as_built_whatever_the_model_type(tmp_path, arch):
+    """transformers builds a qwen2 folder's tokenizer as its own Qwen2Tokenizer (its pre-tokenizer,
+    the folder's vocabulary and merges): a word-level tokenizer came back empty there."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_e2e import ARCHS, ALPHABET, SPECIALS, build_tokenizer, text_of, word_count
+    from transformers import AutoTokenizer
+
+    vocab = 512
+    ARCHS[arch](vocab, 32, 1, 16).save_pretrained(tmp_path)
+    build_tokenizer(vocab).save_pretrained(tmp_path)
+    word_ids = [0, 25, 26, 400, word_count(vocab) - 1]
+    first_word = len(SPECIALS) + len(ALPHABET)
+    assert AutoTokenizer.from_pretrained(tmp_path)(text_of(word_ids, vocab))["input_ids"] == \
+        [1, *(first_word + i for i in word_ids)]
+
+
 @pytest.mark.slow
 def test_the_check_at_tiny_shapes_on_the_cpu_writes_every_section_with_numbers(tmp_path):
     out = tmp_path / "out"
@@ -118,7 +135,13 @@ def test_the_check_at_tiny_shapes_on_the_cpu_writes_every_section_with_numbers(t
     assert "trl" in rows or any(note.startswith("trl skipped: ") for note in e2e["notes"])
     assert all(math.isfinite(g["value"]) for name, g in e2e["goals"].items() if name.startswith("tokens/s"))
 
-    assert sections["onpolicy"]["status"].startswith("skipped: ")
+    onpolicy = sections["onpolicy"]
+    assert onpolicy["status"] == "ok", onpolicy
+    ours = onpolicy["ours"]
+    assert ours["tokens_per_s"] > 0 and 0 < ours["generation_share"] < 1 and ours["generation_tokens_per_s"] > 0
+    assert 1 <= ours["mean_rollout_length"] <= 16, "rollouts of at most --max-new-tokens 16"
+    assert [row["engine"] for row in onpolicy["rollout_phase"]] == ["ours (HFRolloutEngine)", "bare model.generate"]
+    assert all(row["tokens_per_s"] > 0 for row in onpolicy["rollout_phase"])
     md = (out / "gpu_check.md").read_text()
     assert all(f"## {name}: " in md for name in SECTIONS)
-    assert "| fkl | float32 |" in md and "| ours |" in md
+    assert "| fkl | float32 |" in md and "| ours |" in md and "| ours (HFRolloutEngine) |" in md

@@ -14,7 +14,10 @@ stopped by its time limit keeps what it measured):
 3. **end_to_end**: a Qwen2.5-1.5B-shaped teacher and a 0.5B-shaped LoRA student, random weights,
    vocabulary 151936, 2048 tokens per row, bf16: ours vs TRL's GKDTrainer vs the minimal loop
    (`scripts/bench_e2e.py --device cuda`): tokens/s, model TFLOP/s, MFU, peak memory, and the goals.
-4. **onpolicy**: rollout tokens/s and step share, once on-policy distillation exists.
+4. **onpolicy**: the same pair at 64-token prompts and rollouts of up to 128 tokens, every step fully
+   on-policy (`scripts/bench_onpolicy.py --device cuda --contenders ours`): tokens/s, the share of
+   the step spent generating, generation tokens/s, peak memory, and the rollout phase on its own (our
+   engine against a bare `model.generate` on the same batch).
 
 `--cpu` runs the same code at tiny shapes on the CPU (fp32, gloo), so CI keeps the kit working; its
 figures say nothing about a GPU. A section whose tool is missing (TRL, liger-kernel, a GPU) records
@@ -40,6 +43,7 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -66,6 +70,8 @@ class Shapes:
     liger_repeats: int
     e2e: tuple[str, ...]  # scripts/bench_e2e.py's arguments
     e2e_timeout_s: int
+    onpolicy: tuple[str, ...]  # scripts/bench_onpolicy.py's arguments
+    onpolicy_timeout_s: int
 
 
 GPU_SHAPES = Shapes(
@@ -73,7 +79,11 @@ GPU_SHAPES = Shapes(
     e2e=("--device", "cuda", "--arch", "qwen2", "--vocab", "151936", "--teacher-hidden", "1536",
          "--teacher-layers", "28", "--student-hidden", "896", "--student-layers", "24", "--seq-len", "2048",
          "--batch", "4", "--steps", "14", "--warmup", "4"),
-    e2e_timeout_s=330)
+    e2e_timeout_s=330,
+    onpolicy=("--device", "cuda", "--arch", "qwen2", "--vocab", "151936", "--teacher-hidden", "1536",
+              "--teacher-layers", "28", "--student-hidden", "896", "--student-layers", "24", "--prompt-len", "64",
+              "--max-new-tokens", "128", "--batch", "8", "--steps", "3", "--warmup", "1", "--rollout-repeats", "1"),
+    onpolicy_timeout_s=150)
 # On the CPU, kill-and-resume at ZeRO-3 only: ZeRO-0's is tests/train/test_resume.py's own case, and each
 # stage costs three job start-ups; the loop over stages is the same code either way.
 CPU_SHAPES = Shapes(
@@ -81,7 +91,11 @@ CPU_SHAPES = Shapes(
     e2e=("--device", "cpu", "--threads", "1", "--arch", "qwen2", "--vocab", "512", "--teacher-hidden", "64", "--teacher-layers", "2",
          "--student-hidden", "32", "--student-layers", "1", "--seq-len", "32", "--batch", "2", "--steps", "4",
          "--warmup", "2"),
-    e2e_timeout_s=900)
+    e2e_timeout_s=900,
+    onpolicy=("--device", "cpu", "--threads", "1", "--arch", "qwen2", "--vocab", "512", "--teacher-hidden", "64",
+              "--teacher-layers", "2", "--student-hidden", "32", "--student-layers", "1", "--prompt-len", "16",
+              "--max-new-tokens", "16", "--batch", "2", "--steps", "3", "--warmup", "1", "--rollout-repeats", "1"),
+    onpolicy_timeout_s=600)
 
 # Relative error to float64 that each dtype must stay within (fp32 sums stay near 1e-6; bf16
 # operands give 1e-3 to 1e-2).
@@ -95,7 +109,8 @@ def parse_args():
     parser.add_argument("--sections", default=",".join(SECTIONS), help="which to run, in this order")
     parser.add_argument("--work", type=Path, default=Path("/tmp/distill_gpu_check"), help="scratch: models, runs")
     parser.add_argument("--limit-s", type=float, default=480.0,
-                        help="the whole run's time limit: the end-to-end runs get what is left of it")
+                        help="the whole run's time limit: the benchmark sections get what is left of it, in order "
+                             "(end_to_end's goals first, onpolicy after)")
     args = parser.parse_args()
     unknown = set(args.sections.split(",")) - set(SECTIONS)
     if unknown:
@@ -324,38 +339,57 @@ def liger_unavailable(device: torch.device) -> str | None:
 E2E_GOALS = {"mfu": 0.45, "vs_trl": 1.3, "vs_minimal": 0.95}
 
 
+class Unmeasured(Exception):
+    """A section that ends without figures; `section` is what the report records of it."""
+
+    def __init__(self, section: dict):
+        super().__init__(section["status"])
+        self.section = section
+
+
+def run_bench(args, script: str, arguments: list[str], timeout_s: float) -> tuple[str, dict]:
+    """`scripts/<script> ARGUMENTS --work W` within `timeout_s` (or what is left of the run, less a margin
+    to write the report: a slow machine loses this section's figures rather than everyone's); its command
+    line and the results.json it wrote. Raises Unmeasured when it did not run or did not finish."""
+    work = args.work / Path(script).stem
+    command = [sys.executable, str(REPO / "scripts" / script), *arguments, "--work", str(work)]
+    shown = " ".join(["python", f"scripts/{script}", *arguments])
+    timeout = min(timeout_s, args.deadline - time.monotonic() - 15)
+    if timeout < 30:
+        raise Unmeasured({"status": "skipped: out of time (the sections before it took the run's limit)",
+                          "command": shown})
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **JOB_ENV})
+    except subprocess.TimeoutExpired as expired:
+        raise Unmeasured({"status": f"failed: out of time after {timeout:.0f} s", "command": shown,
+                          "error": output_text(expired.stdout)[-3000:]}) from None
+    if proc.returncode:
+        raise Unmeasured({"status": "failed", "command": shown, "error": (proc.stdout + proc.stderr)[-3000:]})
+    return shown, json.loads((work / "results.json").read_text())
+
+
+def peak_memory_gib(run: dict, device: torch.device) -> float:
+    """On a GPU a contender's peak allocated memory; on the CPU its process's peak resident set."""
+    return run["peak_memory_gib"] if device.type == "cuda" else run["peak_rss_mib"] / 1024
+
+
 def end_to_end(args, shapes: Shapes, device: torch.device) -> dict:
-    if args.deadline - time.monotonic() < 60:
-        return {"status": "skipped: out of time (the sections before it took the run's limit)"}
     contenders = ["ours", "trl", "minimal"]
     notes = []
     trl_missing = trl_unavailable()
     if trl_missing:
         contenders.remove("trl")
         notes.append(f"trl {trl_missing}")
-    work = args.work / "e2e"
-    command = [sys.executable, str(REPO / "scripts" / "bench_e2e.py"), *shapes.e2e, "--work", str(work),
-               "--contenders", ",".join(contenders)]
-    # Whatever time is left (less a margin to write the report), so that a slow machine loses this
-    # section's figures rather than everyone's.
-    timeout = min(shapes.e2e_timeout_s, args.deadline - time.monotonic() - 15)
-    if timeout < 30:
-        return {"status": "skipped: out of time (the sections before it took the run's limit)", "notes": notes}
     try:
-        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **JOB_ENV})
-    except subprocess.TimeoutExpired as expired:
-        return {"status": f"failed: out of time after {timeout:.0f} s", "command": " ".join(command[1:]),
-                "error": output_text(expired.stdout)[-3000:]}
-    if proc.returncode:
-        return {"status": "failed", "command": " ".join(command), "error": (proc.stdout + proc.stderr)[-3000:]}
-    summary = json.loads((work / "results.json").read_text())["summary"]
-    # On a GPU each one's peak allocated memory; on the CPU each process's peak resident set.
+        command, results = run_bench(args, "bench_e2e.py", [*shapes.e2e, "--contenders", ",".join(contenders)],
+                                     shapes.e2e_timeout_s)
+    except Unmeasured as unmeasured:
+        raise Unmeasured({**unmeasured.section, "notes": notes}) from None
+    summary = results["summary"]
     rows = [{"contender": name, "tokens_per_s": run["tokens_per_s"], "tflops_per_s": run.get("tflops_per_s"),
-             "mfu": run.get("mfu"), "peak_memory_gib": run["peak_memory_gib"] if device.type == "cuda"
-             else run["peak_rss_mib"] / 1024} for name, run in summary.items()]
-    return {"status": "ok", "command": " ".join(command[1:]), "contenders": rows, "goals": e2e_goals(summary),
-            "notes": notes}
+             "mfu": run.get("mfu"), "peak_memory_gib": peak_memory_gib(run, device)} for name, run in summary.items()]
+    return {"status": "ok", "command": command, "contenders": rows, "goals": e2e_goals(summary), "notes": notes}
 
 
 def output_text(output: str | bytes | None) -> str:
@@ -386,8 +420,20 @@ def e2e_goals(summary: dict) -> dict:
 
 # --------------------------------------------------------------------------------- 4. onpolicy
 def onpolicy(args, shapes: Shapes, device: torch.device) -> dict:
-    # The on-policy issue has not landed: nothing samples rollouts yet (onpolicy.* keys absent).
-    return {"status": "skipped: on-policy distillation has not landed yet; nothing to measure"}
+    """Ours only, fully on-policy: TRL's on-policy trainers are bench_onpolicy's own comparison, and
+    their start-ups would take this run's minutes."""
+    command, results = run_bench(args, "bench_onpolicy.py", [*shapes.onpolicy, "--contenders", "ours"],
+                                 shapes.onpolicy_timeout_s)
+    ours = results["summary"]["ours"]
+    phase = {name: statistics.median(rates) for name, rates in results["rollout_phase"].items()}
+    bare = phase.get("bare model.generate")
+    return {"status": "ok", "command": command,
+            "ours": {"tokens_per_s": ours["tokens_per_s"], "generation_share": ours["generation_share"],
+                     "generation_tokens_per_s": ours["generation_tokens_per_s"],
+                     "mean_rollout_length": ours["mean_rollout_length"],
+                     "peak_memory_gib": peak_memory_gib(ours, device)},
+            "rollout_phase": [{"engine": name, "tokens_per_s": rate, "vs_bare_generate": rate / bare if bare else None}
+                              for name, rate in phase.items()]}
 
 
 # -------------------------------------------------------------------------------------- main
@@ -419,6 +465,8 @@ def main() -> None:
         print(f"gpu check: {name} ...", flush=True)
         try:
             section = run_section[name](args, shapes, device)
+        except Unmeasured as unmeasured:
+            section = unmeasured.section
         except Exception as error:  # one broken section must not cost the others' figures
             section = {"status": f"failed: {type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
         section["seconds"] = round(time.perf_counter() - started, 1)
@@ -445,8 +493,8 @@ def markdown(header: dict, sections: dict) -> str:
 
 def table(rows: list[dict], columns: list[str]) -> list[str]:
     def cell(value) -> str:
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+        if isinstance(value, float):  # rates whole, errors and shares to three figures
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
         return "" if value is None else str(value)
 
     return [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}",
@@ -484,7 +532,17 @@ def e2e_markdown(section: dict) -> list[str]:
     return lines + [f"- {note}" for note in section["notes"]] + [""]
 
 
-SECTION_MARKDOWN = {"correctness": correctness_markdown, "liger_shape": liger_markdown, "end_to_end": e2e_markdown}
+def onpolicy_markdown(section: dict) -> list[str]:
+    lines = [f"`{section['command']}`", ""]
+    lines += table([section["ours"]], ["tokens_per_s", "generation_share", "generation_tokens_per_s",
+                                       "mean_rollout_length", "peak_memory_gib"])
+    lines += ["The rollout phase on its own (the LoRA student, one training batch's prompts, every row to the "
+              "longest rollout):", ""]
+    return lines + table(section["rollout_phase"], ["engine", "tokens_per_s", "vs_bare_generate"])
+
+
+SECTION_MARKDOWN = {"correctness": correctness_markdown, "liger_shape": liger_markdown, "end_to_end": e2e_markdown,
+                    "onpolicy": onpolicy_markdown}
 
 
 if __name__ == "__main__":

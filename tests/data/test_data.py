@@ -58,6 +58,19 @@ def test_text_supervises_every_predicted_token(tokenizer):
     assert row.labels == [IGNORE_INDEX] + row.input_ids[1:]
 
 
+def test_a_tokenizer_that_drops_the_text_is_refused():
+    """A BPE tokenizer with no unknown token drops what its vocabulary lacks, as transformers'
+    Qwen2Tokenizer does with a word-level tokenizer.json's words."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(vocab={"<pad>": 0, "</s>": 1}, merges=[]))
+    dropping = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>")
+    with pytest.raises(DataError, match=r"turns 'w1 w2' into no tokens at all: it does not fit its model folder"):
+        tokenize_row({"text": "w1 w2"}, dropping, 64, "t.jsonl:1")
+    assert tokenize_row({"text": "  "}, dropping, 64, "t.jsonl:1").input_ids == [1], "blank text is a row's own matter"
+
+
 def test_no_bos_when_the_tokenizer_adds_none_by_default(tmp_path):
     tokenizer = build_tokenizer(tmp_path)
     tokenizer.backend_tokenizer.post_processor = None

@@ -222,7 +222,16 @@ def _check_training_roles(messages: Sequence[dict], origin: str) -> None:
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False)
+    """`text`'s tokens, no specials. Text that comes back as no tokens at all means the tokenizer
+    transformers built does not fit the folder's files (transformers 5 builds a qwen2 folder's as its own
+    Qwen2Tokenizer, which drops every word a word-level tokenizer.json knows): refused, not trained on."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids and text.strip():
+        raise DataError(
+            f"the {type(tokenizer).__name__} tokenizer turns {text[:40]!r} into no tokens at all: it does not fit its "
+            "model folder's tokenizer files; check AutoTokenizer.from_pretrained(that folder) on your text, and save "
+            "the tokenizer the model was trained with into the folder")
+    return ids
 
 
 def _tokenize_prompt_response(row: dict, tokenizer: Any, specials: SpecialIds) -> tuple[list[int], list[bool]]:
