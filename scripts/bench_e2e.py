@@ -394,8 +394,9 @@ def train_trl(args, paths: dict, out: Path) -> None:
         learning_rate=args.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         # TRL turns bf16 and checkpointing on, and dropout off, by default; ours uses bf16 on a GPU only,
-        # no checkpointing, and the model's own dropout.
-        bf16=args.device == "cuda", activation_checkpointing=False, use_cpu=args.device == "cpu",
+        # no checkpointing, and the model's own dropout. gradient_checkpointing, not its newer alias
+        # activation_checkpointing, which transformers 5.17 (the GPU image's) does not know.
+        bf16=args.device == "cuda", gradient_checkpointing=False, use_cpu=args.device == "cpu",
         logging_steps=args.warmup, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
         disable_dropout=False)
     dataset = Dataset.from_dict({"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]})

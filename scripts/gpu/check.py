@@ -447,7 +447,7 @@ def header(args, device: torch.device) -> dict:
             return "not installed"
 
     names = ("torch", "transformers", "peft", "deepspeed", "hydra-core", "accelerate", "trl", "liger-kernel", "triton")
-    return {"mode": "cpu (tiny shapes: checks the kit, not a GPU)" if args.cpu else "gpu",
+    return {"mode": "tiny shapes on the CPU: checks the kit, not a GPU" if args.cpu else "real shapes",
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "python": platform.python_version(), "versions": {name: installed(name) for name in names},
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}

@@ -8,7 +8,7 @@
 #   scripts/gpu/check.sh OUT_DIR --cpu    # tiny shapes on the CPU, in the current environment (CI)
 #
 # Environment: PYTHON (default python3), WHEELS (default .whl), LIMIT_S (seconds for check.py: 480, or
-# 1500 with --cpu, whose job start-ups take minutes on a small shared CPU).
+# 1500 with --cpu, whose job start-ups take minutes on a small shared CPU), SCRATCH_INSTALL (above).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:?usage: scripts/gpu/check.sh OUT_DIR [--cpu] [check.py options]}
@@ -19,8 +19,9 @@ cpu=false
 for arg in "$@"; do [[ "$arg" == --cpu ]] && cpu=true; done
 
 # --cpu runs where the project is installed already (CI's .venv): the wheels are for the GPU image's
-# Python 3.12 and would shadow that environment's own packages.
-if [[ "$cpu" == false ]]; then
+# Python 3.12 and would shadow that environment's own packages. SCRATCH_INSTALL=true installs them
+# anyway, for a copy of the image's environment on a CPU (scripts/gpu/preflight.sh).
+if [[ "$cpu" == false || "${SCRATCH_INSTALL:-false}" == true ]]; then
   if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     echo "check.sh: error: no wheels in $WHEELS; run scripts/gpu/wheels.sh on a machine with PyPI first." >&2
     exit 2
