@@ -214,16 +214,22 @@ def prepare(args) -> dict:
 
 def build_models(args, paths: dict) -> None:
     """Teacher and student from random weights (seed 0), each with the shared tokenizer, into
-    `paths["teacher"]` and `paths["student"]`; `args.seq_len` bounds their positions."""
+    `paths["teacher"]` and `paths["student"]`; `args.seq_len` bounds their positions. Initialised on
+    `args.device`: at the GPU check's 1.5B/0.5B shapes a CPU takes tens of seconds of the GPU's minutes."""
     tokenizer = build_tokenizer(args.vocab)
+    device = torch.device(getattr(args, "device", "cpu"))
     torch.manual_seed(0)
     for name in ("teacher", "student"):
-        model = ARCHS[args.arch](args.vocab, getattr(args, f"{name}_hidden"), getattr(args, f"{name}_layers"),
-                                 args.seq_len)
+        with device:  # transformers initialises in the device context it is built in
+            model = ARCHS[args.arch](args.vocab, getattr(args, f"{name}_hidden"), getattr(args, f"{name}_layers"),
+                                     args.seq_len)
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
         # Random weights built here restrict nothing; the licence gate refuses a teacher without a card.
         (paths[name] / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n\n# benchmark {name}, random weights\n")
+        del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the contenders, each its own process, get the whole GPU
 
 
 # ------------------------------------------------------------------------------- one contender each

@@ -194,12 +194,13 @@ class GenerationClock(e2e.StepClock):
 
 def trl_arguments(args, out: Path) -> dict:
     """TrainingArguments both TRL trainers take, set as bench_e2e sets GKDTrainer's (TRL's bf16 and
-    checkpointing defaults off, our schedule, no saving; bf16 on a GPU only, as ours)."""
+    checkpointing defaults off, our schedule, no saving; bf16 on a GPU only, as ours). gradient_checkpointing:
+    transformers 5.17 does not know its newer alias activation_checkpointing."""
     return dict(output_dir=str(out / "run"), beta=BETA[args.loss], temperature=args.temperature,
                 per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps,
                 learning_rate=args.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
                 warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=args.device == "cuda",
-                activation_checkpointing=False, use_cpu=args.device == "cpu", logging_steps=args.warmup,
+                gradient_checkpointing=False, use_cpu=args.device == "cpu", logging_steps=args.warmup,
                 save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0)
 
 
