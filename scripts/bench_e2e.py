@@ -36,10 +36,11 @@ to `--work/results.json`.
     python scripts/bench_e2e.py --repeats 5 --arch gpt2 --vocab 2048 --teacher-hidden 128 \
         --student-hidden 64 --seq-len 128     # the tiny shape, where fixed per-step costs show
 
-`--device cuda` runs all three on the GPU in bf16 (ours: `train.precision=auto`; TRL: `bf16=True`; the
+`--device cuda` runs all three on the GPU in bf16 (ours: `train.precision=bf16`; TRL: `bf16=True`; the
 minimal loop: bf16 weights, its log-softmax in float32), and reports each one's peak allocated GPU
 memory and, from ours' model FLOPs per token (the same work for all three), each one's MFU.
-scripts/gpu/check.py runs it that way at real shapes.
+scripts/gpu/check.py runs it that way at real shapes. `--bf16` runs the same bf16 code on the CPU, slowly:
+how the GPU check's `--cpu` mode (CI, scripts/gpu/preflight.sh) tries the GPU run's code paths first.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's CPU threads in every contender")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cpu: fp32; cuda: every contender on the GPU in bf16")
+    parser.add_argument("--bf16", action="store_true",
+                        help="every contender in bf16 on the CPU too (always so with --device cuda): the GPU's "
+                             "code paths, at CPU speed")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="which to run, in this order")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of all contenders, interleaved so that drift in the machine's speed hits each "
@@ -111,6 +115,7 @@ def parse_args():
         parser.error(f"--contenders has {sorted(unknown)}; choose from {', '.join(CONTENDERS)}.")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no GPU; run on a GPU machine or with --device cpu.")
+    args.bf16 = args.bf16 or args.device == "cuda"
     return args
 
 
@@ -279,7 +284,8 @@ def our_overrides(args, paths: dict, out: Path) -> list[str]:
     return [f"teacher.path={paths['teacher']}", f"student.path={paths['student']}", f"data.train={paths['train']}",
             f"data.eval={paths['eval']}", f"train.seq_len={args.seq_len}", f"train.micro_batch_size={args.batch}",
             f"train.max_steps={args.steps}", f"train.log_every={args.warmup}", "train.warmup_steps=0",
-            f"train.lr={args.lr}", "logger=none", f"cache_dir={args.work / 'cache_dir'}", f"hydra.run.dir={out / 'run'}"]
+            f"train.lr={args.lr}", f"train.precision={'bf16' if args.bf16 else 'fp32'}", "logger=none",
+            f"cache_dir={args.work / 'cache_dir'}", f"hydra.run.dir={out / 'run'}"]
 
 
 def read_ours(out: Path) -> dict:
@@ -349,11 +355,11 @@ def check_row_lengths(paths: dict, seq_len: int, length_of, expected: int) -> No
                          "build_tokenizer's tokenizer does not survive reloading there.")
 
 
-def load_models(paths: dict, device: str = "cpu"):
-    """Teacher (frozen) and student: fp32 on the CPU, bf16 on a GPU (what ours and TRL train in there)."""
+def load_models(paths: dict, device: str, bf16: bool):
+    """Teacher (frozen) and student on `device`, in bf16 (what ours and TRL train in on a GPU) or fp32."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=torch.float32 if device == "cpu" else torch.bfloat16, attn_implementation="sdpa")
+    kwargs = dict(dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation="sdpa")
     teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"], **kwargs).eval().requires_grad_(False)
     return teacher.to(device), AutoModelForCausalLM.from_pretrained(paths["student"], **kwargs).to(device)
 
@@ -381,7 +387,7 @@ def train_trl(args, paths: dict, out: Path) -> None:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     tokenizer, rows = load_rows(paths, args.seq_len)
-    teacher, student = load_models(paths, args.device)
+    teacher, student = load_models(paths, args.device, args.bf16)
     clock = StepClock()
     pad = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)  # TRL's own, for tokenized rows
 
@@ -399,10 +405,10 @@ def train_trl(args, paths: dict, out: Path) -> None:
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps,
         learning_rate=args.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        # TRL turns bf16 and checkpointing on, and dropout off, by default; ours uses bf16 on a GPU only,
-        # no checkpointing, and the model's own dropout. gradient_checkpointing, not its newer alias
-        # activation_checkpointing, which transformers 5.17 (the GPU image's) does not know.
-        bf16=args.device == "cuda", gradient_checkpointing=False, use_cpu=args.device == "cpu",
+        # TRL turns bf16 and checkpointing on, and dropout off, by default; ours uses bf16 on a GPU (or
+        # with --bf16) only, no checkpointing, and the model's own dropout. gradient_checkpointing, not
+        # its newer alias activation_checkpointing, which transformers 5.17 (the GPU image's) does not know.
+        bf16=args.bf16, gradient_checkpointing=False, use_cpu=args.device == "cpu",
         logging_steps=args.warmup, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
         disable_dropout=False)
     dataset = Dataset.from_dict({"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]})
@@ -437,7 +443,7 @@ def train_minimal(args, paths: dict, out: Path) -> None:
     from trainer.models.engines import warmup_cosine
 
     tokenizer, rows = load_rows(paths, args.seq_len)
-    teacher, student = load_models(paths, args.device)
+    teacher, student = load_models(paths, args.device, args.bf16)
     student = get_peft_model(student, lora_config()).train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)

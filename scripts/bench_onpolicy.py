@@ -34,9 +34,10 @@ and a training batch's prompts, `--rollout-repeats` calls each per round after a
 The 1-minute load average is read before each contender (the machine may be shared). Results: a
 markdown table on stdout and `--work/results.json`.
 
-`--device cuda` runs every contender and the rollout phase on the GPU in bf16 (ours: `train.precision=auto`;
+`--device cuda` runs every contender and the rollout phase on the GPU in bf16 (ours: `train.precision=bf16`;
 TRL: `bf16=True`) and reports each one's peak allocated GPU memory instead of its peak RSS, as
-`scripts/bench_e2e.py --device cuda` does; `scripts/gpu/check.py` runs it so.
+`scripts/bench_e2e.py --device cuda` does; `scripts/gpu/check.py` runs it so. `--bf16` runs the same bf16
+code on the CPU, as `scripts/gpu/check.py --cpu` does.
 
     pip install -e ".[bench]"                    # TRL, for this script only
     python scripts/bench_onpolicy.py --repeats 3 --threads 1    # the table in docs/benchmarks.md
@@ -89,6 +90,9 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's CPU threads in every contender")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cpu: fp32; cuda: every contender and the rollout phase on the GPU in bf16")
+    parser.add_argument("--bf16", action="store_true",
+                        help="every contender and the rollout phase in bf16 on the CPU too (always so with --device "
+                             "cuda): the GPU's code paths, at CPU speed")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="which to run, in this order")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of all contenders; medians")
     parser.add_argument("--rollout-repeats", type=int, default=3,
@@ -100,6 +104,7 @@ def parse_args():
     args.seq_len = args.prompt_len + args.max_new_tokens  # bench_e2e's helpers read these two
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no GPU; run on a GPU machine or with --device cpu.")
+    args.bf16 = args.bf16 or args.device == "cuda"
     if args.repeats < 1 or args.rollout_repeats < 0:
         parser.error("--repeats must be at least 1 and --rollout-repeats at least 0.")
     if e2e.word_count(args.vocab) < 1:
@@ -194,12 +199,12 @@ class GenerationClock(e2e.StepClock):
 
 def trl_arguments(args, out: Path) -> dict:
     """TrainingArguments both TRL trainers take, set as bench_e2e sets GKDTrainer's (TRL's bf16 and
-    checkpointing defaults off, our schedule, no saving; bf16 on a GPU only, as ours). gradient_checkpointing:
-    transformers 5.17 does not know its newer alias activation_checkpointing."""
+    checkpointing defaults off, our schedule, no saving; bf16 on a GPU or with --bf16 only, as ours).
+    gradient_checkpointing: transformers 5.17 does not know its newer alias activation_checkpointing."""
     return dict(output_dir=str(out / "run"), beta=BETA[args.loss], temperature=args.temperature,
                 per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps,
                 learning_rate=args.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-                warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=args.device == "cuda",
+                warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=args.bf16,
                 gradient_checkpointing=False, use_cpu=args.device == "cpu", logging_steps=args.warmup,
                 save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0)
 
@@ -224,7 +229,7 @@ def train_gkd(args, paths: dict, out: Path) -> None:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     tokenizer, rows = e2e.load_rows(paths, args.seq_len)
-    teacher, student = e2e.load_models(paths, args.device)
+    teacher, student = e2e.load_models(paths, args.device, args.bf16)
     clock = GenerationClock()
 
     class TimedGKD(GKDTrainer):
@@ -267,7 +272,7 @@ def train_distillation(args, paths: dict, out: Path) -> None:
 
     tokenizer, rows = e2e.load_rows(paths, args.seq_len)
     tokenizer.padding_side = "left"
-    teacher, student = e2e.load_models(paths, args.device)
+    teacher, student = e2e.load_models(paths, args.device, args.bf16)
     clock = GenerationClock()
     texts = [json.loads(line)["prompt"] for line in paths["train"].read_text().splitlines()]
     if tokenizer(texts[0])["input_ids"] != prompt_of(rows[0]):  # it tokenizes the text itself
@@ -313,7 +318,7 @@ class RolloutPhase:
         from peft import get_peft_model
 
         _, rows = e2e.load_rows(paths, args.seq_len)
-        _, student = e2e.load_models(paths, args.device)
+        _, student = e2e.load_models(paths, args.device, args.bf16)
         self.model = get_peft_model(student, e2e.lora_config()).eval()
         self.model.generation_config.eos_token_id = None  # every row runs to max_new_tokens, in both
         self.prompts = [prompt_of(row) for row in rows[:args.batch]]
