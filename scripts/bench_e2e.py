@@ -89,11 +89,7 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's CPU threads in every contender")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cpu: fp32; cuda: every contender on the GPU in bf16")
-    parser.add_argument("--bf16", action="store_true",
-                        help="every contender in bf16 on the CPU too (always so with --device cuda): the GPU's "
-                             "code paths, at CPU speed")
+    add_device_arguments(parser, "every contender")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="which to run, in this order")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of all contenders, interleaved so that drift in the machine's speed hits each "
@@ -113,10 +109,26 @@ def parse_args():
     unknown = set(args.contenders.split(",")) - set(CONTENDERS)
     if unknown:
         parser.error(f"--contenders has {sorted(unknown)}; choose from {', '.join(CONTENDERS)}.")
+    settle_precision(parser, args)
+    return args
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """--device and --bf16, as every benchmark of the GPU check takes them; `what` runs in that precision."""
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help=f"cpu: fp32; cuda: {what} on the GPU in bf16")
+    parser.add_argument("--bf16", action="store_true",
+                        help=f"{what} in bf16 on the CPU too (always so with --device cuda): the GPU's code paths, "
+                             "at CPU speed")
+
+
+def settle_precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A GPU always trains in bf16; `args.precision` names it as `train.precision` does, for ours and the
+    results."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no GPU; run on a GPU machine or with --device cpu.")
     args.bf16 = args.bf16 or args.device == "cuda"
-    return args
+    args.precision = "bf16" if args.bf16 else "fp32"
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -284,7 +296,7 @@ def our_overrides(args, paths: dict, out: Path) -> list[str]:
     return [f"teacher.path={paths['teacher']}", f"student.path={paths['student']}", f"data.train={paths['train']}",
             f"data.eval={paths['eval']}", f"train.seq_len={args.seq_len}", f"train.micro_batch_size={args.batch}",
             f"train.max_steps={args.steps}", f"train.log_every={args.warmup}", "train.warmup_steps=0",
-            f"train.lr={args.lr}", f"train.precision={'bf16' if args.bf16 else 'fp32'}", "logger=none",
+            f"train.lr={args.lr}", f"train.precision={args.precision}", "logger=none",
             f"cache_dir={args.work / 'cache_dir'}", f"hydra.run.dir={out / 'run'}"]
 
 
@@ -583,7 +595,7 @@ def main() -> None:
     check_same_trainable(rounds)
     summary = {name: summarise([runs[name] for runs in rounds]) for name in names}
     add_model_rates(summary)
-    results = {"summary": summary, "rounds": rounds,
+    results = {"summary": summary, "rounds": rounds, "precision": args.precision,
                "args": {k: str(v) for k, v in vars(args).items() if not k.startswith("child")},
                "machine": machine(), "versions": versions(),
                "command": "python scripts/bench_e2e.py " + " ".join(sys.argv[1:])}

@@ -88,11 +88,7 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's CPU threads in every contender")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cpu: fp32; cuda: every contender and the rollout phase on the GPU in bf16")
-    parser.add_argument("--bf16", action="store_true",
-                        help="every contender and the rollout phase in bf16 on the CPU too (always so with --device "
-                             "cuda): the GPU's code paths, at CPU speed")
+    e2e.add_device_arguments(parser, "every contender and the rollout phase")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="which to run, in this order")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of all contenders; medians")
     parser.add_argument("--rollout-repeats", type=int, default=3,
@@ -102,9 +98,7 @@ def parse_args():
     args = parser.parse_args()
     args.work = args.work.resolve()
     args.seq_len = args.prompt_len + args.max_new_tokens  # bench_e2e's helpers read these two
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no GPU; run on a GPU machine or with --device cpu.")
-    args.bf16 = args.bf16 or args.device == "cuda"
+    e2e.settle_precision(parser, args)
     if args.repeats < 1 or args.rollout_repeats < 0:
         parser.error("--repeats must be at least 1 and --rollout-repeats at least 0.")
     if e2e.word_count(args.vocab) < 1:
@@ -414,7 +408,7 @@ def main() -> None:
     measured = [run_round(names, args, paths, r, phase) for r in range(args.repeats)]
     rounds = [runs for runs, _ in measured]
     e2e.check_same_trainable(rounds)
-    results = {"summary": summarise(rounds), "rounds": rounds,
+    results = {"summary": summarise(rounds), "rounds": rounds, "precision": args.precision,
                "rollout_phase": {name: [rate for _, rates in measured for rate in rates[name]]
                                  for name in (measured[0][1] if phase else {})},
                "args": {k: str(v) for k, v in vars(args).items() if not k.startswith("child")},

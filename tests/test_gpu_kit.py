@@ -138,6 +138,26 @@ def test_a_resumed_run_that_parts_before_the_kill_is_blamed_on_the_kernels_not_t
     assert "did not restore" in check.cause_of_difference(check.KILLED_AFTER_STEP + 1)
 
 
+def test_liger_failing_on_the_image_costs_its_own_row_not_ours(monkeypatch, check):
+    """Liger's Triton kernels meet the GPU image's versions first on the GPU: if they break, the section
+    still has ours' and plain PyTorch's figures, and says why Liger's row is empty."""
+    import torch
+
+    def broken_liger(*_):
+        raise RuntimeError("Triton: no kernel image is available\nsecond line")
+
+    monkeypatch.setattr(check, "liger_unavailable", lambda device: None)
+    monkeypatch.setattr(check, "liger_step", broken_liger)
+    section = check.liger_shape(None, check.CPU_SHAPES, torch.device("cpu"))
+    rows = {row["path"]: row for row in section["paths"]}
+    assert section["status"] == "ok"
+    assert all(rows[path]["ms"] > 0 and "error" not in rows[path] for path in ("ours (fused)", "plain PyTorch"))
+    assert rows[check.LIGER_PATH]["ms"] is None
+    assert section["liger"] == "failed: RuntimeError: Triton: no kernel image is available"
+    assert "| Liger chunked JSD |" in check.markdown({"device": "cpu", "mode": "m", "started": "s", "python": "3",
+                                                      "versions": {}}, {"liger_shape": section})
+
+
 @pytest.mark.slow
 def test_the_check_at_tiny_shapes_on_the_cpu_writes_every_section_with_numbers(tmp_path):
     out = tmp_path / "out"
@@ -160,8 +180,8 @@ def test_the_check_at_tiny_shapes_on_the_cpu_writes_every_section_with_numbers(t
     assert {row["dtype"] for row in correctness["head_parity"]} == {"bfloat16"}
     assert {row["arch"] for row in correctness["head_parity"]} == {"qwen2", "llama"}
     assert correctness["nonfinite_skipping"]["skipped"] == 2
-    assert [(r["stage"], r["precision"], r["losses_equal"], r["adapter_equal"], r["first_differing_step"])
-            for r in correctness["kill_and_resume"]] == [(3, "bf16", True, True, None)]
+    assert [(r["stage"], r["precision"], r["deterministic"], r["losses_equal"], r["adapter_equal"],
+             r["first_differing_step"]) for r in correctness["kill_and_resume"]] == [(3, "bf16", True, True, True, None)]
 
     liger = sections["liger_shape"]
     assert liger["status"] == "ok" and liger["liger"].startswith("skipped: ")

@@ -211,6 +211,10 @@ class TrainConfig:
     """Optimizer steps in a row skipped for a NaN/Inf loss or gradient before the job stops."""
     metric: str = "eval/kl_to_teacher"
     """The summary value the job returns to sweepers and prints on its RESULT line."""
+    deterministic: bool = False
+    """Deterministic kernels (torch's strict mode, cuBLAS's fixed workspace, cuDNN untuned): the same
+    run twice, or killed and resumed, gives the same bits on a GPU too, at a cost in speed (attention's
+    backward most). A CPU run is deterministic either way. See trainer/launch/determinism.py."""
     activation_checkpointing: bool = False
     """Recompute the student's layers in the backward instead of keeping their activations: less
     memory for longer sequences or bigger batches, about a third more student compute."""
@@ -455,6 +459,11 @@ def _validate_cross_tokenizer_job(cfg) -> None:
                           "would need packing alike); set data.pack=false.")
 
 
+# The two cuBLAS workspace settings cuBLAS documents as reproducible: PyTorch's deterministic mode
+# refuses a matrix product without one (train.deterministic sets the first; trainer/launch/determinism.py).
+REPRODUCIBLE_CUBLAS_WORKSPACES = (":4096:8", ":16:8")
+
+
 def _validate_train(train) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "max_nonfinite_steps"):
         if train[key] < 1:
@@ -471,6 +480,11 @@ def _validate_train(train) -> None:
     if train.metric not in metric_names():
         raise ConfigError(f"train.metric={train.metric!r} is not a number the job writes to summary.json; use one of "
                           f"{describe_metric_names()}.")
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG", REPRODUCIBLE_CUBLAS_WORKSPACES[0])
+    if train.deterministic and workspace not in REPRODUCIBLE_CUBLAS_WORKSPACES:
+        raise ConfigError(f"train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG to be "
+                          f"{' or '.join(REPRODUCIBLE_CUBLAS_WORKSPACES)}, not {workspace!r}; unset it (the job sets "
+                          "the first) or set one of those.")
 
 
 def _validate_peft(peft) -> None:

@@ -5,9 +5,10 @@ stopped by its time limit keeps what it measured):
 
 1. **correctness**: the fused loss of every kind in bf16 and fp32 against a float64 reference
    (value and both gradients); head parity on a Qwen2- and a Llama-shaped model; NaN/Inf steps
-   skipped by the fused optimizer; a short bf16 job at ZeRO-0 and ZeRO-3 (1 rank; NCCL on a GPU)
-   killed after a checkpoint and resumed, its losses and adapter compared bit for bit with a run never
-   interrupted (and where they part, whether before the kill: kernels that differ run to run).
+   skipped by the fused optimizer; a short bf16 job at ZeRO-0 and ZeRO-3 (1 rank; NCCL on a GPU;
+   train.deterministic=true) killed after a checkpoint and resumed, its losses and adapter compared bit
+   for bit with a run never interrupted (and where they part, whether before the kill: kernels that
+   differ run to run).
 2. **liger_shape**: the jsd loss at Liger-Kernel's published shape (V=128256, 8192 tokens, H=2048,
    bf16): ours (fused), plain PyTorch and Liger's own chunked JSD, peak memory and time
    (`scripts/bench_loss.py`'s measurement).
@@ -245,7 +246,8 @@ def nonfinite_skipping(device: torch.device) -> dict:
 def resumed_jobs(args, shapes: Shapes, device: torch.device) -> list[dict]:
     """At each of `shapes.resume_stages` (ZeRO-0 and ZeRO-3 on a GPU), in bf16: a run straight through, and
     one SIGKILLed after its step-3 checkpoint and run again; every logged loss, gradient norm and the
-    adapter must be equal bit for bit."""
+    adapter must be equal bit for bit. With train.deterministic=true: on a GPU attention's default
+    backward sums with atomics, and two runs never interrupted would part as well."""
     from bench_e2e import prepare
 
     shape = argparse.Namespace(work=args.work / "resume_models", arch="llama", vocab=512, teacher_hidden=128,
@@ -260,7 +262,7 @@ def resumed_jobs(args, shapes: Shapes, device: torch.device) -> list[dict]:
                      f"data.train={paths['train']}", f"data.eval={paths['eval']}", f"deepspeed=zero{stage}",
                      "train.max_steps=6", f"checkpoint.every={KILLED_AFTER_STEP}", "train.log_every=1",
                      "train.seq_len=64", "train.micro_batch_size=4", "train.warmup_steps=0", "peft.dropout=0.1",
-                     f"train.precision={TRAINING_PRECISION}",
+                     f"train.precision={TRAINING_PRECISION}", "train.deterministic=true",
                      "logger=none", f"cache_dir={runs / 'cache'}"]
         straight = run_job([*overrides, f"hydra.run.dir={runs / 'straight'}"], "none")
         killed = run_job([*overrides, f"hydra.run.dir={runs / 'resumed'}"],
@@ -271,8 +273,9 @@ def resumed_jobs(args, shapes: Shapes, device: torch.device) -> list[dict]:
             failed = next(p for p in (straight, killed, rerun) if (p.returncode != 0) != (p is killed))
             row.update(ok=False, error=(failed.stdout + failed.stderr)[-2000:])
         else:
-            row.update(compare_runs(runs / "straight", runs / "resumed"), resumed="resumed from" in rerun.stdout)
-            row["ok"] = row["ok"] and row["resumed"]
+            row.update(compare_runs(runs / "straight", runs / "resumed"), resumed="resumed from" in rerun.stdout,
+                       deterministic=all(ran_deterministic(runs / run) for run in ("straight", "resumed")))
+            row["ok"] = row["ok"] and row["resumed"] and row["deterministic"]
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
     return rows
@@ -285,6 +288,13 @@ def run_job(overrides: list[str], fault: str) -> subprocess.CompletedProcess:
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "fault_injection", *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+def ran_deterministic(run: Path) -> bool:
+    """train.deterministic as the job resolved it (its .hydra/config.yaml)."""
+    import yaml
+
+    return yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["train"]["deterministic"] is True
 
 
 def compare_runs(straight: Path, resumed: Path) -> dict:
@@ -310,7 +320,8 @@ def cause_of_difference(step: int | None) -> str | None:
     if step is None:
         return None
     if step <= KILLED_AFTER_STEP:
-        return f"differs at step {step}, before the kill: the kernels are not deterministic run to run, not the resume"
+        return (f"differs at step {step}, before the kill: a kernel is not deterministic run to run even with "
+                "train.deterministic=true (not the resume)")
     return f"differs at step {step}, after the resume: the checkpoint did not restore the whole state"
 
 
@@ -325,6 +336,9 @@ def correctness(args, shapes: Shapes, device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------ 2. liger_shape
+LIGER_PATH = "Liger chunked JSD"
+
+
 def liger_step(sh, ws, th, wt, labels, kind, chunk_size):
     """Liger-Kernel's chunked JSD (soft loss only, β=½, T=1), forward and backward."""
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
@@ -336,7 +350,7 @@ def liger_step(sh, ws, th, wt, labels, kind, chunk_size):
 
 
 def liger_shape(args, shapes: Shapes, device: torch.device) -> dict:
-    from bench_loss import fused_step, make_inputs, measure, plain_step
+    from bench_loss import fused_step, make_inputs, plain_step
 
     from trainer.losses import default_chunk_size
 
@@ -347,19 +361,35 @@ def liger_shape(args, shapes: Shapes, device: torch.device) -> dict:
     paths = {"ours (fused)": fused_step, "plain PyTorch": plain_step}
     skipped = liger_unavailable(device)
     if skipped is None:
-        paths["Liger chunked JSD"] = liger_step
+        paths[LIGER_PATH] = liger_step
     warm = make_inputs(64, 512, 64, dtype, device)
-    rows = []
-    for name, step in paths.items():
-        step(*warm, "jsd", 0)  # kernels compiled and loaded outside the timing
-        result = measure(step, inputs, "jsd", chunk, device, shapes.liger_repeats)
-        rows.append({"path": name, "ms": None if result["oom"] else 1e3 * result["seconds"],
-                     "peak_extra_gib": None if result["oom"] else result["peak_extra_bytes"] / 2**30,
-                     "loss": result.get("loss"), "oom": result["oom"]})
-    return {"status": "ok", "shape": {"tokens": tokens, "vocab": vocab, "hidden": hidden,
-                                      "dtype": str(dtype).removeprefix("torch."), "kind": "jsd", "chunk": chunk},
-            "paths": rows, "liger": skipped or "measured",
+    rows = [measured_path(name, step, warm, inputs, chunk, device, shapes.liger_repeats)
+            for name, step in paths.items()]
+    ours_failed = any("error" in row for row in rows if row["path"] != LIGER_PATH)
+    liger_error = next((row["error"] for row in rows if row["path"] == LIGER_PATH and "error" in row), None)
+    return {"status": "failed" if ours_failed else "ok",
+            "shape": {"tokens": tokens, "vocab": vocab, "hidden": hidden,
+                      "dtype": str(dtype).removeprefix("torch."), "kind": "jsd", "chunk": chunk},
+            "paths": rows, "liger": skipped or (f"failed: {liger_error}" if liger_error else "measured"),
             "published_liger_h100": {"liger_gb": 11.1, "plain_gb": 68.9, "liger_ms": 60.7, "plain_ms": 213.2}}
+
+
+def measured_path(name: str, step, warm: tuple, inputs: tuple, chunk: int, device: torch.device,
+                  repeats: int) -> dict:
+    """One path's fastest time and peak memory above its inputs. A path that raises records its error:
+    Liger's Triton kernels and torch.compile meet the image's versions first on the GPU, and their
+    failure must cost Liger's row only, not ours' and plain PyTorch's figures."""
+    from bench_loss import measure
+
+    try:
+        step(*warm, "jsd", 0)  # kernels compiled and loaded outside the timing
+        result = measure(step, inputs, "jsd", chunk, device, repeats)
+    except Exception as error:  # whatever broke is this row's figure
+        return {"path": name, "ms": None, "peak_extra_gib": None, "loss": None, "oom": False,
+                "error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
+    return {"path": name, "ms": None if result["oom"] else 1e3 * result["seconds"],
+            "peak_extra_gib": None if result["oom"] else result["peak_extra_bytes"] / 2**30,
+            "loss": result.get("loss"), "oom": result["oom"]}
 
 
 def liger_unavailable(device: torch.device) -> str | None:
@@ -424,13 +454,8 @@ def end_to_end(args, shapes: Shapes, device: torch.device) -> dict:
     summary = results["summary"]
     rows = [{"contender": name, "tokens_per_s": run["tokens_per_s"], "tflops_per_s": run.get("tflops_per_s"),
              "mfu": run.get("mfu"), "peak_memory_gib": peak_memory_gib(run, device)} for name, run in summary.items()]
-    return {"status": "ok", "command": command, "precision": precision_of(results), "contenders": rows,
+    return {"status": "ok", "command": command, "precision": results["precision"], "contenders": rows,
             "goals": e2e_goals(summary), "notes": notes}
-
-
-def precision_of(results: dict) -> str:
-    """What a benchmark's contenders trained in, from the arguments its results.json records."""
-    return "bf16" if results["args"]["bf16"] == "True" else "fp32"
 
 
 def output_text(output: str | bytes | None) -> str:
@@ -468,7 +493,7 @@ def onpolicy(args, shapes: Shapes, device: torch.device) -> dict:
     ours = results["summary"]["ours"]
     phase = {name: statistics.median(rates) for name, rates in results["rollout_phase"].items()}
     bare = phase.get("bare model.generate")
-    return {"status": "ok", "command": command, "precision": precision_of(results),
+    return {"status": "ok", "command": command, "precision": results["precision"],
             "ours": {"tokens_per_s": ours["tokens_per_s"], "generation_share": ours["generation_share"],
                      "generation_tokens_per_s": ours["generation_tokens_per_s"],
                      "mean_rollout_length": ours["mean_rollout_length"],
@@ -524,7 +549,8 @@ def markdown(header: dict, sections: dict) -> str:
     for name, section in sections.items():
         lines += [f"## {name}: {section['status']} ({section.get('seconds', '?')} s)", ""]
         broken = "error" in section or "traceback" in section
-        measured = section["status"] == "ok" or (name == "correctness" and not broken)  # a failed check keeps its table
+        # A failed check keeps its table: which rows failed is the finding.
+        measured = section["status"] == "ok" or (name in ("correctness", "liger_shape") and not broken)
         if name in SECTION_MARKDOWN and measured:
             lines += SECTION_MARKDOWN[name](section)
         if broken:
@@ -553,7 +579,8 @@ def correctness_markdown(section: dict) -> list[str]:
     lines += [f"NaN/Inf skipping (fused AdamW): {skip['steps']}; skipped {skip['skipped']}, optimizer steps "
               f"{skip['optimizer_step_count']:g}; ok: {skip['ok']}", "", "Killed after a checkpoint and resumed:", ""]
     lines += table(section["kill_and_resume"],
-                   ["stage", "backend", "precision", "steps", "losses_equal", "adapter_equal", "resumed", "ok", "seconds"])
+                   ["stage", "backend", "precision", "deterministic", "steps", "losses_equal", "adapter_equal", "resumed",
+                    "ok", "seconds"])
     lines += [f"- ZeRO-{row['stage']}: {row['cause']}" for row in section["kill_and_resume"] if row.get("cause")]
     return lines
 
@@ -562,7 +589,7 @@ def liger_markdown(section: dict) -> list[str]:
     shape = section["shape"]
     lines = [f"jsd, {shape['tokens']} tokens, V={shape['vocab']}, H={shape['hidden']}, {shape['dtype']}, "
              f"chunk {shape['chunk']}; Liger: {section['liger']}", ""]
-    lines += table(section["paths"], ["path", "ms", "peak_extra_gib", "loss", "oom"])
+    lines += table(section["paths"], ["path", "ms", "peak_extra_gib", "loss", "oom", "error"])
     published = section["published_liger_h100"]
     return lines + [f"Liger's published figures (H100): Liger {published['liger_gb']} GB / {published['liger_ms']} ms, "
                     f"plain {published['plain_gb']} GB / {published['plain_ms']} ms.", ""]

@@ -175,18 +175,35 @@ def next_tokens(logits: torch.Tensor, generators: list[torch.Generator], setting
     return chosen
 
 
+# Probabilities as integers in units of 2^-52 (float64's spacing at 1). Their running sums are exact,
+# so a draw is the same on every device and in any summation order, and the sums need no floating
+# cumsum, which has no deterministic kernel on CUDA (torch's strict mode, train.deterministic=true,
+# refuses it). A row's total stays near 2^52, far below int64's 2^63; each id loses under 2^-52 of
+# its mass, under 4e-11 a row at V=152k.
+FIXED_POINT_ONE = 2**52
+
+
+def fixed_point(probs: torch.Tensor) -> torch.Tensor:
+    """`probs` `[..., V]` in [0, 1] as int64 multiples of 2^-52, rounded down."""
+    # Scaling by a power of two is exact in float32 as in float64, so float32 needs no float64 copy;
+    # float16 would overflow at 2^52, and widens.
+    wide = probs if probs.dtype in (torch.float32, torch.float64) else probs.float()
+    return (wide * FIXED_POINT_ONE).long()
+
+
 def inverse_cdf_draws(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """One id per row of `probs` `[B, V]`, row `i` drawn with one uniform from `generators[i]`: the
     first id whose cumulative probability exceeds it. `torch.multinomial` (one row at a time, as
     each row has its own generator) draws an exponential per vocabulary entry instead: at V=32k on
     a CPU that was a quarter of a rollout's time, more than the student's forward's head.
-    The sums are in float64, so the distribution is the softmax's to well below float32's rounding."""
-    cumulative = probs.double().cumsum(dim=-1)
+    The sums are exact, in fixed point (`FIXED_POINT_ONE`), so an id of no mass is never drawn."""
+    cumulative = fixed_point(probs).cumsum_(dim=-1)  # in place: a second [B, V] int64 buffer cost a third more time
+    total = cumulative[:, -1]
     uniforms = torch.cat([torch.rand(1, dtype=torch.float64, device=probs.device, generator=generator)
                           for generator in generators])
-    # u < 1, so u·total < total but for rounding; an id past the last would be no token.
-    drawn = torch.searchsorted(cumulative, (uniforms * cumulative[:, -1])[:, None], right=True)
-    return drawn[:, 0].clamp_(max=probs.shape[-1] - 1)
+    # u < 1, but u·total can round up to total: the last unit is then the target, still in the last id of mass.
+    targets = torch.minimum((uniforms * total.double()).long(), total - 1)
+    return torch.searchsorted(cumulative, targets[:, None], right=True)[:, 0]
 
 
 def top_p_filtered(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -196,11 +213,23 @@ def top_p_filtered(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p >= 1:
         return logits
     sorted_logits, sorted_indices = torch.sort(logits, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted = cumulative_probabilities(sorted_logits.softmax(dim=-1)) <= (1 - top_p)
     remove_sorted[..., -1] = False
     remove = remove_sorted.scatter(-1, sorted_indices, remove_sorted)
     return logits.masked_fill(remove, -float("inf"))
+
+
+def cumulative_probabilities(probs: torch.Tensor) -> torch.Tensor:
+    """Running sums of `probs` `[B, V]` along V: in `probs`' dtype, as transformers sums them, except
+    where torch refuses a floating cumsum (CUDA in deterministic mode); there exact in fixed point,
+    which differs from those sums only within their rounding."""
+    if float_cumsum_refused(probs):
+        return fixed_point(probs).cumsum_(dim=-1).double() / FIXED_POINT_ONE
+    return probs.cumsum(dim=-1)
+
+
+def float_cumsum_refused(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and torch.are_deterministic_algorithms_enabled()
 
 
 def _last_logits_only(module) -> dict:

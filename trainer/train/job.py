@@ -16,6 +16,7 @@ from trainer.cache.teacher import open_cache
 from trainer.config import ConfigError, cache_root, evaluation_interval, unread_loss_settings, validate
 from trainer.data.batching import collate, micro_batch_rows_for_step, step_row_ids, to_device
 from trainer.data.packing import collate_packed, document_lengths
+from trainer.launch.determinism import use_deterministic_kernels
 from trainer.launch.preemption import Preempted, PreemptionWatch, hand_back
 from trainer.losses.objective import Objective, fused_micro_batch_sums, micro_batch_sums, supervised_positions
 from trainer.losses.settings import IGNORE_INDEX
@@ -43,6 +44,7 @@ class DistillJob:
         """`inputs_checked()` is called once the inputs passed their checks, before the job changes
         anything in `run_dir` (there may be an earlier run's files) or loads any weights."""
         validate(cfg)  # before anything is loaded, so a bad value costs nothing
+        use_deterministic_kernels(cfg.train.deterministic)  # before the process's first matrix product
         self.cfg, self.rank, self.run_dir, self.inputs_checked = cfg, rank, run_dir, inputs_checked
         # Decided once: every model's dtype, both DeepSpeed configs and the FLOP peak read these.
         self.precision = engines.precision(cfg.train, rank.device)
