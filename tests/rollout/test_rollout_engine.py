@@ -173,8 +173,8 @@ def test_where_torch_refuses_a_float_cumsum_the_nucleus_is_the_same(monkeypatch)
 
 
 def test_a_draw_never_lands_on_an_id_without_mass():
-    """The cumulative sums are exact integers, so no rounding gives an id of no probability a draw,
-    at either end of the vocabulary."""
+    """Zero-mass ids at both ends and between: the fixed-point sums and the search draw only the ids of
+    mass, in proportion (an off-by-one in the search would draw a neighbour)."""
     probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0, 0.0]] * 2000)
     generators = [torch.Generator().manual_seed(seed) for seed in range(len(probs))]
     drawn = inverse_cdf_draws(probs, generators)

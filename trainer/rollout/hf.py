@@ -201,7 +201,8 @@ def inverse_cdf_draws(probs: torch.Tensor, generators: list[torch.Generator]) ->
     total = cumulative[:, -1]
     uniforms = torch.cat([torch.rand(1, dtype=torch.float64, device=probs.device, generator=generator)
                           for generator in generators])
-    # u < 1, but u·total can round up to total: the last unit is then the target, still in the last id of mass.
+    # u ≤ 1 − 2^-53 and a softmax row's total is near 2^52, so the correctly rounded u·total stays below
+    # total; the cap is a guard for a row of no mass, which a softmax never gives.
     targets = torch.minimum((uniforms * total.double()).long(), total - 1)
     return torch.searchsorted(cumulative, targets[:, None], right=True)[:, 0]
 
