@@ -138,6 +138,25 @@ def test_a_resumed_run_that_parts_before_the_kill_is_blamed_on_the_kernels_not_t
     assert "did not restore" in check.cause_of_difference(check.KILLED_AFTER_STEP + 1)
 
 
+def test_runs_that_skipped_their_updates_are_no_proof_of_a_resume(tmp_path, check):
+    """Two runs that skipped every update end at the adapter they started from, equal bit for bit: the
+    kill-and-resume row must say they did not train."""
+    runs = [tmp_path / "straight", tmp_path / "resumed"]
+
+    def summaries(*skipped):
+        for run, count in zip(runs, skipped):
+            run.mkdir(exist_ok=True)
+            (run / "summary.json").write_text(json.dumps({"train/skipped_steps": count}))
+
+    logged = [(step, 0.5, 0.5, 0.25) for step in range(1, 7)]
+    summaries(0, 0)
+    assert check.every_update_applied(logged, runs)
+    assert not check.every_update_applied([*logged[:5], (6, 0.5, 0.5, math.nan)], runs)
+    assert not check.every_update_applied([*logged[:5], (6, 0.5, 0.5, 0.0)], runs)
+    summaries(0, 6)
+    assert not check.every_update_applied(logged, runs)
+
+
 def test_liger_failing_on_the_image_costs_its_own_row_not_ours(monkeypatch, check):
     """Liger's Triton kernels meet the GPU image's versions first on the GPU: if they break, the section
     still has ours' and plain PyTorch's figures, and says why Liger's row is empty."""
@@ -180,8 +199,9 @@ def test_the_check_at_tiny_shapes_on_the_cpu_writes_every_section_with_numbers(t
     assert {row["dtype"] for row in correctness["head_parity"]} == {"bfloat16"}
     assert {row["arch"] for row in correctness["head_parity"]} == {"qwen2", "llama"}
     assert correctness["nonfinite_skipping"]["skipped"] == 2
-    assert [(r["stage"], r["precision"], r["deterministic"], r["losses_equal"], r["adapter_equal"],
-             r["first_differing_step"]) for r in correctness["kill_and_resume"]] == [(3, "bf16", True, True, True, None)]
+    assert [(r["stage"], r["precision"], r["deterministic"], r["trained"], r["losses_equal"], r["adapter_equal"],
+             r["first_differing_step"]) for r in correctness["kill_and_resume"]] == [(3, "bf16", True, True, True, True,
+                                                                                       None)]
 
     liger = sections["liger_shape"]
     assert liger["status"] == "ok" and liger["liger"].startswith("skipped: ")

@@ -309,9 +309,18 @@ def compare_runs(straight: Path, resumed: Path) -> dict:
         torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
     a, b = logged(straight), logged(resumed)
     parted = next((mine[0] for mine, theirs in zip(a, b) if mine != theirs), None)
+    trained = every_update_applied(a, [straight, resumed])
     return {"steps": len(a), "losses": [row[1] for row in a], "losses_equal": a == b, "adapter_equal": same_adapter,
-            "first_differing_step": parted, "cause": cause_of_difference(parted),
-            "ok": a == b and same_adapter and len(a) == 6}
+            "trained": trained, "first_differing_step": parted, "cause": cause_of_difference(parted),
+            "ok": a == b and same_adapter and trained and len(a) == 6}
+
+
+def every_update_applied(logged: list[tuple], runs: list[Path]) -> bool:
+    """Whether every step moved the adapter: each gradient norm finite and non-zero, and no update
+    skipped in either run. Without it two runs that skipped every update (a NaN in every gradient, say)
+    would end equal bit for bit at the adapter they started from, and pass."""
+    skipped = [json.loads((run / "summary.json").read_text())["train/skipped_steps"] for run in runs]
+    return all(math.isfinite(row[3]) and row[3] > 0 for row in logged) and skipped == [0] * len(runs)
 
 
 def cause_of_difference(step: int | None) -> str | None:
@@ -579,8 +588,8 @@ def correctness_markdown(section: dict) -> list[str]:
     lines += [f"NaN/Inf skipping (fused AdamW): {skip['steps']}; skipped {skip['skipped']}, optimizer steps "
               f"{skip['optimizer_step_count']:g}; ok: {skip['ok']}", "", "Killed after a checkpoint and resumed:", ""]
     lines += table(section["kill_and_resume"],
-                   ["stage", "backend", "precision", "deterministic", "steps", "losses_equal", "adapter_equal", "resumed",
-                    "ok", "seconds"])
+                   ["stage", "backend", "precision", "deterministic", "steps", "trained", "losses_equal", "adapter_equal",
+                    "resumed", "ok", "seconds"])
     lines += [f"- ZeRO-{row['stage']}: {row['cause']}" for row in section["kill_and_resume"] if row.get("cause")]
     return lines
 

@@ -1,12 +1,17 @@
 """`train.deterministic`: torch's strict mode, cuBLAS's fixed workspace and cuDNN untuned for the
-process, both ways; a workspace setting cuBLAS cannot reproduce with is refused at start-up, by name."""
+process, both ways; a workspace setting cuBLAS cannot reproduce with is refused at start-up, by name;
+and no deterministic job runs an op that strict mode refuses on CUDA (tests/cuda_strict_watch.py):
+there such a job would crash, and only there."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
+from conftest import REPO, assert_ok, run_cli, save_model, tiny_llama_config, tiny_overrides
+from cuda_strict_watch import RefusedOnCuda
 from test_config import composed
 
 from trainer.config import ConfigError, validate
@@ -54,3 +59,87 @@ def test_a_job_turns_its_setting_on_before_it_builds_anything(monkeypatch, resto
     assert torch.are_deterministic_algorithms_enabled()
     DistillJob(composed(), CPU, tmp_path / "run")
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+# ------------------------------------------------------------------ ops strict mode refuses on CUDA
+def test_the_watch_names_the_ops_cuda_s_strict_mode_refuses_and_passes_their_deterministic_kin():
+    watch = RefusedOnCuda()
+    values, ids = torch.rand(4, 8), torch.tensor([1, 2, 2])
+    with watch:
+        values.cumsum(-1)
+        ids.cumsum(0)  # integer sums have a deterministic kernel
+        torch.bincount(ids, weights=torch.rand(3))
+        torch.bincount(ids)
+        values.median(dim=0)
+        values.kthvalue(2, dim=0)
+        torch.zeros(3).scatter_reduce(0, ids, torch.rand(3), "prod")
+        torch.zeros(3).scatter_reduce(0, ids, torch.rand(3), "sum")  # sorted into a deterministic sum on CUDA
+        torch.nn.functional.cross_entropy(torch.randn(2, 5, 3, 3), torch.zeros(2, 3, 3, dtype=torch.long))
+        torch.nn.functional.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
+    assert dict(watch.refused) == {"cumsum: floating (float32)": 1, "bincount: with weights": 1,
+                                   "median: with indices": 1, "kthvalue: no deterministic CUDA kernel": 1,
+                                   "scatter_reduce: reduce='prod'": 1, "nll_loss2d_forward: reduction sum or mean": 1}
+
+
+def test_the_watch_would_have_caught_the_samplers_floating_sums(monkeypatch, restored):
+    """The rollouts' top-p cut summed in floating point before train.deterministic existed: on CPU it
+    still does (transformers' sums), and the watch takes the CUDA side, where it must not."""
+    import cuda_strict_watch
+
+    from trainer.rollout import hf
+
+    logits = torch.randn(2, 16)
+    on_cpu = RefusedOnCuda()
+    with on_cpu:
+        hf.top_p_filtered(logits, 0.9)
+    assert on_cpu.refused == {"cumsum: floating (float32)": 1}
+    monkeypatch.setattr(hf, "float_cumsum_refused", hf.float_cumsum_refused)  # put back after the test
+    cuda_strict_watch._take_cuda_branches()
+    torch.use_deterministic_algorithms(True)
+    as_on_cuda = RefusedOnCuda()
+    with as_on_cuda:
+        hf.top_p_filtered(logits, 0.9)
+    assert not as_on_cuda.refused and "cumsum_" in as_on_cuda.seen
+
+
+@pytest.fixture(scope="module")
+def pair_student(tmp_path_factory):
+    """A 1-layer student whose tokenizer merges digit pairs: the character-level teacher's is another."""
+    from trainer.demo.cross_student import build_pair_tokenizer
+
+    tokenizer = build_pair_tokenizer()
+    return save_model(tiny_llama_config(len(tokenizer), layers=1), tokenizer,
+                      tmp_path_factory.mktemp("pair") / "student", seed=2)
+
+
+ONPOLICY = ("onpolicy.fraction=0.5", "onpolicy.top_p=0.9", "onpolicy.max_new_tokens=8")
+DETERMINISTIC_JOBS = {
+    # The GPU check's kill-and-resume job (ZeRO-3, bf16, LoRA dropout), half its rows on-policy.
+    "zero3_bf16_onpolicy": ("deepspeed=zero3", "train.precision=bf16", "peft.dropout=0.1", *ONPOLICY),
+    "uld_top_k_onpolicy": ("student.path={pair}", "loss.cross_tokenizer=uld", "loss.uld_top_k=16",
+                           "loss.ce_weight=0.5", *ONPOLICY),
+    "gold_onpolicy": ("student.path={pair}", "loss.cross_tokenizer=gold", *ONPOLICY),
+    "teacher_cache_with_tails": ("teacher.cache={cache}",),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DETERMINISTIC_JOBS)
+def test_a_deterministic_job_runs_no_op_cuda_s_strict_mode_refuses(name, tiny, pair_student, tmp_path):
+    """Each kind of job, with train.deterministic=true, through the CLI under the watch: its forward,
+    backward, optimizer, evaluation and rollouts (the ops seen say the watch saw each)."""
+    cache = tmp_path / "teacher_cache"
+    if name == "teacher_cache_with_tails":
+        assert_ok(run_cli(tiny_overrides(tiny, tmp_path / "build", tmp_path / "c", f"teacher.cache={cache}",
+                                         "teacher.top_k=8", "teacher.tail_samples=3"), module="trainer.cache"))
+    extra = [o.format(pair=pair_student, cache=cache) for o in DETERMINISTIC_JOBS[name]]
+    proc = run_cli(tiny_overrides(tiny, tmp_path / name, tmp_path / "c", "train.deterministic=true",
+                                  "train.max_steps=2", *extra),
+                   env={"PYTHONPATH": str(REPO / "tests")}, module="cuda_strict_watch")
+    assert_ok(proc)
+    printed = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+               if line.startswith(("REFUSED_ON_CUDA ", "OPS_SEEN "))}
+    assert printed["REFUSED_ON_CUDA"] == {}
+    backward_and_optimizer = {"_scaled_dot_product_flash_attention_for_cpu_backward", "silu_backward", "_fused_adamw_"}
+    rollouts = {"searchsorted"} if "onpolicy.fraction=0.5" in extra else set()
+    assert backward_and_optimizer | rollouts <= set(printed["OPS_SEEN"])
