@@ -8,12 +8,14 @@ CUDA kernel raises a RuntimeError: a job that runs one would crash there, on the
 else. On the CPU the same ops run (a CPU kernel raises for none of them), so this watch names them
 here. It sees the job's ops after autograd and the composite ops' decompositions, which are the same
 on both devices; what it cannot see is where our code or torch picks another op on CUDA (attention's
-backend, the sort and the top-p sums branching on the device), so the wrapper below makes our one
-such branch take its CUDA side.
+backend, which strict mode itself restricts; the sorts and the top-p sums, which branch on the device
+to ops this table does not hold).
 
-The table is PyTorch 2.11's `alertNotDeterministic` calls in its CUDA kernels (the GPU image's
-version): the documented list in `torch.use_deterministic_algorithms` and those it omits (`kthvalue`,
-`index_reduce`, ...).
+The table is the `alertNotDeterministic` calls in PyTorch 2.11's CUDA library (the GPU image's
+version, read from its wheel), not the docstring of `torch.use_deterministic_algorithms`, which is
+behind it: it still lists a floating `cumsum`, `kthvalue` and `reflection_pad2d`'s backward, which have
+deterministic CUDA kernels in 2.11, and omits `index_reduce`, `nanmedian` and the antialiased upsampling
+backwards, which raise.
 """
 
 from __future__ import annotations
@@ -28,17 +30,20 @@ ALWAYS = "no deterministic CUDA kernel"
 
 
 def _argument(func, args: tuple, kwargs: dict, name: str):
-    """`func`'s argument `name` as this call passed it, or its schema's default."""
+    """`func`'s argument `name` as this call passed it, or its schema's default; None for an overload
+    without it (`scatter.src` has no `reduce`)."""
     if name in kwargs:
         return kwargs[name]
     schema = [argument.name for argument in func._schema.arguments]
+    if name not in schema:
+        return None
     position = schema.index(name)
     return args[position] if len(args) > position else func._schema.arguments[position].default_value
 
 
-def _floating(func, args, kwargs, out) -> str | None:
-    tensor = out[0] if isinstance(out, (tuple, list)) else out
-    if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex()):
+def _floating_input(func, args, kwargs, out) -> str | None:
+    tensor = args[0]
+    if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
         return f"floating ({str(tensor.dtype).removeprefix('torch.')})"
     return None
 
@@ -73,19 +78,19 @@ def _always(func, args, kwargs, out) -> str:
 
 # op name (its overload packet's, `aten.<name>`) -> why it is refused for these arguments, or None.
 REFUSED_ON_CUDA = {
-    "cumsum": _floating,
-    "cumsum_": _floating,
     "nll_loss2d_forward": _reduced,
     "put_": _always,  # accumulate=False has no deterministic kernel anywhere; accumulate=True none on CUDA
     "put": _always,
-    "histc": _always,
+    "histc": _floating_input,
     "bincount": _with_weights,
-    "kthvalue": _always,
     "median": _with_indices,
+    "nanmedian": _with_indices,
     "index_reduce": _always,
     "index_reduce_": _always,
     "scatter_reduce": _reduce_is("prod"),
     "scatter_reduce_": _reduce_is("prod"),
+    "scatter": _reduce_is("multiply"),  # the legacy reduce= of a Tensor src; 'add' is sorted into index_put
+    "scatter_": _reduce_is("multiply"),
     "_embedding_bag_backward": _embedding_bag_max,
     "_embedding_bag_dense_backward": _embedding_bag_max,
     "_ctc_loss_backward": _always,
@@ -93,7 +98,7 @@ REFUSED_ON_CUDA = {
     "_adaptive_avg_pool2d_backward": _always,
     "_adaptive_avg_pool3d_backward": _always,
     "adaptive_max_pool2d_backward": _always,
-    "adaptive_max_pool3d_backward": _always,
+    "max_pool3d_with_indices_backward": _always,
     "fractional_max_pool2d_backward": _always,
     "fractional_max_pool3d_backward": _always,
     "max_unpool2d": _always,
@@ -102,9 +107,13 @@ REFUSED_ON_CUDA = {
     "upsample_bilinear2d_backward": _always,
     "upsample_bicubic2d_backward": _always,
     "upsample_trilinear3d_backward": _always,
+    "_upsample_bilinear2d_aa_backward": _always,
+    "_upsample_bicubic2d_aa_backward": _always,
     "reflection_pad1d_backward": _always,
-    "reflection_pad2d_backward": _always,
     "reflection_pad3d_backward": _always,
+    "replication_pad1d_backward": _always,  # F.pad(mode="replicate") avoids these on CUDA; the aten ops raise
+    "replication_pad2d_backward": _always,
+    "replication_pad3d_backward": _always,
     "grid_sampler_2d_backward": _always,
     "grid_sampler_3d_backward": _always,
 }
@@ -130,18 +139,9 @@ class RefusedOnCuda(TorchDispatchMode):
         return out
 
 
-def _take_cuda_branches() -> None:
-    """Our code's one place that picks its op by device: the top-p sums, in fixed point where CUDA's
-    strict mode refuses the floating cumsum. Answered as CUDA would, so that the watch sees that side."""
-    from trainer.rollout import hf
-
-    hf.float_cumsum_refused = lambda tensor: torch.are_deterministic_algorithms_enabled()
-
-
 if __name__ == "__main__":
     import runpy
 
-    _take_cuda_branches()
     watch = RefusedOnCuda()
     try:
         with watch:

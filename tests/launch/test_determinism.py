@@ -66,40 +66,20 @@ def test_the_watch_names_the_ops_cuda_s_strict_mode_refuses_and_passes_their_det
     watch = RefusedOnCuda()
     values, ids = torch.rand(4, 8), torch.tensor([1, 2, 2])
     with watch:
-        values.cumsum(-1)
-        ids.cumsum(0)  # integer sums have a deterministic kernel
+        values.cumsum(-1)  # a deterministic scan on CUDA since before 2.11, though the docstring lists it
+        torch.histc(values)
         torch.bincount(ids, weights=torch.rand(3))
         torch.bincount(ids)
         values.median(dim=0)
-        values.kthvalue(2, dim=0)
+        values.median()  # no indices: a deterministic kernel
+        torch.zeros(3).index_reduce(0, ids, torch.rand(3), "amax")
         torch.zeros(3).scatter_reduce(0, ids, torch.rand(3), "prod")
         torch.zeros(3).scatter_reduce(0, ids, torch.rand(3), "sum")  # sorted into a deterministic sum on CUDA
         torch.nn.functional.cross_entropy(torch.randn(2, 5, 3, 3), torch.zeros(2, 3, 3, dtype=torch.long))
         torch.nn.functional.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
-    assert dict(watch.refused) == {"cumsum: floating (float32)": 1, "bincount: with weights": 1,
-                                   "median: with indices": 1, "kthvalue: no deterministic CUDA kernel": 1,
+    assert dict(watch.refused) == {"histc: floating (float32)": 1, "bincount: with weights": 1,
+                                   "median: with indices": 1, "index_reduce: no deterministic CUDA kernel": 1,
                                    "scatter_reduce: reduce='prod'": 1, "nll_loss2d_forward: reduction sum or mean": 1}
-
-
-def test_the_watch_would_have_caught_the_samplers_floating_sums(monkeypatch, restored):
-    """The rollouts' top-p cut summed in floating point before train.deterministic existed: on CPU it
-    still does (transformers' sums), and the watch takes the CUDA side, where it must not."""
-    import cuda_strict_watch
-
-    from trainer.rollout import hf
-
-    logits = torch.randn(2, 16)
-    on_cpu = RefusedOnCuda()
-    with on_cpu:
-        hf.top_p_filtered(logits, 0.9)
-    assert on_cpu.refused == {"cumsum: floating (float32)": 1}
-    monkeypatch.setattr(hf, "float_cumsum_refused", hf.float_cumsum_refused)  # put back after the test
-    cuda_strict_watch._take_cuda_branches()
-    torch.use_deterministic_algorithms(True)
-    as_on_cuda = RefusedOnCuda()
-    with as_on_cuda:
-        hf.top_p_filtered(logits, 0.9)
-    assert not as_on_cuda.refused and "cumsum_" in as_on_cuda.seen
 
 
 @pytest.fixture(scope="module")

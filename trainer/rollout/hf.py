@@ -177,8 +177,8 @@ def next_tokens(logits: torch.Tensor, generators: list[torch.Generator], setting
 
 # Probabilities as integers in units of 2^-52 (float64's spacing at 1). Their running sums are exact,
 # so a draw is the same on every device and in any summation order, and the sums need no floating
-# cumsum, which has no deterministic kernel on CUDA (torch's strict mode, train.deterministic=true,
-# refuses it). A row's total stays near 2^52, far below int64's 2^63; each id loses under 2^-52 of
+# cumsum, which older PyTorch releases had no deterministic CUDA kernel for (strict mode,
+# train.deterministic=true, refused it; 2.11 has a deterministic scan). A row's total stays near 2^52, far below int64's 2^63; each id loses under 2^-52 of
 # its mass, under 4e-11 a row at V=152k.
 FIXED_POINT_ONE = 2**52
 
@@ -222,7 +222,7 @@ def top_p_filtered(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def cumulative_probabilities(probs: torch.Tensor) -> torch.Tensor:
     """Running sums of `probs` `[B, V]` along V: in `probs`' dtype, as transformers sums them, except
-    where torch refuses a floating cumsum (CUDA in deterministic mode); there exact in fixed point,
+    where an older torch refused a floating cumsum (CUDA in deterministic mode); there exact in fixed point,
     which differs from those sums only within their rounding."""
     if float_cumsum_refused(probs):
         return fixed_point(probs).cumsum_(dim=-1).double() / FIXED_POINT_ONE
