@@ -8,8 +8,8 @@ CUDA kernel raises a RuntimeError: a job that runs one would crash there, on the
 else. On the CPU the same ops run (a CPU kernel raises for none of them), so this watch names them
 here. It sees the job's ops after autograd and the composite ops' decompositions, which are the same
 on both devices; what it cannot see is where our code or torch picks another op on CUDA (attention's
-backend, which strict mode itself restricts; the sorts and the top-p sums, which branch on the device
-to ops this table does not hold).
+backend, which strict mode itself restricts; the losses' sorts, which run NumPy's on a CPU and
+torch's `sort`, not in this table, on a GPU).
 
 The table is the `alertNotDeterministic` calls in PyTorch 2.11's CUDA library (the GPU image's
 version, read from its wheel), not the docstring of `torch.use_deterministic_algorithms`, which is

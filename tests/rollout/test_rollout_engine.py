@@ -7,7 +7,6 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from trainer.rollout.engine import RolloutSettings
-from trainer.rollout import hf
 from trainer.rollout.hf import HFRolloutEngine, inverse_cdf_draws, top_p_filtered
 
 VOCAB, PAD = 64, 0
@@ -160,16 +159,6 @@ def test_top_p_filter_is_transformers_nucleus():
     for top_p in (0.1, 0.5, 0.9, 0.99):
         expected = TopPLogitsWarper(top_p)(None, logits.clone())
         assert torch.equal(top_p_filtered(logits, top_p), expected)
-
-
-def test_where_torch_refuses_a_float_cumsum_the_nucleus_is_the_same(monkeypatch):
-    """CUDA in deterministic mode (train.deterministic=true) has no float cumsum: the sums are taken
-    exactly in fixed point there, and cut the same nucleus as transformers' float sums here."""
-    torch.manual_seed(0)
-    logits = torch.randn(16, 50) * 3
-    monkeypatch.setattr(hf, "float_cumsum_refused", lambda tensor: True)
-    for top_p in (0.1, 0.5, 0.9, 0.99):
-        assert torch.equal(top_p_filtered(logits, top_p), TopPLogitsWarper(top_p)(None, logits.clone()))
 
 
 def test_a_draw_never_lands_on_an_id_without_mass():

@@ -176,10 +176,8 @@ def next_tokens(logits: torch.Tensor, generators: list[torch.Generator], setting
 
 
 # Probabilities as integers in units of 2^-52 (float64's spacing at 1). Their running sums are exact,
-# so a draw is the same on every device and in any summation order, and the sums need no floating
-# cumsum, which older PyTorch releases had no deterministic CUDA kernel for (strict mode,
-# train.deterministic=true, refused it; 2.11 has a deterministic scan). A row's total stays near 2^52, far below int64's 2^63; each id loses under 2^-52 of
-# its mass, under 4e-11 a row at V=152k.
+# so a draw is the same on every device and in any summation order. A row's total stays near 2^52,
+# far below int64's 2^63; each id loses under 2^-52 of its mass, under 4e-11 a row at V=152k.
 FIXED_POINT_ONE = 2**52
 
 
@@ -214,23 +212,10 @@ def top_p_filtered(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p >= 1:
         return logits
     sorted_logits, sorted_indices = torch.sort(logits, descending=False)
-    remove_sorted = cumulative_probabilities(sorted_logits.softmax(dim=-1)) <= (1 - top_p)
+    remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
     remove_sorted[..., -1] = False
     remove = remove_sorted.scatter(-1, sorted_indices, remove_sorted)
     return logits.masked_fill(remove, -float("inf"))
-
-
-def cumulative_probabilities(probs: torch.Tensor) -> torch.Tensor:
-    """Running sums of `probs` `[B, V]` along V: in `probs`' dtype, as transformers sums them, except
-    where an older torch refused a floating cumsum (CUDA in deterministic mode); there exact in fixed point,
-    which differs from those sums only within their rounding."""
-    if float_cumsum_refused(probs):
-        return fixed_point(probs).cumsum_(dim=-1).double() / FIXED_POINT_ONE
-    return probs.cumsum(dim=-1)
-
-
-def float_cumsum_refused(tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda and torch.are_deterministic_algorithms_enabled()
 
 
 def _last_logits_only(module) -> dict:
